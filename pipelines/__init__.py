@@ -1,0 +1,1 @@
+"""Models, samplers and checkpoint loading, one module per system."""
