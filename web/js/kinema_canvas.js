@@ -1,0 +1,466 @@
+// Shared canvas for Kinema's in-node editors (points, drags, motion brush).
+//
+// Coordinates are kept in image pixels (x right, y down, origin at the top-left pixel).
+// The picture is fitted into the canvas (letterboxed); every mouse position goes through
+// the current fit, so stored values do not change when the node is resized or the graph is
+// zoomed (a CSS transform on an ancestor is measured through getBoundingClientRect).
+//
+// This module and the editors built on it import nothing from ComfyUI: a plain page can
+// load them (tests/web/index.html does).
+
+export const round1 = (v) => Math.round(v * 10) / 10;
+export const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
+
+// Colours for tracks / points, chosen to stay readable on photographs.
+export const PALETTE = ["#ff4d4d", "#4da6ff", "#ffd11a", "#4dff88", "#ff66e0", "#ff9933",
+                        "#33ffff", "#b380ff", "#c8ff4d", "#ffffff"];
+
+const STYLE_ID = "kinema-editor-style";
+const CSS = `
+.kinema-editor { display:flex; flex-direction:column; width:100%; height:100%; box-sizing:border-box;
+  gap:3px; font:11px/1.3 system-ui, sans-serif; color:#ddd; user-select:none; min-height:0; }
+.kinema-toolbar { display:flex; flex-wrap:wrap; gap:3px; align-items:center; flex:0 0 auto; }
+.kinema-toolbar button { font:inherit; color:#ddd; background:#333; border:1px solid #555;
+  border-radius:4px; padding:1px 7px; cursor:pointer; }
+.kinema-toolbar button:hover { background:#444; }
+.kinema-toolbar button.kinema-on { background:#2d5b8a; border-color:#6aa9e9; color:#fff; }
+.kinema-toolbar button:disabled { opacity:.45; cursor:default; }
+.kinema-toolbar label { display:flex; gap:3px; align-items:center; }
+.kinema-toolbar input[type=range] { width:80px; }
+.kinema-canvas { flex:1 1 auto; width:100%; min-height:40px; display:block; background:#1b1b1b;
+  border-radius:4px; outline:none; touch-action:none; cursor:crosshair; }
+.kinema-canvas:focus-visible { box-shadow:0 0 0 1px #6aa9e9; }
+.kinema-status { flex:0 0 auto; min-height:14px; white-space:nowrap; overflow:hidden;
+  text-overflow:ellipsis; color:#aaa; }
+.kinema-status .kinema-error { color:#ff8080; }
+`;
+
+function injectStyle(doc) {
+  if (doc.getElementById(STYLE_ID)) return;
+  const s = doc.createElement("style");
+  s.id = STYLE_ID;
+  s.textContent = CSS;
+  doc.head.appendChild(s);
+}
+
+/** Distance from point p to segment a-b (all [x, y]). */
+export function distToSegment(p, a, b) {
+  const dx = b[0] - a[0], dy = b[1] - a[1];
+  const len2 = dx * dx + dy * dy;
+  let t = len2 > 0 ? ((p[0] - a[0]) * dx + (p[1] - a[1]) * dy) / len2 : 0;
+  t = clamp(t, 0, 1);
+  return Math.hypot(p[0] - (a[0] + t * dx), p[1] - (a[1] + t * dy));
+}
+
+/**
+ * Base class: a toolbar, a canvas showing the picture, a status line, an undo stack and
+ * pointer handling. Subclasses implement:
+ *   getState() -> plain object (what is stored), setState(obj), parse(text) -> obj (throws),
+ *   drawOverlay(ctx), onPointerDown(p) -> gesture {move(p), up(p)} | null,
+ *   optional onKey(e) -> bool, onHover(p), defaultHint().
+ * `p` (a pointer sample) = {cx, cy (canvas CSS px), x, y (image px), button, shift, alt, ctrl,
+ *   moved (left the click radius since pressing), dist (CSS px from the press)}.
+ */
+export class KinemaCanvas {
+  constructor(opts = {}) {
+    this.doc = opts.document || document;
+    injectStyle(this.doc);
+    this.onChange = opts.onChange || null;   // (jsonString) => void, after every edit
+    this.imageW = opts.width || 512;          // picture size in pixels (default before one is known)
+    this.imageH = opts.height || 512;
+    this.image = null;                        // HTMLImageElement when loaded
+    this.imageUrl = null;
+    this.imageError = null;
+    this.undoStack = [];
+    this.redoStack = [];
+    this.maxUndo = opts.maxUndo || 200;
+    this.clickRadius = 4;                     // CSS px a press may move and still count as a click
+    this.hitRadius = 9;                       // CSS px around handles
+    this.gesture = null;
+    this.hover = null;
+    this.message = "";
+    this.error = "";
+
+    const d = this.doc;
+    this.root = d.createElement("div");
+    this.root.className = "kinema-editor";
+    this.toolbar = d.createElement("div");
+    this.toolbar.className = "kinema-toolbar";
+    this.canvas = d.createElement("canvas");
+    this.canvas.className = "kinema-canvas";
+    this.canvas.tabIndex = 0;
+    this.statusEl = d.createElement("div");
+    this.statusEl.className = "kinema-status";
+    this.root.append(this.toolbar, this.canvas, this.statusEl);
+    this.ctx = this.canvas.getContext("2d");
+
+    this._bindEvents();
+    if (typeof ResizeObserver !== "undefined") {
+      this._ro = new ResizeObserver(() => this.redraw());
+      this._ro.observe(this.canvas);
+    }
+  }
+
+  // ---- value -------------------------------------------------------------------------
+  get value() { return JSON.stringify(this.getState()); }
+
+  /** Replace the state from a JSON string (e.g. typed into the widget). Does not call
+   *  onChange; returns false (and shows the error) when the text cannot be read. */
+  setValue(text, { keepUndo = false } = {}) {
+    let obj;
+    try {
+      obj = this.parse(text);
+    } catch (e) {
+      this.setError(`cannot read value: ${e.message || e}`);
+      return false;
+    }
+    this.setState(obj);
+    if (!keepUndo) { this.undoStack = []; this.redoStack = []; }
+    this.setError("");
+    this.redraw();
+    this._updateButtons();
+    return true;
+  }
+
+  /** Call before a change, so it can be undone. */
+  checkpoint() {
+    this.undoStack.push(this.value);
+    if (this.undoStack.length > this.maxUndo) this.undoStack.shift();
+    this.redoStack = [];
+  }
+
+  /** Call after a change: stores the value (onChange) and redraws. */
+  changed() {
+    this.redraw();
+    this._updateButtons();
+    if (this.onChange) this.onChange(this.value);
+    this.afterChange();
+  }
+
+  afterChange() {}
+
+  undo() {
+    if (!this.undoStack.length) return false;
+    this.redoStack.push(this.value);
+    this.setState(JSON.parse(this.undoStack.pop()));
+    this.changed();
+    return true;
+  }
+
+  redo() {
+    if (!this.redoStack.length) return false;
+    this.undoStack.push(this.value);
+    this.setState(JSON.parse(this.redoStack.pop()));
+    this.changed();
+    return true;
+  }
+
+  clear() {
+    const empty = this.parse("");
+    if (JSON.stringify(empty) === this.value) return;
+    this.checkpoint();
+    this.setState(empty);
+    this.changed();
+  }
+
+  // ---- picture -----------------------------------------------------------------------
+  /** Show a picture (URL). Resolves to true once drawn, false when it failed to load. */
+  setImage(url) {
+    if (!url) {
+      this.image = null; this.imageUrl = null; this.imageError = null;
+      this.redraw();
+      return Promise.resolve(false);
+    }
+    if (url === this.imageUrl && (this.image || this._loading)) return this._loading || Promise.resolve(true);
+    this.imageUrl = url;
+    const img = new Image();
+    this._loading = new Promise((resolve) => {
+      img.onload = () => {
+        if (this.imageUrl !== url) return resolve(false);
+        this.image = img;
+        this.imageError = null;
+        this.imageW = img.naturalWidth;
+        this.imageH = img.naturalHeight;
+        this._loading = null;
+        this.redraw();
+        this.onImage();
+        resolve(true);
+      };
+      img.onerror = () => {
+        if (this.imageUrl !== url) return resolve(false);
+        this.image = null;
+        this.imageError = "picture could not be loaded";
+        this._loading = null;
+        this.redraw();
+        resolve(false);
+      };
+    });
+    img.src = url;
+    return this._loading;
+  }
+
+  /** Picture size when no picture is shown (coordinates are still image pixels). */
+  setImageSize(w, h) {
+    if (this.image) return;
+    this.imageW = Math.max(1, Math.round(w));
+    this.imageH = Math.max(1, Math.round(h));
+    this.redraw();
+  }
+
+  onImage() {}
+
+  // ---- geometry ----------------------------------------------------------------------
+  /** Current fit of the picture in the canvas (CSS px). */
+  layout() {
+    const w = this.canvas.clientWidth || 1, h = this.canvas.clientHeight || 1;
+    const pad = 6;
+    const s = Math.max(1e-6, Math.min((w - 2 * pad) / this.imageW, (h - 2 * pad) / this.imageH));
+    return { w, h, s, ox: (w - this.imageW * s) / 2, oy: (h - this.imageH * s) / 2 };
+  }
+
+  toCanvas(x, y) {
+    const L = this.layout();
+    return [L.ox + x * L.s, L.oy + y * L.s];
+  }
+
+  toImage(cx, cy) {
+    const L = this.layout();
+    return [(cx - L.ox) / L.s, (cy - L.oy) / L.s];
+  }
+
+  /** Image pixels per CSS pixel (for hit radii expressed in screen size). */
+  get pixelScale() { return 1 / this.layout().s; }
+
+  clampToImage(x, y) {
+    return [round1(clamp(x, 0, this.imageW - 1)), round1(clamp(y, 0, this.imageH - 1))];
+  }
+
+  /** Mouse event -> canvas CSS px, valid under CSS transforms (graph zoom). */
+  eventToCanvas(e) {
+    const r = this.canvas.getBoundingClientRect();
+    const kx = r.width / (this.canvas.clientWidth || r.width || 1) || 1;
+    const ky = r.height / (this.canvas.clientHeight || r.height || 1) || 1;
+    return [(e.clientX - r.left) / kx, (e.clientY - r.top) / ky];
+  }
+
+  // ---- events ------------------------------------------------------------------------
+  _sample(e) {
+    const [cx, cy] = this.eventToCanvas(e);
+    const [x, y] = this.toImage(cx, cy);
+    const p = { cx, cy, x, y, button: e.button, shift: e.shiftKey, alt: e.altKey,
+                ctrl: e.ctrlKey || e.metaKey, moved: false, dist: 0 };
+    if (this._press) {
+      p.dist = Math.hypot(cx - this._press.cx, cy - this._press.cy);
+      p.moved = this._press.moved = this._press.moved || p.dist > this.clickRadius;
+      p.button = this._press.button;
+      p.start = this._press;
+    }
+    return p;
+  }
+
+  _bindEvents() {
+    const c = this.canvas;
+    const stop = (e) => e.stopPropagation();
+    c.addEventListener("contextmenu", (e) => { e.preventDefault(); e.stopPropagation(); });
+    c.addEventListener("pointerdown", (e) => {
+      e.preventDefault();
+      e.stopPropagation();
+      c.focus({ preventScroll: true });
+      if (this._press) return;            // a second button while one is held
+      this._press = null;
+      const p = this._sample(e);
+      this._press = { cx: p.cx, cy: p.cy, x: p.x, y: p.y, button: e.button, moved: false };
+      p.start = this._press;
+      try { c.setPointerCapture(e.pointerId); } catch (_) { /* synthetic events */ }
+      this.gesture = this.onPointerDown(p) || null;
+      this.redraw();
+    });
+    c.addEventListener("pointermove", (e) => {
+      const p = this._sample(e);
+      if (this._press) {
+        e.stopPropagation();
+        if (this.gesture && this.gesture.move) this.gesture.move(p);
+      } else {
+        this.onHover(p);
+      }
+      this.redraw();
+    });
+    const finish = (e, cancelled) => {
+      if (!this._press) return;
+      e.stopPropagation();
+      const p = this._sample(e);
+      const g = this.gesture;
+      this._press = null;
+      this.gesture = null;
+      try { c.releasePointerCapture(e.pointerId); } catch (_) { /* not captured */ }
+      if (g) {
+        if (cancelled) { if (g.cancel) g.cancel(p); } else if (g.up) g.up(p);
+      }
+      this.redraw();
+    };
+    c.addEventListener("pointerup", (e) => finish(e, false));
+    c.addEventListener("pointercancel", (e) => finish(e, true));
+    c.addEventListener("pointerleave", () => { if (!this._press) { this.hover = null; this.onLeave(); this.redraw(); } });
+    c.addEventListener("dblclick", (e) => { e.stopPropagation(); e.preventDefault(); this.onDoubleClick(this._sample(e)); });
+    c.addEventListener("keydown", (e) => {
+      const k = e.key;
+      const ctrl = e.ctrlKey || e.metaKey;
+      let done = false;
+      if (ctrl && (k === "z" || k === "Z")) done = e.shiftKey ? this.redo() || true : this.undo() || true;
+      else if (ctrl && (k === "y" || k === "Y")) done = this.redo() || true;
+      else done = this.onKey(e);
+      if (done) { e.preventDefault(); e.stopPropagation(); }
+      else if (k === "Delete" || k === "Backspace") e.stopPropagation(); // never delete the node
+    });
+    c.addEventListener("keyup", stop);
+    c.addEventListener("wheel", (e) => { if (this.onWheel(e)) { e.preventDefault(); e.stopPropagation(); } },
+                       { passive: false });
+  }
+
+  onPointerDown(_p) { return null; }
+  onHover(_p) {}
+  onLeave() {}
+  onDoubleClick(_p) {}
+  onKey(_e) { return false; }
+  onWheel(_e) { return false; }
+
+  // ---- toolbar and status ------------------------------------------------------------
+  addButton(label, title, onClick, { toggle = false } = {}) {
+    const b = this.doc.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.title = title;
+    b.dataset.kinema = label.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+    b.addEventListener("pointerdown", (e) => e.stopPropagation());
+    b.addEventListener("click", (e) => {
+      e.preventDefault();
+      e.stopPropagation();
+      onClick(b);
+      this._updateButtons();
+      this.redraw();
+    });
+    if (toggle) b.classList.add("kinema-toggle");
+    this.toolbar.appendChild(b);
+    return b;
+  }
+
+  addStandardButtons() {
+    this._undoBtn = this.addButton("Undo", "Undo the last edit (Ctrl+Z)", () => this.undo());
+    this._redoBtn = this.addButton("Redo", "Redo (Ctrl+Shift+Z)", () => this.redo());
+    this._clearBtn = this.addButton("Clear", "Remove everything (can be undone)", () => this.clear());
+  }
+
+  _updateButtons() {
+    if (this._undoBtn) this._undoBtn.disabled = !this.undoStack.length;
+    if (this._redoBtn) this._redoBtn.disabled = !this.redoStack.length;
+    this.updateButtons();
+  }
+
+  updateButtons() {}
+
+  setMessage(text) { this.message = text || ""; this._renderStatus(); }
+  setError(text) { this.error = text || ""; this._renderStatus(); }
+
+  defaultHint() { return ""; }
+
+  _renderStatus() {
+    const el = this.statusEl;
+    el.textContent = "";
+    const info = this.message || this.defaultHint();
+    if (info) el.append(this.doc.createTextNode(info));
+    if (this.error) {
+      const span = this.doc.createElement("span");
+      span.className = "kinema-error";
+      span.textContent = (info ? "  ·  " : "") + this.error;
+      el.append(span);
+    }
+    el.title = el.textContent;
+  }
+
+  // ---- drawing -----------------------------------------------------------------------
+  redraw() {
+    if (this._raf) return;
+    const run = () => { this._raf = 0; this.draw(); };
+    if (typeof requestAnimationFrame === "undefined") return run();
+    this._raf = requestAnimationFrame(run);
+  }
+
+  /** Draw now (tests call this through redraw + a frame; ComfyUI through the DOM widget). */
+  draw() {
+    const c = this.canvas, ctx = this.ctx;
+    const dpr = (this.doc.defaultView && this.doc.defaultView.devicePixelRatio) || 1;
+    const cw = c.clientWidth, ch = c.clientHeight;
+    if (!cw || !ch) return;
+    const bw = Math.round(cw * dpr), bh = Math.round(ch * dpr);
+    if (c.width !== bw || c.height !== bh) { c.width = bw; c.height = bh; }
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, cw, ch);
+    const L = this.layout();
+    const iw = this.imageW * L.s, ih = this.imageH * L.s;
+    if (this.image) {
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(this.image, L.ox, L.oy, iw, ih);
+    } else {
+      ctx.fillStyle = "#2a2a2a";
+      ctx.fillRect(L.ox, L.oy, iw, ih);
+      ctx.strokeStyle = "#555";
+      ctx.setLineDash([4, 4]);
+      ctx.strokeRect(L.ox + 0.5, L.oy + 0.5, iw - 1, ih - 1);
+      ctx.setLineDash([]);
+      ctx.fillStyle = "#888";
+      ctx.font = "12px system-ui, sans-serif";
+      ctx.textAlign = "center";
+      ctx.textBaseline = "middle";
+      const lines = [this.imageError || "no picture yet",
+                     "connect Load Image or run once", `${this.imageW}×${this.imageH} px`];
+      lines.forEach((t, i) => ctx.fillText(t, L.ox + iw / 2, L.oy + ih / 2 + (i - 1) * 16));
+    }
+    ctx.save();
+    ctx.beginPath();
+    ctx.rect(0, 0, cw, ch);
+    ctx.clip();
+    this.drawOverlay(ctx, L);
+    ctx.restore();
+  }
+
+  drawOverlay(_ctx, _L) {}
+
+  // Small drawing helpers shared by the editors.
+  drawHandle(ctx, cx, cy, { fill = "#fff", stroke = "#000", r = 5.5, shape = "circle", selected = false } = {}) {
+    ctx.beginPath();
+    if (shape === "square") ctx.rect(cx - r, cy - r, 2 * r, 2 * r);
+    else if (shape === "diamond") {
+      ctx.moveTo(cx, cy - r - 1); ctx.lineTo(cx + r + 1, cy); ctx.lineTo(cx, cy + r + 1); ctx.lineTo(cx - r - 1, cy);
+      ctx.closePath();
+    } else ctx.arc(cx, cy, r, 0, Math.PI * 2);
+    ctx.fillStyle = fill;
+    ctx.fill();
+    ctx.lineWidth = selected ? 3 : 1.5;
+    ctx.strokeStyle = selected ? "#fff" : stroke;
+    ctx.stroke();
+    if (selected) {
+      ctx.beginPath();
+      ctx.arc(cx, cy, r + 4, 0, Math.PI * 2);
+      ctx.lineWidth = 1.5;
+      ctx.strokeStyle = "#000";
+      ctx.stroke();
+    }
+  }
+
+  drawLabel(ctx, text, x, y, { color = "#fff", align = "left", size = 11 } = {}) {
+    ctx.font = `bold ${size}px system-ui, sans-serif`;
+    ctx.textAlign = align;
+    ctx.textBaseline = "middle";
+    ctx.lineWidth = 3;
+    ctx.strokeStyle = "rgba(0,0,0,.85)";
+    ctx.strokeText(text, x, y);
+    ctx.fillStyle = color;
+    ctx.fillText(text, x, y);
+  }
+
+  destroy() {
+    if (this._ro) this._ro.disconnect();
+    if (this._raf && typeof cancelAnimationFrame !== "undefined") cancelAnimationFrame(this._raf);
+    this.root.remove();
+  }
+}
