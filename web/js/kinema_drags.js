@@ -100,6 +100,7 @@ export class DragsEditor extends KinemaCanvas {
     const f = Math.max(1, Math.round(Number(n) || 1));
     if (f === this.frames) return;
     this.frames = f;
+    this._renderStatus();
     this.redraw();
   }
 
@@ -363,21 +364,9 @@ export class DragsEditor extends KinemaCanvas {
       pts.forEach(([x, y], k) => (k ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
       ctx.stroke();
     }
-    // arrow head on the last segment
     const n = pts.length;
     const [ex, ey] = pts[n - 1], [bx, by] = pts[n - 2];
     const ang = Math.atan2(ey - by, ex - bx);
-    const len = 13, spread = 0.45;
-    ctx.beginPath();
-    ctx.moveTo(ex, ey);
-    ctx.lineTo(ex - len * Math.cos(ang - spread), ey - len * Math.sin(ang - spread));
-    ctx.lineTo(ex - len * Math.cos(ang + spread), ey - len * Math.sin(ang + spread));
-    ctx.closePath();
-    ctx.fillStyle = colour;
-    ctx.fill();
-    ctx.lineWidth = 1.5;
-    ctx.strokeStyle = "rgba(0,0,0,.8)";
-    ctx.stroke();
     // frame ticks: where the point is at each frame (labels count from 1 at the start)
     const F = this.frames;
     if (F >= 2) {
@@ -385,10 +374,11 @@ export class DragsEditor extends KinemaCanvas {
       let pathLen = 0;
       for (let k = 1; k < n; k++) pathLen += Math.hypot(pts[k][0] - pts[k - 1][0], pts[k][1] - pts[k - 1][1]);
       const labelEvery = Math.max(1, Math.ceil(F / Math.max(1, pathLen / 22)));
+      const tickR = Math.min(2.2, Math.max(1, 0.3 * pathLen / (F - 1)));
       for (let f = 1; f < F - 1; f++) {
         const [x, y] = pointAtTime(pts, f / (F - 1));
         ctx.beginPath();
-        ctx.arc(x, y, 2.2, 0, Math.PI * 2);
+        ctx.arc(x, y, tickR, 0, Math.PI * 2);
         ctx.fillStyle = "#fff";
         ctx.fill();
         ctx.lineWidth = 1;
@@ -404,6 +394,18 @@ export class DragsEditor extends KinemaCanvas {
       }
       this.drawLabel(ctx, `${F}`, ex + 9 * Math.cos(ang), ey + 9 * Math.sin(ang) - 9, { color: colour, size: 10 });
     }
+    // arrow head on the last segment
+    const len = 13, spread = 0.45;
+    ctx.beginPath();
+    ctx.moveTo(ex, ey);
+    ctx.lineTo(ex - len * Math.cos(ang - spread), ey - len * Math.sin(ang - spread));
+    ctx.lineTo(ex - len * Math.cos(ang + spread), ey - len * Math.sin(ang + spread));
+    ctx.closePath();
+    ctx.fillStyle = colour;
+    ctx.fill();
+    ctx.lineWidth = 1.5;
+    ctx.strokeStyle = "rgba(0,0,0,.8)";
+    ctx.stroke();
     // handles: start ring, middle points small
     pts.forEach(([x, y], k) => {
       if (k === n - 1) return;
