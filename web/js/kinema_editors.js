@@ -15,7 +15,7 @@ const BG = "kinema_bg";            // node.properties: {filename, subfolder, typ
 const BG_SIZE = "kinema_bg_size";  // node.properties: [width, height] of that picture
 const EDITOR_WIDGET = "kinema_editor";
 const MIN_EDITOR_HEIGHT = 260;
-const UPSTREAM_POLL_MS = 400;
+const UPSTREAM_POLL_MS = 500;  // how often the upstream Load Image is checked
 
 const SPECS = {
   KinemaClickToMask: {
@@ -81,6 +81,7 @@ async function fetchMask(node, pointsJSON) {
   });
   let body = {};
   try { body = await res.json(); } catch (_) { /* not JSON */ }
+  if (res.status === 404 || res.status === 405) throw new Error("not available on this server");
   if (!res.ok) throw new Error(body.error || `server answered ${res.status}`);
   return body;
 }
@@ -122,9 +123,6 @@ function sync(node) {
     st.editor.setValue(v, { keepUndo: true });
   }
   if (st.framesWidget) st.editor.setFrames(st.framesWidget.value);
-  const now = Date.now();
-  if (now - st.lastPoll < UPSTREAM_POLL_MS) return;
-  st.lastPoll = now;
   const up = upstreamImage(node);
   const upKey = refKey(up);
   if (!st.started) {
@@ -149,7 +147,7 @@ function attach(node, spec) {
   if (!jsonWidget) return;
   node.properties = node.properties || {};
   const editor = spec.make(node);
-  const st = { editor, jsonWidget, lastValue: undefined, lastPoll: 0, started: false, upKey: "", bgKey: "" };
+  const st = { editor, jsonWidget, lastValue: undefined, started: false, upKey: "", bgKey: "" };
   st.framesWidget = spec.frames ? node.widgets.find((w) => w.name === spec.frames) : null;
   node.__kinema = st;
 
@@ -177,6 +175,8 @@ function attach(node, spec) {
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], 420, min[0]), Math.max(node.size[1], 460, min[1])]);
   sync(node);
+  // the picture upstream can change without this node being drawn (a new Load Image choice)
+  st.timer = setInterval(() => sync(node), UPSTREAM_POLL_MS);
 }
 
 app.registerExtension({
@@ -209,7 +209,8 @@ app.registerExtension({
     };
     const removed = nodeType.prototype.onRemoved;
     nodeType.prototype.onRemoved = function () {
-      if (this.__kinema) { clearTimeout(this.__kinema.editor._maskTimer); this.__kinema.editor.destroy(); }
+      const st = this.__kinema;
+      if (st) { clearInterval(st.timer); clearTimeout(st.editor._maskTimer); st.editor.destroy(); this.__kinema = null; }
       return removed ? removed.apply(this, arguments) : undefined;
     };
   },

@@ -1,0 +1,53 @@
+"""Fixtures for the suite against a real ComfyUI (skipped unless COMFYUI_DIR is set)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.comfyui)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    cdir = harness.comfyui_dir()
+    if cdir is None:
+        pytest.skip("COMFYUI_DIR is not set (see docs/testing.md, 'Against a real ComfyUI')")
+    if not (cdir / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={cdir} holds no main.py")
+    py = harness.comfyui_python(cdir)
+    if py is None:
+        pytest.skip(f"no Python environment for ComfyUI: run COMFYUI_DIR={cdir} tests/comfyui/setup_comfyui.sh "
+                    f"or set COMFYUI_PYTHON")
+    server = harness.ComfyServer(cdir, py, tmp_path_factory.mktemp("comfyui-base"))
+    server.start()
+    yield server
+    server.stop()
+    # keep the server log with the screenshots
+    out = harness.ROOT / "test-artifacts" / "comfyui"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comfyui.log").write_text(server.log())
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy):
+    return comfy.get("/object_info", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def workflows():
+    return sorted((harness.ROOT / "workflows").glob("*.json"))
+
+
+def load_json(p: Path) -> dict:
+    return json.loads(p.read_text())

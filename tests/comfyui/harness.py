@@ -1,0 +1,249 @@
+"""Start a real ComfyUI with this pack installed, talk to it over HTTP.
+
+Nothing in the ComfyUI checkout is changed: the server runs with ``--base-directory`` in a
+temporary folder whose ``custom_nodes/`` holds a link to this repository, and with an
+in-memory database.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+UI_ONLY = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+
+
+def comfyui_dir() -> Path | None:
+    d = os.environ.get("COMFYUI_DIR")
+    return Path(d) if d else None
+
+
+def comfyui_python(cdir: Path) -> Path | None:
+    """The interpreter that runs ComfyUI: $COMFYUI_PYTHON, $COMFYUI_VENV/bin/python, or the
+    environment tests/comfyui/setup_comfyui.sh creates ($COMFYUI_DIR/.venv-kinema)."""
+    cands = []
+    if os.environ.get("COMFYUI_PYTHON"):
+        cands.append(Path(os.environ["COMFYUI_PYTHON"]))
+    if os.environ.get("COMFYUI_VENV"):
+        cands.append(Path(os.environ["COMFYUI_VENV"]) / "bin" / "python")
+    cands.append(cdir / ".venv-kinema" / "bin" / "python")
+    for c in cands:
+        if c.exists():
+            return c
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A ComfyUI server process on 127.0.0.1 (started by start(), ended by stop())."""
+
+    def __init__(self, cdir: Path, python: Path, base: Path, pack_name: str = "kinema"):
+        self.cdir, self.python, self.base = cdir, python, base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = base / "comfyui.log"
+        self.pack_name = pack_name
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / self.pack_name
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        # other node packs to install next to this one (os.pathsep-separated folders)
+        for extra in filter(None, os.environ.get("COMFYUI_EXTRA_NODES", "").split(os.pathsep)):
+            src = Path(extra).resolve()
+            dst = self.base / "custom_nodes" / src.name
+            if not dst.exists():
+                dst.symlink_to(src, target_is_directory=True)
+        inp = self.base / "input"
+        inp.mkdir(exist_ok=True)
+        for p in (ROOT / "assets").glob("*.jpg"):
+            shutil.copy(p, inp / p.name)
+        # a first start would otherwise open the template browser over the graph
+        user = self.base / "user" / "default"
+        user.mkdir(parents=True, exist_ok=True)
+        (user / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.prepare()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", KINEMA_PROGRESS="0", PYTHONUNBUFFERED="1")
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+             "--disable-auto-launch"],
+            cwd=self.cdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                self.get("/object_info/LoadImage", timeout=5)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    def request(self, path: str, data=None, timeout: float = 30.0):
+        """(status, parsed JSON or raw bytes)."""
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body,
+                                     headers={"Content-Type": "application/json"} if body else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return status, raw
+
+    def get(self, path: str, timeout: float = 30.0):
+        status, body = self.request(path, timeout=timeout)
+        if status != 200:
+            raise urllib.error.URLError(f"GET {path} -> {status}")
+        return body
+
+    def queue(self, api: dict) -> str:
+        status, body = self.request("/prompt", {"prompt": api, "client_id": uuid.uuid4().hex})
+        if status != 200:
+            raise AssertionError(f"/prompt refused the workflow ({status}): {json.dumps(body)[:3000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """History entry of a finished prompt (raises on timeout)."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(1.0)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+
+def _links(workflow: dict) -> dict:
+    out = {}
+    for link in workflow.get("links", []) or []:
+        if isinstance(link, dict):
+            out[link["id"]] = (link["origin_id"], link["origin_slot"])
+        else:
+            out[link[0]] = (link[1], link[2])
+    return out
+
+
+def _is_widget(typ, opts) -> bool:
+    return not opts.get("forceInput") and (isinstance(typ, list) or typ in WIDGET_TYPES)
+
+
+def _extra_values(name, typ, opts) -> int:
+    # widgets the front end saves after an input's own value
+    n = 0
+    if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+        n += 1
+    if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
+        n += 1
+    return n
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what "Save" writes) -> the API prompt ComfyUI queues, using the
+    server's /object_info for each node's input order and widgets."""
+    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
+    links = _links(workflow)
+
+    def source(link_id):
+        seen = set()
+        while link_id in links:
+            nid, slot = links[link_id]
+            node = nodes.get(nid)
+            if node is None or nid in seen:
+                return None
+            seen.add(nid)
+            if node.get("type") == "Reroute":
+                ins = node.get("inputs") or []
+                link_id = ins[0].get("link") if ins else None
+                continue
+            if node.get("type") == "PrimitiveNode":
+                vals = node.get("widgets_values") or [None]
+                return ("value", vals[0])
+            return ("link", [str(nid), slot])
+        return None
+
+    api = {}
+    for nid, node in nodes.items():
+        ctype = node.get("type")
+        if ctype in UI_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        if ctype not in object_info:
+            raise AssertionError(f"node {nid}: '{ctype}' is not known to this ComfyUI (/object_info)")
+        spec = object_info[ctype]
+        order = spec.get("input_order") or {s: list((spec["input"].get(s) or {}).keys()) for s in ("required", "optional")}
+        values = node.get("widgets_values", [])
+        inputs, pos = {}, 0
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                entry = (spec["input"].get(section) or {}).get(name)
+                if entry is None:
+                    continue
+                typ = entry[0]
+                opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if _is_widget(typ, opts):
+                    if isinstance(values, dict):
+                        if name in values:
+                            inputs[name] = values[name]
+                    elif pos < len(values):
+                        inputs[name] = values[pos]
+                    pos += 1 + _extra_values(name, typ, opts)
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            src = source(inp["link"])
+            if src is None:
+                continue
+            kind, val = src
+            inputs[inp["name"]] = val
+        api[str(nid)] = {"class_type": ctype, "inputs": inputs}
+    return api
+
+
+def view_url(server: ComfyServer, item: dict) -> str:
+    q = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                "type": item.get("type", "output")})
+    return f"{server.url}/view?{q}"

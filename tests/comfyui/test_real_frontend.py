@@ -1,0 +1,304 @@
+"""The editors inside the real ComfyUI frontend, in headless Chromium.
+
+For each editor node the server knows: build Load Image -> editor node -> preview, check the
+picture appears before any run, click/drag on the editor with real mouse events (also under
+graph zoom), check the hidden JSON widget and the queued prompt carry exactly the editor's
+value, queue, check the picture of the run replaces it without a default image preview on
+top, then save and reopen the workflow and check everything comes back. Screenshots go to
+test-artifacts/comfyui/.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import harness
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+ART = harness.ROOT / "test-artifacts" / "comfyui"
+EDITORS = {"KinemaClickToMask": "points", "KinemaMotionFromDrags": "tracks", "KinemaMotionBrush": "strokes"}
+WORKFLOWS = sorted((harness.ROOT / "workflows").glob("*.json"))
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not found", allow_module_level=True)
+
+# JS run in the page. `app` and `api` are the frontend's own objects.
+BUILD = """async ([type, consumers]) => {
+  const app = window.app, LG = window.LiteGraph;
+  app.graph.clear();
+  const li = LG.createNode("LoadImage"); li.pos = [20, 60]; app.graph.add(li);
+  li.widgets.find((w) => w.name === "image").value = "chelsea.jpg";
+  const ed = LG.createNode(type); ed.pos = [380, 40]; app.graph.add(ed);
+  ed.setSize([520, 560]);
+  li.connect(0, ed, ed.inputs.findIndex((i) => i.name === "image"));
+  let x = 940;
+  for (const [slot, chain] of consumers) {
+    let prev = ed, prevSlot = slot;
+    for (const t of chain) {
+      const n = LG.createNode(t); n.pos = [x, 60 + 260 * slot]; app.graph.add(n);
+      const input = n.inputs.findIndex((i) => i.type === prev.outputs[prevSlot].type || i.type === "*");
+      prev.connect(prevSlot, n, input);
+      prev = n; prevSlot = 0; x += 220;
+    }
+  }
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
+  app.graph.setDirtyCanvas(true, true);
+  return ed.id;
+}"""
+
+GEOM = """(id) => {
+  const ed = window.app.graph.getNodeById(id).__kinema.editor;
+  const r = ed.canvas.getBoundingClientRect();
+  return {left: r.left, top: r.top, rw: r.width, rh: r.height, w: ed.canvas.clientWidth,
+          h: ed.canvas.clientHeight, W: ed.imageW, H: ed.imageH, image: !!ed.image, url: ed.imageUrl};
+}"""
+
+
+def consumers_for(type_, object_info):
+    """How to use each output so the node runs: IMAGE -> PreviewImage, MASK -> MaskToImage ->
+    PreviewImage; other types -> an output node taking them (if any)."""
+    out = []
+    for slot, t in enumerate(object_info[type_]["output"]):
+        if t == "IMAGE":
+            out.append([slot, ["PreviewImage"]])
+        elif t == "MASK":
+            out.append([slot, ["MaskToImage", "PreviewImage"]])
+        else:
+            for name, info in object_info.items():
+                req = info["input"].get("required") or {}
+                links = [k for k, v in req.items() if not (isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES)]
+                if info.get("output_node") and len(links) == 1 and req[links[0]][0] == t:
+                    out.append([slot, [name]])
+                    break
+    return out
+
+
+class Front:
+    def __init__(self, page, server):
+        self.page, self.server = page, server
+        self.errors = []
+        page.on("pageerror", lambda e: self.errors.append(f"{e} {getattr(e, 'stack', '')}"))
+        page.goto(server.url + "/")
+        page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.comfyAPI", timeout=120000)
+        page.wait_for_function("window.app.extensions.some((e) => e.name === 'kinema.editors')", timeout=60000)
+        page.evaluate("""() => {
+          window.__kinemaRuns = [];
+          window.__kinemaExecuted = {};
+          const api = window.comfyAPI.api.api;
+          api.addEventListener("executed", (e) => { window.__kinemaExecuted[String(e.detail.node)] = e.detail.output; });
+          for (const ev of ["execution_success", "execution_error", "execution_interrupted"])
+            api.addEventListener(ev, (e) => window.__kinemaRuns.push([ev, e.detail]));
+        }""")
+
+    def our_errors(self):
+        return [e for e in self.errors if "kinema" in e.lower()]
+
+    def geom(self, nid):
+        return self.page.evaluate(GEOM, nid)
+
+    def screen(self, nid, x, y):
+        g = self.geom(nid)
+        s = max(1e-6, min((g["w"] - 12) / g["W"], (g["h"] - 12) / g["H"]))
+        ox, oy = (g["w"] - g["W"] * s) / 2, (g["h"] - g["H"] * s) / 2
+        kx, ky = g["rw"] / g["w"], g["rh"] / g["h"]
+        return g["left"] + (ox + x * s) * kx, g["top"] + (oy + y * s) * ky
+
+    def click(self, nid, x, y, **kw):
+        self.page.mouse.click(*self.screen(nid, x, y), **kw)
+
+    def drag(self, nid, path, button="left"):
+        m = self.page.mouse
+        m.move(*self.screen(nid, *path[0]))
+        m.down(button=button)
+        for p in path[1:]:
+            m.move(*self.screen(nid, *p), steps=3)
+        m.up(button=button)
+
+    def editor_value(self, nid):
+        return json.loads(self.page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.value", nid))
+
+    def widget_value(self, nid, name):
+        return self.page.evaluate("([id, n]) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === n).value",
+                                  [nid, name])
+
+    def shot(self, name):
+        ART.mkdir(parents=True, exist_ok=True)
+        self.page.wait_for_timeout(300)
+        self.page.screenshot(path=str(ART / name))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def front(browser, comfy):
+    ctx = browser.new_context(viewport={"width": 1500, "height": 900})
+    page = ctx.new_page()
+    f = Front(page, comfy)
+    yield f
+    ctx.close()
+
+
+def near(a, b, tol):
+    return all(abs(p - q) <= tol for p, q in zip(a, b))
+
+
+def interact(f, nid, type_):
+    """Edit with the mouse; returns what the value must hold (checked loosely: the exact JSON
+    of each gesture is covered by tests/test_editors_browser.py)."""
+    if type_ == "KinemaClickToMask":
+        f.click(nid, 220, 140)
+        f.click(nid, 40, 40, button="right")
+        f.drag(nid, [(150, 60), (300, 230)])
+        v = f.editor_value(nid)
+        assert len(v["positive"]) == 1 and near(v["positive"][0], (220, 140), 1.5), v
+        assert len(v["negative"]) == 1 and near(v["negative"][0], (40, 40), 1.5), v
+        assert v["box"] and near(v["box"], (150, 60, 300, 230), 1.5), v
+    elif type_ == "KinemaMotionFromDrags":
+        f.drag(nid, [(120, 200), (160, 180), (200, 160)])
+        for p in [(260, 60), (310, 100), (370, 80)]:
+            f.click(nid, *p)
+        f.click(nid, 370, 80)
+        f.page.keyboard.down("Shift")
+        f.click(nid, 60, 60)
+        f.page.keyboard.up("Shift")
+        v = f.editor_value(nid)
+        assert len(v["tracks"]) == 2 and [len(t) for t in v["tracks"]] == [2, 3], v
+        assert near((v["tracks"][0][1]["x"], v["tracks"][0][1]["y"]), (200, 160), 1.5), v
+        assert len(v["anchors"]) == 1, v
+    elif type_ == "KinemaMotionBrush":
+        f.drag(nid, [(100, 150), (150, 140), (200, 130), (250, 120)])
+        f.drag(nid, [(180, 100), (180, 180)], button="right")
+        v = f.editor_value(nid)
+        assert [s["mode"] for s in v["strokes"]] == ["paint", "erase"], v
+        assert near(v["strokes"][0]["points"][0], (100, 150), 1.5), v
+    return f.editor_value(nid)
+
+
+@pytest.mark.parametrize("type_", list(EDITORS))
+def test_editor_in_real_frontend(front, object_info, type_):
+    if type_ not in object_info:
+        pytest.skip(f"{type_} is not registered by the pack yet")
+    f, page = front, front.page
+    widget = EDITORS[type_]
+    nid = page.evaluate(BUILD, [type_, consumers_for(type_, object_info)])
+    # the picture from Load Image shows before any run
+    page.wait_for_function("(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor; return !!e.image; }",
+                           arg=nid, timeout=30000)
+    g = f.geom(nid)
+    assert (g["W"], g["H"]) == (451, 300) and "type=input" in g["url"]
+    assert page.evaluate("([id, n]) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === n).hidden",
+                         [nid, widget]) is True
+    value = interact(f, nid, type_)
+    assert json.loads(f.widget_value(nid, widget)) == value
+    f.shot(f"{type_}_edited.png")
+
+    # graph zoom: the editor is scaled by the canvas; coordinates stay in image pixels
+    page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1.4; c.ds.offset = [-120, -20]; c.setDirty(true, true); }")
+    page.wait_for_timeout(400)
+    g = f.geom(nid)
+    assert g["rw"] == pytest.approx(1.4 * g["w"], rel=0.02)
+    before = f.editor_value(nid)
+    if type_ == "KinemaClickToMask":
+        f.click(nid, 400, 250)
+        after = f.editor_value(nid)
+        assert near(after["positive"][-1], (400, 250), 1.5), after
+    elif type_ == "KinemaMotionFromDrags":
+        f.drag(nid, [(400, 250), (430, 270)])
+        after = f.editor_value(nid)
+        assert near((after["tracks"][-1][0]["x"], after["tracks"][-1][0]["y"]), (400, 250), 1.5), after
+    else:
+        f.drag(nid, [(400, 250), (420, 260)])
+        after = f.editor_value(nid)
+        assert near(after["strokes"][-1]["points"][0], (400, 250), 1.5), after
+    assert after != before
+    f.shot(f"{type_}_zoomed.png")
+    page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1; c.ds.offset = [0, 0]; c.setDirty(true, true); }")
+
+    # the queued prompt carries the editor's value as the widget input, and nothing else of ours
+    prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    inputs = prompt[str(nid)]["inputs"]
+    assert json.loads(inputs[widget]) == f.editor_value(nid)
+    assert "kinema_editor" not in inputs
+
+    # points: the live mask preview (when the route exists) answers without queuing
+    if type_ == "KinemaClickToMask":
+        status, _ = f.server.request("/kinema/mask_preview", {})
+        if status not in (404, 405):
+            page.wait_for_function("""(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor;
+                return e.maskImage || e.error; }""", arg=nid, timeout=120000)
+            err = page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.error", nid)
+            assert not err, err
+            f.shot(f"{type_}_mask_preview.png")
+
+    # run it
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.__kinemaRuns.length > 0", timeout=900000)
+    runs = page.evaluate("() => window.__kinemaRuns")
+    assert runs[0][0] == "execution_success", runs
+    page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id);"
+                           " return n.properties.kinema_bg && n.properties.kinema_bg.type === 'temp' && n.__kinema.editor.image"
+                           " && n.__kinema.editor.imageUrl.includes('type=temp'); }", arg=nid, timeout=60000)
+    page.evaluate("() => window.app.graph.setDirtyCanvas(true, true)")
+    page.wait_for_timeout(500)
+    # no default image preview over the editor
+    state = page.evaluate("""(id) => { const n = window.app.graph.getNodeById(id);
+        return {imgs: (n.imgs || []).length, widgets: n.widgets.map((w) => w.name),
+                overlay: !!(n.__kinema.editor.overlay)}; }""", nid)
+    assert state["imgs"] == 0 and not [w for w in state["widgets"] if w.startswith("$$")], state
+    sent = page.evaluate("(id) => window.__kinemaExecuted[String(id)] || null", nid) or {}
+    assert sent.get("kinema_bg"), sent
+    if type_ == "KinemaMotionFromDrags" and sent.get("images"):
+        # the flow colour preview is shown inside the editor (Flow button), not on top of it
+        page.wait_for_function("(id) => !!window.app.graph.getNodeById(id).__kinema.editor.overlay", arg=nid, timeout=30000)
+    f.shot(f"{type_}_after_run.png")
+
+    # save and reopen: the value and the picture come back
+    saved = page.evaluate("() => JSON.stringify(window.app.graph.serialize())")
+    value = f.editor_value(nid)
+    page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(JSON.parse(wf)); }", saved)
+    page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id); return n && n.__kinema && n.__kinema.editor.image; }",
+                           arg=nid, timeout=30000)
+    assert f.editor_value(nid) == value
+    assert json.loads(f.widget_value(nid, widget)) == value
+    f.shot(f"{type_}_reopened.png")
+    assert not f.our_errors(), f.our_errors()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS or [None], ids=[p.stem for p in WORKFLOWS] or ["none"])
+def test_example_workflow_in_real_frontend(front, object_info, path):
+    if path is None:
+        pytest.skip("no example workflows in workflows/")
+    f, page = front, front.page
+    wf = json.loads(Path(path).read_text())
+    if "nodes" not in wf:
+        pytest.skip(f"{path.name} is in API form")
+    page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(wf); }", wf)
+    page.wait_for_timeout(1500)
+    ids = page.evaluate("() => window.app.graph._nodes.filter((n) => n.__kinema).map((n) => [n.id, n.type])")
+    for nid, t in ids:
+        page.wait_for_function("(id) => !!window.app.graph.getNodeById(id).__kinema.editor.image", arg=nid, timeout=30000)
+    f.shot(f"workflow_{path.stem}_loaded.png")
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.__kinemaRuns.length > 0", timeout=900000)
+    runs = page.evaluate("() => window.__kinemaRuns")
+    assert runs[0][0] == "execution_success", json.dumps(runs)[:3000]
+    page.wait_for_timeout(1500)
+    # animated results show as an animated preview in their node
+    anim = page.evaluate("""() => window.app.graph._nodes.filter((n) => n.animatedImages)
+        .map((n) => [n.type, (n.imgs || []).map((i) => i.src)])""")
+    for t, srcs in anim:
+        assert srcs and all(".webp" in s or "webp" in s for s in srcs), (t, srcs)
+    f.shot(f"workflow_{path.stem}_after_run.png")
+    assert not f.our_errors(), f.our_errors()
