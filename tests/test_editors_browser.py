@@ -117,7 +117,7 @@ class Page:
         self.page.locator(f"#{name}-host button[data-kinema='{label}']").click()
 
     def key(self, name, key):
-        self.page.evaluate("(n) => window.editors[n].canvas.focus()", name)
+        self.page.evaluate("(n) => window.editors[n].focus()", name)
         self.page.keyboard.press(key)
 
     def frame(self):
@@ -222,8 +222,13 @@ def test_points_clicks_box_move_delete_undo_clear(page):
 
 def test_points_live_mask_preview_debounced_and_errors_do_not_block(page):
     n = "points"
-    # three quick clicks: one request, with the final points
-    pts = [page.click(n, x, y) for x, y in [(100, 100), (200, 150), (330, 120)]]
+    # three quick clicks: one request, with the final points (a long pause so that a slow
+    # machine still clicks three times within it)
+    page.page.evaluate("window.editors.points.maskDelay = 2000")
+    where = [page.screen(n, x, y) for x, y in [(100, 100), (200, 150), (330, 120)]]
+    for sx, sy in where:
+        page.page.mouse.click(sx, sy)
+    pts = [page.image(n, sx, sy) for sx, sy in where]
     page.page.wait_for_function("window.editors.points.maskImage !== null")
     calls = page.page.evaluate("window.maskCalls")
     assert [json.loads(c) for c in calls] == [{"positive": pts, "negative": [], "box": None}]
@@ -239,7 +244,7 @@ def test_points_live_mask_preview_debounced_and_errors_do_not_block(page):
     page.shot(n, "points_mask.png")
 
     # a failing preview shows a small error and the editor keeps working
-    page.page.evaluate("window.mask.fail = 'no SAM model in models/sams'")
+    page.page.evaluate("window.mask.fail = 'no SAM model in models/sams'; window.editors.points.maskDelay = 100")
     q = page.click(n, 50, 250, button="right")
     page.page.wait_for_function(
         "document.querySelector('#points-host .kinema-error')?.textContent.includes('no SAM model')")

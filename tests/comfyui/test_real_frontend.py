@@ -165,6 +165,14 @@ def interact(f, nid, type_):
         assert len(v["positive"]) == 1 and near(v["positive"][0], (220, 140), 1.5), v
         assert len(v["negative"]) == 1 and near(v["negative"][0], (40, 40), 1.5), v
         assert v["box"] and near(v["box"], (150, 60, 300, 230), 1.5), v
+        # keys go to the editor, not to the graph: Delete removes the selected point (not the
+        # node), Ctrl+Z undoes the editor's last edit (not the graph's)
+        f.click(nid, 220, 140)
+        f.page.keyboard.press("Delete")
+        assert f.editor_value(nid)["positive"] == []
+        f.page.keyboard.press("Control+z")
+        assert f.editor_value(nid) == v
+        assert f.page.evaluate("(id) => !!window.app.graph.getNodeById(id)", nid)
     elif type_ == "KinemaMotionFromDrags":
         f.drag(nid, [(120, 200), (160, 180), (200, 160)])
         for p in [(260, 60), (310, 100), (370, 80)]:

@@ -17,7 +17,7 @@ export const PALETTE = ["#ff4d4d", "#4da6ff", "#ffd11a", "#4dff88", "#ff66e0", "
 
 const STYLE_ID = "kinema-editor-style";
 const CSS = `
-.kinema-editor { display:flex; flex-direction:column; width:100%; height:100%; box-sizing:border-box;
+.kinema-editor { position:relative; display:flex; flex-direction:column; width:100%; height:100%; box-sizing:border-box;
   gap:3px; font:11px/1.3 system-ui, sans-serif; color:#ddd; user-select:none; min-height:0; }
 .kinema-toolbar { display:flex; flex-wrap:wrap; gap:3px; align-items:center; flex:0 0 auto; }
 .kinema-toolbar button { font:inherit; color:#ddd; background:#333; border:1px solid #555;
@@ -29,7 +29,9 @@ const CSS = `
 .kinema-toolbar input[type=range] { width:80px; }
 .kinema-canvas { flex:1 1 auto; width:100%; min-height:40px; display:block; background:#1b1b1b;
   border-radius:4px; outline:none; touch-action:none; cursor:crosshair; }
-.kinema-canvas:focus-visible { box-shadow:0 0 0 1px #6aa9e9; }
+.kinema-editor:focus-within .kinema-canvas { box-shadow:0 0 0 1px #6aa9e9; }
+.kinema-keys { position:absolute; left:0; top:0; width:1px; height:1px; opacity:0; padding:0; border:0;
+  pointer-events:none; }
 .kinema-status { flex:0 0 auto; min-height:14px; white-space:nowrap; overflow:hidden;
   text-overflow:ellipsis; color:#aaa; }
 .kinema-status .kinema-error { color:#ff8080; }
@@ -88,10 +90,17 @@ export class KinemaCanvas {
     this.toolbar.className = "kinema-toolbar";
     this.canvas = d.createElement("canvas");
     this.canvas.className = "kinema-canvas";
-    this.canvas.tabIndex = 0;
+    // Keys go to a hidden read-only text field focused on press: hosts (ComfyUI's graph
+    // canvas, its undo tracker) leave keys typed into a text field alone, so Delete and
+    // Ctrl+Z act on the editor and not on the graph.
+    this.keySink = d.createElement("input");
+    this.keySink.className = "kinema-keys";
+    this.keySink.readOnly = true;
+    this.keySink.tabIndex = 0;
+    this.keySink.setAttribute("aria-label", "editor keyboard");
     this.statusEl = d.createElement("div");
     this.statusEl.className = "kinema-status";
-    this.root.append(this.toolbar, this.canvas, this.statusEl);
+    this.root.append(this.toolbar, this.canvas, this.statusEl, this.keySink);
     this.ctx = this.canvas.getContext("2d");
 
     this._bindEvents();
@@ -265,7 +274,7 @@ export class KinemaCanvas {
     c.addEventListener("pointerdown", (e) => {
       e.preventDefault();
       e.stopPropagation();
-      c.focus({ preventScroll: true });
+      this.focus();
       if (this._press) return;            // a second button while one is held
       this._press = null;
       const p = this._sample(e);
@@ -302,20 +311,25 @@ export class KinemaCanvas {
     c.addEventListener("pointercancel", (e) => finish(e, true));
     c.addEventListener("pointerleave", () => { if (!this._press) { this.hover = null; this.onLeave(); this.redraw(); } });
     c.addEventListener("dblclick", (e) => { e.stopPropagation(); e.preventDefault(); this.onDoubleClick(this._sample(e)); });
-    c.addEventListener("keydown", (e) => {
-      const k = e.key;
+    const k = this.keySink;
+    k.addEventListener("keydown", (e) => {
+      const key = e.key;
       const ctrl = e.ctrlKey || e.metaKey;
       let done = false;
-      if (ctrl && (k === "z" || k === "Z")) done = e.shiftKey ? this.redo() || true : this.undo() || true;
-      else if (ctrl && (k === "y" || k === "Y")) done = this.redo() || true;
+      if (ctrl && (key === "z" || key === "Z")) done = e.shiftKey ? this.redo() || true : this.undo() || true;
+      else if (ctrl && (key === "y" || key === "Y")) done = this.redo() || true;
       else done = this.onKey(e);
       if (done) { e.preventDefault(); e.stopPropagation(); }
-      else if (k === "Delete" || k === "Backspace") e.stopPropagation(); // never delete the node
+      else if (key === "Delete" || key === "Backspace") e.stopPropagation(); // never delete the node
     });
-    c.addEventListener("keyup", stop);
+    k.addEventListener("keyup", stop);
+    k.addEventListener("keypress", stop);
     c.addEventListener("wheel", (e) => { if (this.onWheel(e)) { e.preventDefault(); e.stopPropagation(); } },
                        { passive: false });
   }
+
+  /** Give the editor the keyboard (Delete, Ctrl+Z, ...). */
+  focus() { this.keySink.focus({ preventScroll: true }); }
 
   onPointerDown(_p) { return null; }
   onHover(_p) {}
