@@ -182,8 +182,9 @@ def connected_component(mask: torch.Tensor, point: Sequence[float], threshold: f
     touches the labelled set, then every vertical run (cumulative-sum run ids + scatter), until
     nothing changes. One pass crosses a whole run, so the number of passes is about the number
     of turns of the component (a handful for object masks, O(H) only for spirals); at 1024^2 a
-    pass costs about 50 ms on one CPU core (run ids are computed once). Returns a float mask in {0, 1} of the input layout; all zero if the
-    point is off the mask. (B, H, W) input takes the same point in every item.
+    pass costs about 50 ms on one CPU core (run ids are computed once). Returns a float mask in
+    {0, 1} of the input layout; all zero if the point is off the mask. (B, H, W) input takes
+    the same point in every item.
     """
     m, single = _as_batch(mask, "connected component")
     try:
