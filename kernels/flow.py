@@ -68,16 +68,16 @@ def flow_to_color(flow: torch.Tensor, max_magnitude: float | None = None) -> tor
     ncols = wheel.shape[0]
     if top <= 0:
         return torch.ones(*flow.shape[:-1], 3, dtype=flow.dtype, device=flow.device)
-    rad = mag / top
-    ang = torch.atan2(-flow[..., 1], -flow[..., 0]) / math.pi  # [-1, 1]
-    fk = (ang + 1.0) / 2.0 * (ncols - 1)
-    k0 = fk.floor().long().clamp(0, ncols - 1)
-    k1 = (k0 + 1) % ncols
-    frac = (fk - k0.to(fk.dtype))[..., None]
-    col = (1.0 - frac) * wheel[k0] + frac * wheel[k1]
-    r = rad[..., None]
-    inside = 1.0 - r * (1.0 - col)
+    rad = (mag / top)[..., None]
+    ang = torch.atan2(-flow[..., 1], -flow[..., 0])  # [-pi, pi]
+    fk = (ang * (1.0 / math.pi) + 1.0) * (0.5 * (ncols - 1))
+    k0 = fk.long().clamp_(0, ncols - 1)  # fk >= 0, so truncation is floor
+    frac = (fk - k0)[..., None]
+    step = torch.roll(wheel, -1, dims=0) - wheel  # colour k -> k + 1 (wrapping)
+    col = wheel[k0] + frac * step[k0]
+    inside = 1.0 - rad * (1.0 - col)
     outside = col * 0.75
+    r = rad
     return torch.where(r <= 1.0, inside, outside).clamp(0.0, 1.0)
 
 

@@ -34,9 +34,11 @@ Pipeline of :func:`dense_motion`:
      interpolated between.
    - without a mask: each drag ``i`` has a disc of radius ``R_i = L_i + falloff`` around its
      start, where ``L_i`` is the drag's reach (the largest distance of any of its points from
-     its start); ``E = 1 - prod_i (1 - b(|x - s_i| / R_i))`` with the bump
-     ``b(u) = 1 - smoothstep(u)`` (``b(0) = 1``, ``b(u) = 0`` for ``u >= 1``). Pixels farther
-     than ``max_i R_i`` from every drag start get exactly zero flow.
+     its start); ``E = 1 - prod_i (1 - b((|x - s_i| - c) / (R_i - c)))`` with the bump
+     ``b(u) = 1 - smoothstep(u)`` (``b(u) = 1`` for ``u <= 0``, ``0`` for ``u >= 1``) and a core
+     ``c = falloff / 4``: a small disc around the clicked point moves with it as a whole (so
+     the point stays trackable), then the influence fades out. Pixels farther than
+     ``max_i R_i`` from every drag start get exactly zero flow.
 
    Anchors are pinned: the interpolant is 0 there and their pixels are set to exactly 0.
 
@@ -401,6 +403,8 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     - ``flow[0]`` is exactly 0.
     - Without a region, a pixel at a drag start moves along the (eased, strength-scaled) drag;
       with a region, so does a start pixel lying on the region. Anchor pixels have flow exactly 0.
+    - Without a region, a disc of radius ``falloff / 4`` around a lone drag's start moves with
+      it as a whole.
     - Without a region, pixels farther than ``L_i + falloff`` from every drag start ``s_i``
       (``L_i`` = the drag's reach) have flow exactly 0; with a region, pixels farther than
       ``falloff`` from the region have flow exactly 0.
@@ -489,6 +493,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     else:
         width = max(4.0, min(w, h) / 8.0) if falloff is None else falloff
         radius = (reach + width).clamp(min=1.0)                               # (K,)
+        core = 0.25 * width
         # only the bounding box of the discs can be non-zero
         x0 = max(0, int(math.floor(float((starts[:, 0] - radius).min()))))
         x1 = min(w - 1, int(math.ceil(float((starts[:, 0] + radius).max()))))
@@ -500,7 +505,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         for i in range(starts.shape[0]):
             sx, sy = float(starts[i, 0]), float(starts[i, 1])
             r = torch.sqrt((bx - sx) ** 2 + (by - sy) ** 2)
-            keep = keep * (1.0 - _bump(r / float(radius[i])))
+            keep = keep * (1.0 - _bump((r - core) / (float(radius[i]) - core)))
         env2 = torch.zeros(h, w, device=device)
         env2[y0:y1 + 1, x0:x1 + 1] = 1.0 - keep
         env = env2.reshape(-1)

@@ -134,6 +134,15 @@ def test_one_drag_start_follows_exactly_flow0_zero():
     assert float(flow.norm(dim=-1).max()) <= math.hypot(10, 6) + 1e-4
 
 
+def test_core_around_a_lone_drag_moves_rigidly():
+    drag = torch.tensor([[32.0, 24.0], [40.0, 20.0]])
+    flow = dense_motion([drag], (W, H), 4, falloff=20.0, easing="linear")  # core radius 5
+    near = _dist_to(drag[:1]) <= 5.0
+    assert torch.allclose(flow[-1][near], torch.tensor([8.0, -4.0]).expand(int(near.sum()), 2), atol=1e-5)
+    ring = (_dist_to(drag[:1]) > 6.0) & (_dist_to(drag[:1]) < 20.0)
+    assert bool((flow[-1][ring].norm(dim=-1) < math.hypot(8, 4) - 1e-3).all())
+
+
 def test_far_pixels_exactly_zero_without_region():
     drags = [torch.tensor([[15.0, 20.0], [25.0, 20.0]]), torch.tensor([[40.0, 30.0], [40.0, 25.0], [44.0, 22.0]])]
     falloff = 6.0
