@@ -383,6 +383,8 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
 
     tracks: list of (N_i, 2) pixel tracks (x, y), N_i >= 2, point j at time j / (N_i - 1); each
         track's first point (its start) must lie in the image; later points may leave it.
+        A parsed ``formats.Tracks`` is accepted too (its anchors are used unless ``anchors``
+        is given).
     size: (W, H) of the image.
     frames: number of output frames F, 2..MAX_FRAMES (256).
     anchors: (M, 2) pixels that stay exactly still (rounded to the nearest pixel), or None.
@@ -422,6 +424,10 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
                          f"{', '.join(TRACK_INTERPOLATIONS)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation: {interpolation!r} is not known; use one of {', '.join(INTERPOLATIONS)}")
+    if hasattr(tracks, "tracks") and hasattr(tracks, "anchors"):  # a parsed Tracks object
+        if anchors is None and tracks.anchors.numel():
+            anchors = tracks.anchors
+        tracks = tracks.tracks
     if isinstance(tracks, torch.Tensor) and tracks.ndim == 2:
         tracks = [tracks]
     if tracks is None or len(tracks) == 0:

@@ -199,6 +199,14 @@ def test_easing_shapes_the_timing():
     assert torch.allclose(loop[2, 20, 20], torch.tensor([20.0, 0.0]), atol=1e-4)
 
 
+def test_accepts_parsed_tracks():
+    from kinema.formats import parse_tracks
+    parsed = parse_tracks('{"tracks": [[[20, 24], [36, 24]]], "anchors": [[26, 24]]}', (W, H))
+    a = dense_motion(parsed, (W, H), 4)
+    b = dense_motion([torch.tensor([[20.0, 24.0], [36.0, 24.0]])], (W, H), 4, anchors=torch.tensor([[26.0, 24.0]]))
+    assert torch.equal(a, b) and torch.equal(a[:, 24, 26], torch.zeros(4, 2))
+
+
 def test_tracks_of_different_lengths():
     a = torch.tensor([[10.0, 10.0], [20.0, 10.0]])
     b = torch.tensor([[50.0, 30.0], [50.0, 32.0], [50.0, 34.0], [52.0, 36.0], [54.0, 38.0], [56.0, 40.0]])
