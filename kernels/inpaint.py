@@ -33,20 +33,32 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     """2x2 sums (odd sizes padded with zeros)."""
     h, w = x.shape[-2:]
     x = F.pad(x, (0, w % 2, 0, h % 2))
-    return F.avg_pool2d(x, 2) * 4.0
+    h2, w2 = x.shape[-2] // 2, x.shape[-1] // 2
+    # reshape-sum: much faster on CPU than avg_pool2d
+    return x.reshape(*x.shape[:-2], h2, 2, w2, 2).sum(dim=(-3, -1))
 
 
 def _relax(c: torch.Tensor, known: torch.Tensor, iters: int) -> torch.Tensor:
-    """Jacobi steps of the Laplace equation where ``known`` < 1 (blended by it)."""
+    """Jacobi steps of the Laplace equation where ``known`` < 1 (blended by it), computed only
+    inside the bounding box of those pixels (plus a one-pixel rim)."""
     if iters <= 0 or min(c.shape[-2:]) < 2:
         return c
-    free = 1.0 - known
-    if not bool((free > 0).any()):
+    free_any = (known < 1).flatten(0, -3).any(dim=0)
+    rows = torch.nonzero(free_any.any(dim=1)).flatten()
+    if rows.numel() == 0:
         return c
+    cols = torch.nonzero(free_any.any(dim=0)).flatten()
+    h, w = c.shape[-2:]
+    y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, h)
+    x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, w)
+    sub = c[..., y0:y1, x0:x1]
+    free = 1.0 - known[..., y0:y1, x0:x1]
     for _ in range(iters):
-        p = F.pad(c, (1, 1, 1, 1), mode="replicate")
+        p = F.pad(sub, (1, 1, 1, 1), mode="replicate")
         avg = 0.25 * (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:])
-        c = c + free * (avg - c)
+        sub = sub + free * (avg - sub)
+    c = c.clone()
+    c[..., y0:y1, x0:x1] = sub
     return c
 
 
