@@ -63,28 +63,62 @@ def soft_splat(src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor | Non
             raise ValueError(f"soft_splat: mode {mode!r} needs metric (B, 1, H, W) = {(b, 1, h, w)}")
         m = metric.to(dtype)
         if mode == "softmax":
-            m = torch.exp(m - m.amax(dim=(1, 2, 3), keepdim=True))  # shift-invariant after normalising
+            # exp(m - max) avoids overflow; eps is scaled by the same factor so that the result
+            # equals the unshifted exp(m) / (sum + eps) and low-metric pixels keep their value
+            shift = m.amax(dim=(1, 2, 3), keepdim=True)
+            m = torch.exp(m - shift)
+            eps = eps * torch.exp(-shift)
         weight_src = m
     else:
         weight_src = torch.ones(b, 1, h, w, dtype=dtype, device=src.device)
 
     values = torch.cat([src.to(dtype) * weight_src, weight_src], dim=1).reshape(b, c + 1, h * w)
-    pos = base_grid(h, w, src.device, dtype).unsqueeze(0) + flow.to(dtype)
-    x, y = pos[..., 0].reshape(b, 1, -1), pos[..., 1].reshape(b, 1, -1)
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
-    acc = torch.zeros(b, c + 1, h * w, dtype=dtype, device=src.device)
-    for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                       (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        xi, yi = x0 + dx, y0 + dy
-        ok = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1) & (wt > 0)
-        ok = ok & torch.isfinite(x) & torch.isfinite(y)
-        idx = torch.where(ok, yi * w + xi, torch.zeros_like(xi)).long()
-        contrib = values * torch.where(ok, wt, torch.zeros_like(wt))
-        acc.scatter_add_(2, idx.expand(b, c + 1, -1), contrib)
-    acc = acc.reshape(b, c + 1, h, w)
+    pos = (base_grid(h, w, src.device, dtype).unsqueeze(0) + flow.to(dtype)).reshape(b, h * w, 2)
+    acc = splat_points(values, pos, (w, h))
     out, norm = acc[:, :c], acc[:, c:]
     if mode != "sum":
         out = torch.where(norm > 0, out / (norm + eps), torch.zeros_like(out))
     out = out.to(src.dtype)
     return (out, norm) if return_weight else out
+
+
+def splat_points(values: torch.Tensor, pos: torch.Tensor, size: tuple[int, int],
+                 acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear scatter-add of N point values into an image.
+
+    values (B, C, N); pos (B, N, 2) pixels, x then y (pixel centres at integers); size =
+    (width, height). Each value is spread over the four pixels around its position with bilinear
+    weights; points that land (partly) outside the image lose that part, non-finite positions are
+    dropped. Adds into ``acc`` (B, C, H, W) in place when given, else into zeros; returns it.
+    This is the core of ``soft_splat``; splatting only the pixels that move (a sparse set) is
+    much cheaper than splatting whole frames.
+    """
+    if values.ndim != 3 or pos.ndim != 3 or pos.shape[-1] != 2 or pos.shape[:2] != (values.shape[0], values.shape[2]):
+        raise ValueError(f"splat_points: values must be (B, C, N) and pos (B, N, 2), got "
+                         f"{tuple(values.shape)} and {tuple(pos.shape)}")
+    b, c, n = values.shape
+    w, h = int(size[0]), int(size[1])
+    if acc is None:
+        acc = torch.zeros(b, c, h, w, dtype=values.dtype, device=values.device)
+    elif tuple(acc.shape) != (b, c, h, w) or not acc.is_contiguous():
+        raise ValueError(f"splat_points: acc must be a contiguous (B, C, H, W) = {(b, c, h, w)}, "
+                         f"got {tuple(acc.shape)}")
+    if n == 0:
+        return acc
+    flat = acc.view(b, c, h * w)
+    x, y = pos[..., 0].unsqueeze(1), pos[..., 1].unsqueeze(1)  # (B, 1, N)
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    x = torch.where(finite, x, torch.full_like(x, -2.0))
+    y = torch.where(finite, y, torch.full_like(y, -2.0))
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                       (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        ok = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1) & (wt > 0)
+        if not bool(ok.any()):
+            continue
+        idx = torch.where(ok, yi * w + xi, torch.zeros_like(xi)).long()
+        contrib = values * torch.where(ok, wt, torch.zeros_like(wt))
+        flat.scatter_add_(2, idx.expand(b, c, -1), contrib)
+    return acc

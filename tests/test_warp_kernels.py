@@ -74,3 +74,38 @@ def test_nonfinite_flow_sources_are_dropped():
     out, wgt = soft_splat(src, flow, return_weight=True)
     assert torch.isfinite(out).all()
     assert wgt[0, 0, 0, 0] == 0
+
+
+def test_softmax_keeps_low_metric_pixels_far_from_a_high_metric():
+    # a background pixel that nothing lands on keeps its value even when another pixel's metric
+    # is large (the overflow shift must not let eps swamp the background weights)
+    src = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    flow = torch.zeros(1, 6, 6, 2)
+    flow[0, 0, 0] = torch.tensor([1.0, 0.0])
+    metric = torch.zeros(1, 1, 6, 6)
+    metric[0, 0, 0, 0] = 40.0
+    out = soft_splat(src, flow, metric=metric, mode="softmax")
+    assert torch.allclose(out[..., 3:, 3:], src[..., 3:, 3:], atol=1e-6)
+    assert torch.allclose(out[..., 0, 1], src[..., 0, 0], atol=1e-6)
+
+
+def test_splat_points_matches_soft_splat_and_accumulates():
+    from kinema.kernels.warp import base_grid, splat_points
+    src = _img(2, 3, 7, 8)
+    g = torch.Generator().manual_seed(3)
+    flow = (torch.rand(2, 7, 8, 2, generator=g) - 0.5) * 4
+    ref = soft_splat(src, flow, mode="sum")
+    pos = (base_grid(7, 8) + flow).reshape(2, -1, 2)
+    out = splat_points(src.reshape(2, 3, -1), pos, (8, 7))
+    assert torch.allclose(out, ref, atol=1e-6)
+    # two disjoint halves splatted one after the other into one accumulator give the whole
+    acc = torch.zeros(2, 3, 7, 8)
+    vals = src.reshape(2, 3, -1)
+    first, second = torch.arange(0, 30), torch.arange(30, 56)
+    splat_points(vals[..., first], pos[:, first], (8, 7), acc=acc)
+    assert not torch.allclose(acc, ref, atol=1e-3)
+    splat_points(vals[..., second], pos[:, second], (8, 7), acc=acc)
+    assert torch.allclose(acc, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="values must be"):
+        splat_points(src.reshape(2, 3, -1), pos[:, :5], (8, 7))
+
