@@ -255,6 +255,20 @@ def test_points_live_mask_preview_debounced_and_errors_do_not_block(page):
     page.shot(n, "points_mask_error_cleared.png")
 
 
+def test_points_without_preview_route_stops_asking(page):
+    n = "points"
+    page.page.evaluate("window.mask.unavailable = true; window.editors.points.maskDelay = 50")
+    page.click(n, 100, 100)
+    page.page.wait_for_function("window.editors.points.maskFetcher === null")
+    calls = len(page.page.evaluate("window.maskCalls"))
+    page.click(n, 200, 100)
+    page.page.wait_for_timeout(300)
+    assert len(page.page.evaluate("window.maskCalls")) == calls == 1
+    assert page.page.locator("#points-host button[data-kinema='mask']").is_disabled()
+    assert page.page.locator("#points-host .kinema-error").count() == 0
+    assert len(page.value(n)["positive"]) == 2
+
+
 def test_points_typed_json_redraws_and_bad_json_is_reported(page):
     n = "points"
     ok = page.page.evaluate(

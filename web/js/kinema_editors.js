@@ -69,19 +69,34 @@ function upstreamImage(node) {
   return null;
 }
 
+/** The SAM file the node will use: the `sam` input followed to a SAM loader's model widget
+ *  ("" = the weights-free segmentation). */
+function samName(node) {
+  const slot = node.inputs ? node.inputs.findIndex((i) => i.name === "sam") : -1;
+  const src = slot >= 0 && node.getInputNode ? node.getInputNode(slot) : null;
+  if (!src || !src.widgets) return "";
+  const w = src.widgets.find((x) => x.name === "sam_name") || src.widgets.find((x) => /sam|model/.test(x.name));
+  return w && typeof w.value === "string" ? w.value : "";
+}
+
 async function fetchMask(node, pointsJSON) {
   const ref = node.properties && node.properties[BG];
   if (!ref || !ref.filename) return null;
-  const samW = node.widgets && node.widgets.find((w) => w.name === "sam" && typeof w.value === "string");
+  const mm = node.widgets && node.widgets.find((w) => w.name === "multimask");
   const res = await api.fetchApi("/kinema/mask_preview", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ image: { filename: ref.filename, subfolder: ref.subfolder || "", type: ref.type || "input" },
-                           points: pointsJSON, sam: samW ? samW.value : "", multimask: true }),
+                           points: pointsJSON, sam: samName(node),
+                           multimask: mm ? !!mm.value : true }),
   });
   let body = {};
   try { body = await res.json(); } catch (_) { /* not JSON */ }
-  if (res.status === 404 || res.status === 405) throw new Error("not available on this server");
+  if (res.status === 404 || res.status === 405) {
+    const e = new Error("not available on this server");
+    e.unavailable = true;
+    throw e;
+  }
   if (!res.ok) throw new Error(body.error || `server answered ${res.status}`);
   return body;
 }

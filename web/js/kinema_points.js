@@ -254,7 +254,16 @@ export class PointsEditor extends KinemaCanvas {
       try {
         res = await this.maskFetcher(value);
       } catch (e) {
-        if (seq === this._maskSeq) this.setError(`mask preview: ${e && e.message ? e.message : e}`);
+        if (seq !== this._maskSeq) return;
+        if (e && e.unavailable) {            // the server has no preview route: stop asking
+          this.maskFetcher = null;
+          this.maskImage = null;
+          this._updateButtons();
+          this.setError("");
+          this.setMessage("");
+          return;
+        }
+        this.setError(`mask preview: ${e && e.message ? e.message : e}`);
         return;
       }
       if (seq !== this._maskSeq) return;
