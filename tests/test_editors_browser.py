@@ -278,6 +278,11 @@ def test_points_typed_json_redraws_and_bad_json_is_reported(page):
     # the typed point is hit where it is drawn: drag it
     to = page.drag(n, [(10, 20), (40, 50), (60, 70)])[-1]
     assert page.value(n)["positive"] == [to]
+    # an undoable replacement (what a typed edit in ComfyUI is) can be undone in the editor
+    page.page.evaluate("""() => window.editors.points.setValue('{"positive": [[7, 8]]}', {keepUndo: true, undoable: true})""")
+    assert page.value(n) == {"positive": [[7, 8]], "negative": [], "box": None}
+    page.button(n, "undo")
+    assert page.value(n)["positive"] == [to]
     bad = page.page.evaluate("() => window.editors.points.setValue('{\"positive\": [[1, 2]')")
     assert bad is False
     assert page.value(n)["positive"] == [to]

@@ -52,6 +52,13 @@ BUILD = """async ([type, consumers]) => {
   return ed.id;
 }"""
 
+JSON_BOX = """([id, n]) => {
+  const w = window.app.graph.getNodeById(id).widgets.find((x) => x.name === n);
+  if (!w.element) return null;
+  const r = w.element.getBoundingClientRect();
+  return [r.left + r.width / 2, r.top + r.height / 2, r.width, r.height];
+}"""
+
 GEOM = """(id) => {
   const ed = window.app.graph.getNodeById(id).__kinema.editor;
   const r = ed.canvas.getBoundingClientRect();
@@ -211,6 +218,27 @@ def test_editor_in_real_frontend(front, object_info, type_):
     value = interact(f, nid, type_)
     assert json.loads(f.widget_value(nid, widget)) == value
     f.shot(f"{type_}_edited.png")
+
+    # the JSON button shows the text widget; text typed there redraws the editor
+    page.locator(".kinema-editor button[data-kinema='json']").first.click()
+    page.wait_for_timeout(300)
+    box = page.evaluate(JSON_BOX, [nid, widget])
+    if box is not None:
+        assert box[2] > 20 and box[3] > 10, box
+        typed = {"KinemaClickToMask": {"positive": [[10, 20]], "negative": [], "box": None},
+                 "KinemaMotionFromDrags": {"tracks": [[{"x": 10, "y": 20}, {"x": 30, "y": 40}]], "anchors": []},
+                 "KinemaMotionBrush": {"strokes": [{"mode": "paint", "radius": 5, "points": [[10, 20]]}]}}[type_]
+        for v in (typed, value):
+            page.mouse.click(box[0], box[1])
+            page.keyboard.press("Control+a")
+            page.keyboard.type(json.dumps(v))
+            page.wait_for_function("([id, v]) => window.app.graph.getNodeById(id).__kinema.editor.value === v",
+                                   arg=[nid, json.dumps(v, separators=(",", ":"))], timeout=10000)
+            if v is typed:
+                f.shot(f"{type_}_json_typed.png")
+    page.locator(".kinema-editor button[data-kinema='json']").first.click()
+    assert page.evaluate("([id, n]) => window.app.graph.getNodeById(id).widgets.find((w) => w.name === n).hidden",
+                         [nid, widget]) is True
 
     # graph zoom: the editor is scaled by the canvas; coordinates stay in image pixels
     page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1.4; c.ds.offset = [-120, -20]; c.setDirty(true, true); }")

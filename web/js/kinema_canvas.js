@@ -114,8 +114,9 @@ export class KinemaCanvas {
   get value() { return JSON.stringify(this.getState()); }
 
   /** Replace the state from a JSON string (e.g. typed into the widget). Does not call
-   *  onChange; returns false (and shows the error) when the text cannot be read. */
-  setValue(text, { keepUndo = false } = {}) {
+   *  onChange; returns false (and shows the error) when the text cannot be read.
+   *  keepUndo: keep the undo history; undoable: the replacement itself can be undone. */
+  setValue(text, { keepUndo = false, undoable = false } = {}) {
     let obj;
     try {
       obj = this.parse(text);
@@ -123,6 +124,7 @@ export class KinemaCanvas {
       this.setError(`cannot read value: ${e.message || e}`);
       return false;
     }
+    if (undoable && JSON.stringify(obj) !== this.value) this.checkpoint();
     this.setState(obj);
     if (!keepUndo) { this.undoStack = []; this.redoStack = []; }
     this.setError("");

@@ -134,8 +134,9 @@ function sync(node) {
   if (!st) return;
   const v = st.jsonWidget.value;
   if (v !== st.lastValue) {
+    // typed into the JSON widget (undoable), or a loaded workflow (the first value)
+    st.editor.setValue(v, { keepUndo: true, undoable: st.lastValue !== undefined });
     st.lastValue = v;
-    st.editor.setValue(v, { keepUndo: true });
   }
   if (st.framesWidget) st.editor.setFrames(st.framesWidget.value);
   const up = upstreamImage(node);
