@@ -303,6 +303,15 @@ def test_editor_in_real_frontend(front, object_info, type_):
     # save and reopen: the value and the picture come back
     saved = page.evaluate("() => JSON.stringify(window.app.graph.serialize())")
     value = f.editor_value(nid)
+    # the saved file holds the value as an ordinary widget value (what the headless runner
+    # reads) and the picture reference in the node's properties
+    wf = json.loads(saved)
+    node = next(n for n in wf["nodes"] if n["id"] == nid)
+    api = harness.ui_to_api(wf, object_info)
+    assert json.loads(api[str(nid)]["inputs"][widget]) == value
+    assert len(node["widgets_values"]) == len([k for k, v in object_info[type_]["input"]["required"].items()
+                                               if isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES])
+    assert node["properties"]["kinema_bg"]["type"] == "temp"
     page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(JSON.parse(wf)); }", saved)
     page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id); return n && n.__kinema && n.__kinema.editor.image; }",
                            arg=nid, timeout=30000)

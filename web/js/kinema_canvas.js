@@ -26,7 +26,7 @@ const CSS = `
 .kinema-toolbar button.kinema-on { background:#2d5b8a; border-color:#6aa9e9; color:#fff; }
 .kinema-toolbar button:disabled { opacity:.45; cursor:default; }
 .kinema-toolbar label { display:flex; gap:3px; align-items:center; }
-.kinema-toolbar input[type=range] { width:80px; }
+.kinema-toolbar input[type=range] { width:64px; }
 .kinema-canvas { flex:1 1 auto; width:100%; min-height:40px; display:block; background:#1b1b1b;
   border-radius:4px; outline:none; touch-action:none; cursor:crosshair; }
 .kinema-editor:focus-within .kinema-canvas { box-shadow:0 0 0 1px #6aa9e9; }
