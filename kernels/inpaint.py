@@ -38,12 +38,17 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-2], h2, 2, w2, 2).sum(dim=(-3, -1))
 
 
-def _relax(c: torch.Tensor, known: torch.Tensor, iters: int) -> torch.Tensor:
+def _relax(c: torch.Tensor, known: torch.Tensor, iters: int,
+           need: torch.Tensor | None = None) -> torch.Tensor:
     """Jacobi steps of the Laplace equation where ``known`` < 1 (blended by it), computed only
-    inside the bounding box of those pixels (plus a one-pixel rim)."""
+    inside the bounding box of those pixels (plus a one-pixel rim), or of those where ``need``
+    is true (B, 1, H, W) when given."""
     if iters <= 0 or min(c.shape[-2:]) < 2:
         return c
-    free_any = (known < 1).flatten(0, -3).any(dim=0)
+    free = known < 1
+    if need is not None:
+        free = free & need
+    free_any = free.flatten(0, -3).any(dim=0)
     rows = torch.nonzero(free_any.any(dim=1)).flatten()
     if rows.numel() == 0:
         return c
@@ -63,11 +68,13 @@ def _relax(c: torch.Tensor, known: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def push_pull(image: torch.Tensor, weight: torch.Tensor, relax_iters: int = 4,
-              min_size: int = 1) -> torch.Tensor:
+              min_size: int = 1, need: torch.Tensor | None = None) -> torch.Tensor:
     """Fill ``image`` (B, C, H, W) where ``weight`` (B, 1, H, W) in [0, 1] is below 1.
 
     ``weight`` 1 = known, 0 = hole, in between = partly known (the pixel is blended with the
     fill). ``relax_iters`` Jacobi steps are run per pyramid level on the unknown pixels.
+    ``need`` (B, 1, H, W) bool, optional: the pixels whose fill is used; at full resolution the
+    relaxation is then only run around them (elsewhere the fill is the plain push-pull).
     Returns (B, C, H, W); an image without any known pixel is returned as zeros.
     """
     _check(image, weight)
@@ -84,9 +91,10 @@ def push_pull(image: torch.Tensor, weight: torch.Tensor, relax_iters: int = 4,
         if bool((ws >= 1).all()):
             break
     filled, _ = levels[-1]
-    for c, w in reversed(levels[:-1]):
+    for i in range(len(levels) - 2, -1, -1):
+        c, w = levels[i]
         up = F.interpolate(filled, size=c.shape[-2:], mode="bilinear", align_corners=False)
-        filled = _relax(w * c + (1 - w) * up, w, relax_iters)
+        filled = _relax(w * c + (1 - w) * up, w, relax_iters, need if i == 0 else None)
     out = filled if len(levels) > 1 else col
     return out.to(image.dtype)
 

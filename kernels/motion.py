@@ -213,11 +213,26 @@ def sample_track(track, t, method: str = "linear") -> torch.Tensor:
     return out
 
 
+def frame_times(frames: int, easing: str = "linear") -> torch.Tensor:
+    """Times (frames,) float64 at which the frames sample the motion, before easing.
+
+    ``k / (frames - 1)`` from 0 to 1 for the one-way easings. For ``loop`` it is ``k / frames``:
+    the cycle closes one step after the last frame, so a looping player shows no repeated
+    frame (frame ``frames`` would be frame 0 again).
+    """
+    if easing == "loop":
+        return torch.arange(frames, dtype=torch.float64) / frames
+    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
+    s[-1] = 1.0
+    return s
+
+
 def resample_track(track, frames: int, easing: str = "linear", method: str = "linear") -> torch.Tensor:
     """Resample a track to ``frames`` points, one per output frame.
 
     track: (N, 2) pixels, point ``i`` at time ``i / (N - 1)`` (tracks of any length N >= 1).
-    Frame ``k`` takes the track at time ``ease(k / (frames - 1), easing)``, interpolated in time
+    Frame ``k`` takes the track at time ``ease(frame_times(frames, easing)[k], easing)`` (that is
+    ``k / (frames - 1)``, or ``k / frames`` for ``loop``), interpolated in time
     by ``method`` (``linear`` by default; see :func:`sample_track`). The first output point is
     the track's first point exactly, and with an easing that ends at 1 the last output point is
     its last point exactly. frames: 1..MAX_FRAMES (one frame gives the start point).
@@ -229,9 +244,7 @@ def resample_track(track, frames: int, easing: str = "linear", method: str = "li
     dtype = tr.dtype if tr.is_floating_point() else torch.float32
     if frames == 1:
         return _as_track(tr, "track", dtype=dtype)[:1].clone()
-    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
-    s[-1] = 1.0
-    t = ease(s, easing)
+    t = ease(frame_times(frames, easing), easing)
     return sample_track(tr.to(dtype), t.to(dtype), method=method)
 
 
@@ -472,9 +485,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
             anc = _dedupe(torch.round(anc))
 
     # 1. timing: displacements (K, F, 2) in float64 on the CPU (small)
-    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
-    s[-1] = 1.0
-    tk = ease(s, easing)
+    tk = ease(frame_times(frames, easing), easing)
     starts = torch.stack([t[0] for t in tr])                                  # (K, 2)
     disp = torch.stack([sample_track(t, tk, track_interpolation) - t[0] for t in tr])  # (K, F, 2)
     disp[:, 0] = 0.0

@@ -215,7 +215,7 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     bg_still = bool((a_s >= 1).all())
     if bg_still:
         bg_col0, bg_a0 = _layer(base[None, 5:8], base[None, 8:9], base[None, 9:10])
-        bg_full0 = push_pull(bg_col0, bg_a0) if fill == "inpaint" else None
+        bg_full0 = push_pull(bg_col0, bg_a0) if fill == "inpaint" else None  # (1, 3, hc, wc)
         keep = [0, 1, 2, 3, 4, 10]
         base = base[keep]
     n_ch = base.shape[0]
@@ -245,7 +245,8 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         else:
             bg_col, bg_a = _layer(acc[:, 5:8], acc[:, 8:9], acc[:, 9:10])
         if fill == "inpaint":
-            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a)
+            # the background only shows where the foreground does not cover it
+            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a, need=fg_a < 1)
             out = fg_col * fg_a + bg_full * (1 - fg_a)
         else:
             alpha = fg_a + (1 - fg_a) * bg_a
