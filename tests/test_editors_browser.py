@@ -249,6 +249,8 @@ def test_points_live_mask_preview_debounced_and_errors_do_not_block(page):
     page.page.wait_for_function(
         "document.querySelector('#points-host .kinema-error')?.textContent.includes('no SAM model')")
     assert page.value(n)["negative"] == [q]
+    assert page.page.evaluate("window.editors.points.maskImage") is None  # no stale mask
+    page.shot(n, "points_mask_error.png")
     page.page.evaluate("window.mask.fail = null")
     page.click(n, 60, 60)
     page.page.wait_for_function("!document.querySelector('#points-host .kinema-error')")

@@ -32,8 +32,8 @@ const CSS = `
 .kinema-editor:focus-within .kinema-canvas { box-shadow:0 0 0 1px #6aa9e9; }
 .kinema-keys { position:absolute; left:0; top:0; width:1px; height:1px; opacity:0; padding:0; border:0;
   pointer-events:none; }
-.kinema-status { flex:0 0 auto; min-height:14px; white-space:nowrap; overflow:hidden;
-  text-overflow:ellipsis; color:#aaa; }
+.kinema-status { flex:0 0 auto; min-height:14px; max-height:2.6em; overflow:hidden; color:#aaa;
+  display:-webkit-box; -webkit-box-orient:vertical; -webkit-line-clamp:2; }
 .kinema-status .kinema-error { color:#ff8080; }
 `;
 
@@ -383,13 +383,13 @@ export class KinemaCanvas {
     const el = this.statusEl;
     el.textContent = "";
     const info = this.message || this.defaultHint();
-    if (info) el.append(this.doc.createTextNode(info));
-    if (this.error) {
+    if (this.error) {                     // the error first: it is what needs reading
       const span = this.doc.createElement("span");
       span.className = "kinema-error";
-      span.textContent = (info ? "  ·  " : "") + this.error;
+      span.textContent = this.error;
       el.append(span);
     }
+    if (info) el.append(this.doc.createTextNode((this.error ? "  ·  " : "") + info));
     el.title = el.textContent;
   }
 

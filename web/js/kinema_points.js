@@ -263,7 +263,10 @@ export class PointsEditor extends KinemaCanvas {
           this.setMessage("");
           return;
         }
+        this.maskImage = null;                // the old mask no longer matches the clicks
+        this.maskScore = null;
         this.setError(`mask preview: ${e && e.message ? e.message : e}`);
+        this.redraw();
         return;
       }
       if (seq !== this._maskSeq) return;
