@@ -517,3 +517,24 @@ def test_no_network_requests_outside_the_page(browser, server):
     assert seen and all(u.startswith(server) or u.startswith("data:") for u in seen), seen
     ctx.close()
 
+
+
+def test_drags_flow_overlay_tints_moving_parts_only(page):
+    n = "drags"
+    assert page.page.locator("#drags-host button[data-kinema='flow']").is_disabled()
+    plain_in, plain_out = page.pixel(n, 100, 100), page.pixel(n, 350, 250)
+    ok = page.page.evaluate("""async () => {
+        const ed = window.editors.drags; const c = document.createElement('canvas');
+        c.width = ed.imageW; c.height = ed.imageH; const g = c.getContext('2d');
+        g.fillStyle = '#fff'; g.fillRect(0, 0, c.width, c.height);
+        g.fillStyle = '#8000ff'; g.fillRect(50, 50, 100, 100);   // a moving region in flow colours
+        const shown = await ed.setOverlay(c.toDataURL()); ed.showOverlay = true; ed._updateButtons();
+        return shown; }""")
+    assert ok is True
+    assert not page.page.locator("#drags-host button[data-kinema='flow']").is_disabled()
+    tinted_in, tinted_out = page.pixel(n, 100, 100), page.pixel(n, 350, 250)
+    assert tinted_in[1] < plain_in[1] - 40, (plain_in, tinted_in)      # green removed by the violet
+    assert all(abs(a - b) <= 2 for a, b in zip(tinted_out[:3], plain_out[:3])), (plain_out, tinted_out)
+    page.shot(n, "drags_flow_overlay.png")
+    page.button(n, "flow")                                              # off again
+    assert page.pixel(n, 100, 100) == plain_in

@@ -44,7 +44,7 @@ export class DragsEditor extends KinemaCanvas {
     this.pending = null;     // open curved path: {track: index in this.tracks | -1, seed: [x, y] | null}
     this.selected = null;    // {kind: "track"|"anchor", i}
     this.overlay = null;     // optional picture drawn over the image (flow preview)
-    this.overlayAlpha = 0.6;
+    this.overlayAlpha = 0.85;
     this.showOverlay = false;
 
     this.addStandardButtons();
@@ -323,9 +323,12 @@ export class DragsEditor extends KinemaCanvas {
   // ---- drawing -----------------------------------------------------------------------
   drawOverlay(ctx, L) {
     if (this.overlay && this.showOverlay) {
+      // multiply: still parts (white in the flow colours) keep the picture, motion tints it
+      ctx.globalCompositeOperation = "multiply";
       ctx.globalAlpha = this.overlayAlpha;
       ctx.drawImage(this.overlay, L.ox, L.oy, this.imageW * L.s, this.imageH * L.s);
       ctx.globalAlpha = 1;
+      ctx.globalCompositeOperation = "source-over";
     }
     this.tracks.forEach((t, i) => this._drawTrack(ctx, t, this.colour(i),
       this.selected && this.selected.kind === "track" && this.selected.i === i));
