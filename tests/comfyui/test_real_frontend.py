@@ -317,6 +317,8 @@ def test_editor_in_real_frontend(front, object_info, type_):
                            arg=nid, timeout=30000)
     assert f.editor_value(nid) == value
     assert json.loads(f.widget_value(nid, widget)) == value
+    # the picture of the run (remembered in the workflow), not only the Load Image file
+    assert "type=temp" in f.geom(nid)["url"]
     f.shot(f"{type_}_reopened.png")
     assert not f.our_errors(), f.our_errors()
 

@@ -190,7 +190,9 @@ function attach(node, spec) {
 
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], 420, min[0]), Math.max(node.size[1], 460, min[1])]);
-  sync(node);
+  // first look after the current task: a workflow being loaded configures the node (widget
+  // values, properties with the remembered picture, links) right after creating it
+  setTimeout(() => sync(node), 0);
   // the picture upstream can change without this node being drawn (a new Load Image choice)
   st.timer = setInterval(() => sync(node), UPSTREAM_POLL_MS);
 }
