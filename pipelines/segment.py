@@ -242,6 +242,11 @@ def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: i
     if (w, h) != (W, H):
         up = cv2.resize(kept.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         kept = (up >= 0.5).astype(np.uint8)
+        if points.box is not None:  # no spill over the box edge from the scaling
+            x0, y0, x1, y1 = points.box.tolist()
+            box_full = np.zeros((H, W), bool)
+            box_full[int(math.ceil(y0)):int(math.floor(y1)) + 1, int(math.ceil(x0)):int(math.floor(x1)) + 1] = True
+            kept[~box_full] = 0
         full_pos = [_pixel(p, W, H) for p in points.positive.tolist()]
         for p in full_pos:
             kept[p[1], p[0]] = 1

@@ -175,8 +175,7 @@ def test_click_to_mask_with_sam(sam_name):
     batch = cat_batch()[:, :120, :160]
     p = '{"positive": [[60, 40]], "negative": [[150, 100]], "box": null}'
     expected, _ = seg.segment(batch[0], parse_points(p, (160, 120)), sam, multimask=False)
-    if expected.sum() == 0:
-        pytest.skip("random tiny SAM gave an empty mask for this click")
+    assert expected.sum() > 0  # this seed's tiny SAM selects something here
     out = nodes.KinemaClickToMask().run(batch, p, multimask=False, sam=sam)
     assert torch.equal(out["result"][0][0], expected)
     assert sam.embeddings.misses == 1 and sam.embeddings.hits == 1
