@@ -240,6 +240,7 @@ def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: i
             kept = keep_components_at((seeded | kept.astype(bool)).astype(np.uint8), pos)
 
     if (w, h) != (W, H):
+        work_kept = kept
         up = cv2.resize(kept.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         kept = (up >= 0.5).astype(np.uint8)
         if points.box is not None:  # no spill over the box edge from the scaling
@@ -248,8 +249,9 @@ def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: i
             box_full[int(math.ceil(y0)):int(math.floor(y1)) + 1, int(math.ceil(x0)):int(math.floor(x1)) + 1] = True
             kept[~box_full] = 0
         full_pos = [_pixel(p, W, H) for p in points.positive.tolist()]
-        for p in full_pos:
-            kept[p[1], p[0]] = 1
+        for p, q in zip(full_pos, pos):
+            if work_kept[q[1], q[0]]:
+                kept[p[1], p[0]] = 1
         kept = keep_components_at(kept, full_pos)
     return torch.from_numpy(kept.astype(np.float32)), score
 

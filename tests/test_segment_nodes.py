@@ -164,6 +164,8 @@ def test_click_to_mask_bad_inputs(dirs):
         node.run(batch[0], CLICK)
     with pytest.raises(ValueError, match="image"):
         node.run(batch[:, :4, :4], '[[1, 1]]')
+    with pytest.raises(ValueError, match="points: nothing was selected.*remove negative clicks"):
+        node.run(cat_batch((226, 150)), '{"positive": [[100, 100]], "negative": [[100, 100]]}')
     with pytest.raises(ValueError, match="grow"):
         node.run(batch, CLICK, grow=1000)
     with pytest.raises(ValueError, match="feather"):
