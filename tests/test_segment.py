@@ -136,6 +136,20 @@ def test_non_sam_checkpoint_is_rejected(tmp_path):
     assert "sd15_unet.safetensors" in msg and "image_encoder.*" in msg and "model.diffusion_model" in msg
 
 
+@pytest.mark.parametrize("keys, found", [
+    (["image_encoder.trunk.patch_embed.proj.weight", "sam_prompt_encoder.pe_layer.x", "sam_mask_decoder.iou_token.weight"],
+     "found no prompt_encoder.*, mask_decoder.* keys"),  # SAM 2
+    (["image_encoder.patch_embed.seq.0.c.weight", "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight"],
+     "key 'image_encoder.patch_embed.proj.weight' is missing"),  # MobileSAM (TinyViT encoder)
+])
+def test_other_segmenters_are_named_as_such(tmp_path, keys, found):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {k: torch.zeros(2, 2) for k in keys}}, path)
+    with pytest.raises(KinemaError) as e:
+        seg.load_sam(path)
+    assert "other.pth" in str(e.value) and found in str(e.value) and "ViT-B/L/H" in str(e.value)
+
+
 def test_truncated_and_corrupt_files_are_rejected(tmp_path, sam_file):
     data = sam_file.read_bytes()
     cut = tmp_path / "cut.pth"
