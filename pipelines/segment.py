@@ -538,9 +538,6 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
 
 @dataclass
 class SamPrediction:
@@ -581,10 +578,6 @@ class SamSegmenter:
     @property
     def device(self) -> torch.device:
         return self.model.pixel_mean.device
-
-    def to(self, device) -> "SamSegmenter":
-        self.model.to(device)
-        return self
 
     def __repr__(self) -> str:
         return f"SamSegmenter({self.name or 'unnamed'}, {self.variant}, cached={len(self.embeddings)})"

@@ -150,9 +150,9 @@ def test_click_to_mask_grow_feather_and_kjnodes_points(dirs):
 def test_click_to_mask_bad_inputs(dirs):
     batch = cat_batch()
     node = nodes.KinemaClickToMask()
-    with pytest.raises(ValueError, match="points: no clicks"):
+    with pytest.raises(ValueError, match="points: there is no positive click and no box"):
         node.run(batch, '{"positive": [], "negative": [], "box": null}')
-    with pytest.raises(ValueError, match="points: no clicks"):
+    with pytest.raises(ValueError, match="points: there is no positive click and no box"):
         node.run(batch, '{"positive": [], "negative": [[10, 10]]}')
     with pytest.raises(ValueError, match=r"points: \(500, 20\) is outside the 451x300 image"):
         node.run(batch, '[[500, 20]]')
@@ -272,7 +272,7 @@ def test_mask_preview_refuses_paths_outside(dirs, cat_input, image, what):
 @pytest.mark.parametrize("change, what", [
     ({"points": '{"positive": [[1, 2]'}, "points: not valid JSON"),
     ({"points": "[[900, 5]]"}, "outside the 226x150 image"),
-    ({"points": '{"positive": [], "negative": [[3, 3]]}'}, "points: no positive click"),
+    ({"points": '{"positive": [], "negative": [[3, 3]]}'}, "points: there is no positive click"),
     ({"points": 5}, "points"),
     ({"multimask": "yes"}, "multimask"),
     ({"sam": "../../x.pth"}, "sam"),
