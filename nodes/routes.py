@@ -178,8 +178,6 @@ def mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> dict:
     pts = parse_points(points, (w, h), negative)
     if pts.count > MAX_CLICKS:
         raise ValueError(f"points: {pts.count} clicks is more than the {MAX_CLICKS} a preview takes")
-    if pts.positive.shape[0] == 0 and pts.box is None:
-        raise ValueError("points: no positive click or box yet; click on the object")
     segmenter = cache.segmenter(sam_name) if sam_name else None
     mask, score = segment(image, pts, segmenter, multimask=multimask)
     return {"mask": _encode_mask_png(mask), "score": float(score), "width": int(w), "height": int(h),

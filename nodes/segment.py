@@ -100,9 +100,6 @@ class KinemaClickToMask:
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise ValueError(f"{name}: {value!r} must be a whole number of pixels in {lo}..{hi}")
         pts = parse_points(points, (w, h), negative_points if negative_points else None)
-        if pts.positive.shape[0] == 0 and pts.box is None:
-            raise ValueError("points: no clicks on the object; add at least one positive click (or a box) in "
-                             "the points editor, e.g. {\"positive\": [[x, y]], \"negative\": [], \"box\": null}")
         mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
         if float(mask.sum()) == 0:
             raise ValueError("points: nothing was selected (the mask is empty). Click inside the object, add "

@@ -240,11 +240,18 @@ def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: i
             kept = keep_components_at((seeded | kept.astype(bool)).astype(np.uint8), pos)
 
     if (w, h) != (W, H):
+        work_kept = kept
         up = cv2.resize(kept.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
         kept = (up >= 0.5).astype(np.uint8)
+        if points.box is not None:  # no spill over the box edge from the scaling
+            x0, y0, x1, y1 = points.box.tolist()
+            box_full = np.zeros((H, W), bool)
+            box_full[int(math.ceil(y0)):int(math.floor(y1)) + 1, int(math.ceil(x0)):int(math.floor(x1)) + 1] = True
+            kept[~box_full] = 0
         full_pos = [_pixel(p, W, H) for p in points.positive.tolist()]
-        for p in full_pos:
-            kept[p[1], p[0]] = 1
+        for p, q in zip(full_pos, pos):
+            if work_kept[q[1], q[0]]:
+                kept[p[1], p[0]] = 1
         kept = keep_components_at(kept, full_pos)
     return torch.from_numpy(kept.astype(np.float32)), score
 
@@ -531,9 +538,6 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
 
 @dataclass
 class SamPrediction:
@@ -574,10 +578,6 @@ class SamSegmenter:
     @property
     def device(self) -> torch.device:
         return self.model.pixel_mean.device
-
-    def to(self, device) -> "SamSegmenter":
-        self.model.to(device)
-        return self
 
     def __repr__(self) -> str:
         return f"SamSegmenter({self.name or 'unnamed'}, {self.variant}, cached={len(self.embeddings)})"

@@ -136,6 +136,20 @@ def test_non_sam_checkpoint_is_rejected(tmp_path):
     assert "sd15_unet.safetensors" in msg and "image_encoder.*" in msg and "model.diffusion_model" in msg
 
 
+@pytest.mark.parametrize("keys, found", [
+    (["image_encoder.trunk.patch_embed.proj.weight", "sam_prompt_encoder.pe_layer.x", "sam_mask_decoder.iou_token.weight"],
+     "found no prompt_encoder.*, mask_decoder.* keys"),  # SAM 2
+    (["image_encoder.patch_embed.seq.0.c.weight", "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight"],
+     "key 'image_encoder.patch_embed.proj.weight' is missing"),  # MobileSAM (TinyViT encoder)
+])
+def test_other_segmenters_are_named_as_such(tmp_path, keys, found):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {k: torch.zeros(2, 2) for k in keys}}, path)
+    with pytest.raises(KinemaError) as e:
+        seg.load_sam(path)
+    assert "other.pth" in str(e.value) and found in str(e.value) and "ViT-B/L/H" in str(e.value)
+
+
 def test_truncated_and_corrupt_files_are_rejected(tmp_path, sam_file):
     data = sam_file.read_bytes()
     cut = tmp_path / "cut.pth"
@@ -192,8 +206,7 @@ def test_prediction_matches_segment_anything_predictor(sam_model, sam_file):
     image = small_image()
     ref = SamPredictor(sam_model)
     ref.set_image(seg.to_uint8(image))
-    cases = [pts([[10, 20]]), pts([[10, 20], [30, 5]], [[2, 40]]), pts([[20, 24]], box=[5, 6, 35, 44]),
-             pts(box=[3, 3, 30, 40])]
+    cases = [pts([[10, 20]]), pts([[10, 20], [30, 5]], [[2, 40]], box=[5, 3, 35, 44]), pts(box=[3, 3, 30, 40])]
     for p in cases:
         for multimask in (True, False):
             pred = segmenter.predict(image, p, multimask=multimask)
@@ -291,26 +304,26 @@ def test_classical_astronaut_face_and_negative_click():
 
 def test_classical_box_restricts_and_box_alone_works():
     img = load_photo("astronaut.jpg")
-    free, _ = seg.segment(img, parse_points({"positive": [[100, 350]]}, (512, 512)))
-    boxed, _ = seg.segment(img, parse_points({"positive": [[100, 350]], "box": [20, 220, 250, 511]}, (512, 512)))
-    assert free[230:511, 250:300].sum() > 0  # the suit continues right of the box ...
+    run = partial(seg.grabcut_segment, img, max_side=320)
+    free, _ = run(parse_points({"positive": [[225, 120]]}, (512, 512)))
+    boxed, _ = run(parse_points({"positive": [[225, 120]], "box": [140, 60, 310, 200]}, (512, 512)))
+    assert free[:60].sum() > 1000  # the hair above y = 60 belongs to the head ...
     outside = torch.ones(512, 512, dtype=torch.bool)
-    outside[220:512, 20:251] = False
+    outside[60:201, 140:311] = False
     assert boxed[outside].sum() == 0  # ... but the box keeps the mask inside it
-    assert boxed[340:360, 90:110].mean() == 1
-    head, _ = seg.segment(img, parse_points({"box": [140, 10, 310, 170]}, (512, 512)))
+    assert boxed[100:140, 205:245].mean() == 1 and _one_blob(boxed)
+    head, _ = run(parse_points({"box": [140, 10, 310, 170]}, (512, 512)))
     assert head[100:140, 205:245].mean() > 0.95 and head[5, 5] == 0 and _one_blob(head)
 
 
-def test_classical_is_deterministic_and_downscales(monkeypatch):
+def test_classical_is_deterministic_and_downscales():
     cat = load_photo("chelsea.jpg")
     p = parse_points({"positive": [[230, 150]]}, (451, 300))
-    a, sa = seg.grabcut_segment(cat, p)
-    b, sb = seg.grabcut_segment(cat, p)
+    a, sa = seg.grabcut_segment(cat, p, max_side=200)  # work at 200x133, mask back at 451x300
+    b, sb = seg.grabcut_segment(cat, p, max_side=200)
     assert torch.equal(a, b) and sa == sb
-    small, _ = seg.grabcut_segment(cat, p, max_side=200)  # work at 200x133, mask back at 451x300
-    assert small.shape == (300, 451) and small[150, 230] == 1 and _one_blob(small)
-    assert small[140:160, 220:240].mean() > 0.95 and 0.03 < small.mean() < 0.6 and small[5, 445] == 0 and small[295, 445] == 0
+    assert a.shape == (300, 451) and _one_blob(a)
+    assert a[140:160, 220:240].mean() > 0.95 and 0.03 < a.mean() < 0.6 and a[5, 445] == 0 and a[295, 445] == 0
 
 
 def test_classical_rejects_no_clicks_and_tiny_box():
