@@ -45,8 +45,7 @@ def _sd_parts(checkpoint, arch: str):
     unet_sd, vae_sd, text_sd = loading.split_sd_checkpoint(sd, unet_cfg, vae_cfg, path.name)
     if not vae_sd:
         raise KinemaError(f"{path.name}: holds no VAE weights ('first_stage_model.*'); use a full SD1.5 checkpoint")
-    vae = loading.build_vae(vae_cfg, "cpu")
-    loading.load_into(vae, vae_sd, f"{path.name} (VAE)")
+    vae = loading.load_into(loading.build_vae(vae_cfg), vae_sd, f"{path.name} (VAE)")
     text = TextEncoder(loading.load_config(names["text"]), text_sd, path.name) if text_sd else None
     return unet_sd, vae.eval().requires_grad_(False), text
 

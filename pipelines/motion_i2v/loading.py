@@ -69,14 +69,16 @@ def check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Tensor], 
         raise KinemaError(f"{what}: does not match the expected layout: " + "; ".join(parts))
 
 
-def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str,
-              allow_missing: tuple[str, ...] = ()) -> None:
-    """Check keys/shapes against ``module`` and load (non-strict only for ``allow_missing``)."""
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Check keys/shapes against ``module`` (usually built on the meta device, so nothing is
+    allocated before the file is known to fit), then load strictly, taking over the tensors."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_keys(expected, sd, what, allow_missing)
-    missing, unexpected = module.load_state_dict(sd, strict=False, assign=False)
-    leftover = [k for k in missing if not k.startswith(allow_missing)]
-    assert not leftover and not unexpected, (leftover, unexpected)
+    check_keys(expected, sd, what)
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise KinemaError(f"{what}: left {len(left)} tensors unset (e.g. {left[0]})")
+    return module
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -136,7 +138,7 @@ def load_flow_unet(unet_path, controlnet_path=None, config="stage1_flow_unet") -
     usd = read_state_dict(unet_path)
     csd = read_state_dict(controlnet_path) if controlnet_path else None
     sd = flow_unet_state_dict(usd, csd, unet_path.name, Path(controlnet_path).name if controlnet_path else "")
-    model = build_flow_unet(config, "cpu")
+    model = build_flow_unet(config)
     load_into(model, sd, f"{unet_path.name} + {Path(controlnet_path).name if controlnet_path else ''}".rstrip(" +"))
     return model.eval().requires_grad_(False)
 
@@ -144,7 +146,7 @@ def load_flow_unet(unet_path, controlnet_path=None, config="stage1_flow_unet") -
 def load_flow_vae(path, config="flow_vae") -> AutoencoderKL:
     path = Path(path)
     sd = flow_vae_state_dict(read_state_dict(path))
-    vae = build_vae(config, "cpu")
+    vae = build_vae(config)
     load_into(vae, sd, path.name)
     return vae.eval().requires_grad_(False)
 
@@ -190,7 +192,7 @@ def load_render_unet(unet_sd: dict, motion_sds: list[tuple[str, dict]], config="
                      unet_name: str = "checkpoint") -> MotionUNet3D:
     """Stage-2 UNet from SD 2D weights plus motion files applied in order (later ones override).
     Together they must cover every key."""
-    model = build_render_unet(config, "cpu")
+    model = build_render_unet(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_keys({k: s for k, s in expected.items() if ".motion_modules." not in k}, unet_sd, unet_name)
     motion: dict = {}
@@ -201,5 +203,5 @@ def load_render_unet(unet_sd: dict, motion_sds: list[tuple[str, dict]], config="
         motion.update(sd)
     names = " + ".join(n for n, _ in motion_sds) or "motion block"
     check_keys({k: s for k, s in expected.items() if ".motion_modules." in k}, motion, names)
-    model.load_state_dict({**unet_sd, **motion}, strict=True)
+    load_into(model, {**unet_sd, **motion}, f"{unet_name} + {names}")
     return model.eval().requires_grad_(False)
