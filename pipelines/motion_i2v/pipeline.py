@@ -76,7 +76,9 @@ class _OnDevice:
 
     def __enter__(self):
         for m in self.model.modules():
-            torch.nn.Module.to(m, device=self.device, dtype=self.model.dtype)
+            # the VAEs stay in float32: SD's VAE overflows in fp16, and they are a small part of the work
+            dt = torch.float32 if isinstance(m, AutoencoderKL) else self.model.dtype
+            torch.nn.Module.to(m, device=self.device, dtype=dt)
         return self
 
     def __exit__(self, *exc):
@@ -140,8 +142,14 @@ def _check_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 def _encode(vae: AutoencoderKL, x: torch.Tensor, generator, dtype) -> torch.Tensor:
-    dist = vae.encode(x.to(device=vae.device, dtype=dtype)).latent_dist
-    return dist.sample(generator=generator)
+    """x (N, C, H, W) -> latent sample (N, 4, H/8, W/8) in ``dtype`` (the VAE runs in its own dtype)."""
+    dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.sample(generator=generator).to(dtype)
+
+
+def _decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """z (N, 4, h, w), frame by frame -> (N, C, H, W) float32."""
+    return torch.cat([vae.decode(z[i:i + 1].to(vae.dtype)).sample.float() for i in range(z.shape[0])])
 
 
 def _randn(shape, generator, device, dtype):
@@ -178,7 +186,7 @@ def predict_motion(model: FlowModel, image: torch.Tensor, sparse: torch.Tensor, 
     scheduler = make_scheduler()
     with _OnDevice(model, device, offload):
         ctx = text_condition(model, prompt, negative, cond, uncond, guidance).to(device, dtype)
-        z_ctrl = torch.cat([_encode(model.flow_vae, vae_in[i:i + 1], g, dtype) for i in range(n)])
+        z_ctrl = _encode(model.flow_vae, vae_in, g, dtype)
         h, w = z_ctrl.shape[-2:]
         m_lat = mask[:, ::8, ::8, 0][:, :h, :w]                                       # nearest, pixel [8i, 8j]
         control = torch.cat([z_ctrl.permute(1, 0, 2, 3)[None], m_lat[None, None].to(device, dtype)], dim=1)
@@ -202,7 +210,7 @@ def predict_motion(model: FlowModel, image: torch.Tensor, sparse: torch.Tensor, 
             latents = scheduler.step(eps, t, latents, eta=eta, generator=g).prev_sample
             bar.update()
         z = latents[0].permute(1, 0, 2, 3) / model.defaults["latent_scale"]
-        decoded = torch.cat([model.flow_vae.decode(z[i:i + 1]).sample for i in range(n)]).float().cpu()
+        decoded = _decode(model.flow_vae, z).cpu()
     flow = denormalise_flow(decoded, width, height, static)
     return MotionField(flow=flow, mask=None if static is None else (1.0 - static.float()))
 
@@ -267,6 +275,6 @@ def render_video(model: RenderModel, image: torch.Tensor, motion: MotionField, s
         if s_lat is not None and keep_static_exact:
             latents = z_img * s_lat + latents * (1 - s_lat)
         z = latents[0].permute(1, 0, 2, 3) / scale
-        video = torch.cat([model.vae.decode(z[i:i + 1]).sample for i in range(frames)]).float()
+        video = _decode(model.vae, z)
         frames_out = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
     return RenderResult(frames_out, latents.float().cpu(), z_img.float().cpu())
