@@ -49,6 +49,55 @@ def _pick_dtype(name: str, device) -> torch.dtype:
     return min(times, key=times.get)
 
 
+def bench_modules(args, dtype, device) -> None:
+    """The 21 motion modules of the real network alone, at their real token grids and widths."""
+    from kinema.kernels import motion_attention as kma
+    from kinema.pipelines.motion_i2v.modules import MOTION_AUGMENTED, TEMPORAL, MotionModule
+
+    g = torch.Generator().manual_seed(0)
+    h, w, f, b = args.height // 8, args.width // 8, args.frames, args.batch
+    levels = [(320, h, w, 5), (640, h // 2, w // 2, 5), (1280, h // 4, w // 4, 5), (1280, h // 8, w // 8, 6)]
+    flow = (torch.randn(1, f, args.height, args.width, 2, generator=g) * 8).to(device)
+    flow[:, 0] = 0
+    real_splat = kma.splat_first_frame
+    spent = {"splat": 0.0}
+
+    def timed_splat(*a, **k):
+        t0 = time.perf_counter()
+        out = real_splat(*a, **k)
+        spent["splat"] += time.perf_counter() - t0
+        return out
+
+    kma.splat_first_frame = timed_splat
+    totals = {TEMPORAL: 0.0, MOTION_AUGMENTED: 0.0}
+    splat = 0.0
+    try:
+        with torch.no_grad():
+            for ch, hh, ww, count in levels:
+                m = MotionModule(ch, 8, 32).to(device)
+                for prm in m.parameters():
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+                m = m.to(dtype)
+                x = torch.randn(b * f, ch, hh, ww, generator=g).to(device, dtype)
+                for mode in (TEMPORAL, MOTION_AUGMENTED):
+                    for a in m.modules():
+                        if hasattr(a, "processor"):
+                            a.processor = mode
+                    m(x, f, flow)  # warm-up
+                    spent["splat"] = 0.0
+                    t0 = time.perf_counter()
+                    m(x, f, flow)
+                    totals[mode] += count * (time.perf_counter() - t0)
+                    if mode == MOTION_AUGMENTED:
+                        splat += count * spent["splat"]
+    finally:
+        kma.splat_first_frame = real_splat
+    print(f"motion modules only (21 at real widths/grids), batch {b}, {f} frames, {str(dtype).replace('torch.', '')}:")
+    print(f"  stock {totals[TEMPORAL]:.2f} s, motion-augmented {totals[MOTION_AUGMENTED]:.2f} s, "
+          f"ratio {totals[MOTION_AUGMENTED] / totals[TEMPORAL]:.3f}, splat {splat:.2f} s "
+          f"({100 * splat / totals[MOTION_AUGMENTED]:.1f}% of the motion-augmented modules)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1, help="clips per step (2 = with classifier-free guidance)")
@@ -60,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before timing")
     p.add_argument("--arch", default="sd15", help="sd15 (real size) or tiny (smoke run)")
+    p.add_argument("--part", default="step", choices=("step", "modules", "both"),
+                   help="a whole UNet step, the motion modules alone, or both")
     args = p.parse_args(argv)
 
     _load_pack()
@@ -69,6 +120,10 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     dtype = _pick_dtype(args.dtype, device)
+    if args.part in ("modules", "both"):
+        bench_modules(args, dtype, device)
+        if args.part == "modules":
+            return 0
     cfg = loading.load_config("stage2_unet" if args.arch == "sd15" else "tiny_stage2_unet")
     unet = loading.build_render_unet(cfg).to_empty(device=device)
     g = torch.Generator(device="cpu").manual_seed(0)
