@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ...runtime import KinemaError
@@ -103,9 +102,5 @@ def random_render_model(arch: str = "tiny", seed: int = 0, dtype="fp32", text: b
     return RenderModel(unet, vae, random_text_encoder(arch, seed) if text else None, _dtype(dtype))
 
 
-def vae_config(arch: str) -> dict:
-    return loading.load_config(_names(arch)["image_vae"])
-
-
 __all__ = ["ARCHS", "load_flow_model", "load_render_model", "random_flow_model", "random_render_model",
-           "random_text_encoder", "AutoencoderKL"]
+           "random_text_encoder"]
