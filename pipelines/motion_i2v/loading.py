@@ -1,0 +1,207 @@
+"""Reading the released Motion-I2V files and SD1.5 checkpoints into our modules.
+
+Every conversion checks missing / unexpected keys and shapes and raises ``KinemaError``
+naming the file, what was expected and what was found. Files are read with safetensors or
+``torch.load(weights_only=True)``; nothing from a model file is executed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+
+from ...runtime import KinemaError
+from .modules import MotionUNet3D
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "motion_i2v"
+
+# diffusers <= 0.13 saved the VAE mid-block attention under these names.
+_OLD_VAE_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def load_config(name: str) -> dict:
+    """A JSON config from ``configs/motion_i2v`` (``name`` without ``.json``)."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise KinemaError(f"config '{path}' is missing from the pack; reinstall it")
+    return json.loads(path.read_text())
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .bin / .ckpt / .pt / .pth file (``state_dict`` unwrapped,
+    ``module.`` prefixes stripped)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or not a weights file
+        raise KinemaError(f"{path.name}: could not be read as a weights file ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise KinemaError(f"{path.name}: expected a mapping of tensor names to tensors, found {type(sd).__name__}")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Tensor], what: str,
+               allow_missing: tuple[str, ...] = ()) -> None:
+    """Raise unless ``given`` has exactly the expected keys (up to ``allow_missing`` prefixes)
+    with the expected shapes."""
+    missing = [k for k in expected if k not in given and not k.startswith(allow_missing)]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k}: expected {tuple(expected[k])}, found {tuple(given[k].shape)}"
+              for k in given if k in expected and tuple(given[k].shape) != tuple(expected[k])]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+        raise KinemaError(f"{what}: does not match the expected layout: " + "; ".join(parts))
+
+
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Check keys/shapes against ``module`` (usually built on the meta device, so nothing is
+    allocated before the file is known to fit), then load strictly, taking over the tensors."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    check_keys(expected, sd, what)
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise KinemaError(f"{what}: left {len(left)} tensors unset (e.g. {left[0]})")
+    return module
+
+
+# --------------------------------------------------------------------------- stage 1
+
+def flow_unet_state_dict(unet_sd: dict, controlnet_sd: dict | None, unet_name: str = "unet",
+                         controlnet_name: str = "controlnet") -> dict:
+    """Merge the released ``unet/diffusion_pytorch_model.bin`` and ``controlnet/controlnet.bin``.
+
+    The ControlNet file must carry the ``controlnet.`` prefix (it is loaded into the UNet that
+    owns it). A ControlNet saved without the prefix would, in the released loader, silently
+    overwrite the UNet encoder and leave the ControlNet at zero: here its keys are prefixed.
+    """
+    if any(k.startswith("controlnet.") for k in unet_sd) and controlnet_sd is None:
+        return dict(unet_sd)  # one merged file
+    if controlnet_sd is None:
+        raise KinemaError(f"{unet_name}: holds no 'controlnet.*' keys; pick the ControlNet file too "
+                          f"(controlnet.bin from the Motion-I2V stage-1 release)")
+    bad = [k for k in unet_sd if k.startswith("controlnet.")]
+    if bad:
+        raise KinemaError(f"{unet_name}: expected the flow UNet only, found ControlNet keys (e.g. {bad[0]})")
+    if not any(k.startswith("controlnet.") for k in controlnet_sd):
+        if not any(k.startswith("controlnet_cond_embedding.") for k in controlnet_sd):
+            raise KinemaError(f"{controlnet_name}: expected 'controlnet.*' keys (or a bare ControlNet with "
+                              f"'controlnet_cond_embedding.*'), found e.g. {next(iter(controlnet_sd), 'nothing')}")
+        controlnet_sd = {f"controlnet.{k}": v for k, v in controlnet_sd.items()}
+    return {**unet_sd, **controlnet_sd}
+
+
+def flow_vae_state_dict(sd: dict) -> dict:
+    """Rename the VAE mid-block attention of older diffusers saves to the current names."""
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        if ".mid_block.attentions." in k:
+            for old, new in _OLD_VAE_ATTENTION.items():
+                nk = nk.replace(old, new)
+            if v.ndim == 4 and v.shape[-1] == 1 and ("to_" in nk):
+                v = v[:, :, 0, 0]  # 1x1 conv layout -> linear
+        out[nk] = v
+    return out
+
+
+def build_flow_unet(config: dict | str = "stage1_flow_unet", device="meta") -> MotionUNet3D:
+    cfg = load_config(config) if isinstance(config, str) else config
+    with torch.device(device):
+        return MotionUNet3D(cfg)
+
+
+def build_vae(config: dict | str, device="meta") -> AutoencoderKL:
+    cfg = load_config(config) if isinstance(config, str) else config
+    with torch.device(device):
+        return AutoencoderKL(**cfg)
+
+
+def load_flow_unet(unet_path, controlnet_path=None, config="stage1_flow_unet") -> MotionUNet3D:
+    unet_path = Path(unet_path)
+    usd = read_state_dict(unet_path)
+    csd = read_state_dict(controlnet_path) if controlnet_path else None
+    sd = flow_unet_state_dict(usd, csd, unet_path.name, Path(controlnet_path).name if controlnet_path else "")
+    model = build_flow_unet(config)
+    load_into(model, sd, f"{unet_path.name} + {Path(controlnet_path).name if controlnet_path else ''}".rstrip(" +"))
+    return model.eval().requires_grad_(False)
+
+
+def load_flow_vae(path, config="flow_vae") -> AutoencoderKL:
+    path = Path(path)
+    sd = flow_vae_state_dict(read_state_dict(path))
+    vae = build_vae(config)
+    load_into(vae, sd, path.name)
+    return vae.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- stage 2
+
+def motion_block_state_dict(sd: dict, name: str = "motion block") -> dict:
+    """The ``*.motion_modules.*`` keys of an AnimateDiff-v2 / Motion-I2V motion file."""
+    others = [k for k in sd if ".motion_modules." not in k]
+    if others:
+        raise KinemaError(f"{name}: expected only '*.motion_modules.*' keys, found e.g. {others[0]}")
+    for k, v in sd.items():
+        if k.endswith("pos_encoder.pe") and v.shape[1] != 32:
+            raise KinemaError(f"{name}: position encoding {k} has length {v.shape[1]}, expected 32 "
+                              f"(AnimateDiff v2 layout; v1 motion modules have 24 and do not fit)")
+    return dict(sd)
+
+
+def split_sd_checkpoint(sd: dict, unet_config: dict, vae_config: dict, name: str = "checkpoint"):
+    """An SD1.5 single-file checkpoint -> (unet 2D keys, vae keys, text-encoder keys) in diffusers
+    names. Accepts the original LDM layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.transformer.*``) or a diffusers-layout UNet file (``conv_in.weight`` ...)."""
+    if any(k.startswith("model.diffusion_model.") for k in sd):
+        cfg = {"layers_per_block": unet_config["layers_per_block"], "class_embed_type": None,
+               "num_class_embeds": None, "addition_embed_type": None}
+        unet = convert_ldm_unet_checkpoint(sd, cfg)
+        vae = convert_ldm_vae_checkpoint(sd, vae_config) if any(k.startswith("first_stage_model.") for k in sd) else {}
+        text = convert_ldm_clip_checkpoint(sd) if any(k.startswith("cond_stage_model.transformer.") for k in sd) else {}
+        vae = {k: (v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k and "to_" in k else v) for k, v in vae.items()}
+        return unet, vae, text
+    if "conv_in.weight" in sd:
+        return {k: v for k, v in sd.items() if ".motion_modules." not in k}, {}, {}
+    raise KinemaError(f"{name}: not an SD1.5 checkpoint (no 'model.diffusion_model.*' and no 'conv_in.weight' keys)")
+
+
+def build_render_unet(config="stage2_unet", device="meta") -> MotionUNet3D:
+    cfg = load_config(config) if isinstance(config, str) else config
+    with torch.device(device):
+        return MotionUNet3D(cfg)
+
+
+def load_render_unet(unet_sd: dict, motion_sds: list[tuple[str, dict]], config="stage2_unet",
+                     unet_name: str = "checkpoint") -> MotionUNet3D:
+    """Stage-2 UNet from SD 2D weights plus motion files applied in order (later ones override).
+    Together they must cover every key."""
+    model = build_render_unet(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys({k: s for k, s in expected.items() if ".motion_modules." not in k}, unet_sd, unet_name)
+    motion: dict = {}
+    for name, sd in motion_sds:
+        sd = motion_block_state_dict(sd, name)
+        check_keys({k: s for k, s in expected.items() if ".motion_modules." in k}, sd, name,
+                   allow_missing=("down_blocks", "mid_block", "up_blocks"))
+        motion.update(sd)
+    names = " + ".join(n for n, _ in motion_sds) or "motion block"
+    check_keys({k: s for k, s in expected.items() if ".motion_modules." in k}, motion, names)
+    load_into(model, {**unet_sd, **motion}, f"{unet_name} + {names}")
+    return model.eval().requires_grad_(False)
