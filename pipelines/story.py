@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
@@ -517,3 +518,155 @@ def decode(models: StoryModels, latents: torch.Tensor) -> torch.Tensor:
             img = vae.decode(z.to(vdtype)).sample
         out.append(((img.float() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).cpu())
     return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- native ComfyUI route
+
+class NativeConsistentAttention:
+    """An ``attn1`` replacement patch for ComfyUI's UNet (``set_model_attn1_replace``).
+
+    ComfyUI calls ``patch(q, k, v, extra_options)`` with projected (B, N, heads*dim)
+    tensors; the whole story is one latent batch (one row per panel, per CFG chunk in
+    ``extra_options["cond_or_uncond"]``), so references and later panels attend within the
+    batch. The run state (step, sampled tokens) lives in this object and starts afresh
+    whenever the sampling schedule or the latent shape changes (a new batch).
+    """
+
+    def __init__(self, layout: StoryLayout, *, sa32: float = 0.5, sa64: float = 0.5, seed: int = 0,
+                 schedule: str = "lowvram", window: int = 4):
+        self.layout = layout
+        self.kwargs = dict(sa32=sa32, sa64=sa64, seed=seed, schedule=schedule, window=window)
+        ConsistentSelfAttention(layout, **self.kwargs)  # validate now
+        self.state: Optional[ConsistentSelfAttention] = None
+        self._run = None
+        self._last_sigma = None
+
+    def to(self, device):
+        return self
+
+    def _step(self, extra_options) -> int:
+        sigmas = extra_options.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) else float(sigmas or 0.0)
+        schedule = extra_options.get("sample_sigmas")
+        if isinstance(schedule, torch.Tensor) and schedule.numel() > 1:
+            return int((schedule[:-1].float().cpu() > sigma * (1 + 1e-5) + 1e-8).sum())
+        # no schedule given: count sigma changes
+        if self._last_sigma is None:
+            self.state.set_step(0)
+        elif sigma != self._last_sigma:
+            self.state.set_step(self.state.step + 1)
+        self._last_sigma = sigma
+        return self.state.step
+
+    def __call__(self, q, k, v, extra_options):
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        groups = len(chunks)
+        n_panels = self.layout.n_panels
+        if q.shape[0] != groups * n_panels:
+            raise ValueError(f"latent batch: {q.shape[0] // max(groups, 1)} images but the story has {n_panels} "
+                             f"panels; set the latent batch size to {n_panels}")
+        shape = tuple(extra_options.get("original_shape") or ())
+        schedule = extra_options.get("sample_sigmas")
+        run = (shape, tuple(schedule.flatten().tolist()) if isinstance(schedule, torch.Tensor) else None)
+        if self.state is None or run != self._run:
+            self.state = ConsistentSelfAttention(self.layout, **self.kwargs)
+            self._run, self._last_sigma = run, None
+            if len(shape) >= 4:
+                self.state.latent_hw = (int(shape[-2]), int(shape[-1]))
+        self.state.set_step(self._step(extra_options))
+        block = extra_options.get("block") or ("output", 0)
+        layer = (block[0], block[1], extra_options.get("block_index", 0))
+        return self.state.attend(q, k, v, int(extra_options["n_heads"]), layer, range(n_panels), groups)
+
+
+def patch_comfy_model(model, patch: NativeConsistentAttention):
+    """A clone of a ComfyUI MODEL whose UNet output-block self-attentions run ``patch``."""
+    clone = model.clone()
+    unet = getattr(getattr(clone, "model", None), "diffusion_model", None)
+    blocks = getattr(unet, "output_blocks", None)
+    if blocks is None:
+        raise ValueError("model: it has no UNet output blocks; consistent attention needs an SD1.5 / SDXL-family "
+                         "UNet model")
+    count = 0
+    for i, block in enumerate(blocks):
+        for layer in block:
+            tbs = getattr(layer, "transformer_blocks", None)
+            if tbs is None:
+                continue
+            for t in range(len(tbs)):
+                clone.set_model_attn1_replace(patch, "output", i, t)
+                count += 1
+    if count == 0:
+        raise ValueError("model: its UNet output blocks have no self-attention to patch")
+    return clone
+
+
+# ----------------------------------------------------------------------------- comic pages
+
+def comic_pages(images: torch.Tensor, captions: list, columns: int = 2, rows: int = 2, gap: int = 16,
+                caption_height: int = 48, font_size: int = 20, background: float = 1.0) -> torch.Tensor:
+    """Lay panels out on pages in a grid with each caption under its panel.
+
+    images: (P, H, W, 3) float 0-1; captions: up to P strings (missing ones are blank).
+    Returns (pages, page_H, page_W, 3) float 0-1 with ``columns x rows`` panels a page.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected (P, H, W, 3), got {tuple(images.shape)}")
+    if columns < 1 or rows < 1:
+        raise ValueError(f"columns/rows: {columns}x{rows} must be at least 1x1")
+    n, h, w, _ = images.shape
+    per_page = columns * rows
+    cap_h = caption_height if any((c or "").strip() for c in captions) else 0
+    cell_w, cell_h = w, h + cap_h
+    page_w = columns * cell_w + (columns + 1) * gap
+    n_pages = (n + per_page - 1) // per_page
+    used_rows = [min(rows, (min(n - pg * per_page, per_page) + columns - 1) // columns) for pg in range(n_pages)]
+    page_h = max(used_rows) * cell_h + (max(used_rows) + 1) * gap
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # older Pillow
+        font = ImageFont.load_default()
+    shade = int(round(max(0.0, min(1.0, background)) * 255))
+    ink = (0, 0, 0) if shade > 127 else (255, 255, 255)
+    pages = []
+    for pg in range(n_pages):
+        page = Image.new("RGB", (page_w, page_h), (shade, shade, shade))
+        draw = ImageDraw.Draw(page)
+        for slot in range(per_page):
+            idx = pg * per_page + slot
+            if idx >= n:
+                break
+            r, c = divmod(slot, columns)
+            x0 = gap + c * (cell_w + gap)
+            y0 = gap + r * (cell_h + gap)
+            arr = (images[idx].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            page.paste(Image.fromarray(arr), (x0, y0))
+            text = (captions[idx] if idx < len(captions) else "") or ""
+            if cap_h and text.strip():
+                lines = _wrap(draw, text.strip(), font, w - 8)
+                line_h = font_size + 4
+                max_lines = max(1, (cap_h - 4) // line_h)
+                if len(lines) > max_lines:
+                    lines = lines[:max_lines]
+                    lines[-1] = lines[-1].rstrip(". ") + "..."
+                for li, line in enumerate(lines):
+                    tw = draw.textlength(line, font=font)
+                    draw.text((x0 + (w - tw) / 2, y0 + h + 2 + li * line_h), line, fill=ink, font=font)
+        pages.append(torch.from_numpy(np.asarray(page, dtype=np.float32) / 255.0))
+    return torch.stack(pages)
+
+
+def _wrap(draw, text: str, font, width: int) -> list:
+    words, lines, cur = text.split(), [], ""
+    for word in words:
+        trial = f"{cur} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = word
+    if cur:
+        lines.append(cur)
+    return lines
