@@ -278,6 +278,16 @@ def _assign(module: torch.nn.Module, sd: dict, what: str, name: str) -> None:
                     raise KinemaError(f"{name}: {what} buffer '{bname}' was not in the checkpoint")
 
 
+def _text_layout(sd: dict, module: torch.nn.Module) -> dict:
+    """Converted CLIP keys carry a ``text_model.`` prefix; some transformers versions build
+    ``CLIPTextModel`` without that wrapper. Follow the module's own layout."""
+    own = module.state_dict()
+    wrapped = any(k.startswith("text_model.") for k in own)
+    if wrapped:
+        return sd
+    return {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
+
+
 def convert_checkpoint(sd: dict, models: StoryModels, name: str = "checkpoint") -> None:
     """Map original LDM/SGM keys to the diffusers components (diffusers' own converters)
     and load them strictly. Every checkpoint key must be used or be a known unused key."""
@@ -295,7 +305,24 @@ def convert_checkpoint(sd: dict, models: StoryModels, name: str = "checkpoint") 
         te_sd = convert_ldm_clip_checkpoint(sd)
         te2_sd = convert_open_clip_checkpoint(models.text_encoder_2, sd, prefix="conditioner.embedders.1.model.")
         te_prefix = ("conditioner.embedders.",)
-    te_sd = {k: v for k, v in te_sd.items() if not k.endswith("position_ids")}
+    te_sd = _text_layout({k: v for k, v in te_sd.items() if not k.endswith("position_ids")}, models.text_encoder)
+    if te2_sd is not None:
+        te2_sd = _text_layout(te2_sd, models.text_encoder_2)
+    # diffusers' UNet / VAE converters map keys one to one and drop what they do not know:
+    # a count mismatch means the checkpoint has keys that would be silently ignored
+    for what, prefix, converted in (("UNet", "model.diffusion_model.", unet_sd), ("VAE", "first_stage_model.", vae_sd)):
+        source = [k for k in sd if k.startswith(prefix)]
+        if len(source) != len(converted):
+            raise KinemaError(f"{name}: the {what} weights do not match the expected layout: {len(source)} "
+                              f"'{prefix}*' keys, of which only {len(converted)} map to the diffusers {what}")
+    if te2_sd is not None:
+        known2 = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                  "text_projection", "logit_scale", "attn_mask"}
+        odd = sorted(k for k in sd if k.startswith("conditioner.embedders.1.model.")
+                     and not k[len("conditioner.embedders.1.model."):].startswith("transformer.resblocks.")
+                     and k[len("conditioner.embedders.1.model."):] not in known2)
+        if odd:
+            raise KinemaError(f"{name}: unknown second text encoder keys (e.g. {odd[:3]})")
     used_prefixes = ("model.diffusion_model.", "first_stage_model.") + te_prefix
     stray = sorted(k for k in sd if not k.startswith(used_prefixes) and not _IGNORED.match(k))
     if stray:
@@ -307,14 +334,16 @@ def convert_checkpoint(sd: dict, models: StoryModels, name: str = "checkpoint") 
         _assign(models.text_encoder_2, te2_sd, "second text encoder", name)
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype = torch.float16, device=None) -> StoryModels:
-    """Build diffusers models from an SD1.5 / SDXL single-file checkpoint."""
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float16, device=None,
+                    configs: Optional[dict] = None) -> StoryModels:
+    """Build diffusers models from an SD1.5 / SDXL single-file checkpoint (configs: part ->
+    config dict overriding the shipped ones, for tests)."""
     path = Path(path)
     if not path.is_file():
         raise KinemaError(f"checkpoint {path}: file not found")
     sd = read_state_dict(path)
     arch = detect_arch(sd, path.name)
-    models = build_models(arch)
+    models = build_models(arch, configs=configs)
     convert_checkpoint(sd, models, path.name)
     del sd
     models.name = path.name

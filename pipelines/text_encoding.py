@@ -25,12 +25,14 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 
 
 def bpe_path() -> Path:
-    """Path of the BPE merges file inside the installed ``open_clip`` package."""
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - dependency of the pack
-        raise KinemaError("the CLIP tokenizer needs the 'open_clip_torch' package (pip install open_clip_torch)") from exc
-    path = Path(open_clip.__file__).resolve().parent / BPE_FILE
+    """Path of the BPE merges file inside the installed ``open_clip`` package (found
+    without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise KinemaError("the CLIP tokenizer needs the 'open_clip_torch' package (pip install open_clip_torch)")
+    path = Path(list(spec.submodule_search_locations)[0]) / BPE_FILE
     if not path.is_file():
         raise KinemaError(f"CLIP vocabulary {path} not found: expected it inside the open_clip package; "
                           f"reinstall open_clip_torch")
