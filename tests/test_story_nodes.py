@@ -206,3 +206,30 @@ def test_story_batch_node(monkeypatch):
     assert captions.splitlines()[-1] == "zzz" and len(captions.splitlines()) == 4
     with pytest.raises(ValueError, match="story: it is empty"):
         node.generate(models, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True)
+
+
+class _Clip:
+    """ComfyUI's CLIP object interface: tokenize() and encode_from_tokens(); prompts longer
+    than six words take two 77-token chunks."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        chunks = 2 if len(tokens.split()) > 6 else 1
+        seed = sum(map(ord, tokens)) % 1000
+        cond = torch.randn(1, 77 * chunks, 8, generator=torch.Generator().manual_seed(seed))
+        return cond, torch.full((1, 4), float(len(tokens)))
+
+
+def test_story_conditioning_batches_panels():
+    story = STORY + "\n[A] the knight rides through a very long and winding valley at dawn"
+    pos, neg, count, captions = ns.KinemaStoryConditioning().encode(_Clip(), story, "", 2, "{prompt}", "ugly")
+    assert count == 5 and len(captions.splitlines()) == 5
+    cond, meta = pos[0]
+    assert cond.shape == (5, 154, 8) and meta["pooled_output"].shape == (5, 4)
+    clip = _Clip()
+    first, _ = clip.encode_from_tokens(clip.tokenize("a knight in red armour"))
+    blank, _ = clip.encode_from_tokens(clip.tokenize(""))
+    assert torch.equal(cond[0, :77], first[0]) and torch.equal(cond[0, 77:], blank[0])
+    assert neg[0][0].shape == (1, 77, 8)
