@@ -5,7 +5,7 @@ One layer call at real SDXL up-block token counts (64x64 level: 4096 tokens, 640
 ``id_length`` reference panels, every other panel reading them, sampling rate 0.5, one CFG
 group. Each case runs in a fresh subprocess; peak memory is the subprocess's peak resident
 set size minus the same process's peak right before the attention call (inputs included
-in the baseline). Untiled cases whose block mask and scores would exceed ``--max-gb`` are
+in the baseline; the (P, N, D) output, column "out MB", is part of both peaks). Untiled cases whose block mask and scores would exceed ``--max-gb`` are
 skipped and reported with the estimate.
 
     python bench/bench_consistent_attention.py [--panels 4 8 16] [--heads-frac 1.0] [--window 2]
@@ -57,7 +57,7 @@ def _case(args) -> dict:
     else:
         mod.consistent_attention_dense(q, k, v, heads, sources, masks)
     dt = time.perf_counter() - t0
-    return {"time_s": dt, "peak_mb": _peak_mb() - base, "heads": heads}
+    return {"time_s": dt, "peak_mb": _peak_mb() - base, "heads": heads, "out_mb": q.numel() * 4 / 2 ** 20}
 
 
 def main() -> None:
@@ -85,8 +85,8 @@ def main() -> None:
         for p in args.panels:
             res = {}
             for impl in ("tiled", "untiled"):
-                # untiled: bool mask (P*N)^2 + float scores per head (P*N)^2
-                est_gb = (p * n) ** 2 * (1 + 4 * heads) / 1e9
+                # untiled: the (P*N)^2 bool block mask, plus kernel workspace
+                est_gb = 1.5 * (p * n) ** 2 / 1e9
                 if impl == "untiled" and est_gb > args.max_gb:
                     res[impl] = None
                     res["est_gb"] = est_gb
@@ -107,7 +107,7 @@ def main() -> None:
 def _print_row(level, heads, p, res):
     if not hasattr(_print_row, "header"):
         _print_row.header = True
-        print(f"{'level':6} {'heads':>5} {'panels':>6} | {'tiled s':>8} {'tiled MB':>9} | "
+        print(f"{'level':6} {'heads':>5} {'panels':>6} {'out MB':>6} | {'tiled s':>8} {'tiled MB':>9} | "
               f"{'untiled s':>9} {'untiled MB':>10} | {'time x':>7} {'mem x':>7}")
     t, u = res.get("tiled"), res.get("untiled")
     ts = f"{t['time_s']:8.2f} {t['peak_mb']:9.0f}" if t else f"{'-':>8} {'-':>9}"
@@ -117,7 +117,8 @@ def _print_row(level, heads, p, res):
     else:
         note = f"skip ~{res['est_gb']:.0f} GB" if "est_gb" in res else "failed"
         us, ratio = f"{note:>20}", ""
-    print(f"{level:6} {heads:5d} {p:6d} | {ts} | {us} | {ratio}", flush=True)
+    out_mb = (t or u or {}).get("out_mb", 0.0)
+    print(f"{level:6} {heads:5d} {p:6d} {out_mb:6.0f} | {ts} | {us} | {ratio}", flush=True)
 
 
 if __name__ == "__main__":
