@@ -200,9 +200,9 @@ def test_story_batch_node(monkeypatch):
     models = tiny_models("sd15")
     monkeypatch.setenv("KINEMA_DEVICE", "cpu")
     node = ns.KinemaStoryBatch()
-    images, captions = node.generate(models, STORY + " #zzz", "", 2, "{prompt}, comic", "", 32, 32, 1, 5.0, 3,
+    images, captions = node.generate(models, STORY + " #zzz", "", 2, "{prompt}, comic", "", 16, 16, 1, 5.0, 3,
                                      0.5, 0.5, 2, True)
-    assert images.shape == (4, 32, 32, 3)
+    assert images.shape == (4, 16, 16, 3)
     assert captions.splitlines()[-1] == "zzz" and len(captions.splitlines()) == 4
     with pytest.raises(ValueError, match="story: it is empty"):
         node.generate(models, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True)

@@ -87,13 +87,13 @@ def test_story_workflow_runs_headless(name, arch, monkeypatch):
     wf = load(name)
     saved = []
     replace = {"models": lambda: (tiny_models(arch),), "SaveImage": lambda images: saved.append(images) or ()}
-    small = {"KinemaStoryBatch": {"width": 32, "height": 32, "steps": 1}}
+    small = {"KinemaStoryBatch": {"width": 16, "height": 16, "steps": 1}}
     run_headless(wf, small, replace)
     story = next(n for n in wf["nodes"] if n["type"] == "KinemaStoryBatch")["widgets_values"][0]
     n_panels = len([line for line in story.splitlines() if line.strip()])
     (images,) = saved
     if name == "story_panels_sd15":
-        assert images.shape == (n_panels, 32, 32, 3)
+        assert images.shape == (n_panels, 16, 16, 3)
     else:  # 6 panels, 3 x 2 on one page with captions under them
         assert images.shape[0] == 1 and images.shape[-1] == 3
-        assert images.shape[2] == 3 * 32 + 4 * 16
+        assert images.shape[2] == 3 * 16 + 4 * 16
