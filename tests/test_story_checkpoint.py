@@ -1,0 +1,156 @@
+"""Single-file checkpoints: a tiny SD1.5 / SDXL model saved in the original LDM / SGM key
+layout loads back through the loader (diffusers' converters, strict key checks) with the
+same weights; the CLIP tokenizer gives CLIP's ids."""
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kinema.pipelines import story as sp
+from kinema.pipelines.text_encoding import clip_tokenizer
+from kinema.runtime import KinemaError
+from test_story_pipeline import TINY, tiny_models
+
+_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+           ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+
+
+def unet_to_ldm(sd, cfg):
+    """diffusers UNet keys -> 'model.diffusion_model.*' keys of the original layout."""
+    n = cfg["layers_per_block"]
+    levels = len(cfg["block_out_channels"])
+    prefix = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+              "mid_block.resnets.1": "middle_block.2"}
+    for i in range(levels):
+        for j in range(n):
+            prefix[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{(n + 1) * i + j + 1}.0"
+            prefix[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{(n + 1) * i + j + 1}.1"
+        prefix[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(n + 1) * (i + 1)}.0.op"
+        has_attn = cfg["up_block_types"][i].startswith("CrossAttn")
+        for j in range(n + 1):
+            prefix[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(n + 1) * i + j}.0"
+            prefix[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(n + 1) * i + j}.1"
+        prefix[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{(n + 1) * i + n}.{2 if has_attn else 1}.conv"
+    out = {}
+    for key, value in sd.items():
+        best = max((p for p in prefix if key.startswith(p + ".")), key=len)
+        rest = key[len(best):]
+        if ".resnets." in best or best.startswith("mid_block.resnets"):
+            for ldm, dif in _RESNET:
+                rest = rest.replace("." + dif + ".", "." + ldm + ".")
+        out["model.diffusion_model." + prefix[best] + rest] = value
+    return out
+
+
+def vae_to_ldm(sd, cfg):
+    levels = len(cfg["block_out_channels"])
+    out = {}
+    for key, value in sd.items():
+        k = key
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+                   lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                   lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample", k)
+        k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        k = k.replace("mid_block.attentions.0", "mid.attn_1").replace("conv_norm_out", "norm_out")
+        k = k.replace("conv_shortcut", "nin_shortcut")
+        if "mid.attn_1" in k:
+            k = (k.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
+                 .replace("to_out.0", "proj_out"))
+            if k.endswith("weight") and value.dim() == 2:
+                value = value[:, :, None, None]
+        out["first_stage_model." + k] = value
+    return out
+
+
+def open_clip_to_ldm(sd, prefix="conditioner.embedders.1.model."):
+    out = {prefix + "logit_scale": torch.tensor(4.6)}
+    layers = {}
+    for key, value in sd.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
+        if m:
+            i, rest = m.groups()
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                layers.setdefault((i, rest.split(".")[-1]), {})[rest.split(".")[1]] = value
+                continue
+            rest = (rest.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
+                    .replace("self_attn.out_proj", "attn.out_proj").replace("mlp.fc1", "mlp.c_fc")
+                    .replace("mlp.fc2", "mlp.c_proj"))
+            out[f"{prefix}transformer.resblocks.{i}.{rest}"] = value
+            continue
+        name = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                "text_model.final_layer_norm.weight": "ln_final.weight",
+                "text_model.final_layer_norm.bias": "ln_final.bias"}.get(key)
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        else:
+            assert name is not None, key
+            out[prefix + name] = value
+    for (i, kind), parts in layers.items():
+        suffix = "in_proj_weight" if kind == "weight" else "in_proj_bias"
+        out[f"{prefix}transformer.resblocks.{i}.attn.{suffix}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
+def to_single_file(models, arch):
+    cfg = TINY[arch]
+    sd = {}
+    sd.update(unet_to_ldm(models.unet.state_dict(), dict(models.unet.config)))
+    sd.update(vae_to_ldm(models.vae.state_dict(), cfg["vae"]))
+    te = {(k if k.startswith("text_model.") else "text_model." + k): v
+          for k, v in models.text_encoder.state_dict().items()}
+    pre = "cond_stage_model.transformer." if arch == "sd15" else "conditioner.embedders.0.transformer."
+    sd.update({pre + k: v for k, v in te.items()})
+    if arch == "sdxl":
+        sd.update(open_clip_to_ldm(models.text_encoder_2.state_dict()))
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_single_file_round_trip(arch, tmp_path):
+    models = tiny_models(arch)
+    path = tmp_path / f"tiny_{arch}.safetensors"
+    save_file(to_single_file(models, arch), str(path))
+    loaded = sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+    assert loaded.arch == arch
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(models, part), getattr(loaded, part)
+        if a is None:
+            assert b is None
+            continue
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb), part
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (part, k)
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
+    assert torch.equal(models.text_encoder(ids).last_hidden_state, loaded.text_encoder(ids).last_hidden_state)
+    # a checkpoint with a stray or missing key is refused with the key named
+    sd = to_single_file(models, arch)
+    sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="UNet weights do not match"):
+        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+    sd.pop("model.diffusion_model.extra.weight")
+    sd.pop(next(k for k in sd if k.startswith("first_stage_model.decoder")))
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="VAE weights do not match.*1 missing"):
+        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+
+
+def test_clip_tokenizer_ids():
+    tok = clip_tokenizer()
+    ids = tok(["a photo of a cat, highly detailed"], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    # the ids of CLIP's own tokenizer for this text
+    assert ids[0, :11].tolist() == [49406, 320, 1125, 539, 320, 2368, 267, 5302, 12609, 49407, 49407]
+    assert ids.shape == (1, 77)
+    pad0 = clip_tokenizer(pad="!")(["a cat"], padding="max_length", max_length=6, return_tensors="pt").input_ids
+    assert pad0[0].tolist() == [49406, 320, 2368, 49407, 0, 0]
+    assert len(tok.get_vocab()) == 49408

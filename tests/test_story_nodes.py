@@ -1,0 +1,235 @@
+"""Story nodes: comic layout, the native-sampler patch (ComfyUI's attn1-replace contract,
+and a real ComfyUI when COMFYUI_DIR is set), the story batch node."""
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kinema.kernels.consistent_attention import ConsistentSelfAttention, attention
+from kinema.nodes import story as ns
+from kinema.pipelines import story as sp
+
+STORY = "[A] a knight in red armour\n[A] the knight on a horse\n[NC] a castle\n[A] the knight sleeping"
+
+
+def test_node_declarations():
+    for cls in ns.NODE_CLASS_MAPPINGS.values():
+        spec = cls.INPUT_TYPES()
+        for name, (kind, *opts) in spec["required"].items():
+            assert opts and opts[0].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+        assert cls.CATEGORY == "Kinema/story" and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
+    assert set(ns.NODE_DISPLAY_NAME_MAPPINGS) == set(ns.NODE_CLASS_MAPPINGS)
+
+
+# ----------------------------------------------------------------------------- comic layout
+
+def test_comic_layout_pages():
+    panels = torch.zeros(5, 40, 30, 3)
+    for i in range(5):
+        panels[i, ..., i % 3] = 1.0
+    node = ns.KinemaComicLayout()
+    (pages,) = node.layout(panels, "one\ntwo\nthree\nfour\nfive", 2, 2, 4, 20, 10, 1.0)
+    assert pages.shape == (2, 2 * 60 + 3 * 4, 2 * 30 + 3 * 4, 3)
+    # panel 2 (index 1) sits top right, green; panel 5 (index 4) on page 2 top left, green too
+    assert torch.equal(pages[0, 4:44, 38:68], panels[1])
+    assert torch.equal(pages[1, 4:44, 4:34], panels[4])
+    # a caption is drawn under each panel (dark pixels in its strip), nothing under missing slots
+    strip = pages[0, 44:64, 4:34]
+    assert (strip < 0.5).any()
+    assert (pages[1, 44:64, 38:68] == 1.0).all()
+    (plain,) = node.layout(panels, "", 3, 1, 0, 20, 10, 0.0)
+    assert plain.shape == (2, 40, 90, 3)  # no captions -> no strip
+
+
+def test_comic_layout_errors():
+    node = ns.KinemaComicLayout()
+    with pytest.raises(ValueError, match="panels: expected an IMAGE batch"):
+        node.layout(torch.zeros(2, 8, 8), "", 2, 2, 4, 20, 10, 1.0)
+    with pytest.raises(ValueError, match="captions: 3 lines for 2 panels"):
+        node.layout(torch.zeros(2, 8, 8, 3), "a\nb\nc", 2, 2, 4, 20, 10, 1.0)
+
+
+# ----------------------------------------------------------------------------- native patch
+
+class _Patcher:
+    """The part of ComfyUI's ModelPatcher the patch node uses: clone() and
+    set_model_attn1_replace(), over a UNet with output_blocks of transformer layers."""
+
+    def __init__(self, unet, patches=None):
+        self.model = SimpleNamespace(diffusion_model=unet)
+        self.patches = dict(patches or {})
+
+    def clone(self):
+        return _Patcher(self.model.diffusion_model, self.patches)
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        self.patches[(block_name, number, transformer_index)] = patch
+
+
+def _unet(depths):
+    blocks = []
+    for d in depths:
+        layers = [torch.nn.Identity()]
+        if d:
+            layers.append(SimpleNamespace(transformer_blocks=[None] * d))
+        blocks.append(layers)
+    return SimpleNamespace(output_blocks=blocks)
+
+
+def test_patch_registers_every_up_block_self_attention():
+    # an SDXL-shaped UNet: output blocks 0-2 with 10 transformer blocks, 3-5 with 2, 6-8 none
+    model = _Patcher(_unet([10, 10, 10, 2, 2, 2, 0, 0, 0]))
+    node = ns.KinemaConsistentAttentionPatch()
+    (patched,) = node.patch(model, STORY, "", 2, 0.5, 0.5, 3, "lowvram")
+    assert model.patches == {}  # the input model is untouched
+    assert len(patched.patches) == 36
+    assert set(k[1] for k in patched.patches) == {0, 1, 2, 3, 4, 5}
+    with pytest.raises(ValueError, match="no UNet output blocks"):
+        node.patch(SimpleNamespace(clone=lambda: SimpleNamespace(model=None)), STORY, "", 2, 0.5, 0.5, 0, "lowvram")
+
+
+def _call(patch, q, k, v, step, sample_sigmas, cond_or_uncond=(1, 0), block=("output", 4), index=1, shape=None):
+    opts = {"n_heads": 2, "dim_head": 8, "block": block, "block_index": index,
+            "cond_or_uncond": list(cond_or_uncond), "sigmas": sample_sigmas[step].repeat(q.shape[0]),
+            "sample_sigmas": sample_sigmas, "original_shape": shape or [q.shape[0], 4, 8, 8]}
+    return patch(q, k, v, opts)
+
+
+def test_patch_follows_comfy_batches():
+    layout = sp.parse_story(STORY, id_length=2).layout
+    patch = sp.NativeConsistentAttention(layout, sa32=0.5, sa64=0.5, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(8, 16, 16, generator=gen) for _ in range(3))  # [uncond x4, cond x4]
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+    got = _call(patch, q, k, v, 2, sigmas)
+    ref = ConsistentSelfAttention(layout, sa32=0.5, sa64=0.5, seed=9)
+    ref.latent_hw = (8, 8)
+    ref.set_step(2)
+    ref._layer(("output", 4, 1))
+    assert patch.state.step == 2
+    assert torch.allclose(got, ref.attend(q, k, v, 2, ("output", 4, 1), range(4), 2), atol=1e-6)
+    # the NC panel is plain attention, the others are not
+    plain = attention(q, k, v, 2)
+    assert torch.allclose(got[[2, 6]], plain[[2, 6]], atol=1e-6)
+    # cond and uncond run as separate chunks give the same rows
+    cond_only = _call(patch, q[4:], k[4:], v[4:], 2, sigmas, cond_or_uncond=(0,))
+    assert torch.allclose(cond_only, got[4:], atol=1e-6)
+    # a new run (another schedule or size) starts a fresh state; the same inputs give the same result
+    first_state = patch.state
+    _call(patch, q, k, v, 0, torch.tensor([10.0, 5.0, 0.0]))
+    assert patch.state is not first_state
+    again = _call(patch, q, k, v, 2, sigmas)
+    assert torch.allclose(again, got, atol=1e-6)
+    with pytest.raises(ValueError, match="latent batch: 3 images but the story has 4 panels"):
+        _call(patch, q[:6], k[:6], v[:6], 1, sigmas)
+
+
+def _comfy_importable():
+    root = os.environ.get("COMFYUI_DIR")
+    if not root:
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        import comfy.cli_args
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+        import comfy.model_patcher  # noqa: F401
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the ComfyUI install
+        pytest.skip(f"ComfyUI at {root} cannot be imported: {exc}")
+    return root
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
+def test_patch_in_real_comfyui():
+    _comfy_importable()
+    import comfy.model_patcher
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                     channel_mult=(1, 2), num_head_channels=16, use_spatial_transformer=True,
+                     transformer_depth=[0, 1], transformer_depth_middle=1, transformer_depth_output=[2, 2, 0, 0],
+                     context_dim=32, use_linear_in_transformer=True, operations=comfy.ops.disable_weight_init)
+    for p in unet.parameters():  # disable_weight_init leaves weights uninitialised
+        torch.nn.init.normal_(p, std=0.05)
+    unet.eval()
+    model = comfy.model_patcher.ModelPatcher(torch.nn.Module(), torch.device("cpu"), torch.device("cpu"))
+    model.model.diffusion_model = unet
+    (patched,) = ns.KinemaConsistentAttentionPatch().patch(model, STORY, "", 2, 1.0, 1.0, 0, "lowvram")
+    to = patched.model_options["transformer_options"]
+    replace = to["patches_replace"]["attn1"]
+    assert len(replace) == 4  # two output blocks with two transformer blocks each
+    seen = []
+
+    def recorder(inner):
+        def call(q, k, v, extra_options):
+            out = inner(q, k, v, extra_options)
+            plain = attention(q, k, v, extra_options["n_heads"])
+            seen.append((extra_options["block"], extra_options["block_index"], inner.state.step,
+                         (out - plain).flatten(1).abs().max(1).values))
+            return out
+        return call
+
+    opts = dict(to, patches_replace={"attn1": {key: recorder(p) for key, p in replace.items()}},
+                cond_or_uncond=[1, 0])
+    x = torch.randn(8, 4, 8, 8)
+    ctx = torch.randn(8, 77, 32)
+    sigmas = torch.tensor([10.0, 5.0, 1.0, 0.0])
+    with torch.no_grad():
+        out = unet(x, torch.full((8,), 500.0), context=ctx,
+                   transformer_options=dict(opts, sigmas=sigmas[1].repeat(8), sample_sigmas=sigmas))
+        plain = unet(x, torch.full((8,), 500.0), context=ctx, transformer_options={})
+    assert len(seen) == 4 and all(step == 1 for _, _, step, _ in seen)
+    assert {(b[0], b[1], i) for b, i, _, _ in seen} == set(replace)
+    diffs = torch.stack([d for *_, d in seen])  # (layers, rows)
+    assert diffs[:, [2, 6]].max() < 1e-5  # the [NC] panel is plain self-attention
+    assert diffs[:, [0, 1, 3, 4, 5, 7]].max() > 1e-3  # the others are not (where the gate let them)
+    assert (out - plain)[[2, 6]].abs().max() < (out - plain)[[3, 7]].abs().max()
+
+
+# ----------------------------------------------------------------------------- story batch node
+
+def test_story_batch_node(monkeypatch):
+    from test_story_pipeline import tiny_models
+    models = tiny_models("sd15")
+    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+    node = ns.KinemaStoryBatch()
+    images, captions = node.generate(models, STORY + " #zzz", "", 2, "{prompt}, comic", "", 16, 16, 1, 5.0, 3,
+                                     0.5, 0.5, 2, True)
+    assert images.shape == (4, 16, 16, 3)
+    assert captions.splitlines()[-1] == "zzz" and len(captions.splitlines()) == 4
+    with pytest.raises(ValueError, match="story: it is empty"):
+        node.generate(models, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True)
+
+
+class _Clip:
+    """ComfyUI's CLIP object interface: tokenize() and encode_from_tokens(); prompts longer
+    than six words take two 77-token chunks."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        chunks = 2 if len(tokens.split()) > 6 else 1
+        seed = sum(map(ord, tokens)) % 1000
+        cond = torch.randn(1, 77 * chunks, 8, generator=torch.Generator().manual_seed(seed))
+        return cond, torch.full((1, 4), float(len(tokens)))
+
+
+def test_story_conditioning_batches_panels():
+    story = STORY + "\n[A] the knight rides through a very long and winding valley at dawn"
+    pos, neg, count, captions = ns.KinemaStoryConditioning().encode(_Clip(), story, "", 2, "{prompt}", "ugly")
+    assert count == 5 and len(captions.splitlines()) == 5
+    cond, meta = pos[0]
+    assert cond.shape == (5, 154, 8) and meta["pooled_output"].shape == (5, 4)
+    clip = _Clip()
+    first, _ = clip.encode_from_tokens(clip.tokenize("a knight in red armour"))
+    blank, _ = clip.encode_from_tokens(clip.tokenize(""))
+    assert torch.equal(cond[0, :77], first[0]) and torch.equal(cond[0, 77:], blank[0])
+    assert neg[0][0].shape == (1, 77, 8)
