@@ -10,6 +10,15 @@ from safetensors import safe_open
 from kinema.pipelines.dynamicrafter.resampler import Resampler
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run faster on one thread on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _load(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

@@ -9,6 +9,15 @@ from safetensors import safe_open
 
 from kinema.pipelines.dynamicrafter.sampler import DDIMSampler, DiffusionSchedule, ScheduleConfig, ddim_timesteps
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run faster on one thread on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "dynamicrafter" / "variants.json"
 
 
@@ -90,3 +99,50 @@ def test_guidance_rescale_matches_definition():
     torch.testing.assert_close(o, u + 7.5 * (c - u))
     r = DDIMSampler.guide(c, u, 7.5, 1.0)
     torch.testing.assert_close(r.std(dim=(1, 2)), c.std(dim=(1, 2)))
+
+
+def _loop_setup(fixtures_dir):
+    from kinema.pipelines.dynamicrafter.unet import DynamiCrafterUNet, UNetConfig
+    t, meta = _load(fixtures_dir / "dynamicrafter" / "ddim_loop_512.safetensors")
+    unet = DynamiCrafterUNet(UNetConfig.from_dict(json.loads(meta["unet_config"]))).eval()
+    unet.load_state_dict({k[len("unet_state_dict."):]: v.float() for k, v in t.items()
+                          if k.startswith("unet_state_dict.")}, strict=True)
+    sch = DiffusionSchedule(ScheduleConfig.from_dict(json.load(open(CONFIGS))["variants"]["512"]["schedule"]))
+    ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]))
+    fs = t["input.fs"]
+
+    def model_fn(x, ts):
+        xin = torch.cat([x, t["input.c_concat"]], dim=1)
+        tt = torch.full((x.shape[0],), ts, dtype=torch.long)
+        with torch.no_grad():
+            return unet(xin, tt, t["input.context_cond"], fs), unet(xin, tt, t["input.context_uncond"], fs)
+
+    return t, meta, ddim, model_fn
+
+
+def test_ddim_loop_step_by_step(fixtures_dir):
+    t, meta, ddim, model_fn = _loop_setup(fixtures_dir)
+    cfg, rescale = float(meta["unconditional_guidance_scale"]), float(meta["guidance_rescale"])
+    torch.testing.assert_close(ddim.timesteps.flip(0), t["trace.timesteps"], atol=0, rtol=0)
+    n = len(ddim)
+    for k in range(n):          # trace index k = step k of the loop, i = n-1-k
+        i = n - 1 - k
+        x = t["trace.x"][k]
+        oc, ou = model_fn(x, int(ddim.timesteps[i]))
+        torch.testing.assert_close(oc, t["trace.model_out_cond"][k], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ou, t["trace.model_out_uncond"][k], atol=1e-4, rtol=1e-4)
+        o = ddim.guide(oc, ou, cfg, rescale)
+        x_prev, x0 = ddim.step(x, i, o, t["input.noise_per_step"][k])
+        scale = t["trace.x"][k + 1].abs().max()
+        assert (x0 - t["trace.pred_x0"][k]).abs().max() <= 1e-4 * max(1.0, t["trace.pred_x0"][k].abs().max())
+        assert (x_prev - t["trace.x"][k + 1]).abs().max() <= 1e-4 * scale, f"step {k}"
+
+
+def test_ddim_loop_end_to_end(fixtures_dir):
+    t, meta, ddim, model_fn = _loop_setup(fixtures_dir)
+    n = len(ddim)
+    out = ddim.sample(model_fn, t["input.x_T"], cfg=float(meta["unconditional_guidance_scale"]),
+                      guidance_rescale=float(meta["guidance_rescale"]),
+                      noise_fn=lambda i: t["input.noise_per_step"][n - 1 - i])
+    ref = t["output.samples"]
+    assert (out - ref).abs().max() / ref.abs().max() <= 1e-4

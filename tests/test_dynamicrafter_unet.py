@@ -10,6 +10,15 @@ from kinema.kernels.dual_attention import dual_cross_attention, multihead_attent
 from kinema.pipelines.dynamicrafter.unet import CrossAttention, DynamiCrafterUNet, UNetConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run faster on one thread on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _load(path):
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
