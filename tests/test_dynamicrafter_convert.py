@@ -151,3 +151,36 @@ def test_unreadable_files(tmp_path):
     torch.save([1, 2, 3], q)
     with pytest.raises(KinemaError, match="list.pt"):
         C.read_state_dict(q)
+
+
+def test_vae_key_mapping_round_trip(fixtures_dir):
+    man = _manifest(fixtures_dir, "1024")
+    ldm = {k[len(C.VAE):]: torch.empty(s, device="meta") for k, s in man["keys"].items() if k.startswith(C.VAE)}
+    back = C.vae_diffusers_to_ldm(C.vae_ldm_to_diffusers(ldm))
+    assert sorted(back) == sorted(ldm)
+    assert all(back[k].shape == ldm[k].shape for k in ldm)
+    assert C.vae_config(ldm)["block_out_channels"] == [128, 256, 512, 512]
+
+
+@pytest.mark.parametrize("variant", ["256", "512", "1024"])
+def test_tiny_checkpoints_load_and_detect(tmp_path, variant):
+    from safetensors.torch import save_file
+    sd = C.tiny_checkpoint(variant)
+    p = tmp_path / "renamed_to_confuse_1024.safetensors"
+    save_file(sd, str(p))
+    model = C.load_dynamicrafter(p)
+    assert model.variant == variant
+    assert model.temporal_length == 4
+    # weights arrive unchanged
+    torch.testing.assert_close(model.unet.input_blocks[0][0].weight,
+                               sd["model.diffusion_model.input_blocks.0.0.weight"])
+    vae_w = model.vae.decoder.mid_block.attentions[0].to_q.weight
+    torch.testing.assert_close(vae_w, sd["first_stage_model.decoder.mid.attn_1.q.weight"][:, :, 0, 0])
+
+
+def test_sd15_file_error(tmp_path):
+    from safetensors.torch import save_file
+    p = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    save_file({k: torch.zeros(s) for k, s in SD15_KEYS.items()}, str(p))
+    with pytest.raises(KinemaError, match="v1-5-pruned-emaonly.safetensors.*Stable Diffusion 1.x"):
+        C.load_dynamicrafter(p)
