@@ -192,7 +192,13 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     device = device or runtime.device()
     settings = model.settings()
     height, width = _check_size(model, opts.height, opts.width)
-    fs_value = int(opts.fs) if opts.fs is not None and int(opts.fs) > 0 else int(settings["defaults"]["fs"])
+    if opts.fs is not None and int(opts.fs) > 0:
+        fs_value = int(opts.fs)
+    elif len(keyframes) == 2:   # the official interpolation script conditions on fs 5
+        from .convert import variants
+        fs_value = int(variants()["variants"]["512_interp"]["defaults"]["fs"])
+    else:
+        fs_value = int(settings["defaults"]["fs"])
     frames = int(opts.frames)
     gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
     imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
