@@ -101,13 +101,25 @@ def test_guidance_rescale_matches_definition():
     torch.testing.assert_close(r.std(dim=(1, 2)), c.std(dim=(1, 2)))
 
 
+def _loop_schedule(meta):
+    """The schedule named by a loop fixture's metadata (its config file and sampler flags)."""
+    import re
+    name = re.search(r"inference_(\d+)_", meta["config_schedule"]).group(1)
+    d = dict(json.load(open(CONFIGS))["variants"][name]["schedule"])
+    d["parameterization"] = meta.get("parameterization", d["parameterization"])
+    d["spacing"] = meta.get("timestep_spacing", d["spacing"])
+    if meta.get("use_dynamic_rescale") == "False":
+        d["base_scale"] = None
+    return ScheduleConfig.from_dict(d)
+
+
 def _loop_setup(fixtures_dir):
     from kinema.pipelines.dynamicrafter.unet import DynamiCrafterUNet, UNetConfig
     t, meta = _load(fixtures_dir / "dynamicrafter" / "ddim_loop_512.safetensors")
     unet = DynamiCrafterUNet(UNetConfig.from_dict(json.loads(meta["unet_config"]))).eval()
     unet.load_state_dict({k[len("unet_state_dict."):]: v.float() for k, v in t.items()
                           if k.startswith("unet_state_dict.")}, strict=True)
-    sch = DiffusionSchedule(ScheduleConfig.from_dict(json.load(open(CONFIGS))["variants"]["512"]["schedule"]))
+    sch = DiffusionSchedule(_loop_schedule(meta))
     ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]))
     fs = t["input.fs"]
 
@@ -122,7 +134,7 @@ def _loop_setup(fixtures_dir):
 
 def test_ddim_loop_step_by_step(fixtures_dir):
     t, meta, ddim, model_fn = _loop_setup(fixtures_dir)
-    cfg, rescale = float(meta["unconditional_guidance_scale"]), float(meta["guidance_rescale"])
+    cfg, rescale = float(meta["unconditional_guidance_scale"]), float(meta.get("guidance_rescale", 0.0))
     torch.testing.assert_close(ddim.timesteps.flip(0), t["trace.timesteps"], atol=0, rtol=0)
     n = len(ddim)
     for k in range(n):          # trace index k = step k of the loop, i = n-1-k
@@ -142,7 +154,7 @@ def test_ddim_loop_end_to_end(fixtures_dir):
     t, meta, ddim, model_fn = _loop_setup(fixtures_dir)
     n = len(ddim)
     out = ddim.sample(model_fn, t["input.x_T"], cfg=float(meta["unconditional_guidance_scale"]),
-                      guidance_rescale=float(meta["guidance_rescale"]),
+                      guidance_rescale=float(meta.get("guidance_rescale", 0.0)),
                       noise_fn=lambda i: t["input.noise_per_step"][n - 1 - i])
     ref = t["output.samples"]
     assert (out - ref).abs().max() / ref.abs().max() <= 1e-4

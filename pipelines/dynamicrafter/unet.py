@@ -30,6 +30,7 @@ class UNetConfig:
     num_res_blocks: int = 2
     channel_mult: list = field(default_factory=lambda: [1, 2, 4, 4])
     num_head_channels: int = 64
+    num_heads: int = -1              # used when num_head_channels is -1
     transformer_depth: int = 1
     context_dim: int = 1024
     use_linear: bool = True
@@ -51,7 +52,7 @@ class UNetConfig:
         names = {f.name for f in fields(cls)}
         unsupported = {"use_relative_position": False, "use_causal_attention": False, "use_checkpoint": None,
                        "dropout": None, "use_fp16": None, "conv_resample": True, "dims": 2,
-                       "tempspatial_aware": False, "fs_condition": None}
+                       "tempspatial_aware": False, "temporal_selfatt_only": True}
         for k, ok in unsupported.items():
             if k in d and ok is not None and bool(d[k]) != ok:
                 raise ValueError(f"unet config: {k}={d[k]} is not supported (the released models use {ok})")
@@ -318,19 +319,23 @@ class DynamiCrafterUNet(nn.Module):
         if cfg.fs_condition:
             self.fps_embedding = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
+        def split_heads(ch):
+            if cfg.num_head_channels > 0:
+                return ch // cfg.num_head_channels, cfg.num_head_channels
+            return cfg.num_heads, ch // cfg.num_heads
+
         def attn_layers(ch):
-            heads = ch // cfg.num_head_channels
-            layers = [SpatialTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth, cfg.context_dim,
+            heads, dim_head = split_heads(ch)
+            layers = [SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
                                          cfg.use_linear, cfg.image_cross_attention,
                                          cfg.image_cross_attention_scale_learnable, cfg.text_context_len)]
             if cfg.temporal_attention:
-                layers.append(TemporalTransformer(ch, heads, cfg.num_head_channels, cfg.transformer_depth,
-                                                  cfg.use_linear))
+                layers.append(TemporalTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.use_linear))
             return layers
 
         self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         if cfg.addition_attention:
-            self.init_attn = Block([TemporalTransformer(mc, cfg.init_attn_heads, cfg.num_head_channels,
+            self.init_attn = Block([TemporalTransformer(mc, cfg.init_attn_heads, split_heads(mc)[1],
                                                         cfg.transformer_depth, use_linear=False)])
         chans = [mc]
         ch, ds = mc, 1
