@@ -184,3 +184,27 @@ def test_sd15_file_error(tmp_path):
     save_file({k: torch.zeros(s) for k, s in SD15_KEYS.items()}, str(p))
     with pytest.raises(KinemaError, match="v1-5-pruned-emaonly.safetensors.*Stable Diffusion 1.x"):
         C.load_dynamicrafter(p)
+
+
+@pytest.mark.parametrize("variant, dtype", [("512", torch.float16), ("256", torch.bfloat16)])
+def test_pruned_half_precision_copy(tmp_path, variant, dtype):
+    """Pruned copies: half-precision tensors, no schedule buffers, no unused encoder pieces."""
+    from safetensors.torch import save_file
+    sd = C.tiny_checkpoint(variant)
+    unused = C._unused_patterns(sd)
+    # keep the text tower's last block: only the full-size ViT-H tower tells a dropped one apart
+    pruned = {k: v.to(dtype) for k, v in sd.items()
+              if not any(p.match(k) for p in unused) or ".transformer.resblocks." in k}
+    assert len(pruned) < len(sd)
+    p = tmp_path / "pruned.safetensors"
+    save_file(pruned, str(p))
+    model = C.load_dynamicrafter(p, dtype=dtype)
+    assert model.variant == variant and model.unet.dtype == dtype
+    assert len(model.text_encoder.transformer.resblocks) == 1
+
+
+def test_vit_h_text_tower_without_its_last_block(fixtures_dir):
+    sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
+    sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.model.transformer.resblocks.23.")}
+    model = C.convert(sd, "pruned_text.safetensors")
+    assert len(model.text_encoder.transformer.resblocks) == 23

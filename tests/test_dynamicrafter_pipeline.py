@@ -155,3 +155,43 @@ def test_bad_inputs():
         P.interpolate(model, _image(), _image(1), _opts(frames=2), device=CPU)
     with pytest.raises(ValueError, match="eta"):
         P.animate(model, _image(), _opts(eta=3.0), device=CPU)
+
+
+def test_interp_variant_defaults_and_forced_variant():
+    model = C.convert(C.tiny_checkpoint("512"), "tiny_interp", variant="512_interp")
+    assert model.variant == "512_interp" and model.settings()["defaults"]["fs"] == 5
+    calls, undo = _record_unet(model)
+    try:
+        P.animate(model, _image(), _opts(steps=1), device=CPU)
+    finally:
+        undo()
+    assert calls[0]["fs"].tolist() == [5, 5]
+
+
+def test_interrupt_and_progress(monkeypatch):
+    from kinema.pipelines.dynamicrafter import sampler as S
+    from kinema.runtime import Interrupted
+    model = tiny("512")
+    updates = []
+
+    class Bar:
+        def __init__(self, total, desc=""):
+            updates.append(("total", total))
+
+        def update(self, n=1):
+            updates.append(("step", n))
+
+    monkeypatch.setattr(S, "ProgressBar", Bar)
+    P.animate(model, _image(), _opts(steps=3), device=CPU)
+    assert updates == [("total", 3)] + [("step", 1)] * 3
+    count = {"n": 0}
+
+    def stop():
+        count["n"] += 1
+        if count["n"] == 2:
+            raise Interrupted("stop")
+
+    monkeypatch.setattr(S, "check_interrupt", stop)
+    with pytest.raises(Interrupted):
+        P.animate(model, _image(), _opts(steps=5), device=CPU)
+    assert count["n"] == 2

@@ -205,10 +205,25 @@ def _heads(width: int, head_width: int) -> int:
     return max(1, width // head_width) if width % head_width == 0 else 1
 
 
+# OpenCLIP ViT-H/14's text tower (width 1024) has 24 blocks; a pruned copy may already lack the
+# unused last one.
+VIT_H_TEXT_LAYERS = {1024: 24}
+
+
+def _text_layers(text_sd: dict) -> tuple[int, bool]:
+    """(blocks in the full tower, whether the file still holds the last one)."""
+    present = _count(text_sd, r"transformer\.resblocks\.(\d+)\.")
+    tok = text_sd.get("token_embedding.weight")
+    full = VIT_H_TEXT_LAYERS.get(tok.shape[1]) if tok is not None else None
+    if full is not None and present == full - 1:
+        return full, False
+    return present, True
+
+
 def text_config(sd: dict) -> dict:
     tok = sd["token_embedding.weight"]
     width = tok.shape[1]
-    return {"width": width, "layers": _count(sd, r"transformer\.resblocks\.(\d+)\."), "heads": _heads(width, 64),
+    return {"width": width, "layers": _text_layers(sd)[0], "heads": _heads(width, 64),
             "vocab_size": tok.shape[0], "context_length": sd["positional_embedding"].shape[0],
             "mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
 
@@ -273,7 +288,7 @@ def _split(sd: dict, prefix: str) -> dict:
 
 
 def _unused_patterns(sd: dict) -> list[re.Pattern]:
-    last = _count(_split(sd, TEXT), r"transformer\.resblocks\.(\d+)\.") - 1
+    last = _text_layers(_split(sd, TEXT))[0] - 1
     return [re.compile("^" + p.replace("LAST", str(last)) + "$") for p in UNUSED]
 
 
