@@ -208,3 +208,11 @@ def test_vit_h_text_tower_without_its_last_block(fixtures_dir):
     sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.model.transformer.resblocks.23.")}
     model = C.convert(sd, "pruned_text.safetensors")
     assert len(model.text_encoder.transformer.resblocks) == 23
+
+
+def test_lightning_ckpt_with_nested_state_dict(tmp_path):
+    sd = C.tiny_checkpoint("1024")
+    p = tmp_path / "model.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3}, p)
+    model = C.load_dynamicrafter(p)
+    assert model.variant == "1024" and model.settings()["defaults"]["fs"] == 10

@@ -78,7 +78,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-map the (zip-format) pickle so a 10 GB file is not read twice
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or not a checkpoint
         raise KinemaError(f"'{path.name}' could not be read as a checkpoint "
                           f"(expected a DynamiCrafter model.ckpt or .safetensors): {e}") from e
@@ -94,8 +97,7 @@ def identify(keys) -> str | None:
     keys = list(keys)
     ks = set(keys)
     has = lambda pat: any(re.search(pat, k) for k in keys)  # noqa: E731
-    if (any(k.startswith(UNET) for k in keys) and has(r"attn2\.to_k_ip\.weight$")
-            and has(r"^model\.diffusion_model\.init_attn\.")):
+    if has(r"^model\.diffusion_model\..*attn2\.to_k_ip\.weight$"):
         return None
     if has(r"^model\.diffusion_model\..*temopral_conv"):
         return "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"
