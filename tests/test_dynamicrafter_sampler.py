@@ -27,13 +27,22 @@ def _load(path):
 
 
 def _schedule_from_meta(meta, variant):
-    base = json.load(open(CONFIGS))["variants"][variant]["schedule"]
-    cfg = ScheduleConfig.from_dict(base)
-    assert cfg.parameterization == meta["parameterization"]
-    assert cfg.zero_snr == (meta["rescale_betas_zero_snr"] == "True")
-    assert (cfg.base_scale is not None) == (meta["use_dynamic_rescale"] == "True")
-    assert cfg.spacing == meta["timestep_spacing"]
-    return cfg
+    """The variant's settings, with the sampler flags the fixture was made with."""
+    d = dict(json.load(open(CONFIGS))["variants"][variant]["schedule"])
+    d["parameterization"] = meta["parameterization"]
+    d["zero_snr"] = meta["rescale_betas_zero_snr"] == "True"
+    d["spacing"] = meta["timestep_spacing"]
+    if meta["use_dynamic_rescale"] != "True":
+        d["base_scale"] = None
+    return ScheduleConfig.from_dict(d)
+
+
+def test_variant_settings_match_official_configs(fixtures_dir):
+    for variant in ("256", "512", "1024"):
+        with safe_open(str(fixtures_dir / "dynamicrafter" / f"ddim_schedule_{variant}.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert ScheduleConfig.from_dict(json.load(open(CONFIGS))["variants"][variant]["schedule"]) == \
+            _schedule_from_meta(meta, variant)
 
 
 @pytest.mark.parametrize("variant", ["256", "512", "1024"])
@@ -48,7 +57,8 @@ def test_schedule_parity(fixtures_dir, variant):
         torch.testing.assert_close(getattr(sch, name), t[f"model.{name}"], atol=0, rtol=0, msg=name)
     torch.testing.assert_close(sch.betas64, t["f64.betas"], atol=1e-15, rtol=0)
     torch.testing.assert_close(sch.alphas_cumprod64, t["f64.alphas_cumprod"], atol=1e-15, rtol=0)
-    ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]))
+    # exact_count=False: the released step count (differs only when steps do not divide 1000)
+    ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]), exact_count=False)
     torch.testing.assert_close(ddim.timesteps, t["ddim.ddim_timesteps"], atol=0, rtol=0)
     torch.testing.assert_close(ddim.alphas, t["ddim.ddim_alphas"], atol=0, rtol=0)
     torch.testing.assert_close(ddim.alphas_prev, t["ddim.ddim_alphas_prev"], atol=0, rtol=0)
@@ -120,7 +130,7 @@ def _loop_setup(fixtures_dir):
     unet.load_state_dict({k[len("unet_state_dict."):]: v.float() for k, v in t.items()
                           if k.startswith("unet_state_dict.")}, strict=True)
     sch = DiffusionSchedule(_loop_schedule(meta))
-    ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]))
+    ddim = DDIMSampler(sch, steps=int(meta["ddim_steps"]), eta=float(meta["ddim_eta"]), exact_count=False)
     fs = t["input.fs"]
 
     def model_fn(x, ts):
@@ -137,6 +147,7 @@ def test_ddim_loop_step_by_step(fixtures_dir):
     cfg, rescale = float(meta["unconditional_guidance_scale"]), float(meta.get("guidance_rescale", 0.0))
     torch.testing.assert_close(ddim.timesteps.flip(0), t["trace.timesteps"], atol=0, rtol=0)
     n = len(ddim)
+    assert t["input.noise_per_step"].shape[0] == n
     for k in range(n):          # trace index k = step k of the loop, i = n-1-k
         i = n - 1 - k
         x = t["trace.x"][k]
