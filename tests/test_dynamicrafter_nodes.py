@@ -42,6 +42,7 @@ def env(models_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KINEMA_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("KINEMA_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+    monkeypatch.setenv("KINEMA_TEMP_DIR", str(tmp_path / "temp"))
     return tmp_path
 
 
