@@ -218,7 +218,11 @@ def strength_bucket(mean_magnitude: float, size, frames: int) -> int:
         raise ValueError(f"size: expected (width, height), got {size!r}") from None
     if w < 1 or h < 1:
         raise ValueError(f"size: {w}x{h} is not a valid image size")
-    if isinstance(frames, bool) or int(frames) != frames or int(frames) < 2:
+    try:
+        whole = not isinstance(frames, bool) and int(frames) == frames and int(frames) >= 2
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
         raise ValueError(f"frames: {frames!r} must be a whole number >= 2 (motion needs two frames)")
     v = m / (int(frames) - 1) * 512.0 / min(w, h)
     return int(sum(1 for t in STRENGTH_THRESHOLDS if v >= t))

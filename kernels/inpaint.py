@@ -33,29 +33,48 @@ def _down(x: torch.Tensor) -> torch.Tensor:
     """2x2 sums (odd sizes padded with zeros)."""
     h, w = x.shape[-2:]
     x = F.pad(x, (0, w % 2, 0, h % 2))
-    return F.avg_pool2d(x, 2) * 4.0
+    h2, w2 = x.shape[-2] // 2, x.shape[-1] // 2
+    # reshape-sum: much faster on CPU than avg_pool2d
+    return x.reshape(*x.shape[:-2], h2, 2, w2, 2).sum(dim=(-3, -1))
 
 
-def _relax(c: torch.Tensor, known: torch.Tensor, iters: int) -> torch.Tensor:
-    """Jacobi steps of the Laplace equation where ``known`` < 1 (blended by it)."""
+def _relax(c: torch.Tensor, known: torch.Tensor, iters: int,
+           need: torch.Tensor | None = None) -> torch.Tensor:
+    """Jacobi steps of the Laplace equation where ``known`` < 1 (blended by it), computed only
+    inside the bounding box of those pixels (plus a one-pixel rim), or of those where ``need``
+    is true (B, 1, H, W) when given."""
     if iters <= 0 or min(c.shape[-2:]) < 2:
         return c
-    free = 1.0 - known
-    if not bool((free > 0).any()):
+    free = known < 1
+    if need is not None:
+        free = free & need
+    free_any = free.flatten(0, -3).any(dim=0)
+    rows = torch.nonzero(free_any.any(dim=1)).flatten()
+    if rows.numel() == 0:
         return c
+    cols = torch.nonzero(free_any.any(dim=0)).flatten()
+    h, w = c.shape[-2:]
+    y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, h)
+    x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, w)
+    sub = c[..., y0:y1, x0:x1]
+    free = 1.0 - known[..., y0:y1, x0:x1]
     for _ in range(iters):
-        p = F.pad(c, (1, 1, 1, 1), mode="replicate")
+        p = F.pad(sub, (1, 1, 1, 1), mode="replicate")
         avg = 0.25 * (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:])
-        c = c + free * (avg - c)
+        sub = sub + free * (avg - sub)
+    c = c.clone()
+    c[..., y0:y1, x0:x1] = sub
     return c
 
 
 def push_pull(image: torch.Tensor, weight: torch.Tensor, relax_iters: int = 4,
-              min_size: int = 1) -> torch.Tensor:
+              min_size: int = 1, need: torch.Tensor | None = None) -> torch.Tensor:
     """Fill ``image`` (B, C, H, W) where ``weight`` (B, 1, H, W) in [0, 1] is below 1.
 
     ``weight`` 1 = known, 0 = hole, in between = partly known (the pixel is blended with the
     fill). ``relax_iters`` Jacobi steps are run per pyramid level on the unknown pixels.
+    ``need`` (B, 1, H, W) bool, optional: the pixels whose fill is used; at full resolution the
+    relaxation is then only run around them (elsewhere the fill is the plain push-pull).
     Returns (B, C, H, W); an image without any known pixel is returned as zeros.
     """
     _check(image, weight)
@@ -72,9 +91,10 @@ def push_pull(image: torch.Tensor, weight: torch.Tensor, relax_iters: int = 4,
         if bool((ws >= 1).all()):
             break
     filled, _ = levels[-1]
-    for c, w in reversed(levels[:-1]):
+    for i in range(len(levels) - 2, -1, -1):
+        c, w = levels[i]
         up = F.interpolate(filled, size=c.shape[-2:], mode="bilinear", align_corners=False)
-        filled = _relax(w * c + (1 - w) * up, w, relax_iters)
+        filled = _relax(w * c + (1 - w) * up, w, relax_iters, need if i == 0 else None)
     out = filled if len(levels) > 1 else col
     return out.to(image.dtype)
 

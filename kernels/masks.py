@@ -99,6 +99,48 @@ def feather(mask: torch.Tensor, radius: float) -> torch.Tensor:
     return _restore(blur(m.unsqueeze(1), r / 2.0)[:, 0].clamp(0, 1), single)
 
 
+def _shift(x: torch.Tensor, d: int, dim: int, fill: float) -> torch.Tensor:
+    """``out[i] = x[i + d]`` along ``dim`` (-1 or -2), ``fill`` beyond the edge."""
+    n = x.shape[dim]
+    if d == 0:
+        return x
+    out = torch.full_like(x, fill)
+    if abs(d) >= n:
+        return out
+    if d > 0:
+        out.narrow(dim, 0, n - d).copy_(x.narrow(dim, d, n - d))
+    else:
+        out.narrow(dim, -d, n + d).copy_(x.narrow(dim, 0, n + d))
+    return out
+
+
+def sliding_max(x: torch.Tensor, half: int, dim: int = -1) -> torch.Tensor:
+    """Max over the window ``[i - half, i + half]`` along ``dim`` (-1 or -2), by doubling:
+    O(log window) elementwise maxima (stride-1 max pooling is far slower on CPU)."""
+    if half <= 0:
+        return x.clone()
+    neg = torch.finfo(x.dtype).min
+    n = x.shape[dim]
+    k = 2 * half + 1
+    pad = (half, half) if dim in (-1, x.ndim - 1) else (0, 0, half, half)
+    m = F.pad(x, pad, value=neg)  # window of output i = m[i .. i + k - 1]
+    span = 1  # m[i] = max of the padded input over [i, i + span - 1]
+    while span * 2 <= k:
+        m = torch.maximum(m, _shift(m, span, dim, neg))
+        span *= 2
+    return torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, k - span, n))
+
+
+def box_max(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over the (2r+1)^2 square around each pixel of (..., H, W)."""
+    return sliding_max(sliding_max(x, radius, -1), radius, -2)
+
+
+def box_min(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Min over the (2r+1)^2 square around each pixel of (..., H, W)."""
+    return -box_max(-x, radius)
+
+
 def _disc_offsets(r: int) -> list[tuple[int, int]]:
     """Half-widths of a disc of radius r per row offset: [(dy, half_width)]."""
     return [(dy, int(math.floor(math.sqrt(r * r - dy * dy) + 1e-6))) for dy in range(-r, r + 1)]
@@ -108,25 +150,16 @@ def _max_filter_disc(x: torch.Tensor, r: int) -> torch.Tensor:
     """Grey dilation of (N, 1, H, W) by a disc of integer radius r.
 
     A disc is a union of horizontal segments; we take one 1-D horizontal max per distinct
-    half-width and shift it vertically, which is exact for the digital disc and costs
-    O(r) maxima per pixel instead of O(r^2)."""
+    half-width and shift it vertically, which is exact for the digital disc."""
     if r <= 0:
         return x.clone()
-    h = x.shape[-2]
     neg = torch.finfo(x.dtype).min
     rows = {}
     out = None
     for dy, hw in _disc_offsets(r):
         if hw not in rows:
-            rows[hw] = F.max_pool2d(F.pad(x, (hw, hw, 0, 0), value=neg), (1, 2 * hw + 1), stride=1) \
-                if hw > 0 else x
-        row = rows[hw]
-        if dy > 0:  # out[y] takes row[y + dy]
-            shifted = F.pad(row[..., dy:, :], (0, 0, 0, dy), value=neg)
-        elif dy < 0:
-            shifted = F.pad(row[..., :h + dy, :], (0, 0, -dy, 0), value=neg)
-        else:
-            shifted = row
+            rows[hw] = sliding_max(x, hw, -1)
+        shifted = _shift(rows[hw], dy, -2, neg)
         out = shifted if out is None else torch.maximum(out, shifted)
     return out
 

@@ -213,11 +213,26 @@ def sample_track(track, t, method: str = "linear") -> torch.Tensor:
     return out
 
 
+def frame_times(frames: int, easing: str = "linear") -> torch.Tensor:
+    """Times (frames,) float64 at which the frames sample the motion, before easing.
+
+    ``k / (frames - 1)`` from 0 to 1 for the one-way easings. For ``loop`` it is ``k / frames``:
+    the cycle closes one step after the last frame, so a looping player shows no repeated
+    frame (frame ``frames`` would be frame 0 again).
+    """
+    if easing == "loop":
+        return torch.arange(frames, dtype=torch.float64) / frames
+    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
+    s[-1] = 1.0
+    return s
+
+
 def resample_track(track, frames: int, easing: str = "linear", method: str = "linear") -> torch.Tensor:
     """Resample a track to ``frames`` points, one per output frame.
 
     track: (N, 2) pixels, point ``i`` at time ``i / (N - 1)`` (tracks of any length N >= 1).
-    Frame ``k`` takes the track at time ``ease(k / (frames - 1), easing)``, interpolated in time
+    Frame ``k`` takes the track at time ``ease(frame_times(frames, easing)[k], easing)`` (that is
+    ``k / (frames - 1)``, or ``k / frames`` for ``loop``), interpolated in time
     by ``method`` (``linear`` by default; see :func:`sample_track`). The first output point is
     the track's first point exactly, and with an easing that ends at 1 the last output point is
     its last point exactly. frames: 1..MAX_FRAMES (one frame gives the start point).
@@ -229,9 +244,7 @@ def resample_track(track, frames: int, easing: str = "linear", method: str = "li
     dtype = tr.dtype if tr.is_floating_point() else torch.float32
     if frames == 1:
         return _as_track(tr, "track", dtype=dtype)[:1].clone()
-    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
-    s[-1] = 1.0
-    t = ease(s, easing)
+    t = ease(frame_times(frames, easing), easing)
     return sample_track(tr.to(dtype), t.to(dtype), method=method)
 
 
@@ -383,6 +396,8 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
 
     tracks: list of (N_i, 2) pixel tracks (x, y), N_i >= 2, point j at time j / (N_i - 1); each
         track's first point (its start) must lie in the image; later points may leave it.
+        A parsed ``formats.Tracks`` is accepted too (its anchors are used unless ``anchors``
+        is given).
     size: (W, H) of the image.
     frames: number of output frames F, 2..MAX_FRAMES (256).
     anchors: (M, 2) pixels that stay exactly still (rounded to the nearest pixel), or None.
@@ -422,6 +437,10 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
                          f"{', '.join(TRACK_INTERPOLATIONS)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation: {interpolation!r} is not known; use one of {', '.join(INTERPOLATIONS)}")
+    if hasattr(tracks, "tracks") and hasattr(tracks, "anchors"):  # a parsed Tracks object
+        if anchors is None and tracks.anchors.numel():
+            anchors = tracks.anchors
+        tracks = tracks.tracks
     if isinstance(tracks, torch.Tensor) and tracks.ndim == 2:
         tracks = [tracks]
     if tracks is None or len(tracks) == 0:
@@ -466,9 +485,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
             anc = _dedupe(torch.round(anc))
 
     # 1. timing: displacements (K, F, 2) in float64 on the CPU (small)
-    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
-    s[-1] = 1.0
-    tk = ease(s, easing)
+    tk = ease(frame_times(frames, easing), easing)
     starts = torch.stack([t[0] for t in tr])                                  # (K, 2)
     disp = torch.stack([sample_track(t, tk, track_interpolation) - t[0] for t in tr])  # (K, F, 2)
     disp[:, 0] = 0.0

@@ -39,3 +39,34 @@ def save_temp_png(image, prefix: str = "kinema") -> dict:
         Image.fromarray(np.ascontiguousarray(rgb)).save(part, format="PNG", compress_level=1)
         os.replace(part, path)
     return {"filename": filename, "subfolder": "", "type": "temp"}
+
+
+def to_uint8(image) -> np.ndarray:
+    """(H, W, 3) float 0-1 (torch or numpy) -> uint8 array (NaN -> 0)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().to("cpu", torch.float32).numpy()
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_temp_webp(frames, fps: float = 8.0, prefix: str = "kinema", max_side: int = 512) -> dict:
+    """Save (F, H, W, 3) float 0-1 as a looping animated WEBP preview (downscaled so the
+    longer side is at most ``max_side``) in the temp folder; return the UI file reference."""
+    if not _PREFIX.match(prefix):
+        raise ValueError(f"prefix: {prefix!r} must be 1-64 letters, digits, '_' or '-'")
+    pil = [Image.fromarray(to_uint8(f)) for f in frames]
+    w, h = pil[0].size
+    scale = min(1.0, max_side / max(w, h))
+    if scale < 1.0:
+        pil = [p.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR) for p in pil]
+    digest = hashlib.blake2b(b"".join(p.tobytes() for p in pil) + repr(fps).encode(), digest_size=10).hexdigest()
+    folder = runtime.temp_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    filename = f"{prefix}_{digest}.webp"
+    path = folder / filename
+    if not path.is_file():
+        part = folder / f".{filename}.{os.getpid()}.part"
+        pil[0].save(part, format="WEBP", save_all=True, append_images=pil[1:],
+                    duration=round(1000 / max(fps, 0.01)), loop=0, quality=80, method=0)
+        os.replace(part, path)
+    return {"filename": filename, "subfolder": "", "type": "temp"}

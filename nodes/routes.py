@@ -221,21 +221,11 @@ def register_routes(server=None, web=None) -> MaskPreviewRoute | None:
     Call once from the pack's ``__init__``. ``server``/``web`` default to ComfyUI's
     ``PromptServer.instance`` and ``aiohttp.web``.
     """
-    if server is None:
-        if not runtime.IN_COMFYUI or os.environ.get("KINEMA_NO_ROUTES") == "1":
+    if server is None or web is None:
+        found = runtime.prompt_server()
+        if found is None:
             return None
-        try:
-            from server import PromptServer  # type: ignore
-        except Exception:  # noqa: BLE001
-            return None
-        server = getattr(PromptServer, "instance", None)
-        if server is None:
-            return None
-    if web is None:
-        try:
-            from aiohttp import web  # type: ignore
-        except Exception:  # noqa: BLE001
-            return None
+        server, web = found
     for route in getattr(server, "routes", ()):
         existing = getattr(getattr(route, "handler", None), "kinema_route", None)
         if getattr(route, "path", None) == ROUTE and isinstance(existing, MaskPreviewRoute):

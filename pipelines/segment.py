@@ -172,6 +172,10 @@ def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: i
             raise ValueError(f"points box: {points.box.tolist()} is too small to segment inside")
         inside[:] = False
         inside[by0:by1 + 1, bx0:bx1 + 1] = True
+        for (px, py), (x, y) in zip(pos, points.positive.tolist()):
+            if not inside[py, px]:
+                raise ValueError(f"points: the positive click ({x:g}, {y:g}) lies outside the box "
+                                 f"{[round(v, 1) for v in points.box.tolist()]}; the box must contain the object")
     else:
         bx0, by0, bx1, by1 = 0, 0, w - 1, h - 1
 

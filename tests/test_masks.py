@@ -131,3 +131,15 @@ def test_rasterize_strokes_validation_names_the_stroke():
     with pytest.raises(ValueError, match="not valid JSON"):
         strokes_from_json("[{")
     assert strokes_from_json('[{"mode": "erase", "radius": 2, "points": [[3, 4]]}]')[0]["mode"] == "erase"
+
+
+def test_sliding_and_box_max_match_pooling():
+    from kinema.kernels.masks import box_max, box_min, sliding_max
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 13, 17, generator=g)
+    for half in (1, 2, 3, 5, 9):
+        ref = torch.nn.functional.max_pool2d(x, (1, 2 * half + 1), stride=1, padding=(0, half))
+        assert torch.equal(sliding_max(x, half, -1), ref)
+    ref = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
+    assert torch.equal(box_max(x, 1), ref)
+    assert torch.equal(box_min(x, 1), -torch.nn.functional.max_pool2d(-x, 3, stride=1, padding=1))

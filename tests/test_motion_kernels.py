@@ -88,8 +88,9 @@ def test_resample_track_easing_applies_to_time():
     back = resample_track(track, 33, easing="ease_out_back")
     assert float(back[:, 0].max()) > 105  # overshoot extrapolates along the last direction
     assert torch.allclose(back[:, 1], torch.zeros(33))
-    loop = resample_track(track, 5, easing="loop")
-    assert torch.allclose(loop[:, 0], torch.tensor([0.0, 50.0, 100.0, 50.0, 0.0]), atol=1e-4)
+    # loop: frame k at time k / frames, so the frame after the last one would be frame 0 again
+    loop = resample_track(track, 4, easing="loop")
+    assert torch.allclose(loop[:, 0], torch.tensor([0.0, 50.0, 100.0, 50.0]), atol=1e-4)
 
 
 def test_pchip_matches_motion_i2v_trajectory_interpolation(fixtures_dir):
@@ -194,9 +195,18 @@ def test_easing_shapes_the_timing():
     f = dense_motion([drag], (W, H), 5, easing="ease_in_out")
     s = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
     assert torch.allclose(f[:, 20, 20, 0], 20 * (3 * s ** 2 - 2 * s ** 3), atol=1e-5)
-    loop = dense_motion([drag], (W, H), 5, easing="loop")
-    assert torch.equal(loop[-1], torch.zeros(H, W, 2))  # back where it started
-    assert torch.allclose(loop[2, 20, 20], torch.tensor([20.0, 0.0]), atol=1e-4)
+    loop = dense_motion([drag], (W, H), 4, easing="loop")
+    assert torch.equal(loop[0], torch.zeros(H, W, 2))
+    # out and back: the last frame is one step before the start, not a repeat of it
+    assert torch.allclose(loop[:, 20, 20, 0], torch.tensor([0.0, 10.0, 20.0, 10.0]), atol=1e-4)
+
+
+def test_accepts_parsed_tracks():
+    from kinema.formats import parse_tracks
+    parsed = parse_tracks('{"tracks": [[[20, 24], [36, 24]]], "anchors": [[26, 24]]}', (W, H))
+    a = dense_motion(parsed, (W, H), 4)
+    b = dense_motion([torch.tensor([[20.0, 24.0], [36.0, 24.0]])], (W, H), 4, anchors=torch.tensor([[26.0, 24.0]]))
+    assert torch.equal(a, b) and torch.equal(a[:, 24, 26], torch.zeros(4, 2))
 
 
 def test_tracks_of_different_lengths():

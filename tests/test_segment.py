@@ -321,6 +321,8 @@ def test_classical_rejects_no_clicks_and_tiny_box():
         seg.segment(img, pts(box=[10, 10, 11, 11]))
     with pytest.raises(ValueError, match="image"):
         seg.segment(img[None], pts([[10, 10]]))
+    with pytest.raises(ValueError, match=r"points: the positive click \(5, 5\) lies outside the box"):
+        seg.segment(img, pts([[100, 100], [5, 5]], box=[50, 50, 200, 200]))
 
 
 def test_keep_components_at():
@@ -369,3 +371,13 @@ def test_overlay_tints_and_marks():
     assert torch.allclose(out[55, 20], img[55, 20], atol=2e-3)  # untouched outside
     with pytest.raises(ValueError, match="mask"):
         seg.overlay(img, torch.zeros(10, 10))
+
+
+def test_classical_two_objects_two_clicks():
+    img = load_photo("astronaut.jpg")
+    both, _ = seg.segment(img, parse_points({"positive": [[225, 120], [410, 150]]}, (512, 512)))
+    n, labels = cv2.connectedComponents(both.numpy().astype(np.uint8), connectivity=8)
+    assert both[100:140, 205:245].mean() > 0.95 and both[150, 410] == 1
+    assert labels[120, 225] != labels[150, 410] and n == 3  # face and shuttle, nothing else
+    for x, y in [(100, 350), (300, 60), (5, 5), (480, 480)]:
+        assert both[y, x] == 0
