@@ -133,10 +133,10 @@ class _Denoiser:
         self.length = model.temporal_length
         self.overlap = overlap
 
-    def _run(self, x, t):
+    def _run(self, x, c_concat, t):
         dt = self.unet.dtype
         b = x.shape[0]
-        xin = torch.cat([x, self.c_concat], dim=1).to(dt)
+        xin = torch.cat([x, c_concat], dim=1).to(dt)
         if self.ctx_u is not None:
             xin = torch.cat([xin, xin])
             ctx = torch.cat([self.ctx_c, self.ctx_u])
@@ -153,22 +153,19 @@ class _Denoiser:
         frames = x.shape[2]
         starts = _window_starts(frames, self.length, self.overlap)
         if len(starts) == 1:
-            return self._run(x, t)
+            return self._run(x, self.c_concat, t)
         acc_c = torch.zeros_like(x, dtype=torch.float32)
         acc_u = torch.zeros_like(acc_c) if self.ctx_u is not None else None
         wsum = torch.zeros(frames, device=x.device)
-        full_concat = self.c_concat
         for s in starts:
             sl = slice(s, s + self.length)
-            self.c_concat = full_concat[:, :, sl]
-            oc, ou = self._run(x[:, :, sl], t)
+            oc, ou = self._run(x[:, :, sl], self.c_concat[:, :, sl], t)
             w = _window_weight(self.length, s, frames, self.overlap, x.device)
             acc_c[:, :, sl] += oc * w.view(1, 1, -1, 1, 1)
             if ou is not None:
                 acc_u[:, :, sl] += ou * w.view(1, 1, -1, 1, 1)
             wsum[sl] += w
             runtime.check_interrupt()
-        self.c_concat = full_concat
         wsum = wsum.view(1, 1, -1, 1, 1)
         return acc_c / wsum, (acc_u / wsum if acc_u is not None else None)
 
