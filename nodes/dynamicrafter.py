@@ -1,0 +1,209 @@
+"""DynamiCrafter nodes: load a released checkpoint, animate an image from a prompt (optionally
+only inside a mask), interpolate between two keyframes."""
+from __future__ import annotations
+
+import torch
+
+from .. import runtime
+
+MODEL_TYPE = "KINEMA_DYNAMICRAFTER"
+FOLDERS = ("kinema/dynamicrafter", "checkpoints")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+VARIANTS = ("auto", "256", "512", "1024", "512_interp")
+
+
+def _model_files() -> list[str]:
+    names: list[str] = []
+    for folder in FOLDERS:
+        for n in runtime.list_models(folder):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _resolve(name: str):
+    for folder in FOLDERS:
+        try:
+            return runtime.model_path(folder, name)
+        except runtime.KinemaError:
+            continue
+    raise runtime.KinemaError(f"DynamiCrafter checkpoint '{name}' not found in models/kinema/dynamicrafter/ "
+                              f"or models/checkpoints/")
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _check_model(model):
+    from ..pipelines.dynamicrafter.model import DynamiCrafter
+    if not isinstance(model, DynamiCrafter):
+        raise ValueError("model: expected a DynamiCrafter model from 'Load DynamiCrafter Model'")
+
+
+_COMMON_HELP = {
+    "prompt": "What should happen in the video (motion, camera, action).",
+    "negative_prompt": "What to avoid; empty uses the unconditional text the models were trained with.",
+    "frames": "Number of frames. The models are trained on 16; more frames run in overlapping 16-frame windows.",
+    "fs": "Motion control: frames per second for the 512/1024 models (lower = more motion; 512: 15-30, "
+          "1024: 5-15), frame stride for the 256 model (1-6, higher = more motion). 0 uses the model's default.",
+    "steps": "DDIM steps (50 in the official scripts).",
+    "cfg": "Classifier-free guidance scale (7.5 in the official scripts; 1.0 turns guidance off and halves the time).",
+    "eta": "DDIM eta: 1.0 as in the official scripts (stochastic), 0.0 deterministic DDIM.",
+    "seed": "Seed of the noise (the same seed gives the same video).",
+    "width": "Output width in pixels (a multiple of 64); 0 uses the model's training size.",
+    "height": "Output height in pixels (a multiple of 64); 0 uses the model's training size.",
+    "window_overlap": "Frames shared by neighbouring windows when frames exceed the model's 16.",
+    "offload": "Move each part of the model off the GPU after use (saves memory, costs transfer time).",
+}
+
+
+def _common_inputs(frames_default=16) -> dict:
+    h = _COMMON_HELP
+    return {
+        "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": h["prompt"]}),
+        "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": h["negative_prompt"]}),
+        "frames": ("INT", {"default": frames_default, "min": 1, "max": 256, "tooltip": h["frames"]}),
+        "fs": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": h["fs"]}),
+        "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": h["steps"]}),
+        "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": h["cfg"]}),
+        "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": h["eta"]}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": h["seed"]}),
+    }
+
+
+def _optional_inputs() -> dict:
+    h = _COMMON_HELP
+    return {
+        "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": h["width"]}),
+        "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": h["height"]}),
+        "window_overlap": ("INT", {"default": 4, "min": 0, "max": 15, "tooltip": h["window_overlap"]}),
+        "offload": ("BOOLEAN", {"default": True, "tooltip": h["offload"]}),
+    }
+
+
+def _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height, window_overlap, offload):
+    from ..pipelines.dynamicrafter.pipeline import AnimateOptions
+    for name, value in (("frames", frames), ("steps", steps), ("seed", seed), ("fs", fs),
+                        ("width", width), ("height", height), ("window_overlap", window_overlap)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: {value!r} must be a non-negative whole number")
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise ValueError("prompt: the prompt and negative prompt must be text")
+    return AnimateOptions(prompt=prompt, negative=negative_prompt, frames=frames, fs=fs or None, steps=steps,
+                          cfg=float(cfg), eta=float(eta), seed=seed, height=height, width=width,
+                          window_overlap=window_overlap, offload=bool(offload))
+
+
+class KinemaDynamiCrafterLoader:
+    DESCRIPTION = ("Loads a released DynamiCrafter checkpoint (256, 512, 1024 or 512-interp; model.ckpt or a pruned "
+                   "fp16/bf16 .safetensors) from models/kinema/dynamicrafter or models/checkpoints. The file holds "
+                   "everything (UNet, OpenCLIP text and image encoders, resampler, VAE); the variant is read from "
+                   "its keys. The 512-interp model has the same keys as 512: pick 512_interp to use its defaults.")
+    CATEGORY = "Kinema/dynamicrafter"
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The DynamiCrafter model; connect it to DynamiCrafter Animate or Interpolate.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ckpt_name": (_model_files(), {"tooltip": "A DynamiCrafter checkpoint file."}),
+                "precision": (list(PRECISIONS), {
+                    "default": "auto",
+                    "tooltip": "Weights precision. auto: fp16 on a GPU, fp32 on the CPU. The VAE stays fp32 "
+                               "when fp16 is chosen."}),
+            },
+            "optional": {
+                "variant": (list(VARIANTS), {
+                    "default": "auto",
+                    "tooltip": "auto reads it from the file. Choose 1024 for a pruned 1024 copy without schedule "
+                               "buffers, 512_interp for the interpolation model."}),
+            },
+        }
+
+    def load(self, ckpt_name, precision="auto", variant="auto"):
+        from ..pipelines.dynamicrafter.convert import load_dynamicrafter
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        dtype = _dtype(precision, runtime.device())
+        path = _resolve(ckpt_name)
+        model = load_dynamicrafter(path, dtype=dtype, variant=variant)
+        model.to(runtime.offload_device())
+        return (model,)
+
+
+class KinemaDynamiCrafterAnimate:
+    DESCRIPTION = ("Animates a picture from a text prompt with DynamiCrafter (dual-stream image injection). "
+                   "With a mask, only the masked region moves and the rest stays as in the picture.")
+    CATEGORY = "Kinema/dynamicrafter"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The video frames (T, H, W, 3), the first close to the input picture.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = {"model": (MODEL_TYPE, {"tooltip": "From Load DynamiCrafter Model."}),
+               "image": ("IMAGE", {"tooltip": "The picture to animate (the first of a batch); it is scaled "
+                                              "and centre-cropped to the output size."})}
+        req.update(_common_inputs())
+        opt = {"mask": ("MASK", {"tooltip": "Optional: 1 where the picture may move; outside it every frame "
+                                            "keeps the input (e.g. from Click to Mask)."})}
+        opt.update(_optional_inputs())
+        return {"required": req, "optional": opt}
+
+    def run(self, model, image, prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, mask=None,
+            width=0, height=0, window_overlap=4, offload=True):
+        from ..pipelines.dynamicrafter.pipeline import animate
+        _check_model(model)
+        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height,
+                        window_overlap, offload)
+        return (animate(model, image, opts, mask=mask, device=runtime.device()),)
+
+
+class KinemaDynamiCrafterInterpolate:
+    DESCRIPTION = ("Generates the frames between two keyframes with the DynamiCrafter 512-interp model: the first "
+                   "frame is the start image, the last the end image.")
+    CATEGORY = "Kinema/dynamicrafter"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The video frames (T, H, W, 3) from the start to the end keyframe.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = {"model": (MODEL_TYPE, {"tooltip": "From Load DynamiCrafter Model (the 512-interp checkpoint)."}),
+               "start_image": ("IMAGE", {"tooltip": "The first keyframe (also the image the motion is read from)."}),
+               "end_image": ("IMAGE", {"tooltip": "The last keyframe; scaled and cropped like the first."})}
+        req.update(_common_inputs())
+        req["fs"] = ("INT", {"default": 0, "min": 0, "max": 100,
+                             "tooltip": "Frames per second condition; 0 uses 5 as the official interpolation "
+                                        "script does."})
+        return {"required": req, "optional": _optional_inputs()}
+
+    def run(self, model, start_image, end_image, prompt, negative_prompt, frames, fs, steps, cfg, eta, seed,
+            width=0, height=0, window_overlap=4, offload=True):
+        from ..pipelines.dynamicrafter.pipeline import interpolate
+        _check_model(model)
+        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height,
+                        window_overlap, offload)
+        return (interpolate(model, start_image, end_image, opts, device=runtime.device()),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KinemaDynamiCrafterLoader": KinemaDynamiCrafterLoader,
+    "KinemaDynamiCrafterAnimate": KinemaDynamiCrafterAnimate,
+    "KinemaDynamiCrafterInterpolate": KinemaDynamiCrafterInterpolate,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KinemaDynamiCrafterLoader": "Load DynamiCrafter Model",
+    "KinemaDynamiCrafterAnimate": "DynamiCrafter Animate",
+    "KinemaDynamiCrafterInterpolate": "DynamiCrafter Interpolate",
+}

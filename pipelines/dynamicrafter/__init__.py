@@ -1,0 +1,1 @@
+"""DynamiCrafter: image animation by dual-stream image injection into a video diffusion UNet."""

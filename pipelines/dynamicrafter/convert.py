@@ -1,0 +1,468 @@
+"""Load released DynamiCrafter checkpoints (256, 512, 1024, 512-interp; fp32 or pruned fp16/bf16).
+
+A checkpoint is one LDM-style state dict:
+
+- ``model.diffusion_model.*``  video UNet          -> :class:`DynamiCrafterUNet`
+- ``image_proj_model.*``       query transformer   -> :class:`Resampler`
+- ``cond_stage_model.model.*`` OpenCLIP text tower -> :class:`TextEncoder`
+- ``embedder.model.*``         OpenCLIP ViT-H      -> :class:`VisionEncoder`
+- ``first_stage_model.*``      LDM VAE             -> diffusers ``AutoencoderKL``
+
+Architectures are read from the tensor shapes (so the tiny test checkpoints and the released
+ones go through the same code); the variant (256 / 512 / 1024) from the keys and the schedule
+buffers, never from the file name. Every key is either consumed by a module or on the
+commented allow-list :data:`UNUSED`; anything else is an error naming the file.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ...runtime import KinemaError
+from .encoders import TextEncoder, VisionEncoder
+from .resampler import Resampler
+from .unet import DynamiCrafterUNet, UNetConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "dynamicrafter"
+
+UNET = "model.diffusion_model."
+PROJ = "image_proj_model."
+TEXT = "cond_stage_model.model."
+VISION = "embedder.model."
+VAE = "first_stage_model."
+
+# Keys a released checkpoint carries that no inference path reads. They may be present or
+# absent (pruned copies drop some of them); they are never required.
+UNUSED = [
+    # Diffusion-schedule buffers of the training wrapper. The schedule is rebuilt from the
+    # variant's settings; ``scale_arr`` is only read to tell 512 from 1024.
+    r"betas", r"alphas_cumprod", r"alphas_cumprod_prev", r"sqrt_alphas_cumprod",
+    r"sqrt_one_minus_alphas_cumprod", r"log_one_minus_alphas_cumprod", r"sqrt_recip_alphas_cumprod",
+    r"sqrt_recipm1_alphas_cumprod", r"posterior_variance", r"posterior_log_variance_clipped",
+    r"posterior_mean_coef1", r"posterior_mean_coef2", r"scale_arr", r"logvar",
+    # Text tower: the conditioning takes per-token features, not the pooled projection ...
+    TEXT + r"text_projection", TEXT + r"logit_scale",
+    # ... from the penultimate layer, so the last residual block never runs (checked below
+    # to be exactly the last one).
+    TEXT + r"transformer\.resblocks\.LAST\..*",
+    TEXT + r"attn_mask",
+    # Image embedder: an OpenCLIP model whose text transformer was deleted; the text pieces left
+    # behind are unused, and tokens are taken before the post-LayerNorm and the projection.
+    VISION + r"token_embedding\.weight", VISION + r"positional_embedding", VISION + r"ln_final\.(weight|bias)",
+    VISION + r"text_projection", VISION + r"logit_scale", VISION + r"attn_mask",
+    VISION + r"visual\.ln_post\.(weight|bias)", VISION + r"visual\.proj",
+]
+
+# The 256 checkpoint names the fs MLP ``framestride_embed`` (the official loader renames it).
+RENAMES = {UNET + "framestride_embed.": UNET + "fps_embedding."}
+
+
+def variants() -> dict:
+    with open(CONFIG_DIR / "variants.json") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (safetensors, or a pickle loaded with ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"DynamiCrafter checkpoint '{path}' does not exist")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            try:  # memory-map the (zip-format) pickle so a 10 GB file is not read twice
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a checkpoint
+        raise KinemaError(f"'{path.name}' could not be read as a checkpoint "
+                          f"(expected a DynamiCrafter model.ckpt or .safetensors): {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise KinemaError(f"'{path.name}' holds no flat tensor state dict (expected a DynamiCrafter checkpoint)")
+    return sd
+
+
+def identify(keys) -> str | None:
+    """What a non-DynamiCrafter state dict looks like (None if it looks like DynamiCrafter)."""
+    keys = list(keys)
+    ks = set(keys)
+    has = lambda pat: any(re.search(pat, k) for k in keys)  # noqa: E731
+    if has(r"^model\.diffusion_model\..*attn2\.to_k_ip\.weight$"):
+        return None
+    if has(r"^model\.diffusion_model\..*temopral_conv"):
+        return "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"
+    if has(r"^conditioner\.embedders\.") and has(r"time_stack|time_mixer"):
+        return "a Stable Video Diffusion checkpoint"
+    if has(r"^conditioner\.embedders\."):
+        return "an SDXL-family checkpoint"
+    if has(r"^cond_stage_model\.transformer\.text_model\.") or "cond_stage_model.transformer.embeddings.token_embedding.weight" in ks:
+        return "a Stable Diffusion 1.x checkpoint"
+    if has(r"^cond_stage_model\.model\.transformer\.") and has(r"^model\.diffusion_model\."):
+        return "a Stable Diffusion 2.x checkpoint"
+    if has(r"motion_modules\."):
+        return "an AnimateDiff motion module"
+    if has(r"^(down_blocks|mid_block|up_blocks)\.") or "conv_in.weight" in ks:
+        return "a diffusers-format model (not the released LDM-style DynamiCrafter checkpoint)"
+    if has(r"^encoder\.down\.") or has(r"^decoder\.up\."):
+        return "a standalone VAE"
+    if any(k.startswith(UNET) for k in keys):
+        return "a latent-diffusion UNet without DynamiCrafter's image-injection layers"
+    sample = ", ".join(sorted(keys)[:3])
+    return f"an unrecognised state dict ({len(keys)} keys, e.g. {sample})"
+
+
+def detect_variant(sd: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(variant, reason) from the keys and buffers of a DynamiCrafter state dict.
+
+    - 256: learned image-attention gates (``attn2.alpha``) or the ``framestride_embed`` names,
+      or eps-prediction buffers (non-zero ``sqrt_recip_alphas_cumprod``).
+    - 512 / 1024: v-prediction; the dynamic-rescale base in ``scale_arr`` (0.7 / 0.3) tells
+      them apart. The 512-interp model has exactly the 512 keys and buffers, so it loads as
+      512; the interpolate node drives any 512-type model as an interpolator.
+    - Without buffers (pruned copies) a v-model is reported as 512.
+    """
+    keys = sd.keys()
+    if any(k.endswith(".attn2.alpha") for k in keys) or any("framestride_embed" in k for k in keys):
+        return "256", "learned image-attention gates / framestride_embed keys"
+    rec = sd.get("sqrt_recip_alphas_cumprod")
+    if rec is not None and rec.device.type != "meta" and float(rec.float().abs().max()) > 0:
+        return "256", "eps-prediction schedule buffers"
+    arr = sd.get("scale_arr")
+    if arr is not None and arr.device.type != "meta":
+        base = float(arr.float()[-1])
+        known = {name: v["schedule"]["base_scale"] for name, v in variants()["variants"].items()
+                 if v["schedule"]["base_scale"] is not None and name != "512_interp"}
+        name = min(known, key=lambda n: abs(known[n] - base))
+        if abs(known[name] - base) < 1e-3:
+            return name, f"dynamic-rescale base {base:.2f} in scale_arr"
+    return "512", "v-prediction model; no schedule buffers to tell 512 from 1024, assuming 512"
+
+
+# ----------------------------------------------------------------------------- architectures
+
+def _count(sd, pattern) -> int:
+    idx = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def unet_config(sd: dict, variant: str) -> UNetConfig:
+    """UNet architecture from the ``model.diffusion_model.*`` shapes (prefix stripped)."""
+    d = dict(variants()["common_unet"])
+    d.update(variants()["variants"][variant]["unet"])
+    w = sd["input_blocks.0.0.weight"]
+    mc, d["in_channels"] = w.shape[0], w.shape[1]
+    d["model_channels"] = mc
+    d["out_channels"] = sd["out.2.weight"].shape[0]
+    d["num_head_channels"] = sd["init_attn.0.proj_in.weight"].shape[0] // d.get("init_attn_heads", 8) \
+        if "init_attn.0.proj_in.weight" in sd else d["num_head_channels"]
+    d["addition_attention"] = "init_attn.0.proj_in.weight" in sd
+    d["fs_condition"] = "fps_embedding.0.weight" in sd
+    ctx = [v for k, v in sd.items() if k.endswith("attn2.to_k_ip.weight")]
+    d["context_dim"] = ctx[0].shape[1]
+    d["image_cross_attention_scale_learnable"] = any(k.endswith("attn2.alpha") for k in sd)
+    d["temporal_conv"] = any("temopral_conv" in k for k in sd)
+    d["transformer_depth"] = _count(sd, r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.") or 1
+    # Level structure: input block i>0 is a ResBlock (has in_layers) or a Downsample (op).
+    n_in = _count(sd, r"input_blocks\.(\d+)\.")
+    levels, cur, att_levels = [], [], []
+    for i in range(1, n_in):
+        if f"input_blocks.{i}.0.op.weight" in sd:
+            levels.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    levels.append(cur)
+    d["num_res_blocks"] = len(levels[0])
+    d["channel_mult"] = [sd[f"input_blocks.{lv[0]}.0.in_layers.2.weight"].shape[0] // mc for lv in levels]
+    d["attention_resolutions"] = [2 ** li for li, lv in enumerate(levels) if f"input_blocks.{lv[0]}.1.norm.weight" in sd]
+    d["temporal_attention"] = any(re.match(r"input_blocks\.\d+\.2\.norm\.weight", k) for k in sd) or \
+        "middle_block.2.norm.weight" in sd and "middle_block.2.proj_in.weight" in sd
+    return UNetConfig.from_dict(d)
+
+
+def resampler_config(sd: dict) -> dict:
+    """Resampler config from ``image_proj_model.*`` shapes (prefix stripped). Heads are 64 wide."""
+    lat = sd["latents"]
+    inner = sd["layers.0.0.to_q.weight"].shape[0]
+    dim_head = 64 if inner % 64 == 0 else inner
+    tokens = lat.shape[1]
+    nq = 16 if tokens % 16 == 0 else tokens
+    return {"dim": lat.shape[2], "depth": _count(sd, r"layers\.(\d+)\."), "dim_head": dim_head,
+            "heads": inner // dim_head, "num_queries": nq, "embedding_dim": sd["proj_in.weight"].shape[1],
+            "output_dim": sd["proj_out.weight"].shape[0],
+            "ff_mult": sd["layers.0.1.1.weight"].shape[0] // lat.shape[2], "video_length": tokens // nq}
+
+
+def _heads(width: int, head_width: int) -> int:
+    return max(1, width // head_width) if width % head_width == 0 else 1
+
+
+# OpenCLIP ViT-H/14's text tower (width 1024) has 24 blocks; a pruned copy may already lack the
+# unused last one.
+VIT_H_TEXT_LAYERS = {1024: 24}
+
+
+def _text_layers(text_sd: dict) -> tuple[int, bool]:
+    """(blocks in the full tower, whether the file still holds the last one)."""
+    present = _count(text_sd, r"transformer\.resblocks\.(\d+)\.")
+    tok = text_sd.get("token_embedding.weight")
+    full = VIT_H_TEXT_LAYERS.get(tok.shape[1]) if tok is not None else None
+    if full is not None and present == full - 1:
+        return full, False
+    return present, True
+
+
+def text_config(sd: dict) -> dict:
+    tok = sd["token_embedding.weight"]
+    width = tok.shape[1]
+    return {"width": width, "layers": _text_layers(sd)[0], "heads": _heads(width, 64),
+            "vocab_size": tok.shape[0], "context_length": sd["positional_embedding"].shape[0],
+            "mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+
+
+def vision_config(sd: dict) -> dict:
+    conv = sd["visual.conv1.weight"]
+    width, patch = conv.shape[0], conv.shape[2]
+    grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    # ViT-H/14 has 16 heads of 80; other widths use 64-wide heads.
+    return {"width": width, "layers": _count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+            "heads": 16 if width == 1280 else _heads(width, 64), "patch_size": patch, "image_size": grid * patch,
+            "mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width}
+
+
+def vae_config(sd: dict) -> dict:
+    """diffusers AutoencoderKL config from LDM ``first_stage_model.*`` shapes (prefix stripped)."""
+    n = _count(sd, r"encoder\.down\.(\d+)\.")
+    chans = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)]
+    with open(CONFIG_DIR / "vae.json") as f:
+        cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    cfg.update(block_out_channels=chans, layers_per_block=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+               latent_channels=sd["post_quant_conv.weight"].shape[0],
+               down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+               norm_num_groups=min(32, min(chans)))
+    return cfg
+
+
+def vae_ldm_to_diffusers(sd: dict) -> dict:
+    """Rename LDM VAE keys (``encoder.down.i.block.j`` ...) to diffusers AutoencoderKL keys."""
+    n_up = _count(sd, r"decoder\.up\.(\d+)\.")
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        nk = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", nk)
+        nk = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", nk)
+        m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", nk)
+        if m:
+            j = n_up - 1 - int(m.group(1))
+            rest = m.group(3)
+            if m.group(2) == "block":
+                nk = f"decoder.up_blocks.{j}.resnets.{rest}"
+            else:
+                nk = f"decoder.up_blocks.{j}.upsamplers.0.{rest}"
+        nk = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.",
+                    lambda mm: f"{mm.group(1)}.mid_block.resnets.{int(mm.group(2)) - 1}.", nk)
+        mm = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", nk)
+        if mm:
+            name = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[mm.group(2)]
+            nk = f"{mm.group(1)}.mid_block.attentions.0.{name}.{mm.group(3)}"
+            if mm.group(2) != "norm" and v.dim() == 4:
+                v = v[:, :, 0, 0]
+        nk = nk.replace(".nin_shortcut.", ".conv_shortcut.")
+        nk = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", nk)
+        out[nk] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _split(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unused_patterns(sd: dict) -> list[re.Pattern]:
+    last = _text_layers(_split(sd, TEXT))[0] - 1
+    return [re.compile("^" + p.replace("LAST", str(last)) + "$") for p in UNUSED]
+
+
+def _load_into(module: torch.nn.Module, sd: dict, what: str, fname: str) -> None:
+    res = module.load_state_dict(sd, strict=False, assign=True)
+    if res.missing_keys or res.unexpected_keys:
+        raise KinemaError(f"'{fname}': the {what} weights do not fit the architecture read from the file: "
+                          f"missing {res.missing_keys[:5]} ({len(res.missing_keys)}), "
+                          f"unexpected {res.unexpected_keys[:5]} ({len(res.unexpected_keys)})")
+
+
+def convert(sd: dict[str, torch.Tensor], fname: str = "checkpoint", dtype: torch.dtype = torch.float32,
+            variant: str = "auto", load_vae: bool = True):
+    """Build a :class:`~.model.DynamiCrafter` from a released state dict (tensors may be on meta)."""
+    from diffusers import AutoencoderKL
+
+    from .model import DynamiCrafter
+
+    what = identify(sd.keys())
+    if what is not None:
+        raise KinemaError(f"'{fname}' is not a DynamiCrafter checkpoint: it looks like {what}. "
+                          "Expected the released model.ckpt (keys model.diffusion_model.*, image_proj_model.*, "
+                          "cond_stage_model.*, embedder.*, first_stage_model.*)")
+    sd = dict(sd)
+    for old, new in RENAMES.items():
+        for k in [k for k in sd if k.startswith(old)]:
+            sd[new + k[len(old):]] = sd.pop(k)
+    detected, reason = detect_variant(sd)
+    if variant == "auto":
+        variant = detected
+    elif variant not in variants()["variants"]:
+        raise ValueError(f"variant: '{variant}' is not one of auto, {', '.join(variants()['variants'])}")
+    elif (variant == "256") != (detected == "256"):
+        raise KinemaError(f"'{fname}' is a DynamiCrafter {detected} model ({reason}), not {variant}")
+    required = {UNET: "video UNet", PROJ: "image resampler", TEXT: "text encoder", VISION: "image encoder"}
+    if load_vae:
+        required[VAE] = "VAE"
+    absent = [f"{p}* ({name})" for p, name in required.items() if not any(k.startswith(p) for k in sd)]
+    if absent:
+        raise KinemaError(f"'{fname}' is a partial DynamiCrafter checkpoint: it has no {', '.join(absent)}. "
+                          "Use the full released model.ckpt (or a pruned copy that keeps every part)")
+
+    unet_sd, proj_sd = _split(sd, UNET), _split(sd, PROJ)
+    text_sd, vis_sd = _split(sd, TEXT), _split(sd, VISION)
+    unused = _unused_patterns(sd)
+    is_unused = lambda k: any(p.match(k) for p in unused)  # noqa: E731
+    text_sd = {k: v for k, v in text_sd.items() if not is_unused(TEXT + k)}
+    vis_sd = {k[len("visual."):]: v for k, v in vis_sd.items() if not is_unused(VISION + k)}
+    leftovers = [k for k in sd if not k.startswith((UNET, PROJ, TEXT, VISION, VAE)) and not is_unused(k)]
+    if leftovers:
+        raise KinemaError(f"'{fname}': unexpected keys for a DynamiCrafter checkpoint: {leftovers[:8]}")
+
+    ucfg = unet_config(unet_sd, variant)
+    pcfg = resampler_config(proj_sd)
+    tcfg = text_config({k: v for k, v in _split(sd, TEXT).items()})
+    vcfg = vision_config(_split(sd, VISION))
+    with torch.device("meta"):
+        unet = DynamiCrafterUNet(ucfg)
+        proj = Resampler(**pcfg)
+        text = TextEncoder(**tcfg)
+        vision = VisionEncoder(**vcfg)
+    _load_into(unet, unet_sd, "video UNet (model.diffusion_model.*)", fname)
+    _load_into(proj, proj_sd, "resampler (image_proj_model.*)", fname)
+    _load_into(text, text_sd, "text encoder (cond_stage_model.*)", fname)
+    _load_into(vision, vis_sd, "image encoder (embedder.*)", fname)
+    vae = None
+    if load_vae:
+        vae_sd = _split(sd, VAE)
+        with torch.device("meta"):
+            vae = AutoencoderKL(**vae_config(vae_sd))
+        _load_into(vae, vae_ldm_to_diffusers(vae_sd), "VAE (first_stage_model.*)", fname)
+    info = {"variant": variant, "detected": detected, "reason": reason, "unet": asdict(ucfg), "resampler": pcfg,
+            "text": tcfg, "vision": vcfg}
+    model = DynamiCrafter(unet, proj, text, vision, vae, variant, info)
+    if not any(v.device.type == "meta" for v in sd.values()):
+        model.to(dtype)
+    return model
+
+
+def load_dynamicrafter(path: str | Path, dtype: torch.dtype = torch.float32, variant: str = "auto"):
+    """Read and convert a checkpoint file; errors name the file."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    return convert(sd, path.name, dtype=dtype, variant=variant)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def vae_diffusers_to_ldm(sd: dict) -> dict:
+    """Inverse of :func:`vae_ldm_to_diffusers` (attention weights back to 1x1 convolutions)."""
+    n_up = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", nk)
+        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", nk)
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", nk)
+        if m:
+            i = n_up - 1 - int(m.group(1))
+            nk = f"decoder.up.{i}.block.{m.group(3)}" if m.group(2) == "resnets" else f"decoder.up.{i}.upsample.{m.group(3)}"
+        nk = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
+                    lambda mm: f"{mm.group(1)}.mid.block_{int(mm.group(2)) + 1}.", nk)
+        mm = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", nk)
+        if mm:
+            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[mm.group(2)]
+            nk = f"{mm.group(1)}.mid.attn_1.{name}.{mm.group(3)}"
+            if name != "norm" and v.dim() == 2:
+                v = v[:, :, None, None]
+        nk = nk.replace(".conv_shortcut.", ".nin_shortcut.")
+        nk = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", nk)
+        out[nk] = v
+    return out
+
+
+def tiny_checkpoint(variant: str = "512", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random tiny DynamiCrafter state dict in the released layout (``configs/dynamicrafter/tiny.json``),
+    with the variant's distinguishing keys and buffers and the keys the models never read."""
+    from diffusers import AutoencoderKL
+
+    from .sampler import DiffusionSchedule, ScheduleConfig
+
+    if variant not in variants()["variants"]:
+        raise ValueError(f"variant: '{variant}' is not one of {', '.join(variants()['variants'])}")
+    with open(CONFIG_DIR / "tiny.json") as f:
+        tiny = json.load(f)
+    torch.manual_seed(seed)
+    settings = variants()["variants"][variant]
+    ud = dict(variants()["common_unet"])
+    ud.update(settings["unet"])
+    ud.update(tiny["unet"])
+    unet = DynamiCrafterUNet(UNetConfig.from_dict(ud))
+    sd = {}
+    g = torch.Generator().manual_seed(seed)
+    for k, v in unet.state_dict().items():
+        # re-randomise everything (zero-initialised output layers included) so all paths matter
+        sd[UNET + k] = (torch.randn(v.shape, generator=g) * 0.2 + (1.0 if k.endswith("norm.weight") else 0.0)
+                        if v.dim() <= 1 else torch.randn(v.shape, generator=g) / max(1, v[0].numel()) ** 0.5)
+    if variant == "256":  # released 256 naming of the fs MLP
+        for k in [k for k in sd if ".fps_embedding." in k]:
+            sd[k.replace(".fps_embedding.", ".framestride_embed.")] = sd.pop(k)
+    for k, v in Resampler(**tiny["resampler"]).state_dict().items():
+        sd[PROJ + k] = v
+    tc = tiny["text"]
+    text = TextEncoder(**tc, skip_last=0)
+    for k, v in text.state_dict().items():
+        sd[TEXT + k] = v
+    sd[TEXT + "text_projection"] = torch.randn(tc["width"], tc["width"], generator=g)
+    sd[TEXT + "logit_scale"] = torch.tensor(4.6052)
+    vision = VisionEncoder(**tiny["vision"])
+    for k, v in vision.state_dict().items():
+        sd[VISION + "visual." + k] = v
+    vw = tiny["vision"]["width"]
+    sd[VISION + "visual.ln_post.weight"], sd[VISION + "visual.ln_post.bias"] = torch.ones(vw), torch.zeros(vw)
+    sd[VISION + "visual.proj"] = torch.randn(vw, tc["width"], generator=g)
+    for k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"):
+        sd[VISION + k] = sd[TEXT + k].clone()
+    sd[VISION + "logit_scale"] = torch.tensor(4.6052)
+    vc = dict(tiny["vae"])
+    n = len(vc["block_out_channels"])
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                        norm_num_groups=32, **vc)
+    for k, v in vae_diffusers_to_ldm(vae.state_dict()).items():
+        sd[VAE + k] = v
+    sch = DiffusionSchedule(ScheduleConfig.from_dict(settings["schedule"]))
+    sd["betas"], sd["alphas_cumprod"] = sch.betas, sch.alphas_cumprod
+    sd["alphas_cumprod_prev"] = sch.alphas_cumprod_prev
+    sd["sqrt_alphas_cumprod"] = sch.sqrt_alphas_cumprod
+    sd["sqrt_one_minus_alphas_cumprod"] = sch.sqrt_one_minus_alphas_cumprod
+    eps = sch.cfg.parameterization == "eps"
+    ac = sch.alphas_cumprod64
+    sd["sqrt_recip_alphas_cumprod"] = (1.0 / ac).sqrt().float() if eps else torch.zeros(len(ac))
+    sd["sqrt_recipm1_alphas_cumprod"] = (1.0 / ac - 1).sqrt().float() if eps else torch.zeros(len(ac))
+    if sch.scale_arr is not None:
+        sd["scale_arr"] = sch.scale_arr
+    return {k: v.contiguous() for k, v in sd.items()}

@@ -1,0 +1,281 @@
+"""DynamiCrafter image animation and keyframe interpolation.
+
+Conditioning (as the released models were trained):
+
+- context = ``cat[text (77 tokens, OpenCLIP penultimate), image context (resampler over the
+  CLIP ViT-H tokens of the whole first frame)]``; unconditional = ``cat[text(negative or ""),
+  resampler(CLIP(zero image))]``;
+- UNet input = ``cat[z_t, image latent repeated over frames]`` (interpolation: the two keyframe
+  latents at the first and last frame, zeros between);
+- ``fs``: frames per second (512/1024) or frame stride (256).
+
+Sampling is DDIM with the variant's schedule. Optional: a region mask (only the masked part
+moves; elsewhere the latent is reset to the input each step), temporal windows for more frames
+than the model's native length, and offloading each part after use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ... import runtime
+from .model import DynamiCrafter
+from .sampler import DDIMSampler, DiffusionSchedule
+
+
+@dataclass
+class AnimateOptions:
+    prompt: str = ""
+    negative: str = ""
+    frames: int = 16
+    fs: int | None = None          # None: the variant's default
+    steps: int = 50
+    cfg: float = 7.5
+    eta: float = 1.0
+    seed: int = 0
+    height: int = 0                # 0: the variant's default
+    width: int = 0
+    window_overlap: int = 4        # frames shared by neighbouring temporal windows
+    offload: bool = True
+
+
+def _multiple(model: DynamiCrafter) -> int:
+    """Pixel sizes must be multiples of this (VAE factor x UNet downsampling)."""
+    levels = len(model.unet.cfg.channel_mult)
+    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return vae_factor * 2 ** (levels - 1)
+
+
+def _check_size(model: DynamiCrafter, height: int, width: int) -> tuple[int, int]:
+    d = model.settings()["defaults"]
+    height = int(height) or int(d["height"])
+    width = int(width) or int(d["width"])
+    m = _multiple(model)
+    if height % m or width % m or height < m or width < m:
+        raise ValueError(f"width/height: {width}x{height} must be positive multiples of {m} for this model")
+    return height, width
+
+
+def _cover_crop(x: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, height, width): scale to cover, centre crop."""
+    h, w = x.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    x = F.interpolate(x, size=(nh, nw), mode=mode, **kw)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def prepare_image(image: torch.Tensor, height: int, width: int, name: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, 3) or (H, W, 3) in [0, 1] -> (1, 3, height, width) in [-1, 1] (first image)."""
+    if not torch.is_tensor(image) or image.dim() not in (3, 4) or image.shape[-1] not in (3, 4):
+        shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"{name}: expected an IMAGE of shape (B, H, W, 3), got {shape}")
+    if image.dim() == 3:
+        image = image[None]
+    x = image[:1, ..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
+    return _cover_crop(x, height, width) * 2.0 - 1.0
+
+
+def prepare_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """MASK (B, H, W) or (H, W), 1 = animate -> (1, 1, height, width) in [0, 1] (first mask)."""
+    if not torch.is_tensor(mask) or mask.dim() not in (2, 3):
+        raise ValueError(f"mask: expected a MASK of shape (B, H, W), got "
+                         f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
+    if mask.dim() == 3:
+        mask = mask[:1]
+    else:
+        mask = mask[None]
+    m = _cover_crop(mask[:, None].float(), height, width, mode="nearest").clamp(0, 1)
+    if float(m.max()) <= 0:
+        raise ValueError("mask: the mask is empty; paint the region that should move (or leave the mask unconnected)")
+    return m
+
+
+def _move(module, device):
+    if module is not None:
+        module.to(device)
+
+
+def _window_starts(frames: int, length: int, overlap: int) -> list[int]:
+    if frames <= length:
+        return [0]
+    stride = max(1, length - max(0, min(overlap, length - 1)))
+    starts = list(range(0, frames - length + 1, stride))
+    if starts[-1] != frames - length:
+        starts.append(frames - length)
+    return starts
+
+
+def _window_weight(length: int, start: int, frames: int, overlap: int, device) -> torch.Tensor:
+    """Blending weights (length,) of a temporal window: linear ramps over the frames it shares
+    with its neighbours, 1 elsewhere."""
+    w = torch.ones(length, device=device)
+    k = max(0, min(overlap, length - 1))
+    if k:
+        ramp = torch.arange(1, k + 1, device=device, dtype=torch.float32) / (k + 1)
+        if start > 0:
+            w[:k] = torch.minimum(w[:k], ramp)
+        if start + length < frames:
+            w[-k:] = torch.minimum(w[-k:], ramp.flip(0))
+    return w
+
+
+class _Denoiser:
+    """UNet call with cond/uncond batched together and optional temporal windows."""
+
+    def __init__(self, model: DynamiCrafter, c_concat, ctx_cond, ctx_uncond, fs, overlap):
+        self.unet = model.unet
+        self.c_concat, self.ctx_c, self.ctx_u, self.fs = c_concat, ctx_cond, ctx_uncond, fs
+        self.length = model.temporal_length
+        self.overlap = overlap
+
+    def _run(self, x, c_concat, t):
+        dt = self.unet.dtype
+        b = x.shape[0]
+        xin = torch.cat([x, c_concat], dim=1).to(dt)
+        if self.ctx_u is not None:
+            xin = torch.cat([xin, xin])
+            ctx = torch.cat([self.ctx_c, self.ctx_u])
+        else:
+            ctx = self.ctx_c
+        n = xin.shape[0]
+        ts = torch.full((n,), t, dtype=torch.long, device=x.device)
+        fs = self.fs.expand(n)
+        with torch.no_grad():
+            out = self.unet(xin, ts, ctx.to(dt), fs).float()
+        return (out[:b], out[b:]) if self.ctx_u is not None else (out, None)
+
+    def __call__(self, x, t):
+        frames = x.shape[2]
+        starts = _window_starts(frames, self.length, self.overlap)
+        if len(starts) == 1:
+            return self._run(x, self.c_concat, t)
+        acc_c = torch.zeros_like(x, dtype=torch.float32)
+        acc_u = torch.zeros_like(acc_c) if self.ctx_u is not None else None
+        wsum = torch.zeros(frames, device=x.device)
+        for s in starts:
+            sl = slice(s, s + self.length)
+            oc, ou = self._run(x[:, :, sl], self.c_concat[:, :, sl], t)
+            w = _window_weight(self.length, s, frames, self.overlap, x.device)
+            acc_c[:, :, sl] += oc * w.view(1, 1, -1, 1, 1)
+            if ou is not None:
+                acc_u[:, :, sl] += ou * w.view(1, 1, -1, 1, 1)
+            wsum[sl] += w
+            runtime.check_interrupt()
+        wsum = wsum.view(1, 1, -1, 1, 1)
+        return acc_c / wsum, (acc_u / wsum if acc_u is not None else None)
+
+
+def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateOptions,
+             mask: torch.Tensor | None = None, device: torch.device | None = None,
+             callback=None) -> torch.Tensor:
+    """Frames (T, H, W, 3) in [0, 1].
+
+    ``keyframes``: one IMAGE (animate) or two (interpolate: the first and the last frame).
+    ``mask``: MASK, 1 where the picture may move (animate only).
+    """
+    if not 1 <= len(keyframes) <= 2:
+        raise ValueError("keyframes: give one image to animate or two to interpolate between")
+    if int(opts.frames) < (3 if len(keyframes) == 2 else 1):
+        raise ValueError(f"frames: {opts.frames} is too few (interpolation needs at least 3)")
+    if int(opts.steps) < 1:
+        raise ValueError(f"steps: {opts.steps} must be at least 1")
+    if opts.cfg < 1.0:
+        raise ValueError(f"cfg: {opts.cfg} must be at least 1.0 (1.0 turns guidance off)")
+    device = device or runtime.device()
+    settings = model.settings()
+    height, width = _check_size(model, opts.height, opts.width)
+    if opts.fs is not None and int(opts.fs) > 0:
+        fs_value = int(opts.fs)
+    elif len(keyframes) == 2:   # the official interpolation script conditions on fs 5
+        from .convert import variants
+        fs_value = int(variants()["variants"]["512_interp"]["defaults"]["fs"])
+    else:
+        fs_value = int(settings["defaults"]["fs"])
+    frames = int(opts.frames)
+    gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
+            for i, k in enumerate(keyframes)]
+    offload_dev = runtime.offload_device()
+
+    # conditioning
+    for part in (model.text_encoder, model.image_encoder, model.image_proj):
+        _move(part, device)
+    use_cfg = float(opts.cfg) != 1.0
+    text_c = model.encode_text([opts.prompt or ""])
+    img_c = model.encode_image_context(imgs[0].to(device))
+    ctx_c = torch.cat([text_c, img_c], dim=1)
+    ctx_u = None
+    if use_cfg:
+        text_u = model.encode_text([opts.negative or ""])
+        img_u = model.encode_image_context(torch.zeros_like(imgs[0]).to(device))
+        ctx_u = torch.cat([text_u, img_u], dim=1)
+    if opts.offload:
+        for part in (model.text_encoder, model.image_encoder, model.image_proj):
+            _move(part, offload_dev)
+        runtime.free_memory()
+    runtime.check_interrupt()
+
+    # image latents
+    _move(model.vae, device)
+    z = model.vae_encode(torch.cat(imgs).to(device), generator=gen)        # (K, 4, h, w)
+    h, w = z.shape[-2:]
+    if len(imgs) == 1:
+        c_concat = z[:1, :, None].expand(1, z.shape[1], frames, h, w).contiguous()
+    else:
+        c_concat = torch.zeros(1, z.shape[1], frames, h, w, device=device)
+        c_concat[:, :, 0] = z[0]
+        c_concat[:, :, -1] = z[1]
+    keep_mask = keep_latent = pix_mask = None
+    if mask is not None:
+        if len(imgs) != 1:
+            raise ValueError("mask: regional animation works with one image, not with interpolation")
+        pix_mask = prepare_mask(mask, height, width).to(device)
+        lat_mask = F.interpolate(pix_mask, size=(h, w), mode="area")
+        keep_mask = (1.0 - lat_mask)[:, :, None]                            # (1, 1, 1, h, w)
+        keep_latent = c_concat.float()
+    if opts.offload:
+        _move(model.vae, offload_dev)
+        runtime.free_memory()
+
+    # sampling
+    _move(model.unet, device)
+    sampler = DDIMSampler(DiffusionSchedule(model.schedule_config()), steps=int(opts.steps), eta=float(opts.eta))
+    fs = torch.tensor([fs_value], dtype=torch.long, device=device)
+    denoise = _Denoiser(model, c_concat.to(model.unet.dtype), ctx_c, ctx_u, fs, int(opts.window_overlap))
+    x_T = torch.randn((1, z.shape[1], frames, h, w), generator=gen, dtype=torch.float32).to(device)
+    latents = sampler.sample(denoise, x_T, cfg=float(opts.cfg),
+                             guidance_rescale=float(settings["schedule"].get("guidance_rescale", 0.0)),
+                             generator=gen, keep_mask=keep_mask, keep_latent=keep_latent, callback=callback)
+    if opts.offload:
+        _move(model.unet, offload_dev)
+        runtime.free_memory()
+    runtime.check_interrupt()
+
+    # decode
+    _move(model.vae, device)
+    video = model.vae_decode(latents[0].transpose(0, 1))                    # (T, 3, H, W) in [-1, 1]
+    if opts.offload:
+        _move(model.vae, offload_dev)
+        runtime.free_memory()
+    video = (video.float() + 1.0) / 2.0
+    if pix_mask is not None:
+        src = (imgs[0].to(video.device) + 1.0) / 2.0
+        video = pix_mask.to(video.device) * video + (1.0 - pix_mask.to(video.device)) * src
+    return video.clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def animate(model: DynamiCrafter, image: torch.Tensor, opts: AnimateOptions, mask: torch.Tensor | None = None,
+            device: torch.device | None = None) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) -> frames (T, H, W, 3); ``mask`` (B, H, W): 1 where it may move."""
+    return generate(model, [image], opts, mask=mask, device=device)
+
+
+def interpolate(model: DynamiCrafter, start: torch.Tensor, end: torch.Tensor, opts: AnimateOptions,
+                device: torch.device | None = None) -> torch.Tensor:
+    """Two IMAGEs -> frames (T, H, W, 3) from ``start`` to ``end`` (the 512-interp model)."""
+    return generate(model, [start, end], opts, device=device)

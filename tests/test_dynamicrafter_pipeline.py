@@ -1,0 +1,197 @@
+"""End to end with tiny random checkpoints of every variant: animate, interpolate, regional
+animation, temporal windows, precisions, and input errors."""
+import pytest
+import torch
+
+from kinema.pipelines.dynamicrafter import convert as C
+from kinema.pipelines.dynamicrafter import pipeline as P
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_MODELS = {}
+
+
+def tiny(variant):
+    if variant not in _MODELS:
+        _MODELS[variant] = C.convert(C.tiny_checkpoint(variant), f"tiny_{variant}")
+    return _MODELS[variant]
+
+
+def _image(seed=0, h=64, w=80):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, h, w, 3, generator=g)
+
+
+def _opts(**kw):
+    base = dict(prompt="a cat walking", frames=4, steps=3, cfg=7.5, eta=1.0, seed=1, height=64, width=64)
+    base.update(kw)
+    return P.AnimateOptions(**base)
+
+
+@pytest.mark.parametrize("variant", ["256", "512", "1024"])
+def test_animate_every_variant(variant):
+    model = tiny(variant)
+    out = P.animate(model, _image(), _opts(), device=CPU)
+    assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+    again = P.animate(model, _image(), _opts(), device=CPU)
+    torch.testing.assert_close(out, again, atol=0, rtol=0)
+    other = P.animate(model, _image(), _opts(seed=2), device=CPU)
+    assert (other - out).abs().max() > 1e-4
+
+
+def _record_unet(model):
+    calls = []
+    orig = model.unet.forward
+
+    def spy(x, t, ctx, fs=None, debug=None):
+        calls.append({"x": x.detach().clone(), "t": t.clone(), "ctx": ctx.detach().clone(), "fs": fs.clone()})
+        return orig(x, t, ctx, fs, debug)
+
+    model.unet.forward = spy
+    return calls, lambda: setattr(model.unet, "forward", orig)
+
+
+def test_conditioning_layout_and_fs_default():
+    model = tiny("512")
+    calls, undo = _record_unet(model)
+    try:
+        P.animate(model, _image(), _opts(steps=2, fs=0), device=CPU)
+    finally:
+        undo()
+    c = calls[0]
+    assert c["x"].shape == (2, 8, 4, 8, 8)            # cond + uncond, [z_t, image latent]
+    concat = c["x"][:, 4:]
+    torch.testing.assert_close(concat[:, :, 0], concat[:, :, 3])   # latent repeated over frames
+    assert c["ctx"].shape == (2, 77 + 64, 32)         # text + 16 tokens per frame x 4 frames
+    assert c["fs"].tolist() == [24, 24]               # 512 default fs
+    assert [int(x["t"][0]) for x in calls] == [999, 499]   # trailing spacing, 2 steps
+
+
+def test_interpolation_keyframes_at_ends():
+    model = tiny("512")
+    calls, undo = _record_unet(model)
+    try:
+        out = P.interpolate(model, _image(0), _image(1), _opts(frames=4, steps=2, fs=5), device=CPU)
+    finally:
+        undo()
+    assert out.shape == (4, 64, 64, 3)
+    concat = calls[0]["x"][:, 4:]
+    assert concat[:, :, 0].abs().max() > 0 and concat[:, :, 3].abs().max() > 0
+    assert concat[:, :, 1:3].abs().max() == 0
+    assert (concat[:, :, 0] - concat[:, :, 3]).abs().max() > 1e-3
+    assert calls[0]["fs"].tolist() == [5, 5]
+
+
+def test_regional_animation_keeps_outside_fixed():
+    model = tiny("512")
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0                              # left half may move
+    seen = {}
+
+    def cb(i, info):
+        seen[i] = info["x"].clone()
+
+    img = _image(3, 64, 64)
+    out = P.generate(model, [img], _opts(steps=3), mask=mask, device=CPU, callback=cb)
+    # pixels outside the mask are the input
+    torch.testing.assert_close(out[:, :, 32:], img[0, :, 32:].expand(4, -1, -1, -1), atol=1e-6, rtol=0)
+    # latents outside the mask equal the image latent after the last step, and move inside
+    free = P.generate(model, [img], _opts(steps=3), device=CPU, callback=lambda i, info: seen.__setitem__(("f", i), info["x"].clone()))
+    x_last = seen[0]
+    assert (x_last[..., 4:] - x_last[:, :, :1, :, 4:]).abs().max() == 0    # static right half over frames
+    assert (x_last[..., :4] - x_last[:, :, :1, :, :4]).abs().max() > 1e-4  # left half animates
+    assert (free - out).abs().max() > 1e-4
+
+
+def test_temporal_windows_more_frames_than_native():
+    model = tiny("1024")
+    assert model.temporal_length == 4
+    calls, undo = _record_unet(model)
+    try:
+        out = P.animate(model, _image(), _opts(frames=6, steps=1, window_overlap=2), device=CPU)
+    finally:
+        undo()
+    assert out.shape == (6, 64, 64, 3)
+    assert [c["x"].shape[2] for c in calls] == [4, 4]          # two windows of 4 frames
+    assert P._window_starts(6, 4, 2) == [0, 2] and P._window_starts(16, 16, 4) == [0]
+    assert P._window_starts(10, 4, 1) == [0, 3, 6]
+    w = P._window_weight(4, 2, 6, 2, CPU)
+    assert w.tolist() == pytest.approx([1 / 3, 2 / 3, 1, 1])
+
+
+def test_bf16_and_no_guidance():
+    model = C.convert(C.tiny_checkpoint("512"), "tiny", dtype=torch.bfloat16)
+    assert model.unet.dtype == torch.bfloat16
+    out = P.animate(model, _image(), _opts(steps=2, cfg=1.0), device=CPU)
+    assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
+
+
+def test_fp16_keeps_vae_in_fp32():
+    model = C.convert(C.tiny_checkpoint("256"), "tiny", dtype=torch.float16)
+    assert model.unet.dtype == torch.float16 and model.vae.dtype == torch.float32
+
+
+def test_bad_inputs():
+    model = tiny("512")
+    with pytest.raises(ValueError, match="image"):
+        P.animate(model, torch.rand(64, 64), _opts(), device=CPU)
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
+        P.animate(model, _image(), _opts(), mask=torch.zeros(1, 64, 64), device=CPU)
+    with pytest.raises(ValueError, match="width/height"):
+        P.animate(model, _image(), _opts(width=72), device=CPU)
+    with pytest.raises(ValueError, match="cfg"):
+        P.animate(model, _image(), _opts(cfg=0.5), device=CPU)
+    with pytest.raises(ValueError, match="frames"):
+        P.interpolate(model, _image(), _image(1), _opts(frames=2), device=CPU)
+    with pytest.raises(ValueError, match="eta"):
+        P.animate(model, _image(), _opts(eta=3.0), device=CPU)
+
+
+def test_interp_variant_defaults_and_forced_variant():
+    model = C.convert(C.tiny_checkpoint("512"), "tiny_interp", variant="512_interp")
+    assert model.variant == "512_interp" and model.settings()["defaults"]["fs"] == 5
+    calls, undo = _record_unet(model)
+    try:
+        P.animate(model, _image(), _opts(steps=1), device=CPU)
+    finally:
+        undo()
+    assert calls[0]["fs"].tolist() == [5, 5]
+
+
+def test_interrupt_and_progress(monkeypatch):
+    from kinema.pipelines.dynamicrafter import sampler as S
+    from kinema.runtime import Interrupted
+    model = tiny("512")
+    updates = []
+
+    class Bar:
+        def __init__(self, total, desc=""):
+            updates.append(("total", total))
+
+        def update(self, n=1):
+            updates.append(("step", n))
+
+    monkeypatch.setattr(S, "ProgressBar", Bar)
+    P.animate(model, _image(), _opts(steps=3), device=CPU)
+    assert updates == [("total", 3)] + [("step", 1)] * 3
+    count = {"n": 0}
+
+    def stop():
+        count["n"] += 1
+        if count["n"] == 2:
+            raise Interrupted("stop")
+
+    monkeypatch.setattr(S, "check_interrupt", stop)
+    with pytest.raises(Interrupted):
+        P.animate(model, _image(), _opts(steps=5), device=CPU)
+    assert count["n"] == 2
