@@ -8,8 +8,8 @@ passes in front of what it moves over and the place it leaves is filled with bac
   without one, the pixels that move at least half as far as the fastest one (a soft ramp below
   that); the **background layer** holds the rest (the two share partly-foreground pixels);
 - within a layer, sources landing on the same pixel are blended by a softmax splat whose metric
-  grows with the motion magnitude (faster pixels are in front); a layer's coverage (its alpha)
-  is the 3x3 mean of the splatted area: each source carries the area it covers after the
+  grows with the motion magnitude (faster pixels are in front); a layer's alpha is twice the
+  3x3 mean of the splatted area, clamped to 1: each source carries the area it covers after the
   motion, ``det(I + grad flow)`` (one-sided "minmod" differences, so a flow discontinuity at an
   object's edge does not count as stretch), so stretched and compressed parts still cover
   their pixels fully, and cracks of up to about two pixels close (their colour comes from the
@@ -44,6 +44,8 @@ FILL_MODES = ("inpaint", "stretch", "none")
 
 METRIC_SCALE = 10.0  # softmax metric at the fastest pixel: exp(10) ~ 2e4 : 1 over a still one
 INPAINT_MARGIN = 24  # px of context around the changing region given to the inpainting
+COVERAGE_GAIN = 2.0  # alpha = gain * 3x3 mean coverage: the splat lattice of a stretched layer
+# beats against the pixel grid (local coverage 0.6-1.4 where the mean is 1)
 ALPHA_FULL = 254.5 / 255  # layer alpha at or above this counts as fully covered
 CHUNK_BYTES = 192 * 2 ** 20  # bound on the splat accumulators of one batch of frames
 
@@ -135,7 +137,7 @@ def _area(f: torch.Tensor, fxp, fxm, fyp, fym) -> torch.Tensor:
 def _layer(premult: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor):
     """Colour (N, 3, h, w) and alpha (N, 1, h, w) of one splatted layer. Pixels that the alpha
     reaches but no source did take the weighted mean of their 3x3 neighbours."""
-    alpha = _box3(cov).clamp(0, 1)
+    alpha = (COVERAGE_GAIN * _box3(cov)).clamp(0, 1)
     alpha = torch.where(alpha >= ALPHA_FULL, torch.ones_like(alpha), alpha)
     colour = premult / weight.clamp_min(1e-30)
     crack = torch.nonzero(((alpha > 0) & (weight <= 0))[:, 0], as_tuple=True)
