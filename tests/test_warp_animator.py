@@ -267,3 +267,20 @@ def test_stretched_region_is_covered_without_holes(chelsea):
     ref = torch.nn.functional.grid_sample(chelsea.permute(2, 0, 1)[None], grid[None], align_corners=True)
     ref = ref[0].permute(1, 2, 0)
     assert (frames[-1][centre] - ref[centre]).abs().mean() < 0.03
+
+
+def test_soft_object_mask_layers_add_up(chelsea):
+    # a feathered object mask: its edge pixels are split between the two layers, land at the
+    # same place and must come out whole (no inpainting mixed in)
+    from kinema.kernels.masks import feather
+    h, w = chelsea.shape[:2]
+    soft = feather(_disc(h, w, 200, 150, 30), 6)
+    support = soft > 0.001
+    flow = _translate(support.float(), (8, 0), 3)
+    frames, holes = animate(chelsea, MotionField(flow, soft), progress=False, return_holes=True)
+    xs, ys = _grid(h, w)
+    inner = ((xs - 208) ** 2 + (ys - 150) ** 2) <= 36 ** 2  # the landed object, ramp included
+    ramp = (soft > 0.05) & (soft < 0.95)
+    assert (torch.roll(ramp, 8, dims=1) & inner).sum() > 500
+    assert holes[-1][inner].max() < 1e-3
+    assert torch.allclose(frames[-1][inner], torch.roll(chelsea, 8, dims=1)[inner], atol=1e-4)
