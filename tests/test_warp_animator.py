@@ -255,7 +255,7 @@ def test_stretched_region_is_covered_without_holes(chelsea):
     xs, ys = _grid(h, w)
     cx, cy, k = 270.0, 120.0, 0.8
     d2 = (xs - cx) ** 2 + (ys - cy) ** 2
-    env = torch.exp(-d2 / (2 * 45.0 ** 2)) * (d2 <= 130 ** 2)
+    env = torch.exp(-d2 / (2 * 40.0 ** 2)) * (d2 <= 90 ** 2)
     flow = torch.stack([(xs - cx) * k * env, (ys - cy) * k * env], dim=-1)
     flow = torch.stack([torch.zeros_like(flow), flow])
     frames, holes = animate(chelsea, MotionField(flow), progress=False, return_holes=True)
