@@ -5,7 +5,11 @@
 Prints one table: per-kernel timings at 512x512 and ``animate`` at 512x512 and 1024x1024 with
 16 frames (a dragged object: region mask + smooth falloff, and a hard-masked rigid object), with
 the peak resident memory of each ``animate`` run (VmHWM, reset before each run where the kernel
-allows it; else the process-wide peak from ``getrusage``). Run from the repository root.
+allows it; else the process-wide peak from ``getrusage``; "over start" is the rise above the
+RSS before the timed run, which already holds the allocator's memory from the warm-up run).
+On a busy machine ``--threads 1`` is much faster than torch's default thread count: the work is
+many small tensor operations, and waiting threads stall on cores that other processes hold.
+Run from the repository root.
 """
 from __future__ import annotations
 
