@@ -13,7 +13,9 @@ around them, coarse to fine:
    membrane that meets the hole's border without a seam.
 
 Everything is a convex combination of known pixels, so filled values stay within the range of
-the known colours. Cost is O(H * W) per image, a few tens of ms at 512^2.
+the known colours. Cost is O(H * W) per image, a few tens of ms at 512^2. On the bundled photos
+it gives smoother fills of large holes than OpenCV's Telea and Navier-Stokes inpainting, which
+leave radial streaks there.
 """
 from __future__ import annotations
 

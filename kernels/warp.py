@@ -93,7 +93,8 @@ def splat_points(values: torch.Tensor, pos: torch.Tensor, size: tuple[int, int],
     This is the core of ``soft_splat``; splatting only the pixels that move (a sparse set) is
     much cheaper than splatting whole frames.
     """
-    if values.ndim != 3 or pos.ndim != 3 or pos.shape[-1] != 2 or pos.shape[:2] != (values.shape[0], values.shape[2]):
+    if (values.ndim != 3 or pos.ndim != 3 or pos.shape[-1] != 2
+            or pos.shape[:2] != (values.shape[0], values.shape[2])):
         raise ValueError(f"splat_points: values must be (B, C, N) and pos (B, N, 2), got "
                          f"{tuple(values.shape)} and {tuple(pos.shape)}")
     b, c, n = values.shape

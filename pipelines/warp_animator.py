@@ -8,9 +8,12 @@ passes in front of what it moves over and the place it leaves is filled with bac
   without one, the pixels that move at least half as far as the fastest one (a soft ramp below
   that); the **background layer** holds the rest (the two share partly-foreground pixels);
 - within a layer, sources landing on the same pixel are blended by a softmax splat whose metric
-  grows with the motion magnitude (faster pixels are in front), and coverage is the sum of the
-  bilinear splat weights; one-pixel cracks of a stretched layer are closed (3x3 closing of the
-  coverage, colour from the 3x3 neighbourhood);
+  grows with the motion magnitude (faster pixels are in front); a layer's alpha is twice the
+  3x3 mean of the splatted area, clamped to 1: each source carries the area it covers after the
+  motion, ``det(I + grad flow)`` (one-sided "minmod" differences, so a flow discontinuity at an
+  object's edge does not count as stretch), so stretched and compressed parts still cover
+  their pixels fully, and cracks of up to about two pixels close (their colour comes from the
+  3x3 neighbourhood);
 - ``fill="inpaint"``: background holes (where nothing of the background landed, e.g. the
   object's old place) are filled by a push-pull inpainting of the background layer from the
   surrounding background only (see ``kernels/inpaint.py``), then the foreground is laid over
@@ -24,6 +27,10 @@ where they start and land (plus a margin for the inpainting); every other pixel 
 is copied from the input, so pixels with zero flow that nothing lands on are bitwise the input,
 and frame 0 is the input itself. With ``loop=True`` the field is traversed out and back with
 cosine timing so the video plays seamlessly when repeated (see :func:`loop_flow`).
+
+Frames are rendered in batches (their accumulators bounded by ``CHUNK_BYTES``: several frames
+at 512x512, fewer at larger sizes; smaller batches stay in cache and are faster than whole-video
+batches); the progress bar advances and interrupts are checked between batches.
 """
 from __future__ import annotations
 
@@ -34,7 +41,6 @@ import torch.nn.functional as F
 
 from ..kernels.field import MotionField
 from ..kernels.inpaint import push_pull
-from ..kernels.masks import box_max, box_min
 from ..kernels.warp import splat_points
 from ..runtime import ProgressBar, check_interrupt
 
@@ -42,7 +48,10 @@ FILL_MODES = ("inpaint", "stretch", "none")
 
 METRIC_SCALE = 10.0  # softmax metric at the fastest pixel: exp(10) ~ 2e4 : 1 over a still one
 INPAINT_MARGIN = 24  # px of context around the changing region given to the inpainting
-CHUNK_BYTES = 192 * 2 ** 20  # bound on the splat accumulators of one batch of frames
+COVERAGE_GAIN = 2.0  # alpha = gain * 3x3 mean coverage: the splat lattice of a stretched layer
+# beats against the pixel grid (local coverage 0.6-1.4 where the mean is 1)
+ALPHA_FULL = 254.5 / 255  # layer alpha at or above this counts as fully covered
+CHUNK_BYTES = 48 * 2 ** 20  # bound on the accumulators of one batch of frames (cache-friendly)
 
 
 def loop_flow(flow: torch.Tensor) -> torch.Tensor:
@@ -107,15 +116,33 @@ def _validate(image, field, mask, fill):
     return image, mask
 
 
-def _closing3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 grey closing of (N, 1, H, W): fills one-pixel cracks, keeps monotone edges."""
-    return box_min(box_max(x, 1), 1)
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 mean of (N, C, H, W), zero beyond the edges (shifted sums: cheap on CPU)."""
+    p = F.pad(x, (1, 1, 0, 0))
+    r = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
+    p = F.pad(r, (0, 0, 1, 1))
+    return (p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]) / 9.0
+
+
+def _minmod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The smaller of two one-sided differences, 0 where they disagree in sign."""
+    return torch.where(a * b > 0, torch.where(a.abs() < b.abs(), a, b), torch.zeros_like(a))
+
+
+def _area(f: torch.Tensor, fxp, fxm, fyp, fym) -> torch.Tensor:
+    """Area factor det(I + grad flow) (n, N) at sources with flow ``f`` (n, N, 2) and the flow of
+    their right/left/lower/upper neighbours; clamped to [1/4, 4]."""
+    dx = _minmod(fxp - f, f - fxm)  # d flow / dx
+    dy = _minmod(fyp - f, f - fym)  # d flow / dy
+    det = (1 + dx[..., 0]) * (1 + dy[..., 1]) - dy[..., 0] * dx[..., 1]
+    return det.clamp(0.25, 4.0)
 
 
 def _layer(premult: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor):
-    """Colour (N, 3, h, w) and closed coverage (N, 1, h, w) of one splatted layer. Pixels that
-    the closing covers but no source reached take the weighted mean of their 3x3 neighbours."""
-    alpha = _closing3(cov.clamp(0, 1))
+    """Colour (N, 3, h, w) and alpha (N, 1, h, w) of one splatted layer. Pixels that the alpha
+    reaches but no source did take the weighted mean of their 3x3 neighbours."""
+    alpha = (COVERAGE_GAIN * _box3(cov)).clamp(0, 1)
+    alpha = torch.where(alpha >= ALPHA_FULL, torch.ones_like(alpha), alpha)
     colour = premult / weight.clamp_min(1e-30)
     crack = torch.nonzero(((alpha > 0) & (weight <= 0))[:, 0], as_tuple=True)
     if crack[0].numel():
@@ -206,6 +233,8 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     col_s = image[ys, xs].to(torch.float32).t()  # (3, N)
     a_s = fg_alpha[ys, xs]  # (N,)
     pos0 = torch.stack([xs - x0, ys - y0], dim=-1).float()  # (N, 2) crop coordinates
+    xs_p, xs_m = (xs + 1).clamp(max=w - 1), (xs - 1).clamp(min=0)
+    ys_p, ys_m = (ys + 1).clamp(max=h - 1), (ys - 1).clamp(min=0)
     flow_c = flow[:, y0:y1, x0:x1]
     img_crop = image[y0:y1, x0:x1]
     restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
@@ -229,10 +258,12 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         mk = mag[ks]
         ew = torch.exp(METRIC_SCALE * mk / max_mag)  # softmax weights, 1 for still sources
         wf = a_s * ew  # (n, N)
-        parts = [col_s * wf.unsqueeze(1), wf.unsqueeze(1), a_s.expand(n, 1, -1)]
+        fl = flow[ks]
+        area = _area(fk, fl[:, ys, xs_p], fl[:, ys, xs_m], fl[:, ys_p, xs], fl[:, ys_m, xs])
+        parts = [col_s * wf.unsqueeze(1), wf.unsqueeze(1), (a_s * area).unsqueeze(1)]
         if not bg_still:
             wb = (1 - a_s) * ew
-            parts += [col_s * wb.unsqueeze(1), wb.unsqueeze(1), (1 - a_s).expand(n, 1, -1)]
+            parts += [col_s * wb.unsqueeze(1), wb.unsqueeze(1), ((1 - a_s) * area).unsqueeze(1)]
         parts.append((mk > 0).to(col_s.dtype).unsqueeze(1))
         vals = torch.cat(parts, dim=1)  # (n, n_ch, N)
         acc = base.unsqueeze(0).repeat(n, 1, 1, 1)
@@ -244,9 +275,14 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
             bg_col, bg_a = bg_col0, bg_a0
         else:
             bg_col, bg_a = _layer(acc[:, 5:8], acc[:, 8:9], acc[:, 9:10])
+        # share of what the foreground leaves visible that the background covers: pixels split
+        # between the layers (a soft mask) are whole when the two alphas add up to 1
+        bg_a = torch.where(bg_a > 0, (bg_a / (1 - fg_a).clamp_min(1e-6)).clamp(max=1.0),
+                           torch.zeros_like(bg_a))
+        bg_a = torch.where(bg_a >= ALPHA_FULL, torch.ones_like(bg_a), bg_a)
         if fill == "inpaint":
             # the background only shows where the foreground does not cover it
-            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a, need=fg_a < 1)
+            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a, relax_iters=2, need=fg_a < 1)
             out = fg_col * fg_a + bg_full * (1 - fg_a)
         else:
             alpha = fg_a + (1 - fg_a) * bg_a

@@ -143,3 +143,29 @@ def test_sliding_and_box_max_match_pooling():
     ref = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
     assert torch.equal(box_max(x, 1), ref)
     assert torch.equal(box_min(x, 1), -torch.nn.functional.max_pool2d(-x, 3, stride=1, padding=1))
+
+
+def _bfs(inside, x, y):
+    h, w = inside.shape
+    out = torch.zeros(h, w, dtype=torch.bool)
+    if not inside[y, x]:
+        return out
+    stack = [(y, x)]
+    out[y, x] = True
+    while stack:
+        cy, cx = stack.pop()
+        for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+            if 0 <= ny < h and 0 <= nx < w and inside[ny, nx] and not out[ny, nx]:
+                out[ny, nx] = True
+                stack.append((ny, nx))
+    return out
+
+
+def test_connected_component_matches_flood_fill_on_random_masks():
+    g = torch.Generator().manual_seed(5)
+    for trial in range(6):
+        m = (torch.rand(37, 53, generator=g) < 0.58).float()
+        ys, xs = torch.nonzero(m > 0, as_tuple=True)
+        k = int(torch.randint(0, ys.numel(), (1,), generator=g))
+        x, y = int(xs[k]), int(ys[k])
+        assert torch.equal(connected_component(m, (x, y)) > 0, _bfs(m > 0, x, y)), trial

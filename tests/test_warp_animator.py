@@ -246,3 +246,41 @@ def test_input_validation(chelsea):
     # a still field gives the input in every frame
     still = animate(chelsea, MotionField(flow), progress=False)
     assert torch.equal(still, chelsea.expand(4, -1, -1, -1))
+
+
+def test_stretched_region_is_covered_without_holes(chelsea):
+    # a zoom by 1.8x around the eye, fading out smoothly: the stretched interior must be the
+    # magnified photo (no fill showing through the gaps between the splatted pixels)
+    h, w = chelsea.shape[:2]
+    xs, ys = _grid(h, w)
+    cx, cy, k = 270.0, 120.0, 0.8
+    d2 = (xs - cx) ** 2 + (ys - cy) ** 2
+    env = torch.exp(-d2 / (2 * 40.0 ** 2)) * (d2 <= 90 ** 2)
+    flow = torch.stack([(xs - cx) * k * env, (ys - cy) * k * env], dim=-1)
+    flow = torch.stack([torch.zeros_like(flow), flow])
+    frames, holes = animate(chelsea, MotionField(flow), progress=False, return_holes=True)
+    centre = d2 <= 20 ** 2
+    assert holes[-1][centre].max() < 0.02
+    # reference: near the centre the map is q = c + 1.8 (p - c), so out(q) = photo(c + (q - c) / 1.8)
+    src = torch.stack([cx + (xs - cx) / 1.8, cy + (ys - cy) / 1.8], dim=-1)
+    grid = torch.stack([src[..., 0] / (w - 1) * 2 - 1, src[..., 1] / (h - 1) * 2 - 1], dim=-1)
+    ref = torch.nn.functional.grid_sample(chelsea.permute(2, 0, 1)[None], grid[None], align_corners=True)
+    ref = ref[0].permute(1, 2, 0)
+    assert (frames[-1][centre] - ref[centre]).abs().mean() < 0.03
+
+
+def test_soft_object_mask_layers_add_up(chelsea):
+    # a feathered object mask: its edge pixels are split between the two layers, land at the
+    # same place and must come out whole (no inpainting mixed in)
+    from kinema.kernels.masks import feather
+    h, w = chelsea.shape[:2]
+    soft = feather(_disc(h, w, 200, 150, 30), 6)
+    support = soft > 0.001
+    flow = _translate(support.float(), (8, 0), 3)
+    frames, holes = animate(chelsea, MotionField(flow, soft), progress=False, return_holes=True)
+    xs, ys = _grid(h, w)
+    inner = ((xs - 208) ** 2 + (ys - 150) ** 2) <= 36 ** 2  # the landed object, ramp included
+    ramp = (soft > 0.05) & (soft < 0.95)
+    assert (torch.roll(ramp, 8, dims=1) & inner).sum() > 500
+    assert holes[-1][inner].max() < 1e-3
+    assert torch.allclose(frames[-1][inner], torch.roll(chelsea, 8, dims=1)[inner], atol=1e-4)
