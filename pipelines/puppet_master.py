@@ -417,6 +417,8 @@ def svd_vae_key_map(config: dict) -> dict:
     ch = list(config["block_out_channels"])
     n = len(ch)
     lpb = config.get("layers_per_block", 2)
+    if lpb != 2:  # sgm's decoder mid block always has two resnets; diffusers' has layers_per_block
+        raise ValueError(f"vae config: layers_per_block must be 2 for an SVD VAE, got {lpb}")
     m = {}
     for p in ("weight", "bias"):
         m[f"encoder.conv_in.{p}"] = f"encoder.conv_in.{p}"
@@ -480,7 +482,8 @@ def convert_svd_vae(checkpoint: dict, config: dict, name: str = "checkpoint") ->
         out["quant_conv.bias"] = torch.zeros(c)
     used = set(key_map.values()) | {"quant_conv.weight", "quant_conv.bias"}
     extra = {k for k in src if k not in used and not k.startswith(("loss.", "regularization."))}
-    missing = set(expected) - set(out)
+    missing = {SVD_VAE_PREFIX + key_map.get(k, k) for k in set(expected) - set(out)}
+    extra = {SVD_VAE_PREFIX + k for k in extra}
     if missing or extra:
         raise KinemaError(f"{name}: VAE tensors do not match the SVD temporal-decoder VAE config: "
                           f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
@@ -537,8 +540,8 @@ def convert_svd_clip(checkpoint: dict, config: dict, name: str = "checkpoint") -
         elif dif == "visual_projection.weight":
             v = v.t()
         out[dif] = v.contiguous()
-    extra = set(src) - used
-    missing = set(expected) - set(out)
+    extra = {SVD_CLIP_PREFIX + k for k in set(src) - used}
+    missing = {SVD_CLIP_PREFIX + key_map.get(k, k).partition("#")[0] for k in set(expected) - set(out)}
     if missing or extra:
         raise KinemaError(f"{name}: image-encoder tensors do not match the CLIP ViT config: "
                           f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
@@ -797,14 +800,17 @@ class PuppetMaster:
         return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     def animate(self, image: torch.Tensor, tracks, mask: torch.Tensor | None = None, steps: int = 50,
-                cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int = CROP_SIZE,
+                cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int | None = None,
                 frames: int = NUM_FRAMES, progress: bool = True) -> torch.Tensor:
         """image (H, W, 3) in [0, 1], tracks: list of (M_i, 2) pixel tracks -> (F, ., ., 3) frames.
 
-        The frames are the 256x256 subject crop, or the full image with the crop pasted back.
+        The frames are the subject crop (``size`` defaults to 8 x the UNet's ``sample_size``:
+        256 for the released model), or the full image with the crop pasted back.
         """
         if steps < 1:
             raise ValueError(f"steps: {steps} must be at least 1")
+        if size is None:
+            size = 8 * int(self.unet.config.sample_size or CROP_SIZE // 8)
         crop_img, crop = subject_crop(image, mask, size)
         drags, valid = tracks_to_drags(tracks, crop, frames)
         latent, embed = self.encode_image(crop_img)
