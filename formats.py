@@ -51,7 +51,8 @@ class Tracks:
         return len(self.tracks)
 
 
-def _load(text, name: str):
+def load_json(text, name: str):
+    """Parse a JSON input (a string, or an already parsed list/dict); errors name the input."""
     if isinstance(text, (list, dict)):
         return text
     if text is None or not str(text).strip():
@@ -120,7 +121,7 @@ def check_inside(t: torch.Tensor, size: tuple[int, int], name: str) -> None:
 def parse_points(text, size: tuple[int, int] | None = None, negative_text=None,
                  name: str = "points") -> Points:
     """Parse clicks. ``size`` = (width, height) checks they lie inside the image."""
-    data = _load(text, name)
+    data = load_json(text, name)
     box = None
     normalized = False
     if isinstance(data, dict):
@@ -136,7 +137,7 @@ def parse_points(text, size: tuple[int, int] | None = None, negative_text=None,
         pos = _points(data, name)
         neg = torch.zeros(0, 2)
     if negative_text is not None:
-        neg = torch.cat([neg, _points(_load(negative_text, "negative_points"), "negative_points")])
+        neg = torch.cat([neg, _points(load_json(negative_text, "negative_points"), "negative_points")])
     pos, neg = _scale(pos, normalized, size), _scale(neg, normalized, size)
     if box is not None:
         box = _scale(box.reshape(2, 2), normalized, size).reshape(4)
@@ -152,7 +153,7 @@ def parse_points(text, size: tuple[int, int] | None = None, negative_text=None,
 def parse_tracks(text, size: tuple[int, int] | None = None, anchors_text=None,
                  name: str = "tracks") -> Tracks:
     """Parse drags/trajectories (and optional anchors). Every track needs >= 2 points."""
-    data = _load(text, name)
+    data = load_json(text, name)
     normalized = False
     anchors = torch.zeros(0, 2)
     if isinstance(data, dict):
@@ -171,7 +172,7 @@ def parse_tracks(text, size: tuple[int, int] | None = None, anchors_text=None,
                              f"end (2 or more points). Use anchors for points that must stay still.")
         tracks.append(_scale(t, normalized, size))
     if anchors_text is not None:
-        anchors = torch.cat([anchors, _points(_load(anchors_text, "anchors"), "anchors")])
+        anchors = torch.cat([anchors, _points(load_json(anchors_text, "anchors"), "anchors")])
     anchors = _scale(anchors, normalized, size)
     if size is not None:
         for i, t in enumerate(tracks):

@@ -180,3 +180,17 @@ class ProgressBar:
             if self.n >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def prompt_server():
+    """``(PromptServer.instance, aiohttp.web)`` inside a running ComfyUI server, else None.
+    Set ``KINEMA_NO_ROUTES=1`` to keep the pack's HTTP routes off."""
+    if _folder_paths is None or os.environ.get("KINEMA_NO_ROUTES") == "1":
+        return None
+    try:
+        from server import PromptServer  # type: ignore
+        from aiohttp import web  # type: ignore
+    except Exception:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    return None if instance is None else (instance, web)

@@ -2,7 +2,7 @@
 NODE_DISPLAY_NAME_MAPPINGS; this package merges them."""
 from importlib import import_module
 
-_MODULES = ()
+_MODULES = ("segment", "motion")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

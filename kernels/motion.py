@@ -1,0 +1,582 @@
+"""Sparse-to-dense motion: drags (tracks) -> a dense per-frame motion field.
+
+A *track* (a drag, a trajectory) is a polyline ``(N, 2)`` of pixel positions, x then y;
+its point ``i`` is at time ``i / (N - 1)``, so the first point is where the drag starts
+(time 0) and the last where it ends (time 1). A *motion field* is ``(F, H, W, 2)`` float32:
+the displacement in pixels of each frame-0 pixel at frame ``k``, with ``flow[0] == 0``.
+
+Pipeline of :func:`dense_motion`:
+
+1. Timing. Frame ``k`` of ``F`` sits at ``s = k / (F - 1)``; an easing curve maps it to the
+   track time ``t = ease(s, kind)`` (:func:`ease`), and each track is sampled at ``t``
+   (:func:`sample_track`). The displacement of drag ``i`` at frame ``k`` is
+   ``strength * (track_i(t_k) - track_i(0))``.
+2. Interpolation in space. The drag starts carry their displacements; anchors carry zero.
+   The field between them comes from per-pixel weights ``(H*W, K)`` computed once, so every
+   frame is one matrix product. ``interpolation``:
+
+   - ``shepard`` (default): inverse-distance weights ``w_i = |x - c_i|^-2 / sum_j |x - c_j|^-2``
+     over drag starts and anchors. Interpolating (exact at every centre), smooth between, and
+     a convex combination of the drag displacements, so it never overshoots: nothing moves
+     farther than the drags, and no pixel moves against them (e.g. behind an anchor).
+   - ``rbf``: inverse multiquadric ``phi(r) = 1 / sqrt(1 + (r / eps)^2)`` plus a constant,
+     from a small ``(n+1) x (n+1)`` linear system over the n centres, solved once in float64
+     (``eps`` = mean nearest-centre spacing, clamped to [min(W, H)/16, min(W, H)]). Smoother
+     blends between distant drags, but like every RBF it can overshoot near close centres.
+
+   Either way a single drag (with no anchors in play) gives a pure translation.
+3. Locality. The interpolant is multiplied by an envelope ``E(x)`` in [0, 1] that is exactly 1
+   at every drag start (so starts follow their drags exactly) and exactly 0 far away:
+
+   - with a ``region`` mask: ``E = 1`` on the region and falls smoothly to 0 over ``falloff``
+     pixels of Euclidean distance outside it; beyond region + falloff the flow is exactly 0.
+     The region moves as a whole: one drag translates it rigidly; several drags are
+     interpolated between.
+   - without a mask: each drag ``i`` has a disc of radius ``R_i = L_i + falloff`` around its
+     start, where ``L_i`` is the drag's reach (the largest distance of any of its points from
+     its start); ``E = 1 - prod_i (1 - b((|x - s_i| - c) / (R_i - c)))`` with the bump
+     ``b(u) = 1 - smoothstep(u)`` (``b(u) = 1`` for ``u <= 0``, ``0`` for ``u >= 1``) and a core
+     ``c = falloff / 4``: a small disc around the clicked point moves with it as a whole (so
+     the point stays trackable), then the influence fades out. Pixels farther than
+     ``max_i R_i`` from every drag start get exactly zero flow.
+
+   Anchors are pinned: the interpolant is 0 there and their pixels are set to exactly 0.
+
+Everything is pure torch and runs on the device of the inputs (or ``device=``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+MAX_FRAMES = 256
+"""Largest number of frames :func:`dense_motion` and :func:`resample_track` produce."""
+
+EASINGS = ("linear", "ease_in", "ease_out", "ease_in_out", "ease_out_back", "loop")
+"""Easing kinds understood by :func:`ease`."""
+
+TRACK_INTERPOLATIONS = ("linear", "pchip")
+
+_BACK = 1.70158  # overshoot constant of the classic "back" easing (about 10 % overshoot)
+_PIXEL_CHUNK = 65536  # pixels per block when evaluating the interpolant
+
+
+# ----------------------------------------------------------------------------------------
+# easing
+
+
+def ease(t, kind: str = "linear") -> torch.Tensor:
+    """Easing curve applied to a normalised time ``t`` (any shape, values in [0, 1]).
+
+    Every curve has ``ease(0) == 0``; all but ``loop`` have ``ease(1) == 1``.
+
+    - ``linear``:        ``t``
+    - ``ease_in``:       ``t^2`` (starts slowly, ends fast)
+    - ``ease_out``:      ``1 - (1 - t)^2`` (starts fast, ends slowly)
+    - ``ease_in_out``:   ``3 t^2 - 2 t^3`` (smoothstep: slow at both ends)
+    - ``ease_out_back``: ``1 + (c + 1)(t - 1)^3 + c (t - 1)^2`` with ``c = 1.70158``: overshoots
+      the end by 10 % (maximum 1.100 at ``t ~ 0.58``) and settles back at ``t = 1``
+    - ``loop``:          ``sin^2(pi t)``: out and back smoothly; 0 at ``t = 0`` and ``t = 1``,
+      1 at ``t = 0.5``, zero speed at both ends and at the turn
+
+    Returns a floating tensor of the same shape (float32 unless ``t`` is already floating).
+    """
+    if kind not in EASINGS:
+        raise ValueError(f"easing: {kind!r} is not a known easing; use one of {', '.join(EASINGS)}")
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if t.numel():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("easing: time t has NaN or infinite values; pass times in [0, 1]")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"easing: time t must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+    if kind == "linear":
+        return t.clone()
+    if kind == "ease_in":
+        return t * t
+    if kind == "ease_out":
+        u = 1.0 - t
+        return 1.0 - u * u
+    if kind == "ease_in_out":
+        return t * t * (3.0 - 2.0 * t)
+    if kind == "ease_out_back":
+        u = t - 1.0
+        return 1.0 + (_BACK + 1.0) * u * u * u + _BACK * u * u
+    # loop
+    s = torch.sin(math.pi * t)
+    out = s * s
+    return torch.where((t == 0) | (t == 1), torch.zeros_like(out), out)
+
+
+# ----------------------------------------------------------------------------------------
+# tracks
+
+
+def _as_track(track, name: str, dtype=torch.float64, device=None) -> torch.Tensor:
+    try:
+        tr = torch.as_tensor(track)
+    except Exception:
+        raise ValueError(f"{name}: expected an (N, 2) list or tensor of x, y points, "
+                         f"got {type(track).__name__}") from None
+    if tr.ndim != 2 or tr.shape[-1] != 2 or tr.shape[0] < 1:
+        raise ValueError(f"{name}: expected an (N, 2) tensor of x, y points, got shape {tuple(tr.shape)}")
+    tr = tr.to(device=device if device is not None else tr.device, dtype=dtype)
+    if not bool(torch.isfinite(tr).all()):
+        raise ValueError(f"{name}: has NaN or infinite coordinates")
+    return tr
+
+
+def _pchip_slopes(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Shape-preserving (Fritsch-Butland) derivatives at the knots.
+
+    h: (N-1,) knot spacing; y: (N, C) values -> (N, C) derivatives. Interior derivative is
+    the weighted harmonic mean of the neighbouring secant slopes (0 where they differ in sign
+    or one is 0); end derivatives are the one-sided three-point estimate, limited so the
+    curve stays monotone where the data is.
+    """
+    m = (y[1:] - y[:-1]) / h[:, None]  # (N-1, C) secant slopes
+    n = y.shape[0]
+    if n == 2:
+        return torch.cat([m, m], dim=0)
+    d = torch.zeros_like(y)
+    h0, h1 = h[:-1, None], h[1:, None]
+    m0, m1 = m[:-1], m[1:]
+    w1 = 2.0 * h1 + h0
+    w2 = h1 + 2.0 * h0
+    flat = (torch.sign(m0) != torch.sign(m1)) | (m0 == 0) | (m1 == 0)
+    safe0 = torch.where(flat, torch.ones_like(m0), m0)
+    safe1 = torch.where(flat, torch.ones_like(m1), m1)
+    harm = (w1 + w2) / (w1 / safe0 + w2 / safe1)
+    d[1:-1] = torch.where(flat, torch.zeros_like(harm), harm)
+
+    def edge(ha, hb, ma, mb):
+        e = ((2.0 * ha + hb) * ma - ha * mb) / (ha + hb)
+        e = torch.where(torch.sign(e) != torch.sign(ma), torch.zeros_like(e), e)
+        clip = (torch.sign(ma) != torch.sign(mb)) & (e.abs() > 3.0 * ma.abs())
+        return torch.where(clip, 3.0 * ma, e)
+
+    d[0] = edge(h[0], h[1], m[0], m[1])
+    d[-1] = edge(h[-1], h[-2], m[-1], m[-2])
+    return d
+
+
+def sample_track(track, t, method: str = "linear") -> torch.Tensor:
+    """Position of a track at times ``t``.
+
+    track: (N, 2) pixels, point ``i`` at time ``i / (N - 1)``; t: (T,) times (values outside
+    [0, 1] extrapolate along the first/last piece: an overshooting easing carries the point
+    past the end of the drag along its last direction). method:
+
+    - ``linear``: piecewise-linear in time between consecutive points; exact at the points.
+    - ``pchip``: piecewise-cubic Hermite with shape-preserving slopes (what SciPy's
+      ``PchipInterpolator`` computes over ``linspace(0, 1, N)``, x and y separately), the
+      trajectory interpolation of Motion-I2V's demo; extrapolates linearly with the end slope.
+
+    Returns (T, 2) in the track's floating dtype (float32 for integer input).
+    """
+    if method not in TRACK_INTERPOLATIONS:
+        raise ValueError(f"track interpolation: {method!r} is not known; use one of "
+                         f"{', '.join(TRACK_INTERPOLATIONS)}")
+    tr = torch.as_tensor(track)
+    dtype = tr.dtype if tr.is_floating_point() else torch.float32
+    tr = _as_track(tr, "track", dtype=dtype)
+    t = torch.as_tensor(t, dtype=dtype, device=tr.device).reshape(-1)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("track: sample times have NaN or infinite values")
+    n = tr.shape[0]
+    if n == 1:
+        return tr.expand(t.shape[0], 2).clone()
+    u = t * (n - 1)
+    i0 = torch.floor(u).clamp(0, n - 2).long()
+    frac = (u - i0.to(dtype))[:, None]
+    p0, p1 = tr[i0], tr[i0 + 1]
+    if method == "linear":
+        return torch.lerp(p0, p1, frac.expand_as(p0))
+    # pchip on knots x_j = j / (n - 1)
+    x = torch.linspace(0.0, 1.0, n, dtype=dtype, device=tr.device)
+    h = x[1:] - x[:-1]
+    d = _pchip_slopes(h, tr)
+    hs = h[i0][:, None]
+    s = ((t - x[i0]) / h[i0])[:, None]
+    s2, s3 = s * s, s * s * s
+    out = ((2 * s3 - 3 * s2 + 1) * p0 + (s3 - 2 * s2 + s) * hs * d[i0]
+           + (-2 * s3 + 3 * s2) * p1 + (s3 - s2) * hs * d[i0 + 1])
+    before, after = t < 0, t > 1
+    if bool(before.any()) or bool(after.any()):
+        lin0 = tr[0] + d[0] * t[:, None]
+        lin1 = tr[-1] + d[-1] * (t[:, None] - 1.0)
+        out = torch.where(before[:, None], lin0, torch.where(after[:, None], lin1, out))
+    return out
+
+
+def frame_times(frames: int, easing: str = "linear") -> torch.Tensor:
+    """Times (frames,) float64 at which the frames sample the motion, before easing.
+
+    ``k / (frames - 1)`` from 0 to 1 for the one-way easings. For ``loop`` it is ``k / frames``:
+    the cycle closes one step after the last frame, so a looping player shows no repeated
+    frame (frame ``frames`` would be frame 0 again).
+    """
+    if easing == "loop":
+        return torch.arange(frames, dtype=torch.float64) / frames
+    s = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
+    s[-1] = 1.0
+    return s
+
+
+def resample_track(track, frames: int, easing: str = "linear", method: str = "linear") -> torch.Tensor:
+    """Resample a track to ``frames`` points, one per output frame.
+
+    track: (N, 2) pixels, point ``i`` at time ``i / (N - 1)`` (tracks of any length N >= 1).
+    Frame ``k`` takes the track at time ``ease(frame_times(frames, easing)[k], easing)`` (that is
+    ``k / (frames - 1)``, or ``k / frames`` for ``loop``), interpolated in time
+    by ``method`` (``linear`` by default; see :func:`sample_track`). The first output point is
+    the track's first point exactly, and with an easing that ends at 1 the last output point is
+    its last point exactly. frames: 1..MAX_FRAMES (one frame gives the start point).
+
+    Returns (frames, 2), same floating dtype as the track (float32 for integer input).
+    """
+    frames = _check_frames(frames, minimum=1)
+    tr = torch.as_tensor(track)
+    dtype = tr.dtype if tr.is_floating_point() else torch.float32
+    if frames == 1:
+        return _as_track(tr, "track", dtype=dtype)[:1].clone()
+    t = ease(frame_times(frames, easing), easing)
+    return sample_track(tr.to(dtype), t.to(dtype), method=method)
+
+
+# ----------------------------------------------------------------------------------------
+# dense motion
+
+
+def _check_frames(frames, minimum: int = 2) -> int:
+    if isinstance(frames, bool) or not isinstance(frames, (int, float)) or float(frames) != int(frames):
+        raise ValueError(f"frames: must be a whole number, got {frames!r}")
+    frames = int(frames)
+    if frames < minimum or frames > MAX_FRAMES:
+        raise ValueError(f"frames: {frames} is out of range; use {minimum}..{MAX_FRAMES}")
+    return frames
+
+
+def _check_size(size) -> tuple[int, int]:
+    try:
+        w, h = size
+        if float(w) != int(w) or float(h) != int(h):
+            raise TypeError
+        w, h = int(w), int(h)
+    except (TypeError, ValueError):
+        raise ValueError(f"size: expected (width, height) in whole pixels, got {size!r}") from None
+    if w < 2 or h < 2 or w > 16384 or h > 16384:
+        raise ValueError(f"size: {w}x{h} is not a usable image size; width and height must be 2..16384")
+    return w, h
+
+
+def _check_inside(p: torch.Tensor, w: int, h: int, name: str) -> None:
+    bad = (p[..., 0] < 0) | (p[..., 0] > w - 1) | (p[..., 1] < 0) | (p[..., 1] > h - 1)
+    if bool(bad.any()):
+        x, y = p[bad][0].tolist()
+        raise ValueError(f"{name}: ({x:g}, {y:g}) is outside the {w}x{h} image "
+                         f"(x must be in 0..{w - 1}, y in 0..{h - 1})")
+
+
+def _bump(u: torch.Tensor) -> torch.Tensor:
+    """1 - smoothstep(u): 1 at u <= 0, smooth, exactly 0 for u >= 1."""
+    u = u.clamp(0.0, 1.0)
+    return 1.0 - u * u * (3.0 - 2.0 * u)
+
+
+def distance_to_region(region: torch.Tensor, limit: float) -> torch.Tensor:
+    """Euclidean distance of every pixel to the nearest pixel of ``region``.
+
+    region: (H, W) bool. Exact for distances up to ``limit`` pixels; farther pixels get some
+    value > ``limit`` (possibly inf). Region pixels get 0. Separable: the vertical distance to
+    the region in each column (running max/min of region row indices), then a minimum over
+    horizontal offsets |o| <= limit of ``o^2 + g(x + o)^2``. Returns (H, W) float32.
+    """
+    if region.ndim != 2:
+        raise ValueError(f"region: expected (H, W), got {tuple(region.shape)}")
+    h, w = region.shape
+    dev = region.device
+    rows = torch.arange(h, device=dev, dtype=torch.float32)[:, None].expand(h, w)
+    far = float(4 * (h + w) + 4 * limit + 16)
+    above = torch.where(region, rows, torch.full_like(rows, -far)).cummax(dim=0).values
+    below = torch.where(region, rows, torch.full_like(rows, 2 * far)).flip(0).cummin(dim=0).values.flip(0)
+    g = torch.minimum(rows - above, below - rows)  # vertical distance; > far where a column is empty
+    g2 = g * g
+    lim = min(int(math.ceil(limit)), w - 1)
+    if lim > 0:
+        pad = torch.full((h, lim), float("inf"), device=dev)
+        windows = torch.cat([pad, g2, pad], dim=1).unfold(1, 2 * lim + 1, 1)   # (H, W, 2*lim+1)
+        offs = torch.arange(-lim, lim + 1, device=dev, dtype=torch.float32) ** 2
+        best = (windows + offs).amin(dim=-1)
+    else:
+        best = g2
+    return best.sqrt()
+
+
+def _prepare_region(region, w: int, h: int, device) -> torch.Tensor:
+    r = torch.as_tensor(region)
+    if r.ndim == 3 and r.shape[0] == 1:
+        r = r[0]
+    if r.ndim != 2:
+        raise ValueError(f"region: expected an (H, W) mask, got shape {tuple(r.shape)}")
+    if tuple(r.shape) != (h, w):
+        raise ValueError(f"region: mask is {r.shape[1]}x{r.shape[0]} but the image is {w}x{h}; "
+                         f"resize the mask to the image size")
+    r = r.to(device)
+    if r.dtype != torch.bool:
+        r = r.to(torch.float32)
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("region: mask has NaN or infinite values")
+        r = r > 0.5
+    if not bool(r.any()):
+        raise ValueError("region: the mask is empty (no pixel above 0.5); select the part of the image "
+                         "that should move, or leave the mask out")
+    return r
+
+
+def _dedupe(points: torch.Tensor) -> torch.Tensor:
+    if points.shape[0] < 2:
+        return points
+    return torch.unique(points, dim=0)
+
+INTERPOLATIONS = ("shepard", "rbf")
+"""Spatial interpolation schemes of :func:`dense_motion`."""
+
+
+def _interpolator(centres: torch.Tensor, k: int, method: str, side: float, device, work):
+    """Per-pixel interpolation weights of the first ``k`` centres (the drags; the rest are
+    anchors, whose value is 0). Returns ``f(p (c, 2)) -> (c, k)``; rows reproduce the value at
+    each centre exactly (one-hot there)."""
+    n = centres.shape[0]
+    cen = centres.to(device=device, dtype=work)
+    if method == "shepard":
+        def weights(p):
+            d2 = ((p[:, None, :] - cen[None]) ** 2).sum(-1)                 # (c, n)
+            hit = d2 == 0
+            inv = 1.0 / torch.where(hit, torch.ones_like(d2), d2)
+            inv = torch.where(hit.any(1, keepdim=True), hit.to(work), inv)
+            return inv[:, :k] / inv.sum(1, keepdim=True)
+        return weights
+    # rbf: inverse multiquadric + constant, [[Phi, 1], [1^T, 0]] [lambda; c] = [values; 0]
+    cpu = centres.to(torch.float64)
+    dist = torch.cdist(cpu, cpu)
+    if n > 1:
+        nn = (dist + torch.diag(torch.full((n,), float("inf"), dtype=torch.float64))).min(dim=1).values
+        eps = float(nn.mean().clamp(side / 16.0, side))
+    else:
+        eps = side / 4.0
+    sys_m = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    sys_m[:n, :n] = 1.0 / torch.sqrt(1.0 + (dist / eps) ** 2)
+    sys_m[:n, n] = 1.0
+    sys_m[n, :n] = 1.0
+    rhs = torch.zeros(n + 1, k, dtype=torch.float64)
+    rhs[:k] = torch.eye(k, dtype=torch.float64)
+    try:
+        coef = torch.linalg.solve(sys_m, rhs)                                # (n+1, k)
+    except RuntimeError:
+        raise ValueError("tracks: drag starts and anchors are too close together to interpolate between; "
+                         "spread them apart") from None
+    coef = coef.to(device=device, dtype=work)
+
+    def weights(p):
+        psi = 1.0 / torch.sqrt(1.0 + (torch.cdist(p, cen, compute_mode="donot_use_mm_for_euclid_dist") / eps) ** 2)
+        return psi @ coef[:n] + coef[n]
+    return weights
+
+
+def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None, strength: float = 1.0,
+                 easing: str = "ease_in_out", falloff: float | None = None,
+                 track_interpolation: str = "linear", interpolation: str = "shepard",
+                 device=None) -> torch.Tensor:
+    """Turn drags into a dense motion field.
+
+    tracks: list of (N_i, 2) pixel tracks (x, y), N_i >= 2, point j at time j / (N_i - 1); each
+        track's first point (its start) must lie in the image; later points may leave it.
+        A parsed ``formats.Tracks`` is accepted too (its anchors are used unless ``anchors``
+        is given).
+    size: (W, H) of the image.
+    frames: number of output frames F, 2..MAX_FRAMES (256).
+    anchors: (M, 2) pixels that stay exactly still (rounded to the nearest pixel), or None.
+    region: (H, W) (or (1, H, W)) mask, > 0.5 = may move, or None. An all-ones mask is allowed
+        and lets the whole image move (one drag then translates the whole image).
+    strength: multiplies every displacement; the result is exactly linear in it (the
+        neighbourhood sizes below depend only on the drawn drags, never on ``strength``).
+    easing: timing curve, one of :data:`EASINGS` (see :func:`ease`).
+    falloff: in pixels. With a region: width of the soft edge outside the region (default
+        ``max(2, min(W, H) / 32)``, 16 px at 512). Without a region: how far beyond its reach
+        each drag's influence extends (default ``max(4, min(W, H) / 8)``, 64 px at 512).
+    track_interpolation: ``linear`` (default) or ``pchip``, see :func:`sample_track`.
+    interpolation: ``shepard`` (default) or ``rbf``, the spatial scheme (module docstring).
+    device: where to compute; default the device of the first track.
+
+    Guarantees (pixel (x, y) sits at integer coordinates x, y):
+
+    - ``flow[0]`` is exactly 0.
+    - Without a region, a pixel at a drag start moves along the (eased, strength-scaled) drag;
+      with a region, so does a start pixel lying on the region. Anchor pixels have flow exactly 0.
+    - Without a region, a disc of radius ``falloff / 4`` around a lone drag's start moves with
+      it as a whole.
+    - Without a region, pixels farther than ``L_i + falloff`` from every drag start ``s_i``
+      (``L_i`` = the drag's reach) have flow exactly 0; with a region, pixels farther than
+      ``falloff`` from the region have flow exactly 0.
+    - With a region, drags that start farther than ``falloff`` from it cannot move anything and
+      are ignored (an error if that leaves none); anchors where the flow is 0 anyway are too.
+
+    Returns (F, H, W, 2) float32, pixels, displacement from frame 0.
+    """
+    w, h = _check_size(size)
+    frames = _check_frames(frames)
+    if easing not in EASINGS:
+        raise ValueError(f"easing: {easing!r} is not a known easing; use one of {', '.join(EASINGS)}")
+    if track_interpolation not in TRACK_INTERPOLATIONS:
+        raise ValueError(f"track_interpolation: {track_interpolation!r} is not known; use one of "
+                         f"{', '.join(TRACK_INTERPOLATIONS)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation: {interpolation!r} is not known; use one of {', '.join(INTERPOLATIONS)}")
+    if hasattr(tracks, "tracks") and hasattr(tracks, "anchors"):  # a parsed Tracks object
+        if anchors is None and tracks.anchors.numel():
+            anchors = tracks.anchors
+        tracks = tracks.tracks
+    if isinstance(tracks, torch.Tensor) and tracks.ndim == 2:
+        tracks = [tracks]
+    if tracks is None or len(tracks) == 0:
+        raise ValueError("tracks: no drags given — draw at least one drag")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength: expected a number, got {strength!r}") from None
+    if not math.isfinite(strength):
+        raise ValueError(f"strength: {strength} is not a finite number")
+    if falloff is not None:
+        try:
+            falloff = float(falloff)
+        except (TypeError, ValueError):
+            raise ValueError(f"falloff: expected a number of pixels, got {falloff!r}") from None
+        if not math.isfinite(falloff) or falloff < 0:
+            raise ValueError(f"falloff: {falloff} must be a finite number of pixels >= 0")
+
+    if device is None:
+        first = tracks[0]
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    # the rbf weights are evaluated in float64 (exact to ~1e-9 px) where the device has it;
+    # shepard weights are a normalised ratio and float32 is plenty
+    work = torch.float64 if interpolation == "rbf" and device.type != "mps" else torch.float32
+
+    tr = [_as_track(t, f"tracks[{i}]", dtype=torch.float64, device="cpu") for i, t in enumerate(tracks)]
+    for i, t in enumerate(tr):
+        if t.shape[0] < 2:
+            raise ValueError(f"tracks[{i}]: has {t.shape[0]} point; a drag needs a start and an end "
+                             f"(2 or more points). Use anchors for points that must stay still.")
+        _check_inside(t[:1], w, h, f"tracks[{i}] start")
+    if anchors is None:
+        anc = torch.zeros(0, 2, dtype=torch.float64)
+    else:
+        anc = torch.as_tensor(anchors)
+        if anc.numel() == 0:
+            anc = torch.zeros(0, 2, dtype=torch.float64)
+        else:
+            anc = _as_track(anc, "anchors", dtype=torch.float64, device="cpu")
+            _check_inside(anc, w, h, "anchors")
+            anc = _dedupe(torch.round(anc))
+
+    # 1. timing: displacements (K, F, 2) in float64 on the CPU (small)
+    tk = ease(frame_times(frames, easing), easing)
+    starts = torch.stack([t[0] for t in tr])                                  # (K, 2)
+    disp = torch.stack([sample_track(t, tk, track_interpolation) - t[0] for t in tr])  # (K, F, 2)
+    disp[:, 0] = 0.0
+    reach = torch.stack([(t - t[0]).norm(dim=-1).max() for t in tr])          # (K,)
+
+    # 2. envelope E (H*W,) float32 in [0, 1]
+    if region is not None:
+        reg = _prepare_region(region, w, h, device)
+        width = max(2.0, min(w, h) / 32.0) if falloff is None else falloff
+        # only the region's bounding box grown by the falloff can be non-zero
+        rows = torch.nonzero(reg.any(dim=1)).reshape(-1)
+        cols = torch.nonzero(reg.any(dim=0)).reshape(-1)
+        grow = int(math.ceil(width)) + 1
+        y0, y1 = max(0, int(rows[0]) - grow), min(h - 1, int(rows[-1]) + grow)
+        x0, x1 = max(0, int(cols[0]) - grow), min(w - 1, int(cols[-1]) + grow)
+        crop = reg[y0:y1 + 1, x0:x1 + 1]
+        dist = distance_to_region(crop, width)
+        part = _bump(dist / width) if width > 0 else (dist == 0).to(torch.float32)
+        env2 = torch.zeros(h, w, device=device)
+        env2[y0:y1 + 1, x0:x1 + 1] = torch.where(crop, torch.ones_like(part), part)
+        env = env2.reshape(-1)
+    else:
+        width = max(4.0, min(w, h) / 8.0) if falloff is None else falloff
+        radius = (reach + width).clamp(min=1.0)                               # (K,)
+        core = 0.25 * width
+        # only the bounding box of the discs can be non-zero
+        x0 = max(0, int(math.floor(float((starts[:, 0] - radius).min()))))
+        x1 = min(w - 1, int(math.ceil(float((starts[:, 0] + radius).max()))))
+        y0 = max(0, int(math.floor(float((starts[:, 1] - radius).min()))))
+        y1 = min(h - 1, int(math.ceil(float((starts[:, 1] + radius).max()))))
+        by = torch.arange(y0, y1 + 1, device=device, dtype=torch.float32)[:, None]
+        bx = torch.arange(x0, x1 + 1, device=device, dtype=torch.float32)[None, :]
+        keep = torch.ones(y1 - y0 + 1, x1 - x0 + 1, device=device)
+        for i in range(starts.shape[0]):
+            sx, sy = float(starts[i, 0]), float(starts[i, 1])
+            r = torch.sqrt((bx - sx) ** 2 + (by - sy) ** 2)
+            keep = keep * (1.0 - _bump((r - core) / (float(radius[i]) - core)))
+        env2 = torch.zeros(h, w, device=device)
+        env2[y0:y1 + 1, x0:x1 + 1] = 1.0 - keep
+        env = env2.reshape(-1)
+
+    def env_at(p: torch.Tensor) -> torch.Tensor:
+        q = torch.round(p).long()
+        return env[(q[:, 1] * w + q[:, 0]).to(device)].cpu()
+
+    # drags/anchors that can matter
+    active = env_at(starts) > 0
+    if not bool(active.any()):
+        raise ValueError(f"tracks: no drag starts on or within {width:g} px of the region mask, so nothing "
+                         f"can move; start a drag on the region (or widen the falloff)")
+    if anc.shape[0]:
+        anc_used = anc[env_at(anc) > 0]
+    else:
+        anc_used = anc
+    idx = torch.nonzero(active).reshape(-1)
+    c_drag = starts[idx]
+    d_drag = disp[idx] * strength                                            # (K', F, 2)
+
+    # coincident centres make the system singular: reject conflicts
+    centres = torch.cat([c_drag, anc_used])                                  # (n, 2)
+    k = c_drag.shape[0]
+    if centres.shape[0] > 1:
+        dd = torch.cdist(centres, centres)
+        dd.fill_diagonal_(float("inf"))
+        close = torch.nonzero(dd < 0.5)
+        for a, b in close.tolist():
+            if a < b:
+                if a < k and b >= k:
+                    x, y = centres[a].tolist()
+                    raise ValueError(f"anchors: an anchor sits on the start of drag {int(idx[a])} at "
+                                     f"({x:g}, {y:g}); a pixel cannot be both pinned and dragged — move "
+                                     f"the anchor or the drag")
+                if a < k and b < k:
+                    x, y = centres[a].tolist()
+                    raise ValueError(f"tracks: drags {int(idx[a])} and {int(idx[b])} both start at "
+                                     f"({x:g}, {y:g}); a pixel can follow only one drag — start them at "
+                                     f"different points")
+
+    # 3. interpolation weights (per pixel, one column per drag), evaluated where E > 0
+    weights = _interpolator(centres, k, interpolation, float(min(w, h)), device, work)
+    dflat = d_drag.reshape(k, frames * 2).to(device=device, dtype=work)      # (K', F*2)
+    out = torch.zeros(h * w, frames * 2, device=device, dtype=torch.float32)
+    sel = torch.nonzero(env > 0).reshape(-1)
+    for a in range(0, sel.shape[0], _PIXEL_CHUNK):
+        ids = sel[a:a + _PIXEL_CHUNK]
+        pix = torch.stack([ids % w, torch.div(ids, w, rounding_mode="floor")], dim=-1).to(work)
+        wts = weights(pix) * env[ids, None].to(work)                         # (c, K')
+        out[ids] = (wts @ dflat).to(torch.float32)
+    if anc.shape[0]:
+        q = torch.round(anc).long().to(device)
+        out[q[:, 1] * w + q[:, 0]] = 0.0
+    flow = out.reshape(h, w, frames, 2).permute(2, 0, 1, 3).contiguous()
+    flow[0] = 0.0
+    return flow

@@ -1,0 +1,240 @@
+"""HTTP routes for the in-node editors (registered only inside ComfyUI).
+
+``POST /kinema/mask_preview`` - live mask while clicking in the points editor.
+
+Request JSON::
+
+    {"image": {"filename": "cat.png", "subfolder": "", "type": "input" | "temp"},
+     "points": "<points JSON, see formats.parse_points>",
+     "sam": "<file name in models/sams, or empty for the classical segmentation>",
+     "multimask": true}
+
+Answer JSON: ``{"mask": "<base64 PNG, white = object>", "score": float, "width": W,
+"height": H, "backend": "sam" | "classical", "empty": bool}``, or status 400 with
+``{"error": "..."}`` for anything wrong in the request (500 for an unexpected failure).
+
+The picture is read only from ComfyUI's input or temp folder: names with ``..``, absolute
+paths and links that lead out of the folder are refused. Loaded SAMs (each with its own
+embedding cache) live in a :class:`MaskPreviewCache` owned by the registered route.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .. import runtime
+from ..formats import parse_points
+from ..runtime import KinemaError
+
+ROUTE = "/kinema/mask_preview"
+IMAGE_TYPES = ("input", "temp")
+MAX_PIXELS = 40_000_000  # larger pictures are refused (decompression bombs)
+MAX_CLICKS = 256
+
+
+class MaskPreviewCache:
+    """Loaded SAMs for live previews: at most ``max_models`` (least recently used dropped
+    first), each with an embedding cache of ``embeddings_per_model`` pictures. A file that
+    changed on disk (size or modification time) is loaded again."""
+
+    def __init__(self, max_models: int = 1, embeddings_per_model: int = 4, device=None):
+        if max_models < 1:
+            raise ValueError(f"max_models: need at least 1, got {max_models}")
+        self.max_models = int(max_models)
+        self.embeddings_per_model = int(embeddings_per_model)
+        self.device = device
+        self._models: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+    def segmenter(self, name: str):
+        """The loaded SAM for ``name`` in ``models/sams``."""
+        from ..pipelines.segment import load_sam
+
+        path = runtime.model_path("sams", name)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            for old in [k for k in self._models if k[0] == key[0]]:
+                del self._models[old]
+            seg = load_sam(path, device=self.device if self.device is not None else runtime.device(),
+                           cache_size=self.embeddings_per_model)
+            self.loads += 1
+            self._models[key] = seg
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return seg
+
+
+def _safe_relative(value, field: str) -> PurePosixPath:
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"{field}: contains a NUL character")
+    text = value.replace("\\", "/")
+    rel = PurePosixPath(text)
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":") or rel.is_absolute():
+        raise ValueError(f"{field}: {value!r} is an absolute path; give a name relative to the folder")
+    if any(part == ".." for part in rel.parts):
+        raise ValueError(f"{field}: {value!r} contains '..'; only files inside the folder can be read")
+    return rel
+
+
+def resolve_image(ref, input_dir, temp_dir) -> Path:
+    """The file a ``{"filename", "subfolder", "type"}`` reference names, checked to lie
+    inside the input or temp folder (after following links)."""
+    if not isinstance(ref, dict):
+        raise ValueError('image: expected {"filename": ..., "subfolder": ..., "type": "input" or "temp"}, '
+                         f"got {type(ref).__name__}")
+    kind = ref.get("type", "input") or "input"
+    if kind not in IMAGE_TYPES:
+        raise ValueError(f"image: type {kind!r} is not allowed; use one of {', '.join(IMAGE_TYPES)}")
+    filename = ref.get("filename")
+    if not filename:
+        raise ValueError("image: filename is missing or empty")
+    name = _safe_relative(filename, "image filename")
+    sub = _safe_relative(ref.get("subfolder", "") or "", "image subfolder")
+    root = Path(input_dir if kind == "input" else temp_dir).resolve()
+    full = (root / Path(*sub.parts) / Path(*name.parts)).resolve()
+    if root not in full.parents:
+        raise ValueError(f"image: {filename!r} lies outside the {kind} folder")
+    if not full.is_file():
+        raise ValueError(f"image: {str(PurePosixPath(*sub.parts, *name.parts))!r} not found in the {kind} folder")
+    return full
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) float32 0-1 RGB, EXIF orientation applied (as ComfyUI's Load Image does)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"image: {w}x{h} is larger than the {MAX_PIXELS // 1_000_000} MP preview limit")
+            im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad picture
+        raise ValueError(f"image: {path.name!r} could not be read as a picture ({type(e).__name__})") from None
+    return rgb
+
+
+def _encode_mask_png(mask) -> str:
+    from PIL import Image
+
+    m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(m) > 0.5).astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> dict:
+    """Handle one preview request (see the module docstring). Raises ``ValueError`` or
+    :class:`KinemaError` for a bad request."""
+    from ..pipelines.segment import segment
+
+    if not isinstance(payload, dict):
+        raise ValueError(f"request: expected a JSON object, got {type(payload).__name__}")
+    unknown = set(payload) - {"image", "points", "sam", "multimask", "negative_points"}
+    if unknown:
+        raise ValueError(f"request: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    path = resolve_image(payload.get("image"), input_dir, temp_dir)
+    points = payload.get("points", "")
+    if not isinstance(points, (str, list, dict)):
+        raise ValueError(f"points: expected the points JSON as a string, got {type(points).__name__}")
+    negative = payload.get("negative_points")
+    if negative is not None and not isinstance(negative, (str, list)):
+        raise ValueError(f"negative_points: expected a string, got {type(negative).__name__}")
+    multimask = payload.get("multimask", True)
+    if not isinstance(multimask, bool):
+        raise ValueError(f"multimask: expected true or false, got {multimask!r}")
+    sam_name = payload.get("sam") or ""
+    if not isinstance(sam_name, str):
+        raise ValueError(f"sam: expected a file name in models/sams, got {type(sam_name).__name__}")
+    if sam_name:
+        _safe_relative(sam_name, "sam")
+
+    image = read_image(path)
+    h, w = image.shape[:2]
+    pts = parse_points(points, (w, h), negative)
+    if pts.count > MAX_CLICKS:
+        raise ValueError(f"points: {pts.count} clicks is more than the {MAX_CLICKS} a preview takes")
+    if pts.positive.shape[0] == 0 and pts.box is None:
+        raise ValueError("points: no positive click or box yet; click on the object")
+    segmenter = cache.segmenter(sam_name) if sam_name else None
+    mask, score = segment(image, pts, segmenter, multimask=multimask)
+    return {"mask": _encode_mask_png(mask), "score": float(score), "width": int(w), "height": int(h),
+            "backend": "sam" if segmenter is not None else "classical", "empty": bool(float(mask.sum()) == 0)}
+
+
+def handle_mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> tuple[int, dict]:
+    """``(status, body)`` for a request: 200 with the answer, 400 with ``{"error"}`` for a bad
+    request or model file, 500 for anything unexpected."""
+    try:
+        return 200, mask_preview(payload, input_dir, temp_dir, cache)
+    except (ValueError, KinemaError) as e:
+        return 400, {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - the server must answer, not crash
+        return 500, {"error": f"mask preview failed: {type(e).__name__}: {e}"}
+
+
+class MaskPreviewRoute:
+    """The registered route and what it keeps between requests (its model cache)."""
+
+    def __init__(self, json_response, cache: MaskPreviewCache | None = None):
+        self.cache = cache if cache is not None else MaskPreviewCache()
+        self._json_response = json_response
+
+    async def __call__(self, request):
+        try:
+            payload = await request.json()
+        except Exception:  # noqa: BLE001
+            return self._json_response({"error": "request: the body is not valid JSON"}, status=400)
+        loop = asyncio.get_running_loop()
+        status, body = await loop.run_in_executor(None, handle_mask_preview, payload, runtime.input_dir(),
+                                                  runtime.temp_dir(), self.cache)
+        return self._json_response(body, status=status)
+
+
+def register_routes(server=None, web=None) -> MaskPreviewRoute | None:
+    """Add the routes to ComfyUI's server; returns the route object, or None outside ComfyUI.
+
+    Call once from the pack's ``__init__``. ``server``/``web`` default to ComfyUI's
+    ``PromptServer.instance`` and ``aiohttp.web``.
+    """
+    if server is None or web is None:
+        found = runtime.prompt_server()
+        if found is None:
+            return None
+        server, web = found
+    for route in getattr(server, "routes", ()):
+        existing = getattr(getattr(route, "handler", None), "kinema_route", None)
+        if getattr(route, "path", None) == ROUTE and isinstance(existing, MaskPreviewRoute):
+            return existing
+    route_obj = MaskPreviewRoute(web.json_response)
+
+    async def kinema_mask_preview(request):
+        return await route_obj(request)
+
+    kinema_mask_preview.kinema_route = route_obj
+    server.routes.post(ROUTE)(kinema_mask_preview)
+    return route_obj

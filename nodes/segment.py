@@ -1,0 +1,126 @@
+"""Click -> object mask nodes: load a segment-anything model, turn clicks into a mask."""
+from __future__ import annotations
+
+import torch
+
+from .. import runtime
+from ..formats import parse_points
+from ..pipelines.segment import overlay, refine_mask, segment
+from ._ui import save_temp_png
+
+SAM_TYPE = "KINEMA_SAM"
+DEFAULT_POINTS = '{"positive": [], "negative": [], "box": null}'
+
+
+class KinemaSAMLoader:
+    DESCRIPTION = ("Loads a segment-anything model (ViT-B, ViT-L or ViT-H; .pth or .safetensors) from "
+                   "models/sams. The kind is read from the file. Image encodings are cached, so more clicks "
+                   "on the same picture are fast.")
+    CATEGORY = "Kinema/segment"
+    FUNCTION = "load"
+    RETURN_TYPES = (SAM_TYPE,)
+    RETURN_NAMES = ("sam",)
+    OUTPUT_TOOLTIPS = ("The loaded SAM with its image-embedding cache; connect it to Click to Mask.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "sam_name": (runtime.list_models("sams"), {
+                    "tooltip": "A segment-anything checkpoint in models/sams (e.g. sam_vit_b_01ec64.pth)."}),
+            },
+            "optional": {
+                "device": (["auto", "cpu"], {
+                    "default": "auto",
+                    "tooltip": "auto: ComfyUI's main device (GPU when there is one); cpu: always the CPU."}),
+            },
+        }
+
+    def load(self, sam_name, device="auto"):
+        from ..pipelines.segment import load_sam
+
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device: {device!r} is not one of auto, cpu")
+        dev = runtime.device() if device == "auto" else torch.device("cpu")
+        return (load_sam(runtime.model_path("sams", sam_name), device=dev),)
+
+
+class KinemaClickToMask:
+    DESCRIPTION = ("Clicks -> object mask. With a SAM connected, segment-anything predicts the mask; without "
+                   "one a classical interactive segmentation (watershed + GrabCut seeded by the clicks) does. "
+                   "Positive clicks mark the object, negative clicks what is not the object, an optional box "
+                   "bounds it. For a batch of images the first frame is segmented.")
+    CATEGORY = "Kinema/segment"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MASK", "IMAGE")
+    RETURN_NAMES = ("mask", "preview")
+    OUTPUT_TOOLTIPS = ("The object mask (1, H, W), 1 = object, after grow and feather.",
+                       "The picture with the mask tinted and the clicks drawn (green positive, red negative).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The picture to click on; for a batch, the first frame is used."}),
+                "points": ("STRING", {
+                    "multiline": True, "default": DEFAULT_POINTS,
+                    "tooltip": 'Clicks in pixels: {"positive": [[x, y], ...], "negative": [[x, y], ...], '
+                               '"box": [x0, y0, x1, y1] or null}, or a plain list of positive points '
+                               '([{"x": .., "y": ..}] as KJNodes\' Points Editor writes).'}),
+                "multimask": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "SAM only: ask for three candidate masks and keep the best-scoring one (best for "
+                               "a single click); off returns one mask (often better with several clicks)."}),
+                "grow": ("INT", {
+                    "default": 0, "min": -256, "max": 256, "step": 1,
+                    "tooltip": "Pixels to grow the mask by (negative shrinks it)."}),
+                "feather": ("INT", {
+                    "default": 0, "min": 0, "max": 256, "step": 1,
+                    "tooltip": "Soften the mask edge over about this many pixels (0 = hard edge)."}),
+            },
+            "optional": {
+                "sam": (SAM_TYPE, {"tooltip": "A loaded segment-anything model; leave empty for the classical "
+                                              "segmentation that needs no weights."}),
+                "negative_points": ("STRING", {
+                    "forceInput": True,
+                    "tooltip": "Negative clicks as a separate list (KJNodes Points Editor's negative output)."}),
+            },
+        }
+
+    def run(self, image, points, multimask=True, grow=0, feather=0, sam=None, negative_points=None):
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4) \
+                or image.shape[0] < 1:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image: expected an IMAGE batch (B, H, W, 3), got {shape}")
+        frame = image[0, ..., :3].detach().to("cpu", torch.float32)
+        h, w = frame.shape[:2]
+        if h < 8 or w < 8:
+            raise ValueError(f"image: {w}x{h} is too small to segment (need at least 8x8)")
+        for name, value, lo, hi in (("grow", grow, -256, 256), ("feather", feather, 0, 256)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name}: {value!r} must be a whole number of pixels in {lo}..{hi}")
+        pts = parse_points(points, (w, h), negative_points if negative_points else None)
+        if pts.positive.shape[0] == 0 and pts.box is None:
+            raise ValueError("points: no clicks on the object; add at least one positive click (or a box) in "
+                             "the points editor, e.g. {\"positive\": [[x, y]], \"negative\": [], \"box\": null}")
+        mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
+        if float(mask.sum()) == 0:
+            raise ValueError("points: nothing was selected (the mask is empty). Click inside the object, add "
+                             "more positive clicks or a box around it, remove negative clicks that sit on it"
+                             + (", or switch multimask" if sam is not None else "") + ".")
+        mask = refine_mask(mask, grow=grow, feather=feather)
+        if float(mask.max()) == 0:
+            raise ValueError(f"grow: shrinking by {-grow} px removed the whole mask; use a smaller value")
+        preview = overlay(frame, mask, pts)
+        bg = save_temp_png(frame, "kinema_bg")
+        return {"ui": {"kinema_bg": [bg]}, "result": (mask[None], preview[None])}
+
+
+NODE_CLASS_MAPPINGS = {
+    "KinemaSAMLoader": KinemaSAMLoader,
+    "KinemaClickToMask": KinemaClickToMask,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KinemaSAMLoader": "Load SAM Model",
+    "KinemaClickToMask": "Click to Mask",
+}

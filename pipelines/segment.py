@@ -1,0 +1,695 @@
+"""Click -> object mask.
+
+Two backends behind :func:`segment`:
+
+- **segment-anything** (SAM ViT-B / ViT-L / ViT-H) when a checkpoint from ``models/sams`` is
+  loaded: :func:`load_sam` reads the file safely, works out the architecture from the tensor
+  shapes, builds it from ``segment_anything.modeling`` and loads the weights strictly.
+  :class:`SamSegmenter` encodes an image once and predicts many prompts; image embeddings are
+  kept in a small LRU keyed by a hash of the image content, so further clicks on the same
+  picture only run the prompt encoder and the mask decoder.
+- **classical interactive segmentation** without weights (:func:`grabcut_segment`): a marker
+  watershed seeded by the clicks gives a first object region, OpenCV GrabCut refines it inside a
+  band around that region, and only the connected pieces under the positive clicks are kept.
+
+Conventions: image (H, W, 3) float 0-1 (torch or numpy); mask (H, W) float32 in {0, 1};
+points in pixels, x then y (:class:`~..formats.Points`).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..formats import Points
+from ..runtime import KinemaError
+
+EXPECTED_SAM = ("a segment-anything ViT-B/L/H checkpoint with keys image_encoder.*, "
+                "prompt_encoder.*, mask_decoder.*")
+
+# Encoder settings of the three released models: (embed_dim, depth, num_heads, global blocks).
+SAM_VARIANTS = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+# The mask decoder's transformer uses 8 heads in every released model; head count is the one
+# setting that tensor shapes do not reveal.
+DECODER_HEADS = 8
+# The classical backend falls back on its watershed region when GrabCut keeps less than this
+# share of it.
+COLLAPSE_RATIO = 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# image helpers
+
+
+def to_uint8(image) -> np.ndarray:
+    """(H, W, 3) float 0-1 (torch or numpy) -> (H, W, 3) uint8 RGB, contiguous."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().to("cpu", torch.float32).numpy()
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise ValueError(f"image: expected (H, W, 3) values, got shape {tuple(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr[..., :3])
+    arr = np.nan_to_num(arr[..., :3].astype(np.float32), nan=0.0)
+    return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
+
+
+def image_key(image_u8: np.ndarray) -> str:
+    """Content hash of a uint8 image (shape included)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(image_u8.shape).encode())
+    h.update(image_u8.tobytes())
+    return h.hexdigest()
+
+
+def _disc(shape: tuple[int, int], center, radius: int) -> np.ndarray:
+    out = np.zeros(shape, np.uint8)
+    cv2.circle(out, (int(round(center[0])), int(round(center[1]))), int(radius), 1, -1)
+    return out.astype(bool)
+
+
+def _ellipse(radius: int) -> np.ndarray:
+    """Structuring element: the pixels within Euclidean distance ``radius`` of the centre."""
+    r = max(int(radius), 0)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (xx * xx + yy * yy <= r * r).astype(np.uint8)
+
+
+def _pixel(p, w: int, h: int) -> tuple[int, int]:
+    x = min(max(int(round(float(p[0]))), 0), w - 1)
+    y = min(max(int(round(float(p[1]))), 0), h - 1)
+    return x, y
+
+
+def keep_components_at(mask: np.ndarray, seeds) -> np.ndarray:
+    """Keep the 8-connected pieces of a binary (H, W) mask that contain one of ``seeds``
+    (pixel (x, y) pairs); with no seeds keep the largest piece."""
+    m = (mask > 0).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return m
+    h, w = m.shape
+    keep = set()
+    for p in seeds:
+        x, y = _pixel(p, w, h)
+        if labels[y, x] > 0:
+            keep.add(int(labels[y, x]))
+    if not seeds:
+        keep.add(int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1)
+    if not keep:
+        return np.zeros_like(m)
+    return np.isin(labels, sorted(keep)).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# classical backend
+
+
+def _check_prompt(points: Points) -> None:
+    if points.positive.shape[0] == 0 and points.box is None:
+        raise ValueError("points: there is no positive click and no box; click at least once on the "
+                         "object (negative clicks alone only say what is not the object)")
+
+
+def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: int = 5,
+                    band: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Weights-free interactive segmentation seeded by clicks.
+
+    1. A marker watershed on the (slightly smoothed) picture grows the positive clicks against
+       background markers (negative clicks and the frame of the box, or of the image) and gives
+       a first object region.
+    2. GrabCut starts from it: that region (slightly dilated) is probably-foreground, a band of
+       ``band`` x the long side around it is probably-background, everything further away,
+       outside the box and under negative clicks is background; discs under positive clicks
+       are foreground. With only a box, the box is the usual GrabCut rectangle.
+       If GrabCut keeps less than ``COLLAPSE_RATIO`` of the watershed region (the colours of
+       object and surroundings do not separate), the watershed region is used instead.
+    3. The result is cleaned with a small opening and closing, and only the connected pieces
+       under the positive clicks are kept (the largest piece for a box alone).
+
+    The work runs at most at ``max_side`` pixels on the long side; the mask is scaled back.
+    OpenCV's random generator is seeded with ``seed`` so results repeat exactly.
+
+    Returns ``(mask (H, W) float32 {0, 1}, score)`` where ``score`` in [0, 1] is the overlap
+    (IoU) between the last two GrabCut iterations: 1 means it had settled.
+    """
+    _check_prompt(points)
+    if iterations < 2:
+        raise ValueError(f"iterations: need at least 2, got {iterations}")
+    rgb = to_uint8(image)
+    H, W = rgb.shape[:2]
+    if H < 8 or W < 8:
+        raise ValueError(f"image: {W}x{H} is too small to segment (need at least 8x8)")
+    scale = min(1.0, max_side / max(H, W))
+    w, h = max(int(round(W * scale)), 8), max(int(round(H * scale)), 8)
+    sx, sy = w / W, h / H
+    work = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    bgr = np.ascontiguousarray(work[..., ::-1])
+
+    def to_work(p):
+        return _pixel((float(p[0]) * sx, float(p[1]) * sy), w, h)
+
+    pos = [to_work(p) for p in points.positive.tolist()]
+    neg = [to_work(p) for p in points.negative.tolist()]
+    inside = np.ones((h, w), bool)
+    if points.box is not None:
+        x0, y0, x1, y1 = points.box.tolist()
+        bx0, by0 = to_work((x0, y0))
+        bx1, by1 = to_work((x1, y1))
+        if bx1 - bx0 < 2 or by1 - by0 < 2:
+            raise ValueError(f"points box: {points.box.tolist()} is too small to segment inside")
+        inside[:] = False
+        inside[by0:by1 + 1, bx0:bx1 + 1] = True
+        for (px, py), (x, y) in zip(pos, points.positive.tolist()):
+            if not inside[py, px]:
+                raise ValueError(f"points: the positive click ({x:g}, {y:g}) lies outside the box "
+                                 f"{[round(v, 1) for v in points.box.tolist()]}; the box must contain the object")
+    else:
+        bx0, by0, bx1, by1 = 0, 0, w - 1, h - 1
+
+    long_side = max(w, h)
+    r_click = max(2, int(round(0.012 * long_side)))
+    gc = np.full((h, w), cv2.GC_BGD, np.uint8)
+    if pos:
+        markers = np.zeros((h, w), np.int32)
+        # OpenCV's watershed owns the outermost pixel ring, so the frame markers sit one inside.
+        fx0, fy0 = min(bx0 + 1, bx1), min(by0 + 1, by1)
+        fx1, fy1 = max(bx1 - 1, bx0), max(by1 - 1, by0)
+        cv2.rectangle(markers, (fx0, fy0), (fx1, fy1), 1, 1)
+        for p in neg:
+            cv2.circle(markers, p, r_click, 1, -1)
+        for p in pos:
+            cv2.circle(markers, p, r_click, 2, -1)
+        cv2.watershed(cv2.GaussianBlur(bgr, (0, 0), 1.5), markers)
+        region = (markers == 2).astype(np.uint8)
+        r_band = max(3, int(round(band * long_side)))
+        gc[(cv2.dilate(region, _ellipse(r_band)) > 0) & inside] = cv2.GC_PR_BGD
+        gc[(cv2.dilate(region, _ellipse(max(2, r_click))) > 0) & inside] = cv2.GC_PR_FGD
+    else:
+        gc[inside] = cv2.GC_PR_FGD
+    for p in pos:
+        gc[_disc((h, w), p, r_click)] = cv2.GC_FGD
+    neg_discs = np.zeros((h, w), bool)
+    for p in neg:
+        neg_discs |= _disc((h, w), p, r_click)
+    gc[neg_discs] = cv2.GC_BGD
+    if not np.isin(gc, (cv2.GC_BGD, cv2.GC_PR_BGD)).any():
+        # The box (or the object region) covers the whole picture: let the outer ring be
+        # probable background so that GrabCut has a background sample to start from.
+        ring = np.ones((h, w), bool)
+        ring[1:-1, 1:-1] = False
+        gc[ring & (gc != cv2.GC_FGD)] = cv2.GC_PR_BGD
+
+    bgd_model = np.zeros((1, 65), np.float64)
+    fgd_model = np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(int(seed))
+    cv2.grabCut(bgr, gc, None, bgd_model, fgd_model, iterations - 1, cv2.GC_INIT_WITH_MASK)
+    before = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    cv2.grabCut(bgr, gc, None, bgd_model, fgd_model, 1, cv2.GC_EVAL)
+    fg = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    union = int((fg | before).sum())
+    score = float((fg & before).sum() / union) if union else 0.0
+
+    raw = fg.astype(np.uint8)
+    r_clean = max(1, int(round(0.004 * long_side)))
+    clean = cv2.morphologyEx(raw, cv2.MORPH_OPEN, _ellipse(r_clean))
+    clean = cv2.morphologyEx(clean, cv2.MORPH_CLOSE, _ellipse(2 * r_clean))
+    clean[neg_discs | ~inside] = 0
+    kept = keep_components_at(clean, pos)
+    for p in pos:  # a click the clean-up took away keeps its raw piece
+        if not kept[p[1], p[0]]:
+            kept |= keep_components_at(raw, [p])
+    if pos:
+        seeded = region.astype(bool) & inside & ~neg_discs
+        if kept.sum() < COLLAPSE_RATIO * seeded.sum():
+            # GrabCut found no colour difference between the object and its surroundings
+            # and shrank to the clicked discs; the watershed's edge-bounded region is the
+            # better answer then.
+            kept = keep_components_at((seeded | kept.astype(bool)).astype(np.uint8), pos)
+
+    if (w, h) != (W, H):
+        up = cv2.resize(kept.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+        kept = (up >= 0.5).astype(np.uint8)
+        full_pos = [_pixel(p, W, H) for p in points.positive.tolist()]
+        for p in full_pos:
+            kept[p[1], p[0]] = 1
+        kept = keep_components_at(kept, full_pos)
+    return torch.from_numpy(kept.astype(np.float32)), score
+
+
+# ----------------------------------------------------------------------------------------------
+# segment-anything: reading, architecture from shapes, building
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Architecture of a segment-anything model, read off its checkpoint."""
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    prompt_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = DECODER_HEADS
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    @property
+    def variant(self) -> str:
+        """``vit_b``/``vit_l``/``vit_h`` when this is one of the released models, else ``custom``."""
+        for name, (dim, depth, heads, glob) in SAM_VARIANTS.items():
+            if self == SamConfig(embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob):
+                return name
+        return "custom"
+
+
+def _summarize_keys(keys, limit: int = 6) -> str:
+    groups: dict[str, int] = {}
+    for k in keys:
+        parts = str(k).split(".")
+        prefix = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        groups[prefix] = groups.get(prefix, 0) + 1
+    items = sorted(groups.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{p}.* ({n})" for p, n in items[:limit])
+    if len(items) > limit:
+        text += f", and {len(items) - limit} more groups"
+    return text or "no keys"
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``name -> tensor`` dict without running code from it.
+
+    ``.safetensors`` through safetensors, anything else through
+    ``torch.load(weights_only=True)``. A state dict nested under ``model`` or ``state_dict``
+    (and a ``module.`` prefix) is unwrapped. Unreadable files raise :class:`KinemaError`.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise KinemaError(f"SAM checkpoint '{name}': file not found at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise KinemaError(f"SAM checkpoint '{name}': the file is empty (0 bytes); expected {EXPECTED_SAM}. "
+                          f"Download it again.")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader error means the same thing here
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise KinemaError(
+            f"SAM checkpoint '{name}' ({size} bytes) could not be read ({type(e).__name__}: {msg}). "
+            f"Expected {EXPECTED_SAM}; the file is probably truncated, corrupt, or not a weights file. "
+            f"Download it again.") from None
+    for _ in range(3):
+        if isinstance(data, dict) and not any(str(k).startswith("image_encoder.") for k in data):
+            inner = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), dict)), None)
+            if inner is None:
+                break
+            data = inner
+    if not isinstance(data, dict):
+        raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}, found a {type(data).__name__} "
+                          f"instead of a dict of tensors")
+    if data and all(str(k).startswith("module.") for k in data):
+        data = {str(k)[len("module."):]: v for k, v in data.items()}
+    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}, found no tensors "
+                          f"(keys: {_summarize_keys(data.keys())})")
+    return tensors
+
+
+def config_from_state_dict(sd: dict, name: str = "checkpoint") -> SamConfig:
+    """Read the architecture off the tensor shapes (works on meta tensors too).
+
+    Encoder width from ``patch_embed``, depth from the block count, heads from the
+    relative-position tables (their width is the head size), global-attention blocks from
+    the tables that span the whole token grid, decoder sizes from its layers.
+    """
+    missing_parts = [p for p in ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+                     if not any(k.startswith(p) for k in sd)]
+    if missing_parts:
+        raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}; found no "
+                          f"{', '.join(p + '*' for p in missing_parts)} keys. The file holds "
+                          f"{_summarize_keys(sd.keys())}. Is it a SAM model (not e.g. an SD UNet or "
+                          f"a SAM 2 / HQ-SAM / MobileSAM file)?")
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}; key '{key}' is missing "
+                              f"(this is not a ViT SAM layout: found {_summarize_keys(sd.keys())})")
+        return tuple(sd[key].shape)
+
+    def count(prefix: str) -> int:
+        idx = {int(k[len(prefix):].split(".")[0]) for k in sd
+               if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+        if not idx:
+            return 0
+        if idx != set(range(max(idx) + 1)):
+            raise KinemaError(f"SAM checkpoint '{name}': numbering of {prefix}* has gaps "
+                              f"({sorted(idx)}); the file is incomplete")
+        return max(idx) + 1
+
+    pe = shape("image_encoder.patch_embed.proj.weight")
+    if len(pe) != 4 or pe[1] != 3 or pe[2] != pe[3]:
+        raise KinemaError(f"SAM checkpoint '{name}': image_encoder.patch_embed.proj.weight has shape {pe}, "
+                          f"expected (width, 3, patch, patch)")
+    embed_dim, patch = pe[0], pe[2]
+    pos = shape("image_encoder.pos_embed")
+    grid = pos[1]
+    depth = count("image_encoder.blocks.")
+    if depth == 0:
+        raise KinemaError(f"SAM checkpoint '{name}': no image_encoder.blocks.* found")
+    head_dim = None
+    global_idx, window = [], 0
+    for i in range(depth):
+        rel = shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")
+        span = (rel[0] + 1) // 2
+        head_dim = rel[1]
+        if span == grid:
+            global_idx.append(i)
+        else:
+            window = span
+    if embed_dim % head_dim:
+        raise KinemaError(f"SAM checkpoint '{name}': encoder width {embed_dim} is not a multiple of the "
+                          f"attention head size {head_dim}")
+    mlp_hidden = shape("image_encoder.blocks.0.mlp.lin1.weight")[0]
+    prompt_dim = shape("image_encoder.neck.0.weight")[0]
+    mask_in = shape("prompt_encoder.mask_downscaling.3.weight")[0]
+    mask_tokens = shape("mask_decoder.mask_tokens.weight")[0]
+    dec_depth = count("mask_decoder.transformer.layers.")
+    dec_mlp = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0]
+    iou_depth = count("mask_decoder.iou_prediction_head.layers.")
+    iou_hidden = shape("mask_decoder.iou_prediction_head.layers.0.weight")[0]
+    return SamConfig(
+        img_size=grid * patch, patch_size=patch, embed_dim=embed_dim, depth=depth,
+        num_heads=embed_dim // head_dim, mlp_ratio=mlp_hidden / embed_dim, window_size=window,
+        global_attn_indexes=tuple(global_idx), prompt_dim=prompt_dim, mask_in_chans=mask_in,
+        decoder_depth=dec_depth, decoder_mlp_dim=dec_mlp, num_multimask_outputs=mask_tokens - 1,
+        iou_head_depth=iou_depth, iou_head_hidden_dim=iou_hidden)
+
+
+def build_sam(cfg: SamConfig, device="cpu"):
+    """A ``segment_anything.modeling.Sam`` with the architecture ``cfg`` (untrained weights;
+    ``device="meta"`` builds it without memory)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = cfg.img_size // cfg.patch_size
+    with torch.device(device):
+        return Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.prompt_dim, qkv_bias=True,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                window_size=cfg.window_size, global_attn_indexes=cfg.global_attn_indexes),
+            prompt_encoder=PromptEncoder(
+                embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
+                input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.mask_in_chans),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=cfg.num_multimask_outputs,
+                transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_dim,
+                                              mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
+                transformer_dim=cfg.prompt_dim, iou_head_depth=cfg.iou_head_depth,
+                iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+
+
+def load_sam(path, device=None, cache_size: int = 4) -> "SamSegmenter":
+    """Load a SAM checkpoint (``.pth``/``.pt``/``.safetensors``) into a :class:`SamSegmenter`.
+
+    The architecture comes from the tensor shapes; the weights must match it exactly (no
+    missing, unexpected or differently shaped keys), otherwise :class:`KinemaError` says which.
+    """
+    path = Path(path)
+    sd = read_state_dict(path)
+    cfg = config_from_state_dict(sd, path.name)
+    try:
+        model = build_sam(cfg, device="meta")
+    except Exception as e:  # noqa: BLE001
+        raise KinemaError(f"SAM checkpoint '{path.name}': its shapes describe an encoder that cannot be "
+                          f"built ({e}); expected {EXPECTED_SAM}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: {tuple(sd[k].shape)}, "
+                         f"expected {tuple(expected[k].shape)})")
+        raise KinemaError(f"SAM checkpoint '{path.name}' does not match the {cfg.variant} architecture its "
+                          f"shapes describe: {'; '.join(parts)}. Expected {EXPECTED_SAM} as released by "
+                          f"segment-anything (HQ-SAM, SAM 2 and MobileSAM files are different models).")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                          strict=True, assign=True)
+    # the normalisation constants are not stored in checkpoints; make them real tensors
+    model.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1), False)
+    model.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1), False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise KinemaError(f"SAM checkpoint '{path.name}': no weights for {', '.join(left[:3])}")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return SamSegmenter(model, name=path.name, variant=cfg.variant, cache_size=cache_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# segment-anything: prediction with an embedding cache
+
+
+@dataclass
+class ImageEmbedding:
+    """SAM's encoding of one image: ``features`` (1, C, h, w) on the CPU, the resized input
+    size ``input_size`` (h', w') before padding, and ``original_size`` (H, W)."""
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class EmbeddingCache:
+    """At most ``max_items`` image embeddings, least recently used dropped first."""
+
+    def __init__(self, max_items: int = 4):
+        if max_items < 1:
+            raise ValueError(f"max_items: need at least 1, got {max_items}")
+        self.max_items = int(max_items)
+        self._items: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> ImageEmbedding | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: str, item: ImageEmbedding) -> None:
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+
+@dataclass
+class SamPrediction:
+    """All masks SAM proposed for one prompt: ``masks`` (C, H, W) bool, ``scores`` (C,)
+    predicted IoU, ``best`` the index of the highest score."""
+    masks: torch.Tensor
+    scores: torch.Tensor
+    best: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.masks[self.best].float()
+
+    @property
+    def score(self) -> float:
+        return float(self.scores[self.best])
+
+
+class SamSegmenter:
+    """A loaded SAM plus a cache of image embeddings: set an image once, predict many prompts.
+
+    Same computation as ``segment_anything.SamPredictor`` (resize the long side to the
+    encoder size, normalise and pad, encode; prompts go through the prompt encoder and the mask
+    decoder, masks are scaled back and thresholded at 0), with the embedding looked up by image
+    content first.
+    """
+
+    def __init__(self, model, name: str = "", variant: str = "custom", cache_size: int = 4):
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.model = model
+        self.name = name
+        self.variant = variant
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.embeddings = EmbeddingCache(cache_size)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pixel_mean.device
+
+    def to(self, device) -> "SamSegmenter":
+        self.model.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"SamSegmenter({self.name or 'unnamed'}, {self.variant}, cached={len(self.embeddings)})"
+
+    @torch.no_grad()
+    def embed(self, image) -> ImageEmbedding:
+        """The embedding of ``image`` (H, W, 3), from the cache when this picture was seen."""
+        rgb = to_uint8(image)
+        key = image_key(rgb)
+        hit = self.embeddings.get(key)
+        if hit is not None:
+            return hit
+        resized = self.transform.apply_image(rgb)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with self._lock:
+            feats = self.model.image_encoder(self.model.preprocess(x.float()))
+        item = ImageEmbedding(feats.detach().to("cpu"), tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
+        self.embeddings.put(key, item)
+        return item
+
+    @torch.no_grad()
+    def predict(self, image, points: Points, multimask: bool = True) -> SamPrediction:
+        """Masks for ``points`` (positive/negative clicks, optional box) on ``image`` (H, W, 3).
+
+        ``multimask`` asks for the three alternative masks (best for a single ambiguous click)
+        and keeps the one with the highest predicted IoU; otherwise SAM returns one mask.
+        """
+        _check_prompt(points)
+        emb = self.embed(image)
+        dev = self.device
+        n_pos, n_neg = points.positive.shape[0], points.negative.shape[0]
+        point_args = None
+        if n_pos + n_neg:
+            coords = torch.cat([points.positive, points.negative]).double().numpy()
+            coords = self.transform.apply_coords(coords, emb.original_size)
+            labels = torch.cat([torch.ones(n_pos, dtype=torch.int), torch.zeros(n_neg, dtype=torch.int)])
+            point_args = (torch.as_tensor(coords, dtype=torch.float, device=dev)[None], labels.to(dev)[None])
+        box = None
+        if points.box is not None:
+            b = self.transform.apply_boxes(points.box.double().numpy().reshape(1, 4), emb.original_size)
+            box = torch.as_tensor(b, dtype=torch.float, device=dev)
+        m = self.model
+        sparse, dense = m.prompt_encoder(points=point_args, boxes=box, masks=None)
+        low_res, iou = m.mask_decoder(
+            image_embeddings=emb.features.to(dev), image_pe=m.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=bool(multimask))
+        logits = m.postprocess_masks(low_res, emb.input_size, emb.original_size)
+        masks = (logits[0] > m.mask_threshold).cpu()
+        scores = iou[0].float().cpu()
+        return SamPrediction(masks, scores, int(torch.argmax(scores)))
+
+
+# ----------------------------------------------------------------------------------------------
+# one interface for both backends, and what comes after
+
+
+def segment(image, points: Points, segmenter: SamSegmenter | None = None,
+            multimask: bool = True) -> tuple[torch.Tensor, float]:
+    """Object mask for clicks on ``image`` (H, W, 3) float 0-1.
+
+    With ``segmenter`` (a loaded SAM) SAM predicts; without it the classical backend
+    (:func:`grabcut_segment`) does. Returns ``(mask (H, W) float32 {0, 1}, score)``; the score
+    is SAM's predicted IoU, or GrabCut's convergence for the classical backend.
+    """
+    if len(tuple(np.shape(image))) != 3:
+        raise ValueError(f"image: expected one (H, W, 3) picture, got shape {tuple(np.shape(image))}")
+    if segmenter is None:
+        return grabcut_segment(image, points)
+    pred = segmenter.predict(image, points, multimask=multimask)
+    return pred.mask, pred.score
+
+
+def refine_mask(mask: torch.Tensor, grow: int = 0, feather: int = 0) -> torch.Tensor:
+    """Grow (``grow`` > 0, dilate by that many pixels) or shrink (< 0, erode) a (H, W) mask,
+    then soften its edge with a Gaussian of sigma ``feather / 2`` pixels. Values stay in [0, 1]."""
+    m = mask.detach().to("cpu", torch.float32).numpy()
+    if grow:
+        binary = (m >= 0.5).astype(np.uint8)
+        k = _ellipse(abs(int(grow)))
+        m = (cv2.dilate(binary, k) if grow > 0 else cv2.erode(binary, k, borderValue=1)).astype(np.float32)
+    if feather > 0:
+        sigma = feather / 2.0
+        ksize = 2 * int(math.ceil(3 * sigma)) + 1
+        m = cv2.GaussianBlur(m.astype(np.float32), (ksize, ksize), sigma, borderType=cv2.BORDER_REPLICATE)
+    return torch.from_numpy(np.clip(m, 0.0, 1.0).astype(np.float32))
+
+
+def overlay(image, mask, points: Points | None = None, color=(0.15, 0.45, 1.0),
+            alpha: float = 0.5) -> torch.Tensor:
+    """Preview: ``image`` (H, W, 3) with ``mask`` (H, W) tinted in ``color`` and outlined,
+    positive clicks as green dots, negative clicks as red dots, the box in yellow.
+    Returns (H, W, 3) float32 in [0, 1]."""
+    img = to_uint8(image).astype(np.float32) / 255.0
+    H, W = img.shape[:2]
+    m = mask.detach().to("cpu", torch.float32).numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, np.float32)
+    if m.shape != (H, W):
+        raise ValueError(f"mask: shape {m.shape} does not match the {W}x{H} image")
+    m = np.clip(m, 0, 1)[..., None] * alpha
+    col = np.asarray(color, np.float32).reshape(1, 1, 3)
+    out = np.ascontiguousarray(img * (1 - m) + col * m, dtype=np.float32)
+    thick = max(1, int(round(max(H, W) / 400)))
+    contours, _ = cv2.findContours((m[..., 0] > 0.5 * alpha).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, tuple(float(c) for c in color), thick, lineType=cv2.LINE_AA)
+    if points is not None:
+        r = max(3, int(round(max(H, W) * 0.012)))
+        if points.box is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in points.box.tolist())
+            cv2.rectangle(out, (x0, y0), (x1, y1), (1.0, 0.85, 0.0), thick + 1)
+        for pts, c in ((points.positive, (0.0, 1.0, 0.0)), (points.negative, (1.0, 0.0, 0.0))):
+            for x, y in pts.tolist():
+                p = (int(round(x)), int(round(y)))
+                cv2.circle(out, p, r + 1, (1.0, 1.0, 1.0), -1, lineType=cv2.LINE_AA)
+                cv2.circle(out, p, r, c, -1, lineType=cv2.LINE_AA)
+    return torch.from_numpy(np.clip(out, 0.0, 1.0))

@@ -1,0 +1,274 @@
+"""Animate a still image by a motion field, without any model weights.
+
+Each output frame forward-splats the pixels of the input by that frame's flow (the flow says
+where every pixel of frame 0 is in frame k) and composites two layers, so a moving object
+passes in front of what it moves over and the place it leaves is filled with background:
+
+- the **foreground layer** holds the pixels of the motion field's mask (``field.mask``) or,
+  without one, the pixels that move at least half as far as the fastest one (a soft ramp below
+  that); the **background layer** holds the rest (the two share partly-foreground pixels);
+- within a layer, sources landing on the same pixel are blended by a softmax splat whose metric
+  grows with the motion magnitude (faster pixels are in front), and coverage is the sum of the
+  bilinear splat weights; one-pixel cracks of a stretched layer are closed (3x3 closing of the
+  coverage, colour from the 3x3 neighbourhood);
+- ``fill="inpaint"``: background holes (where nothing of the background landed, e.g. the
+  object's old place) are filled by a push-pull inpainting of the background layer from the
+  surrounding background only (see ``kernels/inpaint.py``), then the foreground is laid over
+  it with its coverage as alpha (anti-aliased edges); ``"stretch"``: holes of the composite are
+  filled from everything around them, foreground included (the object seems to smear into its
+  trail); ``"none"``: holes stay black (for a later generative pass; ``return_holes`` gives
+  their mask).
+
+Only the pixels that move are splatted (a sparse scatter), and only inside the bounding box of
+where they start and land (plus a margin for the inpainting); every other pixel of every frame
+is copied from the input, so pixels with zero flow that nothing lands on are bitwise the input,
+and frame 0 is the input itself. With ``loop=True`` the field is traversed out and back with
+cosine timing so the video plays seamlessly when repeated (see :func:`loop_flow`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.field import MotionField
+from ..kernels.inpaint import push_pull
+from ..kernels.masks import box_max, box_min
+from ..kernels.warp import splat_points
+from ..runtime import ProgressBar, check_interrupt
+
+FILL_MODES = ("inpaint", "stretch", "none")
+
+METRIC_SCALE = 10.0  # softmax metric at the fastest pixel: exp(10) ~ 2e4 : 1 over a still one
+INPAINT_MARGIN = 24  # px of context around the changing region given to the inpainting
+CHUNK_BYTES = 192 * 2 ** 20  # bound on the splat accumulators of one batch of frames
+
+
+def loop_flow(flow: torch.Tensor) -> torch.Tensor:
+    """Resample (F, H, W, 2) so the motion goes out and comes back: frame j uses the field at
+    time ``tau_j = (F - 1) * (1 - cos(2 pi j / F)) / 2`` (linear between the given frames). So
+    ``tau_0 = 0``, the far end is reached at ``j = F / 2`` and frame F - 1 equals frame 1: it is
+    the step before frame 0 in the repeated video, with zero velocity at both turning points."""
+    n = flow.shape[0]
+    j = torch.arange(n, dtype=torch.float64)
+    tau = (n - 1) * (1 - torch.cos(2 * math.pi * j / n)) / 2
+    i0 = tau.floor().long().clamp(0, n - 1)
+    i1 = (i0 + 1).clamp(max=n - 1)
+    t = (tau - i0.double()).to(flow.dtype).view(n, 1, 1, 1)
+    out = flow[i0] * (1 - t) + flow[i1] * t
+    out[0] = 0
+    return out
+
+
+def _validate(image, field, mask, fill):
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image: expected a tensor (H, W, 3), got {type(image).__name__}")
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image: must be (H, W, 3) float 0-1, got shape {tuple(image.shape)}; "
+                         f"pass one image, not a batch")
+    if not image.is_floating_point():
+        raise ValueError(f"image: must be float 0-1, got dtype {image.dtype}")
+    if not isinstance(field, MotionField) and not hasattr(field, "flow"):
+        raise ValueError(f"field: expected a MotionField, got {type(field).__name__}")
+    flow = field.flow
+    if flow.ndim != 4 or flow.shape[-1] != 2:
+        raise ValueError(f"field: flow must be (F, H, W, 2), got {tuple(flow.shape)}")
+    h, w = image.shape[:2]
+    if tuple(flow.shape[1:3]) != (h, w):
+        raise ValueError(f"field: the motion field is {flow.shape[2]}x{flow.shape[1]} but the image is "
+                         f"{w}x{h} (width x height); build the field at the image size or resize the image")
+    if flow.shape[0] < 2:
+        raise ValueError(f"field: needs at least 2 frames to animate, got {flow.shape[0]}")
+    bad = ~torch.isfinite(flow).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
+        raise ValueError(f"field: flow has NaN or infinite values (first in frame {k}); "
+                         f"check the drags or the flow source")
+    if fill not in FILL_MODES:
+        raise ValueError(f"fill: must be one of {FILL_MODES}, got {fill!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask: expected a tensor (H, W), got {type(mask).__name__}")
+        if mask.ndim == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.ndim != 2:
+            raise ValueError(f"mask: must be (H, W), got shape {tuple(mask.shape)}")
+        if tuple(mask.shape) != (h, w):
+            raise ValueError(f"mask: the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h} "
+                             f"(width x height); resize the mask to the image")
+        if not bool(torch.isfinite(mask.float()).all()):
+            raise ValueError("mask: has NaN or infinite values")
+    fmask = getattr(field, "mask", None)
+    if fmask is not None and tuple(fmask.shape) != (h, w):
+        raise ValueError(f"field: its mask is {fmask.shape[1]}x{fmask.shape[0]} but the image is {w}x{h}")
+    return image, mask
+
+
+def _closing3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 grey closing of (N, 1, H, W): fills one-pixel cracks, keeps monotone edges."""
+    return box_min(box_max(x, 1), 1)
+
+
+def _layer(premult: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor):
+    """Colour (N, 3, h, w) and closed coverage (N, 1, h, w) of one splatted layer. Pixels that
+    the closing covers but no source reached take the weighted mean of their 3x3 neighbours."""
+    alpha = _closing3(cov.clamp(0, 1))
+    colour = premult / weight.clamp_min(1e-30)
+    crack = torch.nonzero(((alpha > 0) & (weight <= 0))[:, 0], as_tuple=True)
+    if crack[0].numel():
+        b, y, x = crack
+        h, w = weight.shape[-2:]
+        sum_p = torch.zeros(b.numel(), premult.shape[1], dtype=premult.dtype, device=premult.device)
+        sum_w = torch.zeros(b.numel(), 1, dtype=weight.dtype, device=weight.device)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                yy, xx = (y + dy).clamp(0, h - 1), (x + dx).clamp(0, w - 1)
+                sum_p += premult[b, :, yy, xx]
+                sum_w += weight[b, :, yy, xx]
+        colour[b, :, y, x] = sum_p / sum_w.clamp_min(1e-30)
+    return colour, alpha
+
+
+def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None = None,
+            loop: bool = False, fill: str = "inpaint", progress: bool = True,
+            return_holes: bool = False):
+    """Render the frames of ``image`` moved by ``field``.
+
+    image (H, W, 3) float 0-1; field.flow (F, H, W, 2) pixels from frame 0 (F >= 2; frame 0 is
+    always the input, whatever ``flow[0]`` holds); field.mask (H, W) or None marks the moving
+    object (the foreground layer). ``mask`` (H, W) in [0, 1] or None restricts the motion: the
+    flow is multiplied by it and the frames are blended with the input by it, so pixels where it
+    is 0 are exactly the input. ``loop`` makes a seamless out-and-back loop (:func:`loop_flow`).
+    ``fill`` in "inpaint" | "stretch" | "none" (see the module doc).
+
+    Returns frames (F, H, W, 3) in the image's dtype, 0-1; with ``return_holes`` also holes
+    (F, H, W) in [0, 1]: how much of each pixel had to be filled (before the fill).
+    """
+    image, mask = _validate(image, field, mask, fill)
+    h, w = image.shape[:2]
+    dev = image.device
+    flow = field.flow.to(device=dev, dtype=torch.float32)
+    n_frames = flow.shape[0]
+    restrict = None
+    if mask is not None:
+        restrict = mask.to(device=dev, dtype=torch.float32).clamp(0, 1)
+        flow = flow * restrict[..., None]
+    flow = flow.clone()
+    flow[0] = 0
+    if loop:
+        flow = loop_flow(flow)
+
+    frames = image.unsqueeze(0).expand(n_frames, h, w, 3).clone()
+    holes = torch.zeros(n_frames, h, w, dtype=torch.float32, device=dev) if return_holes else None
+    pbar = ProgressBar(n_frames, "warp animate") if progress else None
+
+    moving = (flow != 0).any(dim=-1).any(dim=0)  # (H, W): the sources to splat
+    if not bool(moving.any()):
+        if pbar is not None:
+            pbar.update(n_frames)
+        return (frames, holes) if return_holes else frames
+
+    # -- sources: positions, colours, layer weights ---------------------------------------------
+    ys, xs = torch.nonzero(moving, as_tuple=True)
+    f_src = flow[:, ys, xs]  # (F, N, 2)
+    mag = f_src.norm(dim=-1)  # (F, N)
+    max_mag = float(mag.max())
+    fmask = getattr(field, "mask", None)
+    if fmask is not None:
+        fg_alpha = fmask.to(device=dev, dtype=torch.float32).clamp(0, 1)
+    else:
+        fg_alpha = torch.zeros(h, w, device=dev)
+        fg_alpha[ys, xs] = (mag.amax(dim=0) / (0.5 * max_mag)).clamp(0, 1)
+    if restrict is not None:
+        fg_alpha = fg_alpha * (restrict > 0)
+
+    # -- the region that can change, plus context for the inpainting ------------------------------
+    land = torch.stack([xs, ys], dim=-1).float().unsqueeze(0) + f_src  # (F, N, 2)
+    lx = torch.cat([xs.float(), land[..., 0].flatten()]).clamp(0, w - 1)
+    ly = torch.cat([ys.float(), land[..., 1].flatten()]).clamp(0, h - 1)
+    x0 = max(int(lx.min().floor()) - INPAINT_MARGIN, 0)
+    x1 = min(int(lx.max().ceil()) + 2 + INPAINT_MARGIN, w)
+    y0 = max(int(ly.min().floor()) - INPAINT_MARGIN, 0)
+    y1 = min(int(ly.max().ceil()) + 2 + INPAINT_MARGIN, h)
+    hc, wc = y1 - y0, x1 - x0
+
+    img_c = image[y0:y1, x0:x1].permute(2, 0, 1).to(torch.float32)  # (3, hc, wc)
+    a_c = fg_alpha[y0:y1, x0:x1].unsqueeze(0)
+    still = (~moving[y0:y1, x0:x1]).unsqueeze(0).float()
+    # pixels that never move contribute to themselves with metric 0 (weight exp(0) = 1)
+    # accumulator channels: fg rgb * w, w, coverage | bg rgb * w, w, coverage | moved onto
+    base = torch.cat([img_c * a_c, a_c, a_c, img_c * (1 - a_c), 1 - a_c, 1 - a_c,
+                      torch.zeros_like(a_c)], dim=0) * still  # (11, hc, wc)
+
+    col_s = image[ys, xs].to(torch.float32).t()  # (3, N)
+    a_s = fg_alpha[ys, xs]  # (N,)
+    pos0 = torch.stack([xs - x0, ys - y0], dim=-1).float()  # (N, 2) crop coordinates
+    flow_c = flow[:, y0:y1, x0:x1]
+    img_crop = image[y0:y1, x0:x1]
+    restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
+
+    # When every moving pixel is wholly foreground (a hard object mask), the background layer is
+    # the still pixels alone, the same in every frame: build and inpaint it once.
+    bg_still = bool((a_s >= 1).all())
+    if bg_still:
+        bg_col0, bg_a0 = _layer(base[None, 5:8], base[None, 8:9], base[None, 9:10])
+        bg_full0 = push_pull(bg_col0, bg_a0) if fill == "inpaint" else None  # (1, 3, hc, wc)
+        keep = [0, 1, 2, 3, 4, 10]
+        base = base[keep]
+    n_ch = base.shape[0]
+
+    chunk = max(1, min(n_frames, CHUNK_BYTES // (4 * (n_ch + 12) * hc * wc)))
+    for k0 in range(0, n_frames, chunk):
+        check_interrupt()
+        ks = slice(k0, min(k0 + chunk, n_frames))
+        n = ks.stop - ks.start
+        fk = f_src[ks]  # (n, N, 2)
+        mk = mag[ks]
+        ew = torch.exp(METRIC_SCALE * mk / max_mag)  # softmax weights, 1 for still sources
+        wf = a_s * ew  # (n, N)
+        parts = [col_s * wf.unsqueeze(1), wf.unsqueeze(1), a_s.expand(n, 1, -1)]
+        if not bg_still:
+            wb = (1 - a_s) * ew
+            parts += [col_s * wb.unsqueeze(1), wb.unsqueeze(1), (1 - a_s).expand(n, 1, -1)]
+        parts.append((mk > 0).to(col_s.dtype).unsqueeze(1))
+        vals = torch.cat(parts, dim=1)  # (n, n_ch, N)
+        acc = base.unsqueeze(0).repeat(n, 1, 1, 1)
+        splat_points(vals, pos0.unsqueeze(0) + fk, (wc, hc), acc)
+        moved_onto = acc[:, -1]
+
+        fg_col, fg_a = _layer(acc[:, 0:3], acc[:, 3:4], acc[:, 4:5])
+        if bg_still:
+            bg_col, bg_a = bg_col0, bg_a0
+        else:
+            bg_col, bg_a = _layer(acc[:, 5:8], acc[:, 8:9], acc[:, 9:10])
+        if fill == "inpaint":
+            # the background only shows where the foreground does not cover it
+            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a, need=fg_a < 1)
+            out = fg_col * fg_a + bg_full * (1 - fg_a)
+        else:
+            alpha = fg_a + (1 - fg_a) * bg_a
+            premult = fg_col * fg_a + bg_col * bg_a * (1 - fg_a)
+            if fill == "stretch":
+                out = push_pull(premult / alpha.clamp_min(1e-12), alpha)
+            else:
+                out = premult
+        # bitwise input where nothing moved away and nothing landed
+        untouched = (moved_onto <= 0) & (flow_c[ks] == 0).all(dim=-1)  # (n, hc, wc)
+        out = out.permute(0, 2, 3, 1).clamp(0, 1).to(image.dtype)
+        out = torch.where(untouched.unsqueeze(-1), img_crop.unsqueeze(0), out)
+        if restrict_c is not None:
+            out = torch.where(restrict_c > 0, restrict_c * out + (1 - restrict_c) * img_crop, img_crop)
+        if ks.start == 0:
+            out[0] = img_crop  # frame 0 is the input itself
+        frames[ks, y0:y1, x0:x1] = out
+        if holes is not None:
+            hole = ((1 - fg_a) * (1 - bg_a))[:, 0]
+            if restrict_c is not None:
+                hole = hole * restrict_c[..., 0]
+            holes[ks, y0:y1, x0:x1] = torch.where(untouched, torch.zeros_like(hole), hole)
+        if pbar is not None:
+            pbar.update(n)
+    return (frames, holes) if return_holes else frames

@@ -1,0 +1,252 @@
+import math
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from kinema.kernels.flow import (STRENGTH_THRESHOLDS, color_wheel, compose_flow, flow_magnitude_stats,
+                                 flow_to_color, motion_strength, pair_motion, path_length, sample_field,
+                                 strength_bucket)
+from kinema.kernels.motion import dense_motion
+from kinema.pipelines.optical_flow import flow_from_first, pair_flows, track_point, track_points
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+# ---------------------------------------------------------------- colour wheel
+
+
+def test_zero_flow_is_white():
+    assert torch.equal(flow_to_color(torch.zeros(4, 5, 2)), torch.ones(4, 5, 3))
+    mixed = torch.zeros(3, 3, 2)
+    mixed[1, 1] = torch.tensor([2.0, 0.0])
+    col = flow_to_color(mixed)
+    assert torch.equal(col[0, 0], torch.ones(3))
+
+
+def test_direction_sets_hue():
+    dirs = {"right": (1.0, 0.0), "down": (0.0, 1.0), "left": (-1.0, 0.0), "up": (0.0, -1.0)}
+    flow = torch.tensor([list(v) for v in dirs.values()]).reshape(1, 4, 2)
+    col = flow_to_color(flow)[0]
+    right, down, left, up = col
+    assert right[0] == 1.0 and right[1] == 0.0 and right[2] < 0.2            # red
+    assert down[0] == 1.0 and down[1] > 0.8 and down[2] == 0.0              # orange-yellow
+    assert left[0] == 0.0 and left[1] > 0.7 and left[2] == 1.0              # cyan-blue
+    assert up[2] == 1.0 and up[1] == 0.0 and 0.2 < up[0] < 0.5             # blue-violet
+    # hue does not depend on the length, only saturation does
+    half = flow_to_color(torch.tensor([[[1.0, 0.0], [0.5, 0.0]]]))[0]
+    assert torch.allclose(half[1], 1.0 - 0.5 * (1.0 - half[0]))
+
+
+def test_color_wheel_layout_and_clipping():
+    wheel = color_wheel()
+    assert wheel.shape == (55, 3)
+    assert torch.equal(wheel[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(wheel[15], torch.tensor([1.0, 1.0, 0.0]))  # yellow starts segment 2
+    assert torch.equal(wheel[21], torch.tensor([0.0, 1.0, 0.0]))  # green
+    assert torch.equal(wheel[25], torch.tensor([0.0, 1.0, 1.0]))  # cyan
+    assert torch.equal(wheel[36], torch.tensor([0.0, 0.0, 1.0]))  # blue
+    assert torch.equal(wheel[49], torch.tensor([1.0, 0.0, 1.0]))  # magenta
+    flow = torch.tensor([[[3.0, 0.0], [1.0, 0.0]]])
+    col = flow_to_color(flow, max_magnitude=1.0)[0]
+    assert torch.allclose(col[0], 0.75 * col[1])  # beyond the scale: darkened full colour
+    batch = flow_to_color(torch.randn(3, 6, 7, 2))
+    assert batch.shape == (3, 6, 7, 3) and float(batch.min()) >= 0 and float(batch.max()) <= 1
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_magnitude_stats_inside_mask():
+    flow = torch.zeros(2, 4, 4, 2)
+    flow[1, 0, 0] = torch.tensor([3.0, 4.0])   # 5
+    flow[1, 0, 1] = torch.tensor([0.0, 1.0])   # 1
+    flow[1, 3, 3] = torch.tensor([30.0, 40.0])  # 50, outside the mask
+    mask = torch.zeros(4, 4)
+    mask[0, :2] = 1
+    s = flow_magnitude_stats(flow, mask, percentile=50)
+    assert s["max"] == 5.0
+    assert s["mean"] == pytest.approx(1.5)       # (0 + 0 + 5 + 1) / 4
+    assert s["percentile"] == pytest.approx(0.5)  # median of [0, 0, 1, 5]
+    s90 = flow_magnitude_stats(flow[1:], mask, percentile=90)
+    assert s90["percentile"] == pytest.approx(float(torch.quantile(torch.tensor([5.0, 1.0]), 0.9)))
+    whole = flow_magnitude_stats(flow)
+    assert whole["max"] == 50.0
+    with pytest.raises(ValueError, match="mask: is empty"):
+        flow_magnitude_stats(flow, torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="mask: shape"):
+        flow_magnitude_stats(flow, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="percentile: 120"):
+        flow_magnitude_stats(flow, None, percentile=120)
+    with pytest.raises(ValueError, match="flow: expected"):
+        flow_magnitude_stats(torch.zeros(4, 4, 2))
+
+
+def test_pair_motion_and_path_length():
+    k = torch.arange(5, dtype=torch.float32)
+    flow = torch.zeros(5, 3, 3, 2)
+    flow[..., 0] = k[:, None, None] * 2.0
+    flow[2:, ..., 1] = 3.0  # a jump between frames 1 and 2
+    pm = pair_motion(flow)
+    assert pm.shape == (4, 3, 3, 2)
+    assert torch.allclose(path_length(flow), torch.full((3, 3), 2.0 * 3 + math.hypot(2, 3)))
+    # loop: the path length counts the way back, the end displacement would not
+    loop = torch.zeros(3, 2, 2, 2)
+    loop[1, ..., 0] = 5.0
+    assert torch.allclose(path_length(loop), torch.full((2, 2), 10.0))
+
+
+# ---------------------------------------------------------------- strength bucket
+
+
+def test_strength_bucket_mapping_is_pinned():
+    assert STRENGTH_THRESHOLDS == (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.5, 7.5, 10.0)
+    size, frames = (512, 512), 16  # 15 frame pairs
+    cases = [(0.0, 0), (3.7, 0), (3.75, 1), (7.5, 2), (15.0, 3), (22.4, 3), (22.5, 4), (29.9, 4),
+             (30.0, 5), (45.0, 6), (60.0, 7), (82.5, 8), (112.5, 9), (150.0, 10), (5000.0, 10)]
+    for mag, bucket in cases:
+        assert strength_bucket(mag, size, frames) == bucket, mag
+    # per frame pair: twice the frames, twice the path for the same bucket
+    assert strength_bucket(45.0, size, 31) == strength_bucket(22.5, size, 16) == 4
+    # resolution: normalised to a 512 px short side
+    assert strength_bucket(11.25, (256, 256), 16) == 4
+    assert strength_bucket(22.5, (768, 512), 16) == 4
+    assert strength_bucket(22.5, (1024, 1024), 16) == 2
+
+
+def test_strength_bucket_bad_inputs():
+    with pytest.raises(ValueError, match="mean_magnitude"):
+        strength_bucket(float("nan"), (512, 512), 16)
+    with pytest.raises(ValueError, match="mean_magnitude"):
+        strength_bucket(-1.0, (512, 512), 16)
+    with pytest.raises(ValueError, match="frames"):
+        strength_bucket(3.0, (512, 512), 1)
+    with pytest.raises(ValueError, match="size"):
+        strength_bucket(3.0, (512,), 16)
+
+
+def test_motion_strength_of_a_drag():
+    """A 25 px drag of a masked object over 16 frames at 512 px is the demo's default bucket 4."""
+    region = torch.zeros(512, 512)
+    region[200:300, 200:300] = 1
+    flow = dense_motion([torch.tensor([[250.0, 250.0], [275.0, 250.0]])], (512, 512), 16,
+                        region=region, easing="linear")
+    assert motion_strength(flow, region) == 4
+    assert motion_strength(flow * 0, region) == 0
+    assert motion_strength(flow * 8, region) == 10
+
+
+# ---------------------------------------------------------------- composition
+
+
+def test_compose_flow():
+    a = torch.zeros(6, 7, 2)
+    a[..., 0] = 1.0
+    b = torch.zeros(6, 7, 2)
+    b[..., 1] = torch.arange(7, dtype=torch.float32)  # depends on x
+    c = compose_flow(a, b)
+    assert torch.allclose(c[..., 0], torch.ones(6, 7))
+    expect = torch.clamp(torch.arange(7, dtype=torch.float32) + 1, max=6.0)  # edge value beyond x = 6
+    assert torch.allclose(c[..., 1], expect.expand(6, 7))
+    assert torch.allclose(compose_flow(torch.zeros(2, 6, 7, 2), b.expand(2, 6, 7, 2)), b.expand(2, 6, 7, 2),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        compose_flow(a, torch.zeros(5, 7, 2))
+
+
+def test_sample_field_bilinear():
+    field = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4, 1)  # value = 4y + x
+    pts = torch.tensor([[[1.5, 0.5], [3.0, 2.0], [0.25, 1.0]]])
+    out = sample_field(field, pts)[0, :, 0]
+    assert torch.allclose(out, torch.tensor([3.5, 11.0, 4.25]))
+
+
+# ---------------------------------------------------------------- DIS optical flow on a real photo
+
+
+def _photo_shifts(shifts, box=(140, 40, 300, 200)):
+    """Crops of the astronaut photo whose content moves by each (dx, dy) relative to crop 0."""
+    img = cv2.cvtColor(cv2.imread(str(ASSETS / "astronaut.jpg")), cv2.COLOR_BGR2RGB)
+    x0, y0, x1, y1 = box
+    frames = [img[y0 - dy:y1 - dy, x0 - dx:x1 - dx] for dx, dy in shifts]
+    return torch.from_numpy(__import__("numpy").stack(frames)).float() / 255.0
+
+
+def test_dis_flow_recovers_a_shift():
+    frames = _photo_shifts([(0, 0), (3, 2)])
+    pair = pair_flows(frames)
+    assert pair.shape == (1, 160, 160, 2)
+    inner = pair[0, 16:-16, 16:-16].reshape(-1, 2)
+    med = inner.median(dim=0).values
+    assert torch.allclose(med, torch.tensor([3.0, 2.0]), atol=0.1)
+    assert float((inner - torch.tensor([3.0, 2.0])).norm(dim=-1).mean()) < 0.3
+    fine = flow_from_first(frames, preset="fine")
+    assert torch.equal(fine[0], torch.zeros(160, 160, 2))
+    assert torch.allclose(fine[1, 16:-16, 16:-16].reshape(-1, 2).median(0).values,
+                          torch.tensor([3.0, 2.0]), atol=0.1)
+
+
+def test_flow_from_first_chain_and_direct_and_tracking():
+    shifts = [(3 * k, 2 * k) for k in range(5)]
+    frames = _photo_shifts(shifts, box=(150, 50, 290, 190))
+    for method in ("chain", "direct"):
+        flow = flow_from_first(frames, method=method)
+        assert flow.shape == (5, 140, 140, 2)
+        for k, (dx, dy) in enumerate(shifts):
+            med = flow[k, 24:-24, 24:-24].reshape(-1, 2).median(0).values
+            assert torch.allclose(med, torch.tensor([float(dx), float(dy)]), atol=0.25), (method, k)
+    pts = torch.tensor([[70.0, 70.0], [50.0, 80.0]])
+    tracks = track_points(frames, pts)
+    assert tracks.shape == (5, 2, 2) and torch.equal(tracks[0], pts)
+    assert float((tracks[-1] - (pts + torch.tensor([12.0, 8.0]))).norm(dim=-1).max()) < 1.0
+    one = track_point(frames, (70.0, 70.0))
+    assert one.shape == (5, 2) and torch.allclose(one, tracks[:, 0])
+
+
+def test_optical_flow_bad_inputs():
+    frames = torch.rand(2, 32, 32, 3)
+    with pytest.raises(ValueError, match="preset: 'ultra'"):
+        flow_from_first(frames, preset="ultra")
+    with pytest.raises(ValueError, match="method: 'both'"):
+        flow_from_first(frames, method="both")
+    with pytest.raises(ValueError, match="frames: expected an IMAGE batch"):
+        flow_from_first(torch.rand(32, 32))
+    with pytest.raises(ValueError, match="too small"):
+        flow_from_first(torch.rand(2, 8, 8, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        flow_from_first(torch.full((2, 32, 32, 3), float("nan")))
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        pair_flows(torch.rand(1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"points: \(40, 3\) is outside the 32x32 frames"):
+        track_point(frames, (40.0, 3.0))
+    assert torch.equal(flow_from_first(torch.rand(1, 32, 32, 3)), torch.zeros(1, 32, 32, 2))
+
+
+def _render(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Frames of ``image`` (H, W, 3) moved by a forward field (F, H, W, 2): each output pixel y
+    looks up the source x with x + flow(x) = y (fixed-point iteration; fine for fold-free fields)."""
+    f, h, w, _ = flow.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    target = torch.stack([xs, ys], -1).expand(f, h, w, 2)
+    src = target.clone()
+    for _ in range(20):
+        src = target - sample_field(flow, src)
+    return sample_field(image[None].expand(f, h, w, 3).contiguous(), src)
+
+
+@pytest.mark.parametrize("use_region", [True, False])
+def test_dragged_point_lands_on_target_when_tracked(use_region):
+    """Drag -> dense field -> frames -> DIS tracking: the dragged point ends within 2 px of the
+    drag's end (the quality criterion; measured here: 0.13 px with a region, 0.50 px without)."""
+    photo = _photo_shifts([(0, 0)], box=(140, 40, 300, 200))[0]  # 160x160
+    start, end = torch.tensor([80.0, 70.0]), torch.tensor([92.0, 63.0])
+    region = torch.zeros(160, 160)
+    region[40:120, 45:125] = 1
+    flow = dense_motion([torch.stack([start, end])], (160, 160), 8, region=region if use_region else None,
+                        falloff=12 if use_region else 60)
+    frames = _render(photo, flow)
+    track = track_point(frames, start)
+    assert float((track[-1] - end).norm()) < 1.0
+    assert float((track - (start + flow[:, 70, 80])).norm(dim=-1).max()) < 1.0
