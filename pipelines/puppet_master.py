@@ -559,7 +559,9 @@ def load_svd_components(path, vae_config: dict, clip_config: dict, dtype=torch.f
     vae.load_state_dict(convert_svd_vae(sd, vae_config, name), strict=True)
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))
     enc.load_state_dict(convert_svd_clip(sd, clip_config, name), strict=True)
-    return vae.to(device=device, dtype=dtype).eval(), enc.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32:
+        vae, enc = vae.to(dtype), enc.to(dtype)
+    return vae.to(device).eval(), enc.to(device).eval()
 
 
 # ============================================================================ sampler
@@ -690,25 +692,23 @@ def subject_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int = CRO
     gy = (crop.y0 + lin) / hgt * 2 - 1
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
     src = comp.permute(2, 0, 1)[None].float()
-    if side / size > 1.5:  # shrink first to avoid aliasing
-        k = int(side / size)
-        src = F.avg_pool2d(F.pad(src - 1, (0, (-wid) % k, 0, (-hgt) % k)) + 1, k)
-        src = src[..., : max(1, hgt // k + (hgt % k > 0)), : max(1, wid // k + (wid % k > 0))]
-        gx_scale = (src.shape[-1] * k) / wid
-        gy_scale = (src.shape[-2] * k) / hgt
-        grid = torch.stack([(grid[..., 0] + 1) / gx_scale - 1, (grid[..., 1] + 1) / gy_scale - 1], -1)
+    if side > size:  # shrink first (antialiased); normalised coordinates do not depend on resolution
+        scale = size / side
+        src = F.interpolate(src, size=(max(1, round(hgt * scale)), max(1, round(wid * scale))),
+                            mode="bilinear", align_corners=False, antialias=True)
     out = F.grid_sample(src - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
     return out[0].permute(1, 2, 0).clamp(0, 1), crop
 
 
-def tracks_to_drags(tracks, crop: Crop, frames: int = NUM_FRAMES, max_drags: int = MAX_DRAGS):
+def tracks_to_drags(tracks, crop: Crop, frames: int = NUM_FRAMES, max_drags: int = MAX_DRAGS, anchors=None):
     """Pixel tracks of the full image -> (1, frames, max_drags, 4) drags in crop coordinates, and
     (1, frames, max_drags) validity.
 
     A 2-point track is (start, end) with the end moving linearly from the start (frame 0) to the
     end (last frame); a longer track is resampled over the frames along its points (point i at
     time i/(M-1)). More than ``max_drags`` tracks: the longest ``max_drags`` are kept (warning).
-    Starts must lie in the crop; ends are clamped to it.
+    Starts must lie in the crop; ends are clamped to it. ``anchors`` (M, 2) pixel points that
+    must stay still become zero-length drags in the slots the tracks leave free.
     """
     tr = [torch.as_tensor(t, dtype=torch.float32).reshape(-1, 2) for t in tracks]
     if len(tr) > max_drags:
@@ -716,6 +716,12 @@ def tracks_to_drags(tracks, crop: Crop, frames: int = NUM_FRAMES, max_drags: int
         log.warning("Puppet-Master takes at most %d drags; using the %d longest of %d (tracks %s)",
                     max_drags, max_drags, len(tr), sorted(order))
         tr = [tr[i] for i in sorted(order)]
+    if anchors is not None and len(anchors):
+        free = max_drags - len(tr)
+        if len(anchors) > free:
+            log.warning("Puppet-Master: %d anchor(s) ignored, the %d drag slots are taken", len(anchors) - free,
+                        max_drags)
+        tr += [torch.as_tensor(a, dtype=torch.float32).reshape(1, 2).repeat(2, 1) for a in list(anchors)[:free]]
     drags = torch.zeros(1, frames, max_drags, 4)
     valid = torch.zeros(1, frames, max_drags, dtype=torch.bool)
     for n, t in enumerate(tr):
@@ -781,27 +787,29 @@ class PuppetMaster:
     def encode_image(self, crop: torch.Tensor):
         """(s, s, 3) in [0, 1] -> (VAE mean latent (1, 4, s/8, s/8), CLIP embedding (1, 1, D))."""
         dev = self.device
-        x = crop.permute(2, 0, 1)[None].to(dev, self.dtype)
-        latent = self.vae.encode(x * 2 - 1).latent_dist.mean
+        x = crop.permute(2, 0, 1)[None].to(dev, torch.float32)
+        vae_dtype = next(self.vae.parameters()).dtype
+        latent = self.vae.encode((x * 2 - 1).to(vae_dtype)).latent_dist.mean.float()
         size = self.image_encoder.config.image_size
-        c = F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        c = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         mean = torch.tensor(CLIP_MEAN, device=dev)[None, :, None, None]
         std = torch.tensor(CLIP_STD, device=dev)[None, :, None, None]
-        c = ((c.clamp(0, 1) - mean) / std).to(self.dtype)
-        embed = self.image_encoder(pixel_values=c).image_embeds[:, None]
+        c = ((c.clamp(0, 1) - mean) / std).to(next(self.image_encoder.parameters()).dtype)
+        embed = self.image_encoder(pixel_values=c).image_embeds[:, None].float()
         return latent, embed
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(1, F, 4, h, w) sampled latents -> (F, 8h, 8w, 3) frames in [0, 1]."""
         f = latents.shape[1]
-        z = latents[0].to(self.device, self.dtype) / self.vae.config.scaling_factor
-        img = self.vae.decode(z, num_frames=f).sample.float()
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = latents[0].to(self.device, torch.float32) / self.vae.config.scaling_factor
+        img = self.vae.decode(z.to(vae_dtype), num_frames=f).sample.float()
         return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     def animate(self, image: torch.Tensor, tracks, mask: torch.Tensor | None = None, steps: int = 50,
                 cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int | None = None,
-                frames: int = NUM_FRAMES, progress: bool = True) -> torch.Tensor:
+                frames: int = NUM_FRAMES, progress: bool = True, anchors=None) -> torch.Tensor:
         """image (H, W, 3) in [0, 1], tracks: list of (M_i, 2) pixel tracks -> (F, ., ., 3) frames.
 
         The frames are the subject crop (``size`` defaults to 8 x the UNet's ``sample_size``:
@@ -812,7 +820,7 @@ class PuppetMaster:
         if size is None:
             size = 8 * int(self.unet.config.sample_size or CROP_SIZE // 8)
         crop_img, crop = subject_crop(image, mask, size)
-        drags, valid = tracks_to_drags(tracks, crop, frames)
+        drags, valid = tracks_to_drags(tracks, crop, frames, anchors=anchors)
         latent, embed = self.encode_image(crop_img)
         gen = torch.Generator().manual_seed(int(seed))
         lat = denoise(self.unet, latent, embed, drags, steps, cfg, gen, self.sampler, valid, progress)
@@ -840,5 +848,8 @@ def load_puppet_master(unet_path, svd_path, variant: str = "released", dtype=tor
     """Load the Puppet-Master UNet and the SVD VAE / image encoder from local files."""
     cfg = model_configs(variant)
     unet = load_unet(unet_path, cfg["unet"], dtype, device)
-    vae, enc = load_svd_components(svd_path, cfg["vae"], cfg["image_encoder"], dtype, device)
+    # the VAE stays in float32 (SVD's VAE is unstable in half precision)
+    vae, enc = load_svd_components(svd_path, cfg["vae"], cfg["image_encoder"], torch.float32, device)
+    if dtype != torch.float32:
+        enc = enc.to(dtype)
     return PuppetMaster(unet, vae, enc, EDMEuler.from_config(cfg["scheduler"]), dtype)
