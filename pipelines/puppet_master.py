@@ -221,7 +221,9 @@ class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
 
     forward(sample (B, F, 4, h, w), timestep, image_latents (B, 4, h, w),
             encoder_hidden_states (B, 1, D), drags (B, F, N, 4) | None, drag_valid (B, F, N) | None)
-    -> (B, F, 4, h, w). ``added_time_ids`` is accepted and ignored.
+    -> (B, F, 4, h, w). ``added_time_ids`` is accepted and ignored; ``drags=None`` means no drags
+    (every slot unused, the unconditional input). ``drag_valid`` marks drags present per frame
+    when a drag's four numbers may legitimately all be zero.
     """
 
     @register_to_config
@@ -284,12 +286,13 @@ class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         emb = emb.repeat_interleave(f, dim=0)
         ehs = encoder_hidden_states.to(sample.dtype).repeat_interleave(f, dim=0)
-        drag = None
-        if drags is not None:
-            if drags.shape[:2] != (b, f) or drags.shape[-1] != 4:
-                raise ValueError(f"drags: expected ({b}, {f}, N, 4), got {tuple(drags.shape)}")
-            drag = DragCondition.build(drags.to(sample.device, torch.float32), drag_valid,
-                                       self.config.pos_embed_dim)
+        if drags is None:  # no drags: all slots unused, as in the unconditional branch
+            drags = torch.zeros(b, f, self.config.num_drags, 4, device=sample.device)
+        if drags.shape[:2] != (b, f) or drags.shape[-1] != 4:
+            raise ValueError(f"drags: expected ({b}, {f}, N, 4), got {tuple(drags.shape)}")
+        if drag_valid is not None:
+            drag_valid = drag_valid.to(sample.device)
+        drag = DragCondition.build(drags.to(sample.device, torch.float32), drag_valid, self.config.pos_embed_dim)
         for proc in self._a2f:
             proc.num_frames = f
         indicator = torch.zeros(b, f, dtype=sample.dtype, device=sample.device)

@@ -144,3 +144,22 @@ def test_load_unet_checks_keys(tmp_path, fixtures_dir):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(KinemaError, match="junk.safetensors"):
         load_unet(tmp_path / "junk.safetensors", cfg)
+
+
+def test_drag_block_follows_dtype_changes(fixtures_dir):
+    """The released blocks move their pos-emb tables to the first input's device/dtype once and keep
+    them; here tables follow every call, so the same block runs in float32 and then float64."""
+    f = _path(fixtures_dir, "drag_down_block.safetensors")
+    d = load_file(f)
+    cfg = json.loads(safe_open(f, "pt").metadata()["config"])
+    blk = _block("down", cfg)
+    blk.load_state_dict(_weights(d), strict=True)
+    args = (d["in.temb"], d["in.encoder_hidden_states"], d["in.image_only_indicator"])
+    with torch.no_grad():
+        h32, _ = blk(d["in.hidden_states"], *args, DragCondition.build(d["in.drags"]))
+        blk.double()
+        h64, _ = blk(d["in.hidden_states"].double(), *(a.double() for a in args),
+                     DragCondition.build(d["in.drags"].double()))
+    assert h64.dtype == torch.float64
+    assert (h64 - d["out.hidden_states"].double()).abs().max().item() < 1e-5
+    assert (h32.double() - h64).abs().max().item() < 1e-5

@@ -182,3 +182,17 @@ def test_bad_steps_is_a_clear_error(tiny):
     img, mask, tracks = _inputs()
     with pytest.raises(ValueError, match="steps"):
         tiny.animate(img, tracks, mask, steps=0)
+
+
+def test_anchors_become_still_drags_in_free_slots(caplog):
+    _, crop = subject_crop(torch.zeros(64, 64, 3), None, size=64)
+    tracks = [torch.tensor([[15.5, 31.5], [47.5, 31.5]])]
+    anchors = torch.tensor([[31.5, 15.5], [7.5, 7.5]])
+    drags, valid = tracks_to_drags(tracks, crop, anchors=anchors)
+    assert valid[0, :, :3].all() and not valid[0, :, 3:].any()
+    assert torch.allclose(drags[0, :, 1], torch.tensor([0.5, 0.25, 0.5, 0.25]).expand(14, 4))
+    assert torch.allclose(drags[0, :, 2], torch.tensor([0.125] * 4).expand(14, 4))
+    many = [torch.tensor([[10.0, 10.0], [12.0 + n, 10.0]]) for n in range(5)]
+    with caplog.at_level(logging.WARNING):
+        _, valid = tracks_to_drags(many, crop, anchors=anchors)
+    assert "2 anchor(s) ignored" in caplog.text and valid[0, 0].all()
