@@ -1,7 +1,7 @@
 """Puppet-Master UNet at real size on the CPU (random weights): one sampling step with all-to-first
 vs stock spatial self-attention, and the share of the step spent in the drag modules.
 
-    python bench/bench_puppet_master.py [--batch 2] [--repeats 1] [--threads N]
+    python bench/bench_puppet_master.py [--batch 2] [--repeats 2] [--warmup 1] [--threads N]
 
 A step is one UNet call of the sampler: the [cond, uncond] batch (2 videos x 14 frames) at
 32x32 latents (256x256 images). Timings are wall-clock seconds (median over ``--repeats``).
@@ -78,7 +78,8 @@ class Timers:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=2, help="videos per call (2 = the CFG batch)")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -116,24 +117,31 @@ def main(argv=None):
     drags[0, :, :3] = pm.interpolate_drag_frames(start, end, f)
     t = torch.tensor([0.25 * torch.log(torch.tensor(10.0)).item()])
 
-    rows = []
-    for kind in ("all_to_first", "stock"):
-        unet.set_spatial_attention(kind)
-        step, parts = [], defaultdict(list)
-        for _ in range(args.repeats):
-            timers.t.clear()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = unet(sample, t, lat, emb, drags)
-            step.append(time.perf_counter() - t0)
-            for k, v in timers.t.items():
-                parts[k].append(v)
+    def call():
+        timers.t.clear()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = unet(sample, t, lat, emb, drags)
         assert torch.isfinite(out).all()
-        rows.append((kind, statistics.median(step), {k: statistics.median(v) for k, v in parts.items()}))
+        return time.perf_counter() - t0, dict(timers.t)
+
+    for _ in range(args.warmup):  # first calls pay for allocations and kernel set-up
+        call()
+    kinds = ("all_to_first", "stock")
+    step, parts = {k: [] for k in kinds}, {k: defaultdict(list) for k in kinds}
+    for _ in range(args.repeats):  # interleaved, so a change in machine load hits both
+        for kind in kinds:
+            unet.set_spatial_attention(kind)
+            s, p = call()
+            step[kind].append(s)
+            for key, v in p.items():
+                parts[kind][key].append(v)
+    rows = [(k, statistics.median(step[k]), {key: statistics.median(v) for key, v in parts[k].items()})
+            for k in kinds]
 
     print(f"Puppet-Master UNet, {n_params / 1e9:.3f} B parameters (random), built in {build_s:.1f} s; "
           f"CPU, {torch.get_num_threads()} threads, batch {b} x {f} frames at 32x32 latents, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} interleaved runs after {args.warmup} warm-up")
     print(f"{'spatial attention':<18} {'step s':>8} {'attn1 s':>8} {'drag layers s':>14} {'share':>7} "
           f"{'embedders s':>12} {'token MLPs s':>13}")
     for kind, s, p in rows:
