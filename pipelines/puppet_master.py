@@ -16,6 +16,16 @@ The VAE and the CLIP image encoder come from the user's single-file SVD checkpoi
 Sampling follows the official demo: EDM Euler with Karras sigmas and v-prediction, per-frame
 guidance ``linspace(1, cfg, F)``, and an unconditional branch with zero image latent, zero image
 embedding and zero drags.
+
+Where this differs from the official code (which the fixtures and tests document):
+
+- drag presence can be given explicitly (``drag_valid``): the official encoding treats a drag whose
+  four numbers are all zero as absent, so a drag starting at the (0, 0) corner vanishes on frame 0;
+- all-to-first works for any frame count (the official processor assumes 14 when it picks frame 0);
+- the sin-cos tables follow each call's device and dtype (the official blocks move them once);
+- the starting noise comes from the node's seeded generator, not the global RNG.
+Matched on purpose: the drag up blocks normalise with GroupNorm eps 1e-5 (stock SVD: 1e-6), drags
+absent on only some frames still get tokens (computed at (0, 0)), unscaled VAE-mean image latents.
 """
 from __future__ import annotations
 
