@@ -389,9 +389,21 @@ def check_keys(name: str, expected: dict, found: dict, what: str) -> None:
 
 def load_unet(path, config: dict, dtype=torch.float32, device="cpu") -> PuppetMasterUNet:
     """The Puppet-Master UNet from its released flat-key checkpoint; strict key and shape check."""
-    sd = _read_state_dict(path)
     unet = build_unet(config, device="meta")
-    check_keys(Path(path).name, unet.state_dict(), sd, "Puppet-Master UNet checkpoint")
+    expected = unet.state_dict()
+    name = Path(path).name
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():
+        # check names and shapes from the header before reading gigabytes
+        from types import SimpleNamespace
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = {k: SimpleNamespace(shape=tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+        except Exception as e:
+            raise KinemaError(f"{name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
+        check_keys(name, expected, header, "Puppet-Master UNet checkpoint")
+    sd = _read_state_dict(path)
+    check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return unet.eval()
 
