@@ -1,0 +1,136 @@
+"""Puppet-Master nodes: load the released UNet with an SVD checkpoint's VAE and image encoder,
+animate parts of an object from drags. Thin: validate, call ``pipelines.puppet_master``."""
+from __future__ import annotations
+
+import torch
+
+from .. import formats, runtime
+from ._ui import save_temp_png
+
+MODEL = "KINEMA_PUPPET_MASTER"
+CATEGORY = "Kinema/Puppet-Master"
+FOLDER = "kinema/puppet_master"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _files(folder: str) -> list[str]:
+    return runtime.list_models(folder) or [""]
+
+
+class KinemaPuppetMasterLoader:
+    DESCRIPTION = ("Load Puppet-Master: the drag-conditioned SVD UNet (model.safetensors from the Puppet-Master "
+                   "release, in models/kinema/puppet_master) plus the VAE and CLIP image encoder of a single-file "
+                   "Stable Video Diffusion img2vid checkpoint (models/checkpoints, e.g. svd.safetensors).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("puppet_master",)
+    OUTPUT_TOOLTIPS = ("The loaded Puppet-Master; connect it to 'Puppet-Master animate'.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_name": (_files(FOLDER), {
+                    "tooltip": "The Puppet-Master UNet in models/kinema/puppet_master (the released "
+                               "ckpts/model.safetensors)."}),
+                "svd_checkpoint": (_files("checkpoints"), {
+                    "tooltip": "A single-file SVD img2vid checkpoint in models/checkpoints; only its VAE and "
+                               "CLIP image encoder are used."}),
+                "dtype": (list(DTYPES), {
+                    "default": "fp16",
+                    "tooltip": "Precision of the UNet and image encoder (the VAE stays fp32). fp16 for NVIDIA "
+                               "GPUs; on the CPU fp16 is run as fp32."}),
+            },
+            "optional": {
+                "architecture": (["released", "tiny"], {
+                    "default": "released",
+                    "tooltip": "Network sizes: 'released' for the real files; 'tiny' only for small test networks."}),
+            },
+        }
+
+    def load(self, unet_name, svd_checkpoint, dtype="fp16", architecture="released"):
+        from ..pipelines.puppet_master import load_puppet_master
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        device = runtime.device()
+        dt = DTYPES[dtype]
+        if device.type == "cpu" and dt == torch.float16:
+            dt = torch.float32
+        model = load_puppet_master(runtime.model_path(FOLDER, unet_name),
+                                   runtime.model_path("checkpoints", svd_checkpoint),
+                                   variant=architecture, dtype=dt, device=device)
+        return (model,)
+
+
+class KinemaPuppetMasterAnimate:
+    DESCRIPTION = ("Drag parts of an object and get part-level motion (a drawer sliding out, a tail swinging): "
+                   "Puppet-Master animates a 256x256 crop around the subject on a white background into 14 frames. "
+                   "Each drag is a start and an end; up to 5 drags (more: the 5 longest are used). Give the object's "
+                   "mask (e.g. from 'Click to mask') so the crop and white background follow the object.")
+    CATEGORY = CATEGORY
+    FUNCTION = "animate"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("14 frames: the animated subject crop, or the whole image with the crop pasted back.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "puppet_master": (MODEL, {"tooltip": "From 'Puppet-Master loader'."}),
+                "image": ("IMAGE", {"tooltip": "The picture (the first image of a batch is used)."}),
+                "tracks": ("STRING", {
+                    "multiline": True, "default": '{"tracks": [], "anchors": []}',
+                    "tooltip": "Drags in image pixels from the drag editor (or KJNodes / WanTrackToVideo track "
+                               "JSON). A 2-point drag moves its end linearly over the 14 frames; a longer track is "
+                               "followed point by point. Anchors become drags that stay still."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 200,
+                                  "tooltip": "Euler steps (the official demo uses 50)."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                  "tooltip": "Guidance at the last frame; it rises linearly from 1 at frame 0."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the starting noise."}),
+                "paste_back": ("BOOLEAN", {"default": False,
+                                           "tooltip": "On: put the animated crop back into the full image (its "
+                                                      "white background keyed out). Off: the 256x256 crop."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "The object (from 'Click to mask' or any mask). Without it the whole "
+                                             "picture is used, padded to a square with white."}),
+            },
+        }
+
+    def animate(self, puppet_master, image, tracks, steps, cfg, seed, paste_back=False, mask=None):
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            raise ValueError(f"image: expected an IMAGE batch (B, H, W, 3), got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        img = image[0, ..., :3].float().cpu()
+        h, w = img.shape[:2]
+        tr = formats.parse_tracks(tracks, size=(w, h))
+        m = None
+        if mask is not None:
+            m = mask[0] if mask.ndim == 3 else mask
+            if tuple(m.shape) != (h, w):
+                raise ValueError(f"mask: the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}; "
+                                 f"use a mask made on this image")
+            m = m.float().cpu()
+        if int(steps) < 1:
+            raise ValueError(f"steps: {steps} must be at least 1")
+        if not float(cfg) >= 1.0:
+            raise ValueError(f"cfg: {cfg} must be 1 or more")
+        puppet_master.to(runtime.device())
+        frames = puppet_master.animate(img, tr.tracks, m, steps=int(steps), cfg=float(cfg), seed=int(seed),
+                                       paste=bool(paste_back), anchors=tr.anchors)
+        return {"ui": {"kinema_bg": [save_temp_png(img, "kinema_bg")]}, "result": (frames.float(),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "KinemaPuppetMasterLoader": KinemaPuppetMasterLoader,
+    "KinemaPuppetMasterAnimate": KinemaPuppetMasterAnimate,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KinemaPuppetMasterLoader": "Puppet-Master loader",
+    "KinemaPuppetMasterAnimate": "Puppet-Master animate",
+}

@@ -1,0 +1,888 @@
+"""Puppet-Master: part-level drags on Stable Video Diffusion.
+
+The UNet is diffusers' ``UNetSpatioTemporalConditionModel`` with the Puppet-Master additions,
+key-compatible with the released ``model.safetensors`` (flat diffusers keys):
+
+- ``down_blocks.0-2`` and ``up_blocks.1-3`` get, for every resnet/attention pair j, a drag
+  embedder ``flow_convs.j`` (drag image -> per-pixel scale/shift applied after the resnet) and a
+  ``drag_token_mlps.j`` making one cross-attention token per drag, appended to the CLIP image
+  token;
+- every spatial self-attention (``transformer_blocks.*.attn1`` of all spatial transformers)
+  is all-to-first: queries of every frame, keys/values of the video's first frame;
+- there is no ``add_embedding`` (fps / motion bucket / noise augmentation are unused).
+
+The VAE and the CLIP image encoder come from the user's single-file SVD checkpoint
+(``models/checkpoints``), converted by the key maps below with the configs in ``configs/svd``.
+Sampling follows the official demo: EDM Euler with Karras sigmas and v-prediction, per-frame
+guidance ``linspace(1, cfg, F)``, and an unconditional branch with zero image latent, zero image
+embedding and zero drags.
+
+Where this differs from the official code (which the fixtures and tests document):
+
+- drag presence can be given explicitly (``drag_valid``): the official encoding treats a drag whose
+  four numbers are all zero as absent, so a drag starting at the (0, 0) corner vanishes on frame 0;
+- all-to-first works for any frame count (the official processor assumes 14 when it picks frame 0);
+- the sin-cos tables follow each call's device and dtype (the official blocks move them once);
+- the starting noise comes from the node's seeded generator, not the global RNG.
+Matched on purpose: the drag up blocks normalise with GroupNorm eps 1e-5 (stock SVD: 1e-6), drags
+absent on only some frames still get tokens (computed at (0, 0)), unscaled VAE-mean image latents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_3d_blocks import (
+    CrossAttnDownBlockSpatioTemporal,
+    CrossAttnUpBlockSpatioTemporal,
+)
+
+from ..kernels.attention import all_to_first_attention
+from ..kernels.drag import (
+    DragEmbedding, drag_context, drag_modulate, drag_token_mlp, drag_tokens, drag_validity,
+    encode_drags, interpolate_drag_frames, resample_track, sincos_pos_embed_2d, track_length,
+)
+from ..runtime import KinemaError, ProgressBar, check_interrupt
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+NUM_FRAMES = 14
+MAX_DRAGS = 5
+CROP_SIZE = 256
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_json(relpath: str) -> dict:
+    path = CONFIG_DIR / relpath
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+# ============================================================================ drag conditioning
+@dataclass
+class DragCondition:
+    """Drags of a batch of videos, ready for the drag layers.
+
+    drags: (B, F, N, 4) in [0, 1]; valid: (B, F, N) bool (present at that frame). Drag images
+    (BF, 6N, r, r) and pos-emb tables are built once per resolution and reused by all layers.
+    """
+    drags: torch.Tensor
+    valid: torch.Tensor
+    pos_embed_dim: int = 64
+    _images: dict = field(default_factory=dict, repr=False)
+    _pos: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, drags: torch.Tensor, valid: torch.Tensor | None = None, pos_embed_dim: int = 64):
+        if valid is None:
+            valid = drag_validity(drags)
+        return cls(drags, valid.to(torch.bool), pos_embed_dim)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """(BF, N, 4)."""
+        return self.drags.flatten(0, 1)
+
+    @property
+    def used(self) -> torch.Tensor:
+        """(B, N): present on at least one frame (otherwise the drag's tokens are zero)."""
+        return self.valid.any(dim=1)
+
+    def image(self, r: int, dtype) -> torch.Tensor:
+        if r not in self._images:
+            self._images[r] = encode_drags(self.drags, r, self.valid).flatten(0, 1)
+        return self._images[r].to(dtype)
+
+    def pos(self, r: int) -> torch.Tensor:
+        if r not in self._pos:
+            self._pos[r] = sincos_pos_embed_2d(self.pos_embed_dim, r, device=self.drags.device)
+        return self._pos[r]
+
+
+class _DragLayers:
+    """Shared drag step of the down and up blocks."""
+
+    def _inject(self, j, hidden, encoder_hidden_states, drag: DragCondition | None):
+        if drag is None:
+            return hidden, encoder_hidden_states
+        r = hidden.shape[-1]
+        if hidden.shape[-2] != r:
+            raise ValueError(f"latents: drags need square latents, got {tuple(hidden.shape[-2:])}")
+        hidden = drag_modulate(hidden, self.flow_convs[j](drag.image(r, hidden.dtype)))
+        tokens = drag_tokens(self.drag_token_mlps[j], hidden, drag.flat.to(hidden.dtype), drag.pos(r), drag.used)
+        return hidden, drag_context(encoder_hidden_states, tokens)
+
+
+def _drag_modules(n_layers, out_channels, flow_channels, embedder_channels, pos_embed_dim, context_dim):
+    convs = nn.ModuleList([DragEmbedding(flow_channels, 2 * out_channels, embedder_channels) for _ in range(n_layers)])
+    mlps = nn.ModuleList([drag_token_mlp(out_channels, pos_embed_dim, context_dim) for _ in range(n_layers)])
+    return convs, mlps
+
+
+class DragDownBlock(nn.Module, _DragLayers):
+    """A stock ``CrossAttnDownBlockSpatioTemporal`` plus drag embedders and drag-token MLPs.
+
+    Adopts the stock block's modules; registration order (attentions, resnets, flow_convs,
+    drag_token_mlps, downsamplers) gives the released state-dict order.
+    """
+
+    def __init__(self, stock: CrossAttnDownBlockSpatioTemporal, out_channels: int, flow_channels: int,
+                 embedder_channels, pos_embed_dim: int, context_dim: int):
+        super().__init__()
+        self.has_cross_attention = True
+        self.attentions = stock.attentions
+        self.resnets = stock.resnets
+        self.flow_convs, self.drag_token_mlps = _drag_modules(
+            len(stock.resnets), out_channels, flow_channels, embedder_channels, pos_embed_dim, context_dim)
+        self.downsamplers = stock.downsamplers
+
+    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, image_only_indicator=None,
+                drag: DragCondition | None = None):
+        """hidden_states (BF, C, r, r) -> (hidden (BF, C', r', r'), tuple of skip states)."""
+        output_states = ()
+        for j, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            hidden_states = resnet(hidden_states, temb, image_only_indicator=image_only_indicator)
+            hidden_states, context = self._inject(j, hidden_states, encoder_hidden_states, drag)
+            hidden_states = attn(hidden_states, encoder_hidden_states=context,
+                                 image_only_indicator=image_only_indicator, return_dict=False)[0]
+            output_states += (hidden_states,)
+        if self.downsamplers is not None:
+            for down in self.downsamplers:
+                hidden_states = down(hidden_states)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class DragUpBlock(nn.Module, _DragLayers):
+    """A stock ``CrossAttnUpBlockSpatioTemporal`` plus drag embedders and drag-token MLPs.
+
+    Unlike the stock SVD up blocks (GroupNorm eps 1e-6), the released model's drag up blocks
+    normalise their resnets with eps ``resnet_eps`` = 1e-5.
+    """
+
+    def __init__(self, stock: CrossAttnUpBlockSpatioTemporal, out_channels: int, flow_channels: int,
+                 embedder_channels, pos_embed_dim: int, context_dim: int, resnet_eps: float = 1e-5):
+        super().__init__()
+        self.has_cross_attention = True
+        self.attentions = stock.attentions
+        self.resnets = stock.resnets
+        for module in self.resnets.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.eps = resnet_eps
+        self.flow_convs, self.drag_token_mlps = _drag_modules(
+            len(stock.resnets), out_channels, flow_channels, embedder_channels, pos_embed_dim, context_dim)
+        self.upsamplers = stock.upsamplers
+        self.resolution_idx = getattr(stock, "resolution_idx", None)
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
+                image_only_indicator=None, drag: DragCondition | None = None):
+        for j, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            skip = res_hidden_states_tuple[-1]
+            res_hidden_states_tuple = res_hidden_states_tuple[:-1]
+            hidden_states = torch.cat([hidden_states, skip], dim=1)
+            hidden_states = resnet(hidden_states, temb, image_only_indicator=image_only_indicator)
+            hidden_states, context = self._inject(j, hidden_states, encoder_hidden_states, drag)
+            hidden_states = attn(hidden_states, encoder_hidden_states=context,
+                                 image_only_indicator=image_only_indicator, return_dict=False)[0]
+        if self.upsamplers is not None:
+            for up in self.upsamplers:
+                hidden_states = up(hidden_states)
+        return hidden_states
+
+
+# ============================================================================ attention
+class AllToFirstAttnProcessor:
+    """diffusers attention processor: every frame attends to its video's first frame.
+
+    ``num_frames`` is set by the UNet before each forward (rows are batch-major b*F + f).
+    """
+
+    def __init__(self, num_frames: int = NUM_FRAMES):
+        self.num_frames = num_frames
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("all-to-first attention is self-attention: no context or mask expected")
+        residual = hidden_states
+        f = self.num_frames
+        first = hidden_states[::f]
+        out = all_to_first_attention(attn.to_q(hidden_states), attn.to_k(first), attn.to_v(first),
+                                     num_frames=f, heads=attn.heads, scale=attn.scale)
+        out = attn.to_out[1](attn.to_out[0](out.to(hidden_states.dtype)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+# ============================================================================ UNet
+class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
+    """SVD UNet with drag conditioning and all-to-first spatial attention.
+
+    forward(sample (B, F, 4, h, w), timestep, image_latents (B, 4, h, w),
+            encoder_hidden_states (B, 1, D), drags (B, F, N, 4) | None, drag_valid (B, F, N) | None)
+    -> (B, F, 4, h, w). ``added_time_ids`` is accepted and ignored; ``drags=None`` means no drags
+    (every slot unused, the unconditional input). ``drag_valid`` marks drags present per frame
+    when a drag's four numbers may legitimately all be zero.
+    """
+
+    @register_to_config
+    def __init__(self, sample_size=None, in_channels=8, out_channels=4,
+                 down_block_types=("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+                 up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+                 block_out_channels=(320, 640, 1280, 1280), addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=768, layers_per_block=2, cross_attention_dim=1024,
+                 transformer_layers_per_block=1, num_attention_heads=(5, 10, 20, 20), num_frames=NUM_FRAMES,
+                 num_drags=MAX_DRAGS, pos_embed_dim=64, drag_embedder_out_channels=(256, 320, 320),
+                 attention="all_to_first"):
+        UNetSpatioTemporalConditionModel.__init__.__wrapped__(
+            self, sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            down_block_types=tuple(down_block_types), up_block_types=tuple(up_block_types),
+            block_out_channels=tuple(block_out_channels), addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block, num_attention_heads=num_attention_heads,
+            num_frames=num_frames)
+        # no added-time conditioning in Puppet-Master
+        del self.add_embedding
+        del self.add_time_proj
+        ctx = cross_attention_dim if isinstance(cross_attention_dim, int) else None
+        flow_channels = 6 * num_drags
+        emb_ch = tuple(drag_embedder_out_channels)
+        for i, block in enumerate(self.down_blocks):
+            if isinstance(block, CrossAttnDownBlockSpatioTemporal):
+                self.down_blocks[i] = DragDownBlock(block, block_out_channels[i], flow_channels, emb_ch,
+                                                    pos_embed_dim, ctx or cross_attention_dim[i])
+        rev = list(reversed(block_out_channels))
+        rev_ctx = None if ctx else list(reversed(cross_attention_dim))
+        for i, block in enumerate(self.up_blocks):
+            if isinstance(block, CrossAttnUpBlockSpatioTemporal):
+                self.up_blocks[i] = DragUpBlock(block, rev[i], flow_channels, emb_ch, pos_embed_dim,
+                                                ctx or rev_ctx[i])
+        self._a2f = []
+        self.set_spatial_attention(attention)
+
+    def set_spatial_attention(self, kind: str) -> None:
+        """``"all_to_first"`` (the released model) or ``"stock"`` (plain spatial self-attention)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        if kind not in ("all_to_first", "stock"):
+            raise ValueError(f"attention: '{kind}' is not 'all_to_first' or 'stock'")
+        self._a2f = []
+        for name, module in self.named_modules():
+            if name.endswith(".attn1") and ".transformer_blocks." in name and "temporal_transformer_blocks" not in name:
+                if kind == "all_to_first":
+                    proc = AllToFirstAttnProcessor(self.config.num_frames)
+                    self._a2f.append(proc)
+                else:
+                    proc = AttnProcessor2_0()
+                module.set_processor(proc)
+
+    def forward(self, sample, timestep, image_latents, encoder_hidden_states, drags=None, drag_valid=None,
+                added_time_ids=None, return_dict=False):
+        b, f = sample.shape[:2]
+        sample = torch.cat([sample, image_latents[:, None].expand(-1, f, -1, -1, -1).to(sample.dtype)], dim=2)
+        t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], dtype=torch.float32)
+        t = t.to(sample.device).reshape(-1).expand(b) if t.numel() == 1 else t.to(sample.device)
+        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+        emb = emb.repeat_interleave(f, dim=0)
+        ehs = encoder_hidden_states.to(sample.dtype).repeat_interleave(f, dim=0)
+        if drags is None:  # no drags: all slots unused, as in the unconditional branch
+            drags = torch.zeros(b, f, self.config.num_drags, 4, device=sample.device)
+        if drags.shape[:2] != (b, f) or drags.shape[-1] != 4:
+            raise ValueError(f"drags: expected ({b}, {f}, N, 4), got {tuple(drags.shape)}")
+        if drag_valid is not None:
+            drag_valid = drag_valid.to(sample.device)
+        drag = DragCondition.build(drags.to(sample.device, torch.float32), drag_valid, self.config.pos_embed_dim)
+        for proc in self._a2f:
+            proc.num_frames = f
+        indicator = torch.zeros(b, f, dtype=sample.dtype, device=sample.device)
+
+        h = self.conv_in(sample.flatten(0, 1))
+        skips = (h,)
+        for block in self.down_blocks:
+            if isinstance(block, DragDownBlock):
+                h, res = block(h, emb, ehs, indicator, drag)
+            else:
+                h, res = block(hidden_states=h, temb=emb, image_only_indicator=indicator)
+            skips += res
+        h = self.mid_block(hidden_states=h, temb=emb, encoder_hidden_states=ehs, image_only_indicator=indicator)
+        for block in self.up_blocks:
+            res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            if isinstance(block, DragUpBlock):
+                h = block(h, res, emb, ehs, indicator, drag)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, image_only_indicator=indicator)
+        h = self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return h.reshape(b, f, *h.shape[1:])
+
+
+def build_unet(config: dict, device="cpu", dtype=torch.float32) -> PuppetMasterUNet:
+    """Random-initialised UNet from a config dict (``device="meta"`` for shapes only)."""
+    with torch.device(device):
+        unet = PuppetMasterUNet(**config)
+    if device != "meta" and dtype != torch.float32:
+        unet = unet.to(dtype)
+    return unet
+
+
+# ============================================================================ checkpoint loading
+def _read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict:
+    """Tensors of a checkpoint (only the keys starting with one of ``prefixes``, when given).
+
+    safetensors files are read selectively, so only the needed part of a large file is loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as fh:
+                keys = [k for k in fh.keys() if prefixes is None or k.startswith(prefixes)]
+                sd = {k: fh.get_tensor(k) for k in keys}
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a checkpoint
+        raise KinemaError(f"{path.name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise KinemaError(f"{path.name}: expected a dict of tensors, found {type(sd).__name__}")
+    if prefixes is not None:
+        sd = {k: v for k, v in sd.items() if k.startswith(prefixes)}
+    return sd
+
+
+def _describe(keys, n=4) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_keys(name: str, expected: dict, found: dict, what: str) -> None:
+    """KinemaError unless ``found`` has exactly the keys (and shapes) of ``expected``."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    if missing or unexpected:
+        hint = ""
+        if any(".flow_convs." in k for k in missing) and not any(".flow_convs." in k for k in found):
+            hint = " This looks like a stock SVD UNet, not the Puppet-Master UNet."
+        raise KinemaError(
+            f"{name}: not a {what}: {len(missing)} missing keys ({_describe(missing)}), "
+            f"{len(unexpected)} unexpected keys ({_describe(unexpected)}).{hint}")
+    bad = [k for k in expected if tuple(expected[k].shape) != tuple(found[k].shape)]
+    if bad:
+        k = bad[0]
+        raise KinemaError(f"{name}: not a {what}: {len(bad)} tensors have other shapes, e.g. {k} is "
+                          f"{tuple(found[k].shape)}, expected {tuple(expected[k].shape)} (wrong model size?)")
+
+
+def load_unet(path, config: dict, dtype=torch.float32, device="cpu") -> PuppetMasterUNet:
+    """The Puppet-Master UNet from its released flat-key checkpoint; strict key and shape check."""
+    unet = build_unet(config, device="meta")
+    expected = unet.state_dict()
+    name = Path(path).name
+    if Path(path).suffix == ".safetensors" and Path(path).is_file():
+        # check names and shapes from the header before reading gigabytes
+        from types import SimpleNamespace
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = {k: SimpleNamespace(shape=tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+        except Exception as e:
+            raise KinemaError(f"{name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
+        check_keys(name, expected, header, "Puppet-Master UNet checkpoint")
+    sd = _read_state_dict(path)
+    check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
+    unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return unet.eval()
+
+
+# ---------------------------------------------------------------- SVD single-file: VAE
+SVD_VAE_PREFIX = "first_stage_model."
+SVD_CLIP_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
+
+
+def _resnet_pairs(ldm: str, dif: str, with_shortcut: bool) -> dict:
+    m = {}
+    for a, b in (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2")):
+        for p in ("weight", "bias"):
+            m[f"{dif}.{b}.{p}"] = f"{ldm}.{a}.{p}"
+    if with_shortcut:
+        for p in ("weight", "bias"):
+            m[f"{dif}.conv_shortcut.{p}"] = f"{ldm}.nin_shortcut.{p}"
+    return m
+
+
+def _video_resnet_pairs(ldm: str, dif: str, with_shortcut: bool) -> dict:
+    m = _resnet_pairs(ldm, dif + ".spatial_res_block", with_shortcut)
+    for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+                 ("out_layers.3", "conv2")):
+        for p in ("weight", "bias"):
+            m[f"{dif}.temporal_res_block.{b}.{p}"] = f"{ldm}.time_stack.{a}.{p}"
+    m[f"{dif}.time_mixer.mix_factor"] = f"{ldm}.mix_factor"
+    return m
+
+
+def _attn_pairs(ldm: str, dif: str) -> dict:
+    m = {}
+    for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        for p in ("weight", "bias"):
+            m[f"{dif}.{b}.{p}"] = f"{ldm}.{a}.{p}"
+    return m
+
+
+def svd_vae_key_map(config: dict) -> dict:
+    """diffusers ``AutoencoderKLTemporalDecoder`` key -> SVD (sgm) key, without the prefix.
+
+    ``quant_conv`` has no counterpart in SVD's autoencoder (it is the identity there).
+    """
+    ch = list(config["block_out_channels"])
+    n = len(ch)
+    lpb = config.get("layers_per_block", 2)
+    if lpb != 2:  # sgm's decoder mid block always has two resnets; diffusers' has layers_per_block
+        raise ValueError(f"vae config: layers_per_block must be 2 for an SVD VAE, got {lpb}")
+    m = {}
+    for p in ("weight", "bias"):
+        m[f"encoder.conv_in.{p}"] = f"encoder.conv_in.{p}"
+        m[f"encoder.conv_norm_out.{p}"] = f"encoder.norm_out.{p}"
+        m[f"encoder.conv_out.{p}"] = f"encoder.conv_out.{p}"
+        m[f"decoder.conv_in.{p}"] = f"decoder.conv_in.{p}"
+        m[f"decoder.conv_norm_out.{p}"] = f"decoder.norm_out.{p}"
+        m[f"decoder.conv_out.{p}"] = f"decoder.conv_out.{p}"
+        m[f"decoder.time_conv_out.{p}"] = f"decoder.conv_out.time_mix_conv.{p}"
+    prev = ch[0]
+    for i in range(n):
+        for j in range(lpb):
+            cin = prev if j == 0 else ch[i]
+            m.update(_resnet_pairs(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
+                                   cin != ch[i]))
+        prev = ch[i]
+        if i < n - 1:
+            for p in ("weight", "bias"):
+                m[f"encoder.down_blocks.{i}.downsamplers.0.conv.{p}"] = f"encoder.down.{i}.downsample.conv.{p}"
+    for side, video in (("encoder", False), ("decoder", True)):
+        pairs = _video_resnet_pairs if video else _resnet_pairs
+        m.update(pairs(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", False))
+        m.update(pairs(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", False))
+        m.update(_attn_pairs(f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0"))
+    rch = list(reversed(ch))
+    prev = rch[0]
+    for i in range(n):
+        level = n - 1 - i
+        for j in range(lpb + 1):
+            cin = prev if j == 0 else rch[i]
+            m.update(_video_resnet_pairs(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}",
+                                         cin != rch[i]))
+        prev = rch[i]
+        if i < n - 1:
+            for p in ("weight", "bias"):
+                m[f"decoder.up_blocks.{i}.upsamplers.0.conv.{p}"] = f"decoder.up.{level}.upsample.conv.{p}"
+    return m
+
+
+def convert_svd_vae(checkpoint: dict, config: dict, name: str = "checkpoint") -> dict:
+    """Diffusers state dict of the temporal-decoder VAE from an SVD single-file state dict."""
+    model = AutoencoderKLTemporalDecoder(**config)
+    expected = model.state_dict()
+    key_map = svd_vae_key_map(config)
+    src = {k[len(SVD_VAE_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(SVD_VAE_PREFIX)}
+    if not src:
+        raise KinemaError(f"{name}: no '{SVD_VAE_PREFIX}*' tensors: not a single-file SVD checkpoint")
+    out = {}
+    for dif, ldm in key_map.items():
+        if ldm in src:
+            v = src[ldm]
+            if dif.endswith(".weight") and v.ndim == 4 and expected[dif].ndim == 2:
+                v = v[:, :, 0, 0]  # 1x1 conv attention projections -> linear
+            out[dif] = v
+    # SVD's autoencoder has no quant_conv; diffusers' has one: identity (allow-listed)
+    if "quant_conv.weight" in src:
+        out["quant_conv.weight"], out["quant_conv.bias"] = src["quant_conv.weight"], src["quant_conv.bias"]
+    else:
+        c = expected["quant_conv.weight"].shape[0]
+        out["quant_conv.weight"] = torch.eye(c).reshape(c, c, 1, 1)
+        out["quant_conv.bias"] = torch.zeros(c)
+    used = set(key_map.values()) | {"quant_conv.weight", "quant_conv.bias"}
+    extra = {k for k in src if k not in used and not k.startswith(("loss.", "regularization."))}
+    missing = {SVD_VAE_PREFIX + key_map.get(k, k) for k in set(expected) - set(out)}
+    extra = {SVD_VAE_PREFIX + k for k in extra}
+    if missing or extra:
+        raise KinemaError(f"{name}: VAE tensors do not match the SVD temporal-decoder VAE config: "
+                          f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
+                          f"({_describe(extra)})")
+    check_keys(name + " (VAE)", expected, out, "SVD VAE")
+    return out
+
+
+# ---------------------------------------------------------------- SVD single-file: CLIP vision
+def svd_clip_key_map(num_layers: int) -> dict:
+    """transformers ``CLIPVisionModelWithProjection`` key -> OpenCLIP visual key (no prefix).
+
+    The fused ``attn.in_proj_*`` and the transposed ``proj`` are handled in :func:`convert_svd_clip`.
+    """
+    m = {
+        "vision_model.embeddings.class_embedding": "class_embedding",
+        "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+        "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+        "visual_projection.weight": "proj",
+    }
+    for p in ("weight", "bias"):
+        m[f"vision_model.pre_layrnorm.{p}"] = f"ln_pre.{p}"
+        m[f"vision_model.post_layernorm.{p}"] = f"ln_post.{p}"
+        for i in range(num_layers):
+            a, b = f"vision_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+            m[f"{a}.layer_norm1.{p}"] = f"{b}.ln_1.{p}"
+            m[f"{a}.layer_norm2.{p}"] = f"{b}.ln_2.{p}"
+            m[f"{a}.mlp.fc1.{p}"] = f"{b}.mlp.c_fc.{p}"
+            m[f"{a}.mlp.fc2.{p}"] = f"{b}.mlp.c_proj.{p}"
+            m[f"{a}.self_attn.out_proj.{p}"] = f"{b}.attn.out_proj.{p}"
+            for j, qkv in enumerate("qkv"):
+                m[f"{a}.self_attn.{qkv}_proj.{p}"] = f"{b}.attn.in_proj_{p}#{j}"
+    return m
+
+
+def convert_svd_clip(checkpoint: dict, config: dict, name: str = "checkpoint") -> dict:
+    """transformers state dict of the CLIP ViT image encoder from an SVD single-file state dict."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    src = {k[len(SVD_CLIP_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(SVD_CLIP_PREFIX)}
+    if not src:
+        raise KinemaError(f"{name}: no '{SVD_CLIP_PREFIX}*' tensors: not a single-file SVD img2vid checkpoint")
+    with torch.device("meta"):
+        expected = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).state_dict()
+    key_map = svd_clip_key_map(config["num_hidden_layers"])
+    out, used = {}, set()
+    for dif, ldm in key_map.items():
+        base, _, part = ldm.partition("#")
+        if base not in src:
+            continue
+        used.add(base)
+        v = src[base]
+        if part:
+            v = v.chunk(3, dim=0)[int(part)]
+        elif dif == "visual_projection.weight":
+            v = v.t()
+        out[dif] = v.contiguous()
+    extra = {SVD_CLIP_PREFIX + k for k in set(src) - used}
+    missing = {SVD_CLIP_PREFIX + key_map.get(k, k).partition("#")[0] for k in set(expected) - set(out)}
+    if missing or extra:
+        raise KinemaError(f"{name}: image-encoder tensors do not match the CLIP ViT config: "
+                          f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
+                          f"({_describe(extra)})")
+    check_keys(name + " (image encoder)", expected, out, "CLIP ViT image encoder")
+    return out
+
+
+def load_svd_components(path, vae_config: dict, clip_config: dict, dtype=torch.float32, device="cpu"):
+    """(vae, image_encoder) from a single-file SVD checkpoint (no hub access)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    name = Path(path).name
+    sd = _read_state_dict(path, (SVD_VAE_PREFIX, SVD_CLIP_PREFIX))
+    vae = AutoencoderKLTemporalDecoder(**vae_config)
+    vae.load_state_dict(convert_svd_vae(sd, vae_config, name), strict=True)
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))
+    enc.load_state_dict(convert_svd_clip(sd, clip_config, name), strict=True)
+    if dtype != torch.float32:
+        vae, enc = vae.to(dtype), enc.to(dtype)
+    return vae.to(device).eval(), enc.to(device).eval()
+
+
+# ============================================================================ sampler
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """(steps + 1,) float64 descending Karras sigmas ending with 0."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    s = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+@dataclass
+class EDMEuler:
+    """Euler sampler on EDM sigmas for a v-prediction model (SVD's EulerDiscreteScheduler setup).
+
+    Model input ``x / sqrt(s^2 + 1)`` at time ``0.25 ln s``; denoised
+    ``x / (s^2 + 1) - v * s / sqrt(s^2 + 1)``; Euler step to the next sigma.
+    """
+    sigma_min: float = 0.002
+    sigma_max: float = 700.0
+    rho: float = 7.0
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "EDMEuler":
+        return cls(float(cfg["sigma_min"]), float(cfg["sigma_max"]), float(cfg.get("rho", 7.0)))
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def init_noise_sigma(self) -> float:
+        return math.sqrt(self.sigma_max ** 2 + 1)
+
+    @staticmethod
+    def model_input(x, sigma):
+        return x / math.sqrt(sigma ** 2 + 1)
+
+    @staticmethod
+    def timestep(sigma) -> float:
+        return 0.25 * math.log(sigma)
+
+    @staticmethod
+    def step(x, v, sigma, sigma_next):
+        denoised = x / (sigma ** 2 + 1) - v * (sigma / math.sqrt(sigma ** 2 + 1))
+        return x + (x - denoised) / sigma * (sigma_next - sigma)
+
+
+def guidance_weights(cfg: float, frames: int) -> torch.Tensor:
+    """(frames,) per-frame guidance, linear from 1 at frame 0 to ``cfg`` at the last frame."""
+    return torch.linspace(1.0, float(cfg), frames)
+
+
+@torch.no_grad()
+def denoise(unet: PuppetMasterUNet, image_latent, image_embed, drags, steps: int, cfg: float,
+            generator: torch.Generator, sampler: EDMEuler, drag_valid=None, progress: bool = True):
+    """Sample (1, F, 4, h, w) latents (scaled by the VAE factor) conditioned on one image.
+
+    image_latent: (1, 4, h, w) VAE mean (unscaled); image_embed: (1, 1, D); drags: (1, F, N, 4).
+    """
+    p = next(unet.parameters())
+    dev, dtype = p.device, p.dtype
+    f = drags.shape[1]
+    h, w = image_latent.shape[-2:]
+    x = torch.randn((1, f, 4, h, w), generator=generator, dtype=torch.float32).to(dev) * sampler.init_noise_sigma()
+    sig = sampler.sigmas(steps).tolist()
+    wts = guidance_weights(cfg, f).to(dev)[None, :, None, None, None]
+    lat = torch.cat([image_latent, torch.zeros_like(image_latent)]).to(dev, dtype)
+    emb = torch.cat([image_embed, torch.zeros_like(image_embed)]).to(dev, dtype)
+    drg = torch.cat([drags, torch.zeros_like(drags)]).to(dev)
+    valid = None
+    if drag_valid is not None:
+        valid = torch.cat([drag_valid, torch.zeros_like(drag_valid)]).to(dev)
+    bar = ProgressBar(steps, "Puppet-Master") if progress else None
+    for i in range(steps):
+        check_interrupt()
+        s, s_next = sig[i], sig[i + 1]
+        inp = sampler.model_input(x, s).to(dtype).expand(2, -1, -1, -1, -1)
+        t = torch.tensor([sampler.timestep(s)], dtype=torch.float32, device=dev)
+        v = unet(inp, t, lat, emb, drg, drag_valid=valid).float()
+        cond, uncond = v[:1], v[1:]
+        v = uncond + wts * (cond - uncond)
+        x = sampler.step(x, v, s, s_next)
+        if bar is not None:
+            bar.update()
+    return x
+
+
+# ============================================================================ image and drags
+@dataclass
+class Crop:
+    """Square crop of the full image: top-left (x0, y0) and side in pixels (may pass the border)."""
+    x0: float
+    y0: float
+    side: float
+
+    def to_unit(self, pts: torch.Tensor) -> torch.Tensor:
+        """(..., 2) full-image pixels -> crop coordinates in [0, 1] (pixel centres)."""
+        return (pts + 0.5 - torch.tensor([self.x0, self.y0])) / self.side
+
+
+def subject_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int = CROP_SIZE, margin: float = 0.1):
+    """The square subject crop on white that Puppet-Master expects.
+
+    image: (H, W, 3) in [0, 1]; mask: (H, W) in [0, 1] or None. With a mask, the square around
+    its bounding box (plus ``margin`` of its side) with the background replaced by white; without
+    one, the whole image centred on a white square. Returns ((size, size, 3), Crop).
+    """
+    hgt, wid = image.shape[:2]
+    if mask is not None:
+        if tuple(mask.shape) != (hgt, wid):
+            raise ValueError(f"mask: {tuple(mask.shape)} does not match the {wid}x{hgt} image")
+        m = mask.float().clamp(0, 1)
+        ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
+        if ys.numel() == 0:
+            raise ValueError("mask: it is empty; click the object (or draw a mask) so there is a subject to crop")
+        x_lo, x_hi, y_lo, y_hi = xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1
+        side = max(x_hi - x_lo, y_hi - y_lo) * (1 + margin)
+        cx, cy = (x_lo + x_hi) / 2, (y_lo + y_hi) / 2
+        comp = image * m[..., None] + (1 - m[..., None])
+    else:
+        side = float(max(hgt, wid))
+        cx, cy = wid / 2, hgt / 2
+        comp = image
+    side = max(side, 8.0)
+    crop = Crop(cx - side / 2, cy - side / 2, side)
+    # sample the square with bilinear interpolation, white outside the image
+    lin = (torch.arange(size, dtype=torch.float32) + 0.5) / size * side
+    gx = (crop.x0 + lin) / wid * 2 - 1
+    gy = (crop.y0 + lin) / hgt * 2 - 1
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
+    src = comp.permute(2, 0, 1)[None].float()
+    if side > size:  # shrink first (antialiased); normalised coordinates do not depend on resolution
+        scale = size / side
+        src = F.interpolate(src, size=(max(1, round(hgt * scale)), max(1, round(wid * scale))),
+                            mode="bilinear", align_corners=False, antialias=True)
+    out = F.grid_sample(src - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
+    return out[0].permute(1, 2, 0).clamp(0, 1), crop
+
+
+def tracks_to_drags(tracks, crop: Crop, frames: int = NUM_FRAMES, max_drags: int = MAX_DRAGS, anchors=None):
+    """Pixel tracks of the full image -> (1, frames, max_drags, 4) drags in crop coordinates, and
+    (1, frames, max_drags) validity.
+
+    A 2-point track is (start, end) with the end moving linearly from the start (frame 0) to the
+    end (last frame); a longer track is resampled over the frames along its points (point i at
+    time i/(M-1)). More than ``max_drags`` tracks: the longest ``max_drags`` are kept (warning).
+    Starts must lie in the crop; ends are clamped to it. ``anchors`` (M, 2) pixel points that
+    must stay still become zero-length drags in the slots the tracks leave free.
+    """
+    tr = [torch.as_tensor(t, dtype=torch.float32).reshape(-1, 2) for t in tracks]
+    if len(tr) > max_drags:
+        order = sorted(range(len(tr)), key=lambda i: -track_length(tr[i]))[:max_drags]
+        log.warning("Puppet-Master takes at most %d drags; using the %d longest of %d (tracks %s)",
+                    max_drags, max_drags, len(tr), sorted(order))
+        tr = [tr[i] for i in sorted(order)]
+    if anchors is not None and len(anchors):
+        free = max_drags - len(tr)
+        if len(anchors) > free:
+            log.warning("Puppet-Master: %d anchor(s) ignored, the %d drag slots are taken", len(anchors) - free,
+                        max_drags)
+        tr += [torch.as_tensor(a, dtype=torch.float32).reshape(1, 2).repeat(2, 1) for a in list(anchors)[:free]]
+    drags = torch.zeros(1, frames, max_drags, 4)
+    valid = torch.zeros(1, frames, max_drags, dtype=torch.bool)
+    for n, t in enumerate(tr):
+        if t.shape[0] < 2:
+            raise ValueError(f"tracks: track {n} has {t.shape[0]} point; a drag needs a start and an end")
+        u = crop.to_unit(t)
+        s = u[0]
+        if not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError(f"tracks: drag {n} starts at ({t[0, 0]:g}, {t[0, 1]:g}), outside the subject crop; "
+                             f"start drags on the object")
+        u = u.clamp(0, 1)
+        if t.shape[0] == 2:
+            d = interpolate_drag_frames(u[0:1], u[1:2], frames)[:, 0]
+        else:
+            d = torch.cat([u[0].expand(frames, 2), resample_track(u, frames)], dim=-1)
+        drags[0, :, n] = d
+        valid[0, :, n] = True
+    return drags, valid
+
+
+def paste_back(frames: torch.Tensor, image: torch.Tensor, crop: Crop, mask: torch.Tensor | None):
+    """Put animated crops (F, s, s, 3) back into the full image (H, W, 3) -> (F, H, W, 3).
+
+    The crop's white background is keyed out (alpha from distance to white), and inside the
+    subject mask the animated crop replaces the image.
+    """
+    hgt, wid = image.shape[:2]
+    f = frames.shape[0]
+    ys = (torch.arange(hgt, dtype=torch.float32) + 0.5 - crop.y0) / crop.side * 2 - 1
+    xs = (torch.arange(wid, dtype=torch.float32) + 0.5 - crop.x0) / crop.side * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)[None].expand(f, -1, -1, -1)
+    up = F.grid_sample(frames.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border",
+                       align_corners=False).permute(0, 2, 3, 1)
+    inside = ((grid.abs() <= 1).all(-1)).float()[..., None]
+    if mask is None:
+        alpha = inside
+    else:
+        key = ((1 - up.min(dim=-1, keepdim=True).values) / 0.12).clamp(0, 1)
+        alpha = torch.maximum(key, mask.float()[None, ..., None]) * inside
+    return (image[None] * (1 - alpha) + up * alpha).clamp(0, 1)
+
+
+# ============================================================================ the model bundle
+@dataclass
+class PuppetMaster:
+    """Loaded Puppet-Master: UNet, SVD VAE and CLIP image encoder, plus the sampler setup."""
+    unet: PuppetMasterUNet
+    vae: AutoencoderKLTemporalDecoder
+    image_encoder: nn.Module
+    sampler: EDMEuler
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    def to(self, device):
+        for m in (self.unet, self.vae, self.image_encoder):
+            m.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_image(self, crop: torch.Tensor):
+        """(s, s, 3) in [0, 1] -> (VAE mean latent (1, 4, s/8, s/8), CLIP embedding (1, 1, D))."""
+        dev = self.device
+        x = crop.permute(2, 0, 1)[None].to(dev, torch.float32)
+        vae_dtype = next(self.vae.parameters()).dtype
+        latent = self.vae.encode((x * 2 - 1).to(vae_dtype)).latent_dist.mean.float()
+        size = self.image_encoder.config.image_size
+        c = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        mean = torch.tensor(CLIP_MEAN, device=dev)[None, :, None, None]
+        std = torch.tensor(CLIP_STD, device=dev)[None, :, None, None]
+        c = ((c.clamp(0, 1) - mean) / std).to(next(self.image_encoder.parameters()).dtype)
+        embed = self.image_encoder(pixel_values=c).image_embeds[:, None].float()
+        return latent, embed
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, F, 4, h, w) sampled latents -> (F, 8h, 8w, 3) frames in [0, 1]."""
+        f = latents.shape[1]
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = latents[0].to(self.device, torch.float32) / self.vae.config.scaling_factor
+        img = self.vae.decode(z.to(vae_dtype), num_frames=f).sample.float()
+        return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    def animate(self, image: torch.Tensor, tracks, mask: torch.Tensor | None = None, steps: int = 50,
+                cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int | None = None,
+                frames: int = NUM_FRAMES, progress: bool = True, anchors=None) -> torch.Tensor:
+        """image (H, W, 3) in [0, 1], tracks: list of (M_i, 2) pixel tracks -> (F, ., ., 3) frames.
+
+        The frames are the subject crop (``size`` defaults to 8 x the UNet's ``sample_size``:
+        256 for the released model), or the full image with the crop pasted back.
+        """
+        if steps < 1:
+            raise ValueError(f"steps: {steps} must be at least 1")
+        if size is None:
+            size = 8 * int(self.unet.config.sample_size or CROP_SIZE // 8)
+        crop_img, crop = subject_crop(image, mask, size)
+        drags, valid = tracks_to_drags(tracks, crop, frames, anchors=anchors)
+        latent, embed = self.encode_image(crop_img)
+        gen = torch.Generator().manual_seed(int(seed))
+        lat = denoise(self.unet, latent, embed, drags, steps, cfg, gen, self.sampler, valid, progress)
+        out = self.decode(lat)
+        if paste:
+            out = paste_back(out, image.float().cpu(), crop, None if mask is None else mask.cpu())
+        return out
+
+
+def model_configs(variant: str) -> dict:
+    """Configs of a variant: ``"released"`` (SVD img2vid + Puppet-Master) or ``"tiny"`` (tests)."""
+    if variant not in ("released", "tiny"):
+        raise ValueError(f"config: '{variant}' is not 'released' or 'tiny'")
+    sub = "" if variant == "released" else "tiny/"
+    return {
+        "unet": load_json(f"puppet_master/{sub}unet.json"),
+        "vae": load_json(f"svd/{sub}vae.json"),
+        "image_encoder": load_json(f"svd/{sub}image_encoder.json"),
+        "scheduler": load_json("svd/scheduler.json"),
+    }
+
+
+def load_puppet_master(unet_path, svd_path, variant: str = "released", dtype=torch.float32,
+                       device="cpu") -> PuppetMaster:
+    """Load the Puppet-Master UNet and the SVD VAE / image encoder from local files."""
+    cfg = model_configs(variant)
+    unet = load_unet(unet_path, cfg["unet"], dtype, device)
+    # the VAE stays in float32 (SVD's VAE is unstable in half precision)
+    vae, enc = load_svd_components(svd_path, cfg["vae"], cfg["image_encoder"], torch.float32, device)
+    if dtype != torch.float32:
+        enc = enc.to(dtype)
+    return PuppetMaster(unet, vae, enc, EDMEuler.from_config(cfg["scheduler"]), dtype)
