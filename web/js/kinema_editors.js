@@ -32,6 +32,17 @@ const SPECS = {
     widget: "strokes",
     make: () => new BrushEditor(),
   },
+  // Model nodes with a fixed frame count: the editor shows that count along each path.
+  KinemaMotionI2VPredictMotion: {
+    widget: "tracks",
+    fixedFrames: 16,
+    make: () => new DragsEditor(),
+  },
+  KinemaPuppetMasterAnimate: {
+    widget: "tracks",
+    fixedFrames: 14,
+    make: () => new DragsEditor(),
+  },
 };
 
 function viewUrl(ref, bust = false) {
@@ -139,6 +150,7 @@ function sync(node) {
     st.lastValue = v;
   }
   if (st.framesWidget) st.editor.setFrames(st.framesWidget.value);
+  else if (st.spec.fixedFrames) st.editor.setFrames(st.spec.fixedFrames);
   const up = upstreamImage(node);
   const upKey = refKey(up);
   if (!st.started) {
@@ -163,7 +175,7 @@ function attach(node, spec) {
   if (!jsonWidget) return;
   node.properties = node.properties || {};
   const editor = spec.make(node);
-  const st = { editor, jsonWidget, lastValue: undefined, started: false, upKey: "", bgKey: "" };
+  const st = { spec, editor, jsonWidget, lastValue: undefined, started: false, upKey: "", bgKey: "" };
   st.framesWidget = spec.frames ? node.widgets.find((w) => w.name === spec.frames) : null;
   node.__kinema = st;
 
