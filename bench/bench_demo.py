@@ -5,29 +5,12 @@ at 512x512 with 16 frames. Prints per-node times (median of N runs) and peak mem
     .venv/bin/python bench/bench_demo.py [--runs 5] [--threads N]
 """
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
+from _pack import ROOT, load_pack, peak_rss_mib
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_pack():
-    spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = mod
-    spec.loader.exec_module(mod)
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():

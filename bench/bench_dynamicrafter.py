@@ -12,25 +12,14 @@ scaled add). A sampling step with guidance runs this twice (batched).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _pack import ROOT, load_pack as _load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pack():
-    if "kinema" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = mod
-    spec.loader.exec_module(mod)
 
 
 def _peak_rss_gib() -> float:

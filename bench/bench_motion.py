@@ -7,28 +7,15 @@ Prints one table row per case: the median and best wall time of ``repeats`` runs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from _pack import ROOT, load_pack as _load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pack():
-    if "kinema" in sys.modules:
-        return sys.modules["kinema"]
-    spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:

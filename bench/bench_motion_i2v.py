@@ -13,25 +13,13 @@ Prints a table. Timings depend on the machine and on other load; run it on an id
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
+from _pack import ROOT, load_pack as _load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pack():
-    if "kinema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["kinema"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["kinema"]
 
 
 def _pick_dtype(name: str, device) -> torch.dtype:

@@ -9,26 +9,14 @@ A step is one UNet call of the sampler: the [cond, uncond] batch (2 videos x 14 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
+from _pack import ROOT, load_pack as _pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _pack():
-    if "kinema" in sys.modules:
-        return sys.modules["kinema"]
-    spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def random_unet(pm):

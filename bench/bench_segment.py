@@ -10,22 +10,11 @@ same picture (embedding from the cache, decoder only). Prints median and best of
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
+from _pack import ROOT, load_pack as _load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pack():
-    if "kinema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["kinema"] = mod
-        spec.loader.exec_module(mod)
 
 
 def _time(fn, repeat: int, sync=lambda: None) -> list[float]:

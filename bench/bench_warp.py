@@ -14,7 +14,6 @@ Run from the repository root.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import sys
 import time
@@ -22,16 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _pack import ROOT, load_pack as _load_pack
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_pack():
-    spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = mod
-    spec.loader.exec_module(mod)
 
 
 def _reset_peak() -> bool:

@@ -34,3 +34,14 @@ def fixtures_dir():
     if not FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {FIXTURES} (set KINEMA_SHARED)")
     return FIXTURES
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (small tensors are faster so), then restore the count.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,12 +7,7 @@ import torch
 from kinema.pipelines.dynamicrafter.encoders import CLIP_MEAN, CLIP_STD, TextEncoder, VisionEncoder, tokenize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

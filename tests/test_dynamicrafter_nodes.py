@@ -16,12 +16,7 @@ WORKFLOWS = ["dynamicrafter_animate_photo.json", "dynamicrafter_animate_clicked_
              "dynamicrafter_interpolate_keyframes.json"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from safetensors import safe_open
 from kinema.pipelines.dynamicrafter.resampler import Resampler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run faster on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(path):

@@ -10,13 +10,8 @@ from safetensors import safe_open
 from kinema.pipelines.dynamicrafter.sampler import DDIMSampler, DiffusionSchedule, ScheduleConfig, ddim_timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run faster on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "dynamicrafter" / "variants.json"
 

@@ -10,13 +10,7 @@ from kinema.kernels.dual_attention import dual_cross_attention, multihead_attent
 from kinema.pipelines.dynamicrafter.unet import CrossAttention, DynamiCrafterUNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run faster on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(path):
