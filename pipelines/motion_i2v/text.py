@@ -1,7 +1,7 @@
 """Standalone SD1.5 prompt encoding without any hub access.
 
 The CLIP BPE vocabulary is the one that ships inside the installed ``open_clip`` package
-(``bpe_simple_vocab_16e6.txt.gz``, the same merges as OpenAI CLIP); the text model is a
+(see ``pipelines/text_encoding.py``); the text model is a
 transformers ``CLIPTextModel`` built from ``configs/motion_i2v/text_encoder.json`` and loaded
 from the checkpoint's ``cond_stage_model.transformer.*`` weights.
 """
@@ -9,30 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime import KinemaError
+from ..text_encoding import clip_tokenizer
 
 CONTEXT = 77
-SOT, EOT = 49406, 49407
 
 
-class ClipBPETokenizer:
-    """SD1.5 tokenisation: ``[SOT] + bpe(text)[:75] + [EOT]``, padded with EOT to 77."""
-
-    def __init__(self):
-        try:
-            from open_clip.tokenizer import SimpleTokenizer
-        except Exception as e:  # pragma: no cover - depends on the environment
-            raise KinemaError(f"open_clip is not installed ({e}); install open_clip_torch to encode prompts "
-                              f"without ComfyUI, or connect a CONDITIONING input") from None
-        self._tok = SimpleTokenizer()
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """texts -> (N, 77) int64."""
-        out = torch.full((len(texts), CONTEXT), EOT, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [SOT] + self._tok.encode(t)[: CONTEXT - 2] + [EOT]
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """SD1.5 tokenisation: ``[SOT] + bpe(text)[:75] + [EOT]``, padded with EOT to 77 -> (N, 77) int64."""
+    tok = clip_tokenizer()
+    return tok(list(texts), padding="max_length", max_length=CONTEXT, truncation=True,
+               return_tensors="pt").input_ids
 
 
 class TextEncoder:
@@ -50,7 +36,6 @@ class TextEncoder:
             sd = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
         check_keys(expected, sd, f"{name} (text encoder)")
         self.model.load_state_dict(sd, strict=False)
-        self.tokenizer = ClipBPETokenizer()
 
     def to(self, device=None, dtype=None):
         self.model.to(device=device, dtype=dtype)
@@ -59,5 +44,5 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         p = next(self.model.parameters())
-        ids = self.tokenizer(texts).to(p.device)
+        ids = tokenize(texts).to(p.device)
         return self.model(input_ids=ids).last_hidden_state
