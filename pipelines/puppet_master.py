@@ -51,6 +51,7 @@ from ..kernels.drag import (
     encode_drags, interpolate_drag_frames, resample_track, sincos_pos_embed_2d, track_length,
 )
 from ..runtime import KinemaError, ProgressBar, check_interrupt
+from .checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -336,33 +337,6 @@ def build_unet(config: dict, device="cpu", dtype=torch.float32) -> PuppetMasterU
 
 
 # ============================================================================ checkpoint loading
-def _read_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict:
-    """Tensors of a checkpoint (only the keys starting with one of ``prefixes``, when given).
-
-    safetensors files are read selectively, so only the needed part of a large file is loaded.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"{path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as fh:
-                keys = [k for k in fh.keys() if prefixes is None or k.startswith(prefixes)]
-                sd = {k: fh.get_tensor(k) for k in keys}
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or not a checkpoint
-        raise KinemaError(f"{path.name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise KinemaError(f"{path.name}: expected a dict of tensors, found {type(sd).__name__}")
-    if prefixes is not None:
-        sd = {k: v for k, v in sd.items() if k.startswith(prefixes)}
-    return sd
-
-
 def _describe(keys, n=4) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
@@ -402,7 +376,7 @@ def load_unet(path, config: dict, dtype=torch.float32, device="cpu") -> PuppetMa
         except Exception as e:
             raise KinemaError(f"{name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
         check_keys(name, expected, header, "Puppet-Master UNet checkpoint")
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return unet.eval()
@@ -587,7 +561,7 @@ def load_svd_components(path, vae_config: dict, clip_config: dict, dtype=torch.f
     """(vae, image_encoder) from a single-file SVD checkpoint (no hub access)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     name = Path(path).name
-    sd = _read_state_dict(path, (SVD_VAE_PREFIX, SVD_CLIP_PREFIX))
+    sd = read_state_dict(path, (SVD_VAE_PREFIX, SVD_CLIP_PREFIX))
     vae = AutoencoderKLTemporalDecoder(**vae_config)
     vae.load_state_dict(convert_svd_vae(sd, vae_config, name), strict=True)
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))

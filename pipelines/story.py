@@ -25,6 +25,7 @@ import torch
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
 from ..runtime import KinemaError, ProgressBar, check_interrupt
 from .text_encoding import clip_tokenizer
+from .checkpoint import read_state_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHS = ("sd15", "sdxl")
@@ -210,26 +211,6 @@ def build_models(arch: str, configs: Optional[dict] = None, device: str | torch.
     return StoryModels(arch=arch, unet=unet, vae=vae, text_encoder=te, scheduler=scheduler,
                        tokenizer=clip_tokenizer(), text_encoder_2=te2,
                        tokenizer_2=clip_tokenizer(pad="!") if arch == "sdxl" else None)
-
-
-def read_state_dict(path: Path) -> dict:
-    """A checkpoint's tensors: safetensors, or a torch pickle loaded with weights_only."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise KinemaError(f"checkpoint {path.name}: could not be read as "
-                          f"{'safetensors' if path.suffix.lower() == '.safetensors' else 'a torch checkpoint'} "
-                          f"({type(exc).__name__}: {exc})") from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise KinemaError(f"checkpoint {path.name}: expected a dict of tensors, found {type(sd).__name__}")
-    return sd
 
 
 SDXL_MARK = "conditioner.embedders.1.model.ln_final.weight"

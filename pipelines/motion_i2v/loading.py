@@ -16,6 +16,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 
 from ...runtime import KinemaError
 from .modules import MotionUNet3D
+from ..checkpoint import read_state_dict
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "motion_i2v"
 
@@ -29,25 +30,6 @@ def load_config(name: str) -> dict:
     if not path.is_file():
         raise KinemaError(f"config '{path}' is missing from the pack; reinstall it")
     return json.loads(path.read_text())
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .bin / .ckpt / .pt / .pth file (``state_dict`` unwrapped,
-    ``module.`` prefixes stripped)."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a weights file
-        raise KinemaError(f"{path.name}: could not be read as a weights file ({type(e).__name__}: {e})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise KinemaError(f"{path.name}: expected a mapping of tensor names to tensors, found {type(sd).__name__}")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
 def check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Tensor], what: str,
