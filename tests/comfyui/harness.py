@@ -247,3 +247,17 @@ def view_url(server: ComfyServer, item: dict) -> str:
     q = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
                                 "type": item.get("type", "output")})
     return f"{server.url}/view?{q}"
+
+def missing_choices(api: dict, object_info: dict) -> list[str]:
+    """Combo values (model files, mostly) the server does not offer, as 'Node.input=value'."""
+    out = []
+    for node in api.values():
+        spec = object_info[node["class_type"]]["input"]
+        for name, value in node["inputs"].items():
+            decl = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
+            if not decl or isinstance(value, list):
+                continue
+            choices = decl[0] if isinstance(decl[0], list) else (decl[1] or {}).get("options") if decl[0] == "COMBO" else None
+            if choices is not None and value not in choices:
+                out.append(f"{node['class_type']}.{name}={value}")
+    return out

@@ -63,19 +63,6 @@ def test_every_node_is_registered_with_its_inputs(object_info):
         assert info["category"].startswith("Kinema"), name
 
 
-def _missing_choices(api: dict, object_info: dict) -> list[str]:
-    """Combo values (model files, mostly) the server does not offer, as 'Node.input=value'."""
-    out = []
-    for node in api.values():
-        spec = object_info[node["class_type"]]["input"]
-        for name, value in node["inputs"].items():
-            decl = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
-            if not decl or isinstance(value, list):
-                continue
-            choices = decl[0] if isinstance(decl[0], list) else (decl[1] or {}).get("options") if decl[0] == "COMBO" else None
-            if choices is not None and value not in choices:
-                out.append(f"{node['class_type']}.{name}={value}")
-    return out
 
 
 def _output_nodes(api: dict, object_info: dict) -> list[str]:
@@ -90,7 +77,7 @@ def test_example_workflow_runs_through_prompt_api(comfy, object_info, path):
     api = harness.ui_to_api(wf, object_info) if "nodes" in wf else wf
     outs = _output_nodes(api, object_info)
     assert outs, f"{path.name} has no output node"
-    missing = _missing_choices(api, object_info)
+    missing = harness.missing_choices(api, object_info)
     if missing:  # model workflows run headless with tiny files in their own tests
         pytest.skip(f"{path.name} needs files this server does not have: {', '.join(missing)}")
     pid = comfy.queue(api)

@@ -10,7 +10,6 @@ test-artifacts/comfyui/.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -331,6 +330,9 @@ def test_example_workflow_in_real_frontend(front, object_info, path):
     wf = json.loads(Path(path).read_text())
     if "nodes" not in wf:
         pytest.skip(f"{path.name} is in API form")
+    missing = harness.missing_choices(harness.ui_to_api(wf, object_info), object_info)
+    if missing:  # model workflows run headless with tiny files in their own tests
+        pytest.skip(f"{path.name} needs files this server does not have: {', '.join(missing)}")
     page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(wf); }", wf)
     page.wait_for_timeout(1500)
     ids = page.evaluate("() => window.app.graph._nodes.filter((n) => n.__kinema).map((n) => [n.id, n.type])")
