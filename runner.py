@@ -44,7 +44,11 @@ def node_classes() -> dict:
 
 
 def _ordered_inputs(cls) -> list[tuple[str, object, dict]]:
-    spec = cls.INPUT_TYPES()
+    return _ordered_spec(cls.INPUT_TYPES())
+
+
+def _ordered_spec(spec: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of an INPUT_TYPES dict (or a server's /object_info "input"), in order."""
     out = []
     for section in ("required", "optional"):
         for name, value in (spec.get(section) or {}).items():
@@ -65,14 +69,20 @@ def _extra_widget_values(name: str, typ, opts) -> int:
     extra = 0
     if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
         extra += 1
-    if opts.get("image_upload") or opts.get("video_upload"):
+    if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
         extra += 1
     return extra
 
 
-def ui_to_api(workflow: dict, classes: dict | None = None) -> dict:
-    """Convert a UI-format workflow to the API format."""
-    classes = classes if classes is not None else node_classes()
+def ui_to_api(workflow: dict, classes: dict | None = None, input_types: dict | None = None) -> dict:
+    """Convert a UI-format workflow to the API format.
+
+    Each node's widget order comes from ``input_types`` ({node type: INPUT_TYPES dict}, e.g. a
+    ComfyUI server's /object_info "input" entries) when given, else from ``classes``."""
+    if input_types is None:
+        classes = classes if classes is not None else node_classes()
+        input_types = {name: cls.INPUT_TYPES() for name, cls in classes.items()}
+    known = input_types
     nodes = {n["id"]: n for n in workflow.get("nodes", [])}
     links = {}
     for link in workflow.get("links", []):
@@ -82,7 +92,7 @@ def ui_to_api(workflow: dict, classes: dict | None = None) -> dict:
             links[link[0]] = (link[1], link[2])
 
     def source(link_id):
-        """Follow reroutes back to the producing node; None for a primitive node."""
+        """Follow reroutes back: ("link", [node id, slot]), ("value", v) for a primitive node, or None."""
         seen = set()
         while True:
             if link_id not in links:
@@ -96,9 +106,10 @@ def ui_to_api(workflow: dict, classes: dict | None = None) -> dict:
                 ins = node.get("inputs") or []
                 link_id = ins[0].get("link") if ins else None
                 continue
-            if node.get("type") == "PrimitiveNode":
-                return None
-            return [str(nid), slot]
+            if node.get("type") == "PrimitiveNode":  # its value is the target widget's value
+                vals = node.get("widgets_values") or [None]
+                return ("value", vals[0])
+            return ("link", [str(nid), slot])
 
     api = {}
     for nid, node in nodes.items():
@@ -107,20 +118,19 @@ def ui_to_api(workflow: dict, classes: dict | None = None) -> dict:
             continue
         if node.get("mode", 0) == 4:
             raise WorkflowError(f"node {nid} ({ctype}) is bypassed; the headless runner does not run bypassed nodes")
-        if ctype not in classes:
-            raise WorkflowError(f"node {nid}: unknown node type '{ctype}' (the headless runner knows this pack's "
-                                f"nodes and {', '.join(sorted(k for k in classes if not k.startswith('Kinema')))})")
-        cls = classes[ctype]
+        if ctype not in known:
+            raise WorkflowError(f"node {nid}: unknown node type '{ctype}' (known: this pack's nodes and "
+                                f"{', '.join(sorted(k for k in known if not k.startswith('Kinema'))[:12])}...)")
         values = node.get("widgets_values", [])
         linked = {}
         for inp in node.get("inputs") or []:
             if inp.get("link") is not None:
                 src = source(inp["link"])
                 if src is not None:
-                    linked[inp["name"]] = src
+                    linked[inp["name"]] = src[1]
         inputs = {}
         pos = 0
-        for name, typ, opts in _ordered_inputs(cls):
+        for name, typ, opts in _ordered_spec(known[ctype]):
             if _is_widget(typ, opts):
                 if isinstance(values, dict):
                     if name in values:

@@ -94,3 +94,16 @@ def test_save_prefix_cannot_escape_output(tmp_path, monkeypatch):
     monkeypatch.setenv("KINEMA_OUTPUT_DIR", str(tmp_path / "out"))
     with pytest.raises(ValueError, match="outside the output folder"):
         CORE_NODES["SaveImage"]().save_images(torch.zeros(1, 4, 4, 3), "../../evil")
+
+
+def test_primitive_node_value_and_server_input_types():
+    wf = _ui_workflow()
+    wf["nodes"].append({"id": 7, "type": "PrimitiveNode", "mode": 0, "widgets_values": [0.25, "fixed"],
+                        "outputs": [{"name": "FLOAT", "type": "FLOAT", "links": [9]}]})
+    wf["nodes"][1]["inputs"].append({"name": "amount", "type": "FLOAT", "link": 9, "widget": {"name": "amount"}})
+    wf["links"].append([9, 7, 0, 2, 1, "FLOAT"])
+    api = runner.ui_to_api(wf, _classes())
+    assert api["2"]["inputs"]["amount"] == 0.25 and "7" not in api
+    # the same conversion driven by a server's /object_info "input" entries
+    served = {name: cls.INPUT_TYPES() for name, cls in _classes().items()}
+    assert runner.ui_to_api(wf, input_types=served) == api

@@ -19,8 +19,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-UI_ONLY = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")  # inputs the front end shows as widgets
 
 
 def comfyui_dir() -> Path | None:
@@ -158,89 +157,11 @@ class ComfyServer:
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
 
-def _links(workflow: dict) -> dict:
-    out = {}
-    for link in workflow.get("links", []) or []:
-        if isinstance(link, dict):
-            out[link["id"]] = (link["origin_id"], link["origin_slot"])
-        else:
-            out[link[0]] = (link[1], link[2])
-    return out
-
-
-def _is_widget(typ, opts) -> bool:
-    return not opts.get("forceInput") and (isinstance(typ, list) or typ in WIDGET_TYPES)
-
-
-def _extra_values(name, typ, opts) -> int:
-    # widgets the front end saves after an input's own value
-    n = 0
-    if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-        n += 1
-    if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
-        n += 1
-    return n
-
-
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """A UI-format workflow (what "Save" writes) -> the API prompt ComfyUI queues, using the
-    server's /object_info for each node's input order and widgets."""
-    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
-    links = _links(workflow)
-
-    def source(link_id):
-        seen = set()
-        while link_id in links:
-            nid, slot = links[link_id]
-            node = nodes.get(nid)
-            if node is None or nid in seen:
-                return None
-            seen.add(nid)
-            if node.get("type") == "Reroute":
-                ins = node.get("inputs") or []
-                link_id = ins[0].get("link") if ins else None
-                continue
-            if node.get("type") == "PrimitiveNode":
-                vals = node.get("widgets_values") or [None]
-                return ("value", vals[0])
-            return ("link", [str(nid), slot])
-        return None
-
-    api = {}
-    for nid, node in nodes.items():
-        ctype = node.get("type")
-        if ctype in UI_ONLY or node.get("mode", 0) in (2, 4):
-            continue
-        if ctype not in object_info:
-            raise AssertionError(f"node {nid}: '{ctype}' is not known to this ComfyUI (/object_info)")
-        spec = object_info[ctype]
-        order = spec.get("input_order") or {s: list((spec["input"].get(s) or {}).keys()) for s in ("required", "optional")}
-        values = node.get("widgets_values", [])
-        inputs, pos = {}, 0
-        for section in ("required", "optional"):
-            for name in order.get(section, []):
-                entry = (spec["input"].get(section) or {}).get(name)
-                if entry is None:
-                    continue
-                typ = entry[0]
-                opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-                if _is_widget(typ, opts):
-                    if isinstance(values, dict):
-                        if name in values:
-                            inputs[name] = values[name]
-                    elif pos < len(values):
-                        inputs[name] = values[pos]
-                    pos += 1 + _extra_values(name, typ, opts)
-        for inp in node.get("inputs") or []:
-            if inp.get("link") is None:
-                continue
-            src = source(inp["link"])
-            if src is None:
-                continue
-            kind, val = src
-            inputs[inp["name"]] = val
-        api[str(nid)] = {"class_type": ctype, "inputs": inputs}
-    return api
+    """A UI-format workflow (what "Save" writes) -> the API prompt ComfyUI queues, with the
+    widget order of the server's /object_info (the pack's own converter, fed by the server)."""
+    from kinema import runner
+    return runner.ui_to_api(workflow, input_types={k: v["input"] for k, v in object_info.items()})
 
 
 def view_url(server: ComfyServer, item: dict) -> str:
