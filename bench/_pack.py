@@ -19,11 +19,12 @@ def load_pack():
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (VmHWM), MiB; NaN where /proc is missing."""
+    """Peak resident memory of this process so far (VmHWM), MiB; ru_maxrss where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -6,7 +6,6 @@ at 512x512 with 16 frames. Prints per-node times (median of N runs) and peak mem
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from _pack import ROOT, load_pack, peak_rss_mib

@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from _pack import ROOT, load_pack as _load_pack
+from _pack import load_pack as _load_pack
 
 
 

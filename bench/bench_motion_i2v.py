@@ -13,12 +13,11 @@ Prints a table. Timings depend on the machine and on other load; run it on an id
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 
 import torch
-from _pack import ROOT, load_pack as _load_pack
+from _pack import load_pack as _load_pack
 
 
 

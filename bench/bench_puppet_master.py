@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
-from _pack import ROOT, load_pack as _pack
+from _pack import load_pack as _pack
 
 
 

@@ -14,15 +14,12 @@ Run from the repository root.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _pack import ROOT, load_pack as _load_pack
-
+from _pack import ROOT, load_pack as _load_pack, peak_rss_mib
 
 
 def _reset_peak() -> bool:
@@ -32,16 +29,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _peak_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mib() -> float:
@@ -140,7 +127,7 @@ def main():
             t = time.perf_counter()
             animate(im, field, progress=False)
             dt = time.perf_counter() - t
-            peak = _peak_mib()
+            peak = peak_rss_mib()
             for _ in range(args.repeat - 1):
                 t = time.perf_counter()
                 animate(im, field, progress=False)

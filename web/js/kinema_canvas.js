@@ -11,6 +11,17 @@
 export const round1 = (v) => Math.round(v * 10) / 10;
 export const clamp = (v, lo, hi) => Math.min(hi, Math.max(lo, v));
 
+/** A stored point, {x, y} or [x, y], -> [x, y] rounded to 0.1 px; `what` names it in errors. */
+export function readPoint(p, what) {
+  let x, y;
+  if (Array.isArray(p) && p.length >= 2) [x, y] = p;
+  else if (p && typeof p === "object" && "x" in p && "y" in p) ({ x, y } = p);
+  else throw new Error(`${what}: ${JSON.stringify(p)} is not a point`);
+  x = Number(x); y = Number(y);
+  if (!Number.isFinite(x) || !Number.isFinite(y)) throw new Error(`${what}: ${JSON.stringify(p)} is not a number pair`);
+  return [round1(x), round1(y)];
+}
+
 // Colours for tracks / points, chosen to stay readable on photographs.
 export const PALETTE = ["#ff4d4d", "#4da6ff", "#ffd11a", "#4dff88", "#ff66e0", "#ff9933",
                         "#33ffff", "#b380ff", "#c8ff4d", "#ffffff"];

@@ -10,17 +10,8 @@
 // it, drag a line to move the whole track; right click or Alt+click on a point deletes it
 // (a 2-point track goes entirely), on a line deletes the track, on an anchor deletes it.
 
-import { KinemaCanvas, round1, distToSegment, PALETTE } from "./kinema_canvas.js";
+import { KinemaCanvas, round1, distToSegment, PALETTE, readPoint } from "./kinema_canvas.js";
 
-function readXY(p, what) {
-  let x, y;
-  if (Array.isArray(p) && p.length >= 2) [x, y] = p;
-  else if (p && typeof p === "object" && "x" in p && "y" in p) ({ x, y } = p);
-  else throw new Error(`${what}: ${JSON.stringify(p)} is not a point`);
-  x = Number(x); y = Number(y);
-  if (!Number.isFinite(x) || !Number.isFinite(y)) throw new Error(`${what}: ${JSON.stringify(p)} is not a number pair`);
-  return [round1(x), round1(y)];
-}
 
 const isPoint = (p) => (p && !Array.isArray(p) && typeof p === "object" && "x" in p) ||
   (Array.isArray(p) && p.length >= 2 && p.length <= 3 && p.every((v) => typeof v === "number"));
@@ -81,14 +72,14 @@ export class DragsEditor extends KinemaCanvas {
     let anchors = [];
     if (d && !Array.isArray(d) && typeof d === "object") {
       if (d.anchors != null && !Array.isArray(d.anchors)) throw new Error("anchors must be a list");
-      anchors = (d.anchors || []).map((p) => readXY(p, "anchor"));
+      anchors = (d.anchors || []).map((p) => readPoint(p, "anchor"));
       d = d.tracks == null ? [] : d.tracks;
     }
     if (!Array.isArray(d)) throw new Error("tracks must be a list");
     if (d.length && isPoint(d[0])) d = [d];
     const tracks = d.map((t, i) => {
       if (!Array.isArray(t)) throw new Error(`track ${i} must be a list of points`);
-      const pts = t.map((p) => readXY(p, `track ${i}`));
+      const pts = t.map((p) => readPoint(p, `track ${i}`));
       if (pts.length < 2) throw new Error(`track ${i} needs 2 or more points`);
       return pts;
     });

@@ -7,21 +7,12 @@
 // Alt+click on a point deletes it (on a box corner: deletes the box); Delete removes the
 // selected point; Ctrl+Z / Ctrl+Shift+Z undo / redo.
 
-import { KinemaCanvas, round1, clamp } from "./kinema_canvas.js";
+import { KinemaCanvas, round1, clamp, readPoint } from "./kinema_canvas.js";
 
 const POS = "#35d06b";
 const NEG = "#ff4d4d";
 const BOX = "#4da6ff";
 
-function readPoint(p, what) {
-  let x, y;
-  if (Array.isArray(p) && p.length >= 2) [x, y] = p;
-  else if (p && typeof p === "object" && "x" in p && "y" in p) ({ x, y } = p);
-  else throw new Error(`${what}: ${JSON.stringify(p)} is not a point`);
-  x = Number(x); y = Number(y);
-  if (!Number.isFinite(x) || !Number.isFinite(y)) throw new Error(`${what}: ${JSON.stringify(p)} is not a number pair`);
-  return [round1(x), round1(y)];
-}
 
 export class PointsEditor extends KinemaCanvas {
   constructor(opts = {}) {
