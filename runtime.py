@@ -1,12 +1,17 @@
 """The one place that talks to ComfyUI.
 
-Inside ComfyUI this module uses ``folder_paths``, ``comfy.model_management`` and
-``comfy.utils``; outside it (tests, the headless runner, scripts) it falls back to plain
-equivalents:
+Inside ComfyUI this module uses ``folder_paths``, ``comfy.model_management``,
+``comfy.model_patcher`` and ``comfy.utils``; outside it (tests, the headless runner, scripts)
+it falls back to plain equivalents:
 
 - model folders under ``$KINEMA_MODELS_DIR`` (default ``./models``), one sub-folder per
   kind (``sams``, ``checkpoints``, ``animatediff_models``, ``kinema/<system>``);
 - the best available torch device (CUDA, then MPS, then CPU), or ``$KINEMA_DEVICE``;
+- models: every network the pack loads is a :class:`ManagedModel`. Inside ComfyUI it is held
+  by a ``ModelPatcher`` and :func:`load_models` brings it to the device through
+  ``comfy.model_management.load_models_gpu`` right before use, so ComfyUI can evict it (and
+  others), honours ``--lowvram`` / ``--novram`` / ``--cpu`` / ``--reserve-vram`` and frees it
+  on "Unload models". Outside ComfyUI :func:`load_models` moves it to the device;
 - a terminal progress bar;
 - interrupts through :class:`Interrupted`, raised by :func:`check_interrupt`.
 
@@ -24,10 +29,14 @@ import torch
 try:  # inside ComfyUI
     import folder_paths as _folder_paths  # type: ignore
     import comfy.model_management as _mm  # type: ignore
+    import comfy.model_patcher as _model_patcher  # type: ignore
+    import comfy.ops as _comfy_ops  # type: ignore
     import comfy.utils as _comfy_utils  # type: ignore
 except Exception:  # standalone
     _folder_paths = None
     _mm = None
+    _model_patcher = None
+    _comfy_ops = None
     _comfy_utils = None
 
 IN_COMFYUI = _folder_paths is not None
@@ -145,6 +154,186 @@ def free_memory() -> None:
         _mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------
+# models under ComfyUI's model management
+
+class HeldModule(torch.nn.Module):
+    """The module a ``ModelPatcher`` holds for a :class:`ManagedModel`: a plain container, so
+    that ComfyUI can set its bookkeeping attributes (``device``, ...) whatever the wrapped
+    class allows. ``kinema_name`` says what it is (shown in ComfyUI's log and listings)."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        super().__init__()
+        self.inner = module
+        self.kinema_name = name
+
+    def extra_repr(self) -> str:
+        return self.kinema_name
+
+
+def _castable_layers(module: torch.nn.Module) -> None:
+    """Give plain torch layers ComfyUI's castable classes (same parameters, same forward), so
+    that under ``--lowvram`` / ``--novram`` ComfyUI can keep their weights off the device and
+    cast them per call, as it does for its own models. Only exact torch classes change."""
+    ops = _comfy_ops.disable_weight_init
+    kinds = {torch.nn.Linear: ops.Linear, torch.nn.Conv1d: ops.Conv1d, torch.nn.Conv2d: ops.Conv2d,
+             torch.nn.Conv3d: ops.Conv3d, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.LayerNorm: ops.LayerNorm,
+             torch.nn.Embedding: ops.Embedding, torch.nn.ConvTranspose2d: ops.ConvTranspose2d}
+    for m in module.modules():
+        new = kinds.get(type(m))
+        if new is not None:
+            m.__class__ = new
+
+
+def _place_uncast(patcher, device_to, *_args) -> None:
+    """After ComfyUI loaded a model (maybe partly): put every tensor that it neither loaded
+    nor casts per call on the device too (parameters of non-leaf modules such as learned
+    queries or position tables, and buffers). They are small next to the layers."""
+    if device_to is None:
+        return
+    for m in patcher.model.modules():
+        cast = bool(getattr(m, "comfy_cast_weights", False))
+        for name, p in m.named_parameters(recurse=False):
+            if cast and name in ("weight", "bias"):
+                continue
+            if p.device != torch.device(device_to):
+                p.data = p.data.to(device_to)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.device != torch.device(device_to):
+                m._buffers[name] = b.to(device_to)
+
+
+class ManagedModel:
+    """One network of the pack under ComfyUI's model management.
+
+    ``module`` is the network (any ``torch.nn.Module``); ``name`` says what it is. Call
+    :func:`load_models` right before using it: inside ComfyUI that is
+    ``comfy.model_management.load_models_gpu`` on its ``ModelPatcher`` (``self.patcher``),
+    which may first unload other models, or load this one only partly under ``--lowvram``
+    (then its layers cast their weights per call); outside ComfyUI the module moves to
+    :func:`device`. Run inputs on :attr:`device` - never on the device of the weights, which
+    may still be the offload device in a partial load.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str, *, load_device=None, offload_device=None):
+        self.module = module.eval().requires_grad_(False)
+        self.name = name
+        self.patcher = None
+        if _model_patcher is not None:
+            _castable_layers(module)
+            held = HeldModule(module, name)
+            self.patcher = _model_patcher.ModelPatcher(
+                held, load_device=torch.device(load_device) if load_device is not None else _mm.get_torch_device(),
+                offload_device=torch.device(offload_device) if offload_device is not None
+                else _mm.unet_offload_device())
+            self.patcher.add_callback(_model_patcher.CallbacksMP.ON_LOAD, _place_uncast)
+            self._load_device = self.patcher.load_device
+        else:
+            self._load_device = torch.device(load_device) if load_device is not None else device()
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go when the model runs."""
+        return self._load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.name}, {type(self.module).__name__}, device={self.device})"
+
+
+def _patchers(models) -> list:
+    """ModelPatchers of :class:`ManagedModel` objects and of ComfyUI's own model objects
+    (MODEL = ModelPatcher; VAE, CLIP and CLIP_VISION carry ``.patcher``)."""
+    out = []
+    for m in models:
+        if m is None:
+            continue
+        p = m.patcher if isinstance(m, ManagedModel) or hasattr(m, "patcher") else m
+        if p is None:
+            continue
+        if hasattr(p, "get_nested_additional_models"):
+            for extra in p.get_nested_additional_models():
+                if extra not in out:
+                    out.append(extra)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def load_models(*models, memory_required: int = 0) -> None:
+    """Bring models to their device right before use.
+
+    Inside ComfyUI: ``load_models_gpu`` with the models' patchers; ``memory_required`` (bytes)
+    is the working memory the next step needs besides the weights, so ComfyUI frees that much
+    first. Outside ComfyUI: each :class:`ManagedModel` moves to its device.
+    """
+    if _mm is not None:
+        patchers = _patchers(models)
+        if patchers:
+            _mm.load_models_gpu(patchers, memory_required=int(memory_required))
+        return
+    for m in models:
+        if isinstance(m, ManagedModel):
+            m.module.to(m.device)
+
+
+def on_unload(model: ManagedModel, callback) -> None:
+    """Call ``callback()`` whenever ComfyUI unloads ``model`` (memory pressure elsewhere on the
+    device, "Unload models", "Free memory"). Does nothing outside ComfyUI."""
+    if model.patcher is None:
+        return
+    model.patcher.add_callback(_model_patcher.CallbacksMP.ON_DETACH, lambda *_args: callback())
+
+
+def queue_busy() -> bool:
+    """True while ComfyUI is executing a prompt (False outside a ComfyUI server)."""
+    found = prompt_server()
+    if found is None:
+        return False
+    queue = getattr(found[0], "prompt_queue", None)
+    if queue is None:
+        return False
+    running, _queued = queue.get_current_queue_volatile()
+    return bool(running)
+
+
+def loaded_model_names() -> list[str]:
+    """Names of the pack's models ComfyUI holds loaded now (newest first); [] outside ComfyUI."""
+    if _mm is None:
+        return []
+    names = []
+    for lm in _mm.current_loaded_models:
+        patcher = lm.model
+        name = getattr(getattr(patcher, "model", None), "kinema_name", None)
+        if name is not None:
+            names.append(name)
+    return names
+
+
+def default_dtype(load_device=None, supported=(torch.float16, torch.bfloat16, torch.float32),
+                  params: int = 0) -> torch.dtype:
+    """The weight dtype a loader's "auto" picks for a model of ``params`` parameters: ComfyUI's
+    own choice inside ComfyUI (its ``--fp16-unet`` / ``--bf16-unet`` / ``--fp32-unet`` flags
+    apply), else fp16 or bf16 on a GPU and fp32 on the CPU."""
+    dev = torch.device(load_device) if load_device is not None else device()
+    if _mm is not None:
+        return _mm.unet_dtype(device=dev, model_params=params, supported_dtypes=list(supported))
+    if dev.type == "cuda":
+        if torch.float16 in supported:
+            return torch.float16
+        if torch.bfloat16 in supported and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+    if dev.type == "mps" and torch.float16 in supported:
+        return torch.float16
+    return torch.float32
 
 
 def check_interrupt() -> None:

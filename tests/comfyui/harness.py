@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -27,9 +28,10 @@ def comfyui_dir() -> Path | None:
     return Path(d) if d else None
 
 
-def comfyui_python(cdir: Path) -> Path | None:
-    """The interpreter that runs ComfyUI: $COMFYUI_PYTHON, $COMFYUI_VENV/bin/python, or the
-    environment tests/comfyui/setup_comfyui.sh creates ($COMFYUI_DIR/.venv-kinema)."""
+def comfyui_python(cdir: Path) -> Path:
+    """The interpreter that runs ComfyUI: $COMFYUI_PYTHON, $COMFYUI_VENV/bin/python, the
+    environment tests/comfyui/setup_comfyui.sh creates ($COMFYUI_DIR/.venv-kinema), else this
+    test process's own (it imported ComfyUI, so it has ComfyUI's requirements)."""
     cands = []
     if os.environ.get("COMFYUI_PYTHON"):
         cands.append(Path(os.environ["COMFYUI_PYTHON"]))
@@ -39,7 +41,7 @@ def comfyui_python(cdir: Path) -> Path | None:
     for c in cands:
         if c.exists():
             return c
-    return None
+    return Path(sys.executable)
 
 
 def free_port() -> int:
