@@ -305,6 +305,16 @@ def queue_busy() -> bool:
     return bool(running)
 
 
+def inference_memory(latent_shape, dtype=torch.float16, factor: float = 1.0) -> int:
+    """Working memory (bytes) a UNet step over a latent batch of ``latent_shape`` (N, C, h, w)
+    roughly needs with memory-efficient attention; what :func:`load_models` is told to keep free
+    besides the weights (ComfyUI estimates its own UNets the same way)."""
+    n = int(latent_shape[0])
+    area = n * int(torch.tensor(latent_shape[2:]).prod())
+    size = torch.tensor([], dtype=dtype).element_size()
+    return int(area * size * 0.01 * factor * 1024 * 1024)
+
+
 def loaded_model_names() -> list[str]:
     """Names of the pack's models ComfyUI holds loaded now (newest first); [] outside ComfyUI."""
     if _mm is None:

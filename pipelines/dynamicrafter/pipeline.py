@@ -10,8 +10,9 @@ Conditioning (as the released models were trained):
 - ``fs``: frames per second (512/1024) or frame stride (256).
 
 Sampling is DDIM with the variant's schedule. Optional: a region mask (only the masked part
-moves; elsewhere the latent is reset to the input each step), temporal windows for more frames
-than the model's native length, and offloading each part after use.
+moves; elsewhere the latent is reset to the input each step) and temporal windows for more
+frames than the model's native length. Each part is loaded right before it is used, under
+ComfyUI's model management (which may unload the others to make room).
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ class AnimateOptions:
     height: int = 0                # 0: the variant's default
     width: int = 0
     window_overlap: int = 4        # frames shared by neighbouring temporal windows
-    offload: bool = True
 
 
 def _multiple(model: DynamiCrafter) -> int:
@@ -93,11 +93,6 @@ def prepare_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if float(m.max()) <= 0:
         raise ValueError("mask: the mask is empty; paint the region that should move (or leave the mask unconnected)")
     return m
-
-
-def _move(module, device):
-    if module is not None:
-        module.to(device)
 
 
 def _window_starts(frames: int, length: int, overlap: int) -> list[int]:
@@ -171,8 +166,7 @@ class _Denoiser:
 
 
 def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateOptions,
-             mask: torch.Tensor | None = None, device: torch.device | None = None,
-             callback=None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
     """Frames (T, H, W, 3) in [0, 1].
 
     ``keyframes``: one IMAGE (animate) or two (interpolate: the first and the last frame).
@@ -186,7 +180,6 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
         raise ValueError(f"steps: {opts.steps} must be at least 1")
     if opts.cfg < 1.0:
         raise ValueError(f"cfg: {opts.cfg} must be at least 1.0 (1.0 turns guidance off)")
-    device = device or runtime.device()
     settings = model.settings()
     height, width = _check_size(model, opts.height, opts.width)
     if opts.fs is not None and int(opts.fs) > 0:
@@ -200,29 +193,23 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
     imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
             for i, k in enumerate(keyframes)]
-    offload_dev = runtime.offload_device()
+    parts = model.managed()
+    device = parts["unet"].device
 
     # conditioning
-    for part in (model.text_encoder, model.image_encoder, model.image_proj):
-        _move(part, device)
     use_cfg = float(opts.cfg) != 1.0
     text_c = model.encode_text([opts.prompt or ""])
-    img_c = model.encode_image_context(imgs[0].to(device))
+    img_c = model.encode_image_context(imgs[0])
     ctx_c = torch.cat([text_c, img_c], dim=1)
     ctx_u = None
     if use_cfg:
         text_u = model.encode_text([opts.negative or ""])
-        img_u = model.encode_image_context(torch.zeros_like(imgs[0]).to(device))
+        img_u = model.encode_image_context(torch.zeros_like(imgs[0]))
         ctx_u = torch.cat([text_u, img_u], dim=1)
-    if opts.offload:
-        for part in (model.text_encoder, model.image_encoder, model.image_proj):
-            _move(part, offload_dev)
-        runtime.free_memory()
     runtime.check_interrupt()
 
     # image latents
-    _move(model.vae, device)
-    z = model.vae_encode(torch.cat(imgs).to(device), generator=gen)        # (K, 4, h, w)
+    z = model.vae_encode(torch.cat(imgs), generator=gen).to(device)       # (K, 4, h, w)
     h, w = z.shape[-2:]
     if len(imgs) == 1:
         c_concat = z[:1, :, None].expand(1, z.shape[1], frames, h, w).contiguous()
@@ -238,30 +225,24 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
         lat_mask = F.interpolate(pix_mask, size=(h, w), mode="area")
         keep_mask = (1.0 - lat_mask)[:, :, None]                            # (1, 1, 1, h, w)
         keep_latent = c_concat.float()
-    if opts.offload:
-        _move(model.vae, offload_dev)
-        runtime.free_memory()
 
     # sampling
-    _move(model.unet, device)
+    batch = 2 if use_cfg else 1
+    window = min(frames, model.temporal_length)
+    runtime.load_models(parts["unet"], memory_required=runtime.inference_memory(
+        (batch * window, z.shape[1], h, w), model.unet.dtype))
     sampler = DDIMSampler(DiffusionSchedule(model.schedule_config()), steps=int(opts.steps), eta=float(opts.eta))
     fs = torch.tensor([fs_value], dtype=torch.long, device=device)
-    denoise = _Denoiser(model, c_concat.to(model.unet.dtype), ctx_c, ctx_u, fs, int(opts.window_overlap))
+    denoise = _Denoiser(model, c_concat.to(model.unet.dtype), ctx_c.to(device), None if ctx_u is None else ctx_u.to(device),
+                        fs, int(opts.window_overlap))
     x_T = torch.randn((1, z.shape[1], frames, h, w), generator=gen, dtype=torch.float32).to(device)
     latents = sampler.sample(denoise, x_T, cfg=float(opts.cfg),
                              guidance_rescale=float(settings["schedule"].get("guidance_rescale", 0.0)),
                              generator=gen, keep_mask=keep_mask, keep_latent=keep_latent, callback=callback)
-    if opts.offload:
-        _move(model.unet, offload_dev)
-        runtime.free_memory()
     runtime.check_interrupt()
 
     # decode
-    _move(model.vae, device)
     video = model.vae_decode(latents[0].transpose(0, 1))                    # (T, 3, H, W) in [-1, 1]
-    if opts.offload:
-        _move(model.vae, offload_dev)
-        runtime.free_memory()
     video = (video.float() + 1.0) / 2.0
     if pix_mask is not None:
         src = (imgs[0].to(video.device) + 1.0) / 2.0
@@ -269,13 +250,12 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     return video.clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-def animate(model: DynamiCrafter, image: torch.Tensor, opts: AnimateOptions, mask: torch.Tensor | None = None,
-            device: torch.device | None = None) -> torch.Tensor:
+def animate(model: DynamiCrafter, image: torch.Tensor, opts: AnimateOptions,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
     """IMAGE (B, H, W, 3) -> frames (T, H, W, 3); ``mask`` (B, H, W): 1 where it may move."""
-    return generate(model, [image], opts, mask=mask, device=device)
+    return generate(model, [image], opts, mask=mask)
 
 
-def interpolate(model: DynamiCrafter, start: torch.Tensor, end: torch.Tensor, opts: AnimateOptions,
-                device: torch.device | None = None) -> torch.Tensor:
+def interpolate(model: DynamiCrafter, start: torch.Tensor, end: torch.Tensor, opts: AnimateOptions) -> torch.Tensor:
     """Two IMAGEs -> frames (T, H, W, 3) from ``start`` to ``end`` (the 512-interp model)."""
-    return generate(model, [start, end], opts, device=device)
+    return generate(model, [start, end], opts)
