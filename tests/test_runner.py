@@ -1,11 +1,17 @@
 """The headless runner: UI -> API conversion, execution order, overrides, clear errors."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kinema import runner
 from kinema.nodes.core_io import CORE_NODES
+from kinema.nodes.segment import KinemaClickToMask
 
 
 class Brighten:
@@ -107,3 +113,100 @@ def test_primitive_node_value_and_server_input_types():
     # the same conversion driven by a server's /object_info "input" entries
     served = {name: cls.INPUT_TYPES() for name, cls in _classes().items()}
     assert runner.ui_to_api(wf, input_types=served) == api
+
+
+# ----------------------------------------------------------------------------- the command line
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(ROOT / "run_workflow.py")]
+STORY_CORE = ["CheckpointLoaderSimple", "EmptyLatentImage", "KSampler", "PrimitiveStringMultiline", "VAEDecode"]
+
+
+def _env(**extra):
+    """The environment of a fresh shell: no ComfyUI unless given, bytecode writes allowed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env.update(HF_HUB_OFFLINE="1", KINEMA_PROGRESS="0", **extra)
+    return env
+
+
+def _cli(args, cwd, **env):
+    return subprocess.run(RUN + [str(a) for a in args], cwd=cwd, env=_env(**env), capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_workflow_with_core_nodes_says_it_needs_comfyui(tmp_path):
+    r = _cli([ROOT / "workflows" / "story_native_ksampler.json"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "needs ComfyUI" in r.stderr and "COMFYUI_DIR" in r.stderr, r.stderr
+    for name in STORY_CORE:
+        assert name in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.fixture
+def comfyui_copy(tmp_path):
+    src = os.environ.get("COMFYUI_DIR")
+    if not src:
+        pytest.skip("COMFYUI_DIR is not set (a ComfyUI checkout; see docs/testing.md)")
+    dst = tmp_path / "comfyui"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    return dst
+
+
+CORE_PROMPT = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "chelsea.jpg"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},                    # nodes.py (classic)
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t/inverted"}},
+    "4": {"class_type": "PrimitiveStringMultiline",                                        # comfy_extras, v3 API
+          "inputs": {"value": '{"positive": [[262, 240]], "negative": [], "box": null}'}},
+    "5": {"class_type": "KinemaClickToMask", "inputs": {"image": ["1", 0], "points": ["4", 0], "multimask": True,
+                                                        "grow": 0, "feather": 0}},
+    "6": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}},                       # comfy_extras
+    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "t/mask"}},
+    "8": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},                      # a text output
+}
+
+
+def test_core_nodes_run_in_process_with_comfyui(tmp_path, comfyui_copy):
+    import numpy as np
+    from PIL import Image
+
+    wf = tmp_path / "core.json"
+    wf.write_text(json.dumps(CORE_PROMPT))
+    before = _tree(comfyui_copy)
+    r = _cli([wf, "--output-dir", "out", "--models-dir", "models"], tmp_path, COMFYUI_DIR=str(comfyui_copy))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ComfyUI 0.3" in r.stderr or "ComfyUI" in r.stderr
+    files = [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert [f.name for f in files] == ["inverted_00001_.png", "mask_00001_.png"], r.stdout
+    assert all(tmp_path / "out" in f.parents for f in files)
+    # ComfyUI's ImageInvert, checked against PIL
+    src = np.asarray(Image.open(ROOT / "assets" / "chelsea.jpg").convert("RGB"), dtype=np.int16)
+    inv = np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(inv - (255 - src)).max() <= 1
+    # the v3 primitive fed the pack's node; its mask, through ComfyUI's MaskToImage, is what the
+    # node gives on its own
+    own, _ = KinemaClickToMask().run(CORE_NODES["LoadImage"]().load_image("chelsea.jpg")[0],
+                                     CORE_PROMPT["4"]["inputs"]["value"])["result"]
+    got = np.asarray(Image.open(files[1]).convert("L"), dtype=np.float32) / 255
+    assert np.abs(got - own[0].numpy()).max() <= 1 / 255 + 1e-6 and got[240, 262] == 1.0
+    # the text output is shown and saved
+    value = CORE_PROMPT["4"]["inputs"]["value"]
+    assert f"node 8 (PreviewAny): {value}" in r.stdout
+    saved = list((tmp_path / "out").glob("core_text_*.txt"))
+    assert len(saved) == 1 and value in saved[0].read_text()
+    # the checkout was only read (no __pycache__, no input/ or output/ files)
+    assert _tree(comfyui_copy) == before
+
+
+def test_ui_workflow_with_core_nodes_names_the_missing_model(tmp_path, comfyui_copy):
+    r = _cli([ROOT / "workflows" / "story_native_ksampler.json", "--models-dir", "models"], tmp_path,
+             COMFYUI_DIR=str(comfyui_copy))
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.splitlines()[-1]
+    assert err.startswith("error: node 1 (CheckpointLoaderSimple): ckpt_name 'sd_xl_base_1.0.safetensors'"), err
+    assert str(tmp_path / "models") in err
