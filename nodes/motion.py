@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .. import formats
+from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.flow import flow_magnitude_stats, flow_to_color, pair_motion, strength_bucket
 from ..kernels.masks import rasterize_strokes
@@ -87,8 +87,10 @@ class KinemaMotionFromDrags:
         if len(tr) == 0:
             raise ValueError("tracks: no drags given — draw at least one drag (a start and an end point)")
         region = single_mask(mask, (w, h))
-        flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors, region=region,
-                            strength=float(strength), easing=easing, falloff=(int(falloff) or None))
+        dev = runtime.device()
+        flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors,
+                            region=None if region is None else region.to(dev), strength=float(strength),
+                            easing=easing, falloff=(int(falloff) or None), device=dev).cpu()
         field = MotionField(flow, region)
         preview = flow_to_color(flow[-1]).unsqueeze(0)
         return {"ui": {"images": [save_temp_png(preview[0], "kinema_motion")],
@@ -163,7 +165,10 @@ class KinemaAnimateWarp:
         if motion.size != (w, h):
             raise ValueError(f"motion: the motion field is {motion.size[0]}x{motion.size[1]} but the image is "
                              f"{w}x{h}; build the motion from this image")
-        frames = animate(img, motion, mask=single_mask(mask, (w, h)), loop=bool(loop), fill=fill)
+        dev = runtime.device()
+        region = single_mask(mask, (w, h))
+        frames = animate(img.to(dev), motion, mask=None if region is None else region.to(dev), loop=bool(loop),
+                         fill=fill).cpu()
         return {"ui": {"images": [save_temp_webp(frames, fps=float(preview_fps), prefix="kinema_anim")],
                        "animated": (True,)},
                 "result": (frames,)}
@@ -209,7 +214,9 @@ class KinemaMotionStrength:
         if frames < 2:
             raise ValueError("motion: the motion field has one frame; motion needs at least 2")
         # frame-to-frame motion of the pixels of frame 0 (a mask drawn on frame 0 keeps selecting them)
-        stats = flow_magnitude_stats(pair_motion(flow), region, percentile=float(percentile))
+        dev = runtime.device()
+        stats = flow_magnitude_stats(pair_motion(flow.to(dev)), None if region is None else region.to(dev),
+                                     percentile=float(percentile))
         bucket = strength_bucket(stats["mean"] * (frames - 1), size, frames)
         text = (f"mean {stats['mean']:.2f} px/frame, p{percentile:g} {stats['percentile']:.2f} px/frame, "
                 f"bucket {bucket}")
