@@ -10,7 +10,7 @@ from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.flow import flow_magnitude_stats, flow_to_color, pair_motion, strength_bucket
 from ..kernels.masks import rasterize_strokes
-from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion
+from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion, resample_track
 from ..pipelines.optical_flow import flow_from_first
 from ..pipelines.segment import overlay
 from ..pipelines.warp_animator import FILL_MODES, animate
@@ -49,10 +49,13 @@ class KinemaMotionFromDrags:
                    "the masked region moves, as one piece.")
     CATEGORY = CATEGORY
     FUNCTION = "build"
-    RETURN_TYPES = (MOTION, "IMAGE")
-    RETURN_NAMES = ("motion", "preview")
+    RETURN_TYPES = (MOTION, "IMAGE", "STRING")
+    RETURN_NAMES = ("motion", "preview", "wan_tracks")
     OUTPUT_TOOLTIPS = ("Per-frame displacement from frame 0, in pixels; feed it to 'Animate by warping' or a model renderer.",
-                       "The motion of the last frame as a colour wheel (hue = direction, strength = distance).")
+                       "The motion of the last frame as a colour wheel (hue = direction, strength = distance).",
+                       "The drags as core WanTrackToVideo tracks (its 'tracks' input): 121 points per drag with this "
+                       "node's timing and strength, anchors as still tracks, in the pixels of a wan_width x "
+                       "wan_height video (set WanTrackToVideo's width and height to the same).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -77,10 +80,15 @@ class KinemaMotionFromDrags:
                                              "Without it, motion fades with distance from each drag."}),
                 "anchors": ("STRING", {"forceInput": True,
                                        "tooltip": "Extra static points as JSON [[x,y], ...] that must not move."}),
+                "wan_width": ("INT", {"default": 832, "min": 16, "max": 16384, "step": 16,
+                                      "tooltip": "Width of the WanTrackToVideo video the wan_tracks output is for."}),
+                "wan_height": ("INT", {"default": 480, "min": 16, "max": 16384, "step": 16,
+                                       "tooltip": "Height of the WanTrackToVideo video the wan_tracks output is for."}),
             },
         }
 
-    def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None):
+    def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None,
+              wan_width=832, wan_height=480):
         img = first_image(image)
         h, w = img.shape[:2]
         tr = formats.parse_tracks(tracks, size=(w, h), anchors_text=anchors)
@@ -93,9 +101,14 @@ class KinemaMotionFromDrags:
                             easing=easing, falloff=(int(falloff) or None), device=dev).cpu()
         field = MotionField(flow, region)
         preview = flow_to_color(flow[-1]).unsqueeze(0)
-        return {"ui": {"images": [save_temp_png(preview[0], "kinema_motion")],
+        wan = formats.wan_tracks_json(
+            [t[0] + float(strength) * (resample_track(t, formats.WAN_TRACK_SAMPLES, easing) - t[0]) for t in tr.tracks]
+            + [a.expand(formats.WAN_TRACK_SAMPLES, 2) for a in tr.anchors],
+            (w, h), (int(wan_width), int(wan_height)))
+        # the flow preview goes to the editor (its Flow button), not to a default image preview
+        return {"ui": {"kinema_flow": [save_temp_png(preview[0], "kinema_motion")],
                        "kinema_bg": [save_temp_png(img, "kinema_bg")]},
-                "result": (field, preview)}
+                "result": (field, preview, wan)}
 
 
 class KinemaMotionBrush:

@@ -330,7 +330,7 @@ def test_weights_free_nodes_compute_on_the_chosen_device(monkeypatch):
     mask = torch.zeros(1, 32, 48)
     mask[:, 8:24, 8:24] = 1
     tracks = json.dumps({"tracks": [[{"x": 16, "y": 16}, {"x": 30, "y": 16}]], "anchors": []})
-    field, preview = M.KinemaMotionFromDrags().build(image, tracks, 4, 1.0, "linear", 0, mask=mask)["result"]
+    field, preview, _ = M.KinemaMotionFromDrags().build(image, tracks, 4, 1.0, "linear", 0, mask=mask)["result"]
     (frames,) = M.KinemaAnimateWarp().render(image, field, "inpaint", False, mask=mask)["result"]
     M.KinemaMotionStrength().measure(90.0, mask=mask, motion=field)
     assert len(asked) == 3
