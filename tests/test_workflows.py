@@ -47,3 +47,31 @@ def test_weights_free_workflow_runs(name, tmp_path, monkeypatch):
             assert len(frames) == 16
     if name == "measure_motion_strength":
         assert len(texts) == 2 and all("bucket" in t for t in texts)
+
+
+TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
+EDITOR_MIN = (420, 460)  # web/js/kinema_editors.js gives editor nodes at least this size
+EDITOR_TYPES = {"KinemaClickToMask", "KinemaMotionFromDrags", "KinemaMotionBrush", "KinemaMotionI2VPredictMotion",
+                "KinemaPuppetMasterAnimate"}
+
+
+def _box(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    if node["type"] in EDITOR_TYPES:
+        w, h = max(w, EDITOR_MIN[0]), max(h, EDITOR_MIN[1])
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_nodes_do_not_overlap(path):
+    """No node (a Note included) covers another, with the sizes the workflow saves. The real
+    frontend's own sizes are checked in tests/comfyui/test_real_frontend.py."""
+    nodes = runner.load_workflow(path)["nodes"]
+    boxes = {n["id"]: (n["type"], _box(n)) for n in nodes}
+    hits = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (ta, A), (tb, B) = boxes[a["id"]], boxes[b["id"]]
+            if A[0] < B[2] and B[0] < A[2] and A[1] < B[3] and B[1] < A[3]:
+                hits.append(f"{a['id']} {ta} / {b['id']} {tb}")
+    assert not hits, hits

@@ -62,6 +62,17 @@ function chain(obj, name, fn) {
   };
 }
 
+/** Like chain(), for a method that returns a promise: `fn` sees what it resolves to. */
+function chainAsync(obj, name, fn) {
+  const before = obj[name];
+  if (typeof before !== "function") return;
+  obj[name] = async function () {
+    const r = await before.apply(this, arguments);
+    try { fn(r); } catch (e) { console.error(e); }
+    return r;
+  };
+}
+
 function viewUrl(ref, bust = false) {
   const q = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder || "", type: ref.type || "input" });
   if (bust) q.set("t", String(Date.now()));
@@ -283,8 +294,30 @@ function showText(node, lines) {
   node.setDirtyCanvas(true, true);
 }
 
+/** The server ran part of a queued workflow and left out the outputs whose nodes failed
+ *  validation (most often a model file that is not installed): say which and why, instead
+ *  of a run that quietly does less. */
+function reportSkipped(res) {
+  const errors = res && res.node_errors;
+  if (!errors || typeof errors !== "object" || !Object.keys(errors).length) return;
+  const lines = Object.entries(errors).map(([id, e]) => {
+    const node = app.graph && app.graph.getNodeById(id);
+    const name = (node && node.title) || (e && e.class_type) || `node ${id}`;
+    const why = ((e && e.errors) || []).map((x) => x.details || x.message).filter(Boolean).join("; ");
+    return `${name} (#${id}): ${why || "not valid"}`;
+  });
+  const detail = `${lines.join("\n")}\nThe rest of the workflow ran. A missing model file goes in ComfyUI's models ` +
+                 "folder (the node's tooltip names the sub-folder); then press Refresh (R) and pick it.";
+  const toast = app.extensionManager && app.extensionManager.toast;
+  if (toast && toast.add) toast.add({ severity: "warn", summary: "Part of the workflow did not run", detail, life: 20000 });
+  else console.warn(`Part of the workflow did not run:\n${detail}`);
+}
+
 app.registerExtension({
   name: "kinema.editors",
+  setup() {
+    chainAsync(api, "queuePrompt", reportSkipped);
+  },
   nodeCreated(node) {
     // a new Load Image choice or a re-wired Reroute changes the picture of the editors below
     if (isLoadImage(node)) {
