@@ -17,7 +17,7 @@ from ..pipelines.warp_animator import FILL_MODES, animate
 from ._ui import save_temp_png, save_temp_webp
 
 MOTION = "KINEMA_MOTION"
-CATEGORY = "Kinema/motion"
+CATEGORY = "Kinema/Motion"
 
 
 def first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:

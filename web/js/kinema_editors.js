@@ -159,6 +159,16 @@ async function fetchMask(node, pointsJSON) {
   return body;
 }
 
+/** A hidden DOM widget takes no room: its layout options (the DOM-widget API) answer 0
+ *  while it is hidden, and what they answered before while it is shown. */
+function collapseWhenHidden(w) {
+  const o = w.options || (w.options = {});
+  for (const key of ["getMinHeight", "getMaxHeight", "getHeight"]) {
+    const before = o[key];
+    o[key] = () => (w.hidden ? 0 : typeof before === "function" ? before() : undefined);
+  }
+}
+
 /** Show or hide a widget (frontends >= 1.16 lay out only visible widgets). */
 function showWidget(node, w, show) {
   w.hidden = !show;
@@ -253,6 +263,7 @@ function attach(node, spec) {
     b.classList.toggle("kinema-on", show);
   });
   jsonWidget.hidden = true;
+  collapseWhenHidden(jsonWidget);
   if (jsonWidget.element) jsonWidget.element.style.display = "none";
   chain(jsonWidget, "callback", () => syncValue(node));
   if (st.framesWidget) chain(st.framesWidget, "callback", () => syncValue(node));
