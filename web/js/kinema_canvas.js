@@ -148,7 +148,6 @@ export class KinemaCanvas {
   /** Call before a change, so it can be undone. A note about the last picture change goes. */
   checkpoint() {
     if (this.message) this.setMessage("");
-    if (this._sizeWarning) { this._sizeWarning = false; this.setError(""); }
     this.undoStack.push(this.value);
     if (this.undoStack.length > this.maxUndo) this.undoStack.shift();
     this.redoStack = [];
@@ -254,9 +253,8 @@ export class KinemaCanvas {
       return;
     }
     const outside = this.pointsOf(this.getState()).filter(([x, y]) => x > this.imageW - 1 || y > this.imageH - 1).length;
-    this._sizeWarning = true;
-    this.setError(`${change}, another shape: edits kept at their pixel positions` +
-                  (outside ? `, ${outside} outside the picture` : "") + " — check them");
+    this.setMessage(`${change}, another shape: edits kept at their pixel positions` +
+                    (outside ? `, ${outside} outside the picture` : "") + " — check them", { warn: true });
   }
 
   /** The state with every coordinate multiplied by (sx, sy); subclasses override. */
@@ -424,7 +422,8 @@ export class KinemaCanvas {
 
   updateButtons() {}
 
-  setMessage(text) { this.message = text || ""; this._renderStatus(); }
+  /** A note shown before the usual hint until the next edit (`warn`: in the error colour). */
+  setMessage(text, { warn = false } = {}) { this.message = text || ""; this.messageWarn = warn; this._renderStatus(); }
   setError(text) { this.error = text || ""; this._renderStatus(); }
 
   defaultHint() { return ""; }
@@ -432,14 +431,19 @@ export class KinemaCanvas {
   _renderStatus() {
     const el = this.statusEl;
     el.textContent = "";
-    const info = this.message || this.defaultHint();
-    if (this.error) {                     // the error first: it is what needs reading
+    const parts = [];
+    const add = (text, cls) => {
+      if (!text) return;
+      if (parts.length) el.append(this.doc.createTextNode("  ·  "));
       const span = this.doc.createElement("span");
-      span.className = "kinema-error";
-      span.textContent = this.error;
+      if (cls) span.className = cls;
+      span.textContent = text;
       el.append(span);
-    }
-    if (info) el.append(this.doc.createTextNode((this.error ? "  ·  " : "") + info));
+      parts.push(text);
+    };
+    add(this.error, "kinema-error");      // the error first: it is what needs reading
+    add(this.message, this.messageWarn ? "kinema-error" : "");
+    add(this.defaultHint(), "");
     el.title = el.textContent;
   }
 
