@@ -332,8 +332,10 @@ def test_editor_in_real_frontend(front, object_info, type_):
     node = next(n for n in wf["nodes"] if str(n["id"]) == str(nid))
     api = harness.ui_to_api(wf, object_info)
     assert json.loads(api[str(nid)]["inputs"][widget]) == value
-    assert len(node["widgets_values"]) == len([k for k, v in object_info[type_]["input"]["required"].items()
-                                               if isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES])
+    spec = {**object_info[type_]["input"]["required"], **(object_info[type_]["input"].get("optional") or {})}
+    assert len(node["widgets_values"]) == len([k for k, v in spec.items()
+                                               if (isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES)
+                                               and not (len(v) > 1 and (v[1] or {}).get("forceInput"))])
     assert node["properties"]["kinema_bg"]["type"] == "temp"
     page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(JSON.parse(wf)); }", saved)
     page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id); return n && n.__kinema && n.__kinema.editor.image; }",
