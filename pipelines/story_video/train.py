@@ -437,13 +437,21 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", required=True, help="folder for the trainer state, loss log and embedding cache")
     ap.add_argument("--config", help="a predictor config JSON (default configs/story_diffusion/"
                     "semantic_motion_predictor.json)")
-    for name in ("frames", "frame_step", "height", "width", "steps", "batch", "warmup", "seed", "save_every",
-                 "log_every", "max_clip_frames"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"))
+    helps = {"frames": "frames per window, keyframes included (as the transitions use; 16)",
+             "frame_step": "source frames between two window frames (larger = faster motion)",
+             "height": "frames are scaled and centre-cropped to this height before encoding (as the transitions)",
+             "width": "... and this width", "steps": "optimiser steps in all", "batch": "windows per step",
+             "warmup": "steps of linear learning-rate warm-up", "seed": "seeds the initial weights and the sampling",
+             "save_every": "write the trainer state and the predictor every N steps",
+             "log_every": "one log line per N steps", "max_clip_frames": "use at most the first N frames of a clip (0: all)"}
+    for name, text in helps.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                        help=f"{text} (default {getattr(d, name)})")
+    ap.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
+    ap.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:N")
+    ap.add_argument("--precision", default=d.precision, choices=("fp32", "bf16"),
+                    help="bf16: autocast the predictor on CUDA (the encoder runs in fp16 on CUDA either way)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --work-dir")
     a = ap.parse_args(argv)
     config = {}
