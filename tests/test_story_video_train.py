@@ -145,3 +145,14 @@ def test_command_line(tiny_set, tmp_path):
     assert SP.training_info(tmp_path / "cli.safetensors")["steps"] == 4
     res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2 and "already holds a run" in res.stdout
+
+
+@pytest.mark.hardware
+def test_trains_on_cuda_in_bf16(tiny_set, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = TR.train(_opts(tiny_set, tmp_path, steps=20, log_every=10, device="cuda", precision="bf16"),
+                   log=lambda m: None)
+    assert [r["step"] for r in out["log_lines"]] == [10, 20]
+    assert all(r["loss"] == r["loss"] for r in out["log_lines"])          # finite, not NaN
+    assert SP.training_info(out["out"])["steps"] == 20
