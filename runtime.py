@@ -113,14 +113,27 @@ def list_models(folder: str) -> list[str]:
                   if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
 
 
+def _folder_hint(folder: str) -> str:
+    return f"models/{folder}/"
+
+
+def model_choices(folder: str) -> list[str]:
+    """A loader's file choices: the files in a model folder kind, or one entry that says the
+    folder is empty (choosing it gives a clear error)."""
+    return list_models(folder) or [f"(no files in {_folder_hint(folder)})"]
+
+
 def model_path(folder: str, name: str) -> Path:
     """Full path of ``name`` in model folder kind ``folder``; a clear error if absent."""
-    if not name:
-        raise KinemaError(f"no model file chosen for '{folder}': put one in models/{folder}/ and pick it")
+    if not name or (name.startswith("(no files in ") and name.endswith(")")):
+        raise KinemaError(f"no model file chosen for '{folder}': put one in {_folder_hint(folder)} (ComfyUI's models "
+                          f"folder), press R in ComfyUI to refresh the lists, and pick it")
     if _fp() is not None:
         full = _fp().get_full_path(folder, name)
         if full is None:
-            raise KinemaError(f"model file '{name}' not found in models/{folder}/")
+            paths = ", ".join(_fp().get_folder_paths(folder)) if folder in _fp().folder_names_and_paths else ""
+            raise KinemaError(f"model file '{name}' not found in {_folder_hint(folder)}"
+                              + (f" ({paths})" if paths else "") + "; put it there and press R to refresh")
         return Path(full)
     root = (models_dir() / folder).resolve()
     full = (root / name).resolve()
@@ -361,6 +374,37 @@ def sample(model, noise: torch.Tensor, positive, negative, sigmas: torch.Tensor,
     return comfy.sample.sample_custom(model, noise, float(cfg), comfy.samplers.sampler_object(sampler), sigmas,
                                       positive, negative, latent, noise_mask=denoise_mask, callback=callback,
                                       disable_pbar=not _cu().PROGRESS_BAR_ENABLED, seed=int(seed))
+
+
+def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
+                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
+    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
+    another schedule than the one ComfyUI assumes for its base (set it with
+    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
+    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
+    ``prediction``: "eps" or "v". Needs ComfyUI."""
+    if _mm() is None:
+        raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
+    import comfy.model_sampling as ms  # type: ignore
+
+    kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
+    if prediction not in kinds:
+        raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+
+    class Settings:
+        sampling_settings = dict(beta_schedule=beta_schedule, linear_start=float(linear_start),
+                                 linear_end=float(linear_end), timesteps=int(timesteps), zsnr=bool(zero_snr))
+
+    sampling = type("KinemaModelSampling", (ms.ModelSamplingDiscrete, kinds[prediction]), {})
+    return sampling(Settings())
+
+
+def add_injection(patcher, key: str, inject, eject) -> None:
+    """Give a MODEL clone modules that are inserted when ComfyUI loads it (``inject(patcher)``)
+    and taken out when it unloads it or loads another clone of the same model
+    (``eject(patcher)``) - the motion-module lifecycle of AnimateDiff-style packs."""
+    from comfy.patcher_extension import PatcherInjection  # type: ignore
+    patcher.set_injections(key, [PatcherInjection(inject=inject, eject=eject)])
 
 
 def starts_from_max_noise(model, sigma: float) -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
 from ..runtime import KinemaError, ProgressBar, check_interrupt
+from .ddim import ddim_sigmas
 from .text_encoding import clip_tokenizer
 from .checkpoint import read_state_dict
 
@@ -727,20 +728,6 @@ def comfy_arch(model) -> str:
                      f"model; load an SD1.5 or SDXL checkpoint")
 
 
-def ddim_sigmas(model, steps: int, scheduler_config: dict) -> torch.Tensor:
-    """The noise levels of the official DDIM schedule on the model's own noise table.
-
-    The timesteps are diffusers' ``DDIMScheduler`` ones for ``scheduler_config`` (SD's
-    "leading" spacing with offset 1); the last step goes to ``alphas_cumprod[0]``, i.e. the
-    table's smallest sigma, not to 0. Euler on these sigmas is DDIM with eta 0.
-    """
-    from diffusers import DDIMScheduler
-    sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(int(steps))
-    table = model.get_model_object("model_sampling").sigmas.float().cpu()
-    return torch.cat([table[sched.timesteps.long()], table[:1]])
-
-
 @torch.no_grad()
 def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings, arch: str) -> torch.Tensor:
     """The story batch on ComfyUI's own MODEL / CLIP / VAE (from its checkpoint loader, with any
@@ -768,7 +755,7 @@ def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings
     lh, lw = s.height // factor, s.width // factor
     positive, negative = encode_story_prompts(clip, [p.prompt for p in story.panels], s.negative,
                                               (s.width, s.height), zero_empty_negative=arch == "sdxl")
-    sigmas = ddim_sigmas(model, s.steps, read_config(arch, "scheduler"))
+    sigmas = ddim_sigmas(model.get_model_object("model_sampling").sigmas, s.steps, read_config(arch, "scheduler"))
     # DDIM starts from x_T = noise in its own (variance-preserving) variables, which is
     # noise * sqrt(1 + sigma_T^2) in ComfyUI's; ComfyUI's sampler multiplies the noise it is
     # given by sigma_T (or by sqrt(1 + sigma_T^2) at the model's largest sigma)

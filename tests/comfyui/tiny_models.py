@@ -103,3 +103,19 @@ def sd15_diffusers_configs() -> dict:
                 down_block_types=["CrossAttnDownBlock2D"] * levels, up_block_types=["CrossAttnUpBlock2D"] * levels,
                 layers_per_block=SD15_UNET["num_res_blocks"], sample_size=32)
     return {"unet": unet}
+
+
+def motion_block(path: Path, unet, seed: int = 3) -> Path:
+    """Write a Motion-I2V motion block (AnimateDiff v2 layout: ``*.motion_modules.*`` keys) sized
+    for ``unet`` (a ComfyUI UNetModel) to ``path`` (.safetensors or .bin)."""
+    from kinema.pipelines.motion_i2v.native import MotionModuleSet, unet_places
+
+    path = Path(path)
+    mods = randomise(MotionModuleSet(unet_places(unet)), seed, scale=0.3)
+    sd = {k: v.detach().contiguous() for k, v in mods.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return path
