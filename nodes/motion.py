@@ -6,14 +6,14 @@ import json
 
 import torch
 
-from .. import formats
+from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.flow import flow_magnitude_stats, flow_to_color, pair_motion, strength_bucket
 from ..kernels.masks import rasterize_strokes
-from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion
+from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion, motion_bytes
 from ..pipelines.optical_flow import flow_from_first
 from ..pipelines.segment import overlay
-from ..pipelines.warp_animator import FILL_MODES, animate
+from ..pipelines.warp_animator import FILL_MODES, animate, animate_bytes
 from ._ui import save_temp_png, save_temp_webp
 
 MOTION = "KINEMA_MOTION"
@@ -70,7 +70,9 @@ class KinemaMotionFromDrags:
                                            "tooltip": "Timing of the motion along each drag. 'loop' goes out and comes back."}),
                 "falloff": ("INT", {"default": 0, "min": 0, "max": 2048,
                                     "tooltip": "Width in pixels over which motion fades to zero around the moving "
-                                               "region. 0 = automatic (from the image size and drag lengths)."}),
+                                               "region. Without a mask 0 = automatic (from the image size and drag "
+                                               "lengths). With a mask 0 = none: only the masked object moves and the "
+                                               "background stays put; a width warps a band of background with it."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Region that moves (e.g. from 'Click to mask' or the motion brush). "
@@ -87,8 +89,17 @@ class KinemaMotionFromDrags:
         if len(tr) == 0:
             raise ValueError("tracks: no drags given — draw at least one drag (a start and an end point)")
         region = single_mask(mask, (w, h))
+        if region is not None and not bool((region > 0.5).any()):
+            raise ValueError("mask: the mask is empty (no pixel above 0.5) — select the object that should move, "
+                             "or disconnect the mask to move by distance from the drags")
+        runtime.check_memory(motion_bytes((w, h), int(frames)) + 2 * img.numel() * 4,
+                             f"Motion from drags: a {w}x{h} picture with {int(frames)} frames",
+                             "lower frames, or make the picture smaller (e.g. ImageScale to half) and "
+                             "upscale the video afterwards")
         flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors, region=region,
-                            strength=float(strength), easing=easing, falloff=(int(falloff) or None))
+                            strength=float(strength), easing=easing,
+                            falloff=float(falloff) if (falloff or region is not None) else None,
+                            step=runtime.check_interrupt)
         field = MotionField(flow, region)
         preview = flow_to_color(flow[-1]).unsqueeze(0)
         return {"ui": {"images": [save_temp_png(preview[0], "kinema_motion")],
@@ -129,9 +140,10 @@ class KinemaMotionBrush:
 
 
 class KinemaAnimateWarp:
-    DESCRIPTION = ("Animate a picture by moving its pixels along a motion field, no model needed. The moving "
-                   "object is drawn in front; holes it leaves are filled from the surrounding background. "
-                   "Frame 0 is the input, unchanged.")
+    DESCRIPTION = ("Animate a picture by moving its pixels along a motion field, no model needed. With an "
+                   "object mask in the motion (from 'Motion from drags' with a mask) the object is cut out with a "
+                   "soft edge, resampled sharply at every position and drawn in front of a still background; the "
+                   "place it leaves is filled once with texture from around it. Frame 0 is the input, unchanged.")
     CATEGORY = CATEGORY
     FUNCTION = "render"
     RETURN_TYPES = ("IMAGE",)
@@ -144,9 +156,10 @@ class KinemaAnimateWarp:
             "image": ("IMAGE", {"tooltip": "The picture to animate (the first frame of a batch is used)."}),
             "motion": (MOTION, {"tooltip": "Motion field, e.g. from 'Motion from drags' or a motion predictor."}),
             "fill": (list(FILL_MODES), {"default": "inpaint",
-                                        "tooltip": "How holes opened by motion are filled: 'inpaint' from the "
-                                                   "surrounding background, 'stretch' by sampling backwards, "
-                                                   "'none' leaves them black (for debugging)."}),
+                                        "tooltip": "How the background the object leaves is filled: 'inpaint' "
+                                                   "with texture copied from the surrounding background, "
+                                                   "'stretch' with smooth colour from around it, 'none' leaves "
+                                                   "it black (for a later generative pass)."}),
             "loop": ("BOOLEAN", {"default": False,
                                  "tooltip": "Make a seamless loop: the motion goes out and comes back."}),
             "preview_fps": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 60.0, "step": 1.0,
@@ -163,7 +176,15 @@ class KinemaAnimateWarp:
         if motion.size != (w, h):
             raise ValueError(f"motion: the motion field is {motion.size[0]}x{motion.size[1]} but the image is "
                              f"{w}x{h}; build the motion from this image")
-        frames = animate(img, motion, mask=single_mask(mask, (w, h)), loop=bool(loop), fill=fill)
+        limit = single_mask(mask, (w, h))
+        if limit is not None and not bool((limit > 0).any()):
+            raise ValueError("mask: the mask is empty, so nothing could move — connect the region that may "
+                             "move, or disconnect the mask to animate the whole motion field")
+        runtime.check_memory(animate_bytes((w, h), motion.frames, limit is not None, bool(loop)),
+                             f"Animate by warping: a {w}x{h} picture with {motion.frames} frames",
+                             "lower the frame count in 'Motion from drags', or make the picture smaller "
+                             "(e.g. ImageScale to half) and upscale the video afterwards")
+        frames = animate(img, motion, mask=limit, loop=bool(loop), fill=fill)
         return {"ui": {"images": [save_temp_webp(frames, fps=float(preview_fps), prefix="kinema_anim")],
                        "animated": (True,)},
                 "result": (frames,)}

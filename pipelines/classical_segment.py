@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..formats import Points
+from ..kernels.masks import guided_filter
 
 SUPERPIXELS = 700
 PALETTE = 24
@@ -390,29 +391,6 @@ def to_uint8(image) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
 
 
-def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter of ``src`` (H, W) float32 by a colour ``guide`` (H, W, 3) float32
-    0-1: an edge-preserving smoothing whose output follows the guide's edges."""
-    def box(x):
-        return cv2.boxFilter(x, -1, (2 * radius + 1, 2 * radius + 1), normalize=True,
-                             borderType=cv2.BORDER_REFLECT)
-
-    mean_i = box(guide)
-    mean_p = box(src)
-    corr_ip = box(guide * src[..., None])
-    cov_ip = corr_ip - mean_i * mean_p[..., None]
-    var = np.empty(guide.shape[:2] + (3, 3), np.float32)
-    for a in range(3):
-        for b in range(a, 3):
-            v = box(guide[..., a] * guide[..., b]) - mean_i[..., a] * mean_i[..., b]
-            var[..., a, b] = v
-            var[..., b, a] = v
-    var += eps * np.eye(3, dtype=np.float32)
-    coef = np.linalg.solve(var, cov_ip[..., None])[..., 0]  # (H, W, 3)
-    offset = mean_p - (coef * mean_i).sum(-1)
-    return (box(coef) * guide).sum(-1) + box(offset)
-
-
 def ring_of(g: Graph, member: np.ndarray) -> np.ndarray:
     """The superpixels (n,) bool that touch ``member`` from outside."""
     i, j = g.edges[:, 0], g.edges[:, 1]
@@ -462,9 +440,9 @@ def refine_pixels(g: Graph, chosen: np.ndarray, rgb: np.ndarray) -> np.ndarray:
         band = (cv2.dilate(m8, k) > 0) & (cv2.erode(m8, k) == 0)
         band &= (chosen | ring)[g.labels]
         soft = np.where(band, 0.5 * soft + 0.5 * prob, soft).astype(np.float32)
-    guide = rgb.astype(np.float32) / 255.0
+    guide = torch.from_numpy(rgb.astype(np.float32) / 255.0)
     r = max(2, int(round(max(rgb.shape[:2]) / 128)))
-    return guided_filter(guide, soft, r, 1e-3)
+    return guided_filter(guide, torch.from_numpy(soft), r, 1e-3).numpy()
 
 
 def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop) -> tuple[torch.Tensor, float]:

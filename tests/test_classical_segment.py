@@ -186,15 +186,3 @@ def test_interrupt_is_checked_during_the_work():
 
     with pytest.raises(Stop):
         cs.classical_segment(img, parse_points({"positive": [[230, 150]]}, (451, 300)), check=check)
-
-
-def test_guided_filter_follows_the_guide_edges():
-    # a step edge in the guide at x = 20; a blurry source edge at x = 23 snaps towards x = 20
-    guide = np.zeros((16, 40, 3), np.float32)
-    guide[:, 20:] = 1.0
-    src = np.clip((np.arange(40, dtype=np.float32) - 18) / 10, 0, 1)[None].repeat(16, 0)
-    out = cs.guided_filter(guide, src, 4, 1e-4)
-    assert out[8, 17] < 0.15 and out[8, 22] > 0.45 and abs(out[8, 35] - 1) < 0.05
-    flat = cs.guided_filter(np.full((16, 40, 3), 0.5, np.float32), src, 4, 1e-4)
-    assert np.abs(flat - cv2.boxFilter(cv2.boxFilter(src, -1, (9, 9), borderType=cv2.BORDER_REFLECT), -1, (9, 9),
-                                     borderType=cv2.BORDER_REFLECT)).max() < 1e-3  # a flat guide = box blur
