@@ -115,7 +115,7 @@ def fill_holes(image: torch.Tensor, hole: torch.Tensor, relax_iters: int = 4) ->
 
 PATCH_RADIUS = 3  # 7x7 patches
 MAX_SIDE = 768  # px: larger holes (with their context) are filled at a smaller scale
-CONTEXT = 0.5  # source region: the hole's bounding box grown by this much of its size (and >= 24 px)
+CONTEXT = 0.3  # source region: the hole's bounding box grown by this much of its size (and >= 24 px)
 
 
 def _noop():
@@ -151,7 +151,7 @@ def _descriptors(pm: torch.Tensor, basis) -> torch.Tensor:
     return ((pm - mean).t() @ vecs).contiguous()
 
 
-def _dist(pm: torch.Tensor, t: torch.Tensor, s: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def _dist(pm: torch.Tensor, t: torch.Tensor, s: torch.Tensor, block: int = 16384) -> torch.Tensor:
     """Squared patch distances between targets ``t`` (T,) and sources ``s`` (T, K), flat indices."""
     out = torch.empty(s.shape, dtype=pm.dtype, device=pm.device)
     for a in range(0, t.shape[0], block):
@@ -161,7 +161,7 @@ def _dist(pm: torch.Tensor, t: torch.Tensor, s: torch.Tensor, block: int = 4096)
     return out
 
 
-def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, final=False):
+def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, basis=None, final=False):
     """EM iterations at one scale. img (C, h, w) with the hole pre-filled; hole (h, w) bool;
     nnf (h, w, 2) long source centre (y, x) per pixel, valid (h, w) bool source centres."""
     c, h, w = img.shape
@@ -189,7 +189,8 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, final=False
     # descriptors of every pixel once; each iteration renews those of the pixels whose patch
     # touches the hole, over the targets' bounding box
     patches = _patches(img, r)
-    basis = _basis(patches, gen)
+    if basis is None:
+        basis = _basis(patches, gen)
     pm = _descriptors(patches, basis)  # sources are wholly known: their patches never change
     by0, by1 = max(int(ty.min()) - r, 0), min(int(ty.max()) + r + 1, h)
     bx0, bx1 = max(int(tx.min()) - r, 0), min(int(tx.max()) + r + 1, w)
@@ -252,7 +253,7 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, final=False
         img[:, hy, hx] = img[:, src[hy, hx, 0], src[hy, hx, 1]]
     out_nnf = nnf.clone()
     out_nnf[ty, tx, 0], out_nnf[ty, tx, 1] = sy, sx
-    return img, out_nnf
+    return img, out_nnf, basis
 
 
 def exemplar_fill(image: torch.Tensor, hole: torch.Tensor, patch_radius: int = PATCH_RADIUS,
@@ -322,6 +323,8 @@ def exemplar_fill(image: torch.Tensor, hole: torch.Tensor, patch_radius: int = P
     levels = len(imgs)
     nnf = None
     cur = None
+    basis = None  # principal directions of the patches, from the coarsest scale (patch statistics
+    # change little across scales)
     for lv in range(levels - 1, -1, -1):
         li, lh = imgs[lv], holes[lv]
         h, w = lh.shape
@@ -349,8 +352,8 @@ def exemplar_fill(image: torch.Tensor, hole: torch.Tensor, patch_radius: int = P
             coarse = nnf[ys][:, xs]
             new = coarse * 2 + torch.stack(torch.meshgrid(torch.arange(h) % 2, torch.arange(w) % 2,
                                                           indexing="ij"), -1)
-        em, pm = (3, 2) if lv > 0 else (2, 1)
-        cur, nnf = _level(start, lh, new, valid, r, em, pm, gen, check, final=lv == 0)
+        em, pm = (2, 2) if lv > 0 else (1, 1)
+        cur, nnf, basis = _level(start, lh, new, valid, r, em, pm, gen, check, basis, final=lv == 0)
     # seam correction: the fill also covered a ring of known pixels around the hole; the smooth
     # membrane through the ring's differences (known - fill) takes the fill's brightness to
     # its surroundings at the edge (a Poisson-like blend)

@@ -380,9 +380,25 @@ def strokes_from_json(text: str):
 # ---------------------------------------------------------------- soft edges
 
 
+def _box_sum1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Sum over the window [i - r, i + r] along ``dim`` (clipped at the ends), by a running sum."""
+    n = x.shape[dim]
+    c = torch.cumsum(x, dim=dim)
+    c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim=dim)  # c[i] = sum of x[:i]
+    idx = torch.arange(n, device=x.device)
+    hi = (idx + r + 1).clamp(max=n)
+    lo = (idx - r).clamp(min=0)
+    return c.index_select(dim, hi) - c.index_select(dim, lo)
+
+
 def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mean over the (2r+1)^2 window of (N, C, H, W); at the border, of the pixels that exist."""
-    return F.avg_pool2d(x, 2 * r + 1, 1, r, count_include_pad=False)
+    """Mean over the (2r+1)^2 window of (N, C, H, W); at the border, of the pixels that exist.
+    Running sums: the cost does not grow with the window."""
+    h, w = x.shape[-2:]
+    ones_h = _box_sum1d(torch.ones(h, dtype=x.dtype, device=x.device), r, 0)
+    ones_w = _box_sum1d(torch.ones(w, dtype=x.dtype, device=x.device), r, 0)
+    s = _box_sum1d(_box_sum1d(x, r, -1), r, -2)
+    return s / (ones_h[:, None] * ones_w[None, :])
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ..pipelines.warp_animator import FILL_MODES, animate, animate_bytes
 from ._ui import save_temp_png, save_temp_webp
 
 MOTION = "KINEMA_MOTION"
+STROKES_EXAMPLE = '{"strokes": [{"mode": "paint", "radius": 20, "points": [[100, 80], [140, 90]]}]}'
 CATEGORY = "Kinema/motion"
 
 
@@ -128,7 +129,11 @@ class KinemaMotionBrush:
     def paint(self, image, strokes):
         img = first_image(image)
         h, w = img.shape[:2]
-        data = formats.load_json(strokes, "strokes")
+        try:
+            data = formats.load_json(strokes, "strokes")
+        except ValueError as e:
+            reason = str(e).split(";")[0]
+            raise ValueError(f"{reason}; expected e.g. {STROKES_EXAMPLE}") from None
         if isinstance(data, dict):
             data = data.get("strokes", [])
         mask = rasterize_strokes(data, (w, h))

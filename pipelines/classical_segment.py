@@ -440,9 +440,18 @@ def refine_pixels(g: Graph, chosen: np.ndarray, rgb: np.ndarray) -> np.ndarray:
         band = (cv2.dilate(m8, k) > 0) & (cv2.erode(m8, k) == 0)
         band &= (chosen | ring)[g.labels]
         soft = np.where(band, 0.5 * soft + 0.5 * prob, soft).astype(np.float32)
-    guide = torch.from_numpy(rgb.astype(np.float32) / 255.0)
+    # the guided filter only changes pixels near the edge: run it over the region's box
     r = max(2, int(round(max(rgb.shape[:2]) / 128)))
-    return guided_filter(guide, torch.from_numpy(soft), r, 1e-3).numpy()
+    ys, xs = np.nonzero(soft > 0)
+    h, w = soft.shape
+    m = 3 * r + 2
+    y0, y1 = max(int(ys.min()) - m, 0), min(int(ys.max()) + m + 1, h)
+    x0, x1 = max(int(xs.min()) - m, 0), min(int(xs.max()) + m + 1, w)
+    guide = torch.from_numpy(rgb[y0:y1, x0:x1].astype(np.float32) / 255.0)
+    out = np.zeros_like(soft)
+    out[y0:y1, x0:x1] = guided_filter(guide, torch.from_numpy(np.ascontiguousarray(soft[y0:y1, x0:x1])), r,
+                                      1e-3).numpy()
+    return out
 
 
 def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop) -> tuple[torch.Tensor, float]:

@@ -440,14 +440,18 @@ def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, ch
         check()
         ks = slice(k0, min(k0 + chunk, n_frames))
         n = ks.stop - ks.start
+        support0 = (alpha0 > 0).to(torch.float32)[None]
         if rigid:
             layer = translate(layer0, shift[ks])
+            # where the object's pixels are (within a pixel): the kernel's ringing stays inside
+            reach = translate(support0, shift[ks], a=1)[:, 0] > 0
         else:
             ext = push_pull(flow_c[ks].permute(0, 3, 1, 2), hard_c.to(torch.float32)[None, None].expand(n, 1, hc, wc))
             src = invert_flow(ext.permute(0, 2, 3, 1))  # (n, hc, wc, 2)
             layer = sample_lanczos(layer0, src).permute(1, 0, 2, 3)  # (n, 4, hc, wc)
+            reach = sample_lanczos(support0, src, a=1)[0] > 0
         a = layer[:, 3:4].clamp(0, 1)
-        a = torch.where(a < 1e-3, torch.zeros_like(a), a)
+        a = torch.where((a < 1e-3) | ~reach[:, None], torch.zeros_like(a), a)
         rgb = torch.minimum(layer[:, :3].clamp_min(0), a)
         bgf = bg_flow[ks]
         still = (bgf == 0).all(dim=-1)  # (n, hc, wc)
