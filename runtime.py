@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -187,6 +188,21 @@ def check_memory(need: int, what: str, lower: str) -> None:
         gib = 2 ** 30
         raise ValueError(f"{what} needs about {need / gib:.1f} GB of memory, but only {free / gib:.1f} GB is "
                          f"free; {lower}")
+
+
+@contextmanager
+def one_thread():
+    """Run the enclosed work on one torch thread, then restore the thread count. For the
+    weights-free nodes: their many small tensor operations gain nothing from more threads, and
+    on a busy machine waiting threads make them several times slower."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def check_interrupt() -> None:

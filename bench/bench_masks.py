@@ -32,7 +32,10 @@ def load_photo(ref: str) -> np.ndarray:
         bgr = cv2.imread(str(ROOT / "assets" / name))
         return np.ascontiguousarray(bgr[..., ::-1])
     import skimage.data
-    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+    img = getattr(skimage.data, name)()
+    if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+        img = img[0]
+    return np.ascontiguousarray(img[..., :3])
 
 
 def ground_truth():

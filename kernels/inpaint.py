@@ -115,6 +115,7 @@ def fill_holes(image: torch.Tensor, hole: torch.Tensor, relax_iters: int = 4) ->
 
 PATCH_RADIUS = 3  # 7x7 patches
 MAX_SIDE = 768  # px: larger holes (with their context) are filled at a smaller scale
+SEAM_SHIFT = 0.15  # largest colour shift the seam correction makes
 CONTEXT = 0.3  # source region: the hole's bounding box grown by this much of its size (and >= 24 px)
 
 
@@ -362,6 +363,8 @@ def exemplar_fill(image: torch.Tensor, hole: torch.Tensor, patch_radius: int = P
     if bool(ring.any()):
         diff = (img - cur) * ring[None]
         membrane = push_pull(diff[None], ring.float()[None, None], need=hl[None, None])[0]
+        # a bounded shift: between very different surroundings the membrane would tint the fill
+        membrane = membrane.clamp(-SEAM_SHIFT, SEAM_SHIFT)
         lo = img.amin(dim=(1, 2), keepdim=True)
         hi = img.amax(dim=(1, 2), keepdim=True)
         cur = torch.minimum(torch.maximum(cur + membrane, lo), hi)

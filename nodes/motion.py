@@ -84,6 +84,10 @@ class KinemaMotionFromDrags:
         }
 
     def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None):
+        with runtime.one_thread():
+            return self._build(image, tracks, frames, strength, easing, falloff, mask, anchors)
+
+    def _build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None):
         img = first_image(image)
         h, w = img.shape[:2]
         tr = formats.parse_tracks(tracks, size=(w, h), anchors_text=anchors)
@@ -174,6 +178,10 @@ class KinemaAnimateWarp:
         }}
 
     def render(self, image, motion, fill, loop, preview_fps=8.0, mask=None):
+        with runtime.one_thread():
+            return self._render(image, motion, fill, loop, preview_fps, mask)
+
+    def _render(self, image, motion, fill, loop, preview_fps=8.0, mask=None):
         img = first_image(image)
         h, w = img.shape[:2]
         if not isinstance(motion, MotionField):

@@ -105,7 +105,11 @@ class KinemaClickToMask:
         if pts.count > MAX_CLICKS:
             raise ValueError(f"points: {pts.count} clicks is more than the {MAX_CLICKS} this node takes; "
                              f"a few positive clicks (and a box) are enough for one object")
-        mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
+        if sam is None:  # the classical path: many small operations, fastest on one thread
+            with runtime.one_thread():
+                mask, _score = segment(frame, pts, None)
+        else:
+            mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
         if float(mask.sum()) == 0:
             raise ValueError("points: nothing was selected (the mask is empty). Click inside the object, add "
                              "more positive clicks or a box around it, remove negative clicks that sit on it"

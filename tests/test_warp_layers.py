@@ -189,3 +189,25 @@ def test_memory_estimates_grow_with_size_and_frames():
     assert warp_animator.animate_bytes((512, 512), 32) > small
     # the output alone, 16 frames of 6000x6000 RGB float32, is 6.4 GiB
     assert warp_animator.animate_bytes((6000, 6000), 16) >= 16 * 6000 * 6000 * 3 * 4
+
+
+def test_weights_free_nodes_run_on_one_thread_and_restore_the_count(astronaut, monkeypatch):
+    seen = []
+    real = warp_animator.animate
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    import kinema.nodes.motion as motion_nodes
+    monkeypatch.setattr(motion_nodes, "animate", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        h, w = astronaut.shape[:2]
+        disc = _disc(h, w, 150, 380, 22)
+        field = MotionField(torch.ones(3, h, w, 2) * disc[None, ..., None], disc)
+        KinemaAnimateWarp().render(astronaut[None], field, "stretch", False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
