@@ -42,7 +42,7 @@ SUPERPIXELS = 700
 PALETTE = 24
 ORIENTATIONS = 8
 SIZE_GAIN = 0.15
-CARVE_INSIDE = 0.5  # a negative click removes regions at least this much inside the mask, at most this share of it
+CARVE_INSIDE = 0.5  # a negative click removes at most this share of the mask
 EXTEND_COST = 1.0  # how strongly a later click prefers small additions to the mask
 ENCLOSED_KEEP = 0.8  # a region inside a closed contour gives way to it at this share of its score
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
@@ -584,32 +584,30 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
             continue
         chosen |= best[1]
         best_scores.append(best[0])
-    # a negative click on the mask cuts out the largest region under it that holds no positive
-    # click, lies mostly inside the mask, is at most half of it, and looks more like the place of
-    # the negative click than like the places of the positive ones (colour histograms)
-    keep = np.zeros(g.n, bool)
-    keep[pos_leaf] = True
-
-    def hist(member):
-        w_ = g.area[member]
-        return (g.colour[member] * w_[:, None]).sum(0) / w_.sum()
-
-    liked = hist(keep) if keep.any() else None
-    for leaf, xy in zip(neg_leaf_list, neg):
-        if not chosen[leaf]:
+    # a negative click on the mask cuts away the part under it: the superpixels of the mask
+    # reached from the clicked one through superpixels whose colours are nearer to the clicked
+    # one's than to those under the positive clicks (at most half of the mask)
+    liked = g.colour[pos_leaf] if pos_leaf else np.zeros((0, g.colour.shape[1]))
+    for leaf in neg_leaf_list:
+        if not chosen[leaf] or leaf in pos_leaf:  # a superpixel under both kinds of click stays
             continue
-        cut = np.eye(1, g.n, leaf, dtype=bool)[0]
         disliked = g.colour[leaf]
-        for m in paths(leaf, xy):
-            inside_area = g.area[m & chosen].sum()
-            if (m & keep).any() or inside_area < CARVE_INSIDE * g.area[m].sum() \
-                    or inside_area > CARVE_INSIDE * g.area[chosen].sum():
-                continue
-            h_m = hist(m)
-            if liked is not None and np.minimum(h_m, liked).sum() > np.minimum(h_m, disliked).sum():
-                continue
-            if g.area[m].sum() > g.area[cut].sum():
-                cut = m
+        near_neg = np.minimum(g.colour, disliked).sum(1)
+        near_pos = np.minimum(g.colour[:, None], liked[None]).sum(2).max(1) if len(liked) else np.zeros(g.n)
+        cuttable = chosen & (near_neg > near_pos)
+        cuttable[pos_leaf] = False
+        cut = np.zeros(g.n, bool)
+        cut[leaf] = True
+        front = [leaf]
+        budget = CARVE_INSIDE * g.area[chosen].sum()
+        while front:
+            nxt = []
+            for i in front:
+                for j in g.neighbours[i]:
+                    if cuttable[j] and not cut[j] and g.area[cut].sum() + g.area[j] <= budget:
+                        cut[j] = True
+                        nxt.append(j)
+            front = nxt
         chosen &= ~cut
     if not chosen.any():
         return torch.zeros(H, W), 0.0
