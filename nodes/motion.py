@@ -2,7 +2,6 @@
 motion strength. Thin: validate, call ``kernels`` / ``pipelines``, return ComfyUI types."""
 from __future__ import annotations
 
-import json
 
 import torch
 

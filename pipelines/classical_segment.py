@@ -507,31 +507,30 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
     sh, sw = max(1, h // 2), max(1, w // 2)
     small = cv2.resize(g.labels, (sw, sh), interpolation=cv2.INTER_NEAREST)
     neg_leaf_list = [int(g.labels[y, x]) for x, y in neg]
-    neg_leaf = set(neg_leaf_list)
     pos_leaf = [int(g.labels[y, x]) for x, y in pos]
 
     inside = np.ones(g.n, bool)
-    box_fit = None
     if box is not None:
         bx0, by0, bx1, by1 = box
         ys, xs = np.mgrid[0:h, 0:w]
         in_box = (xs >= bx0) & (xs <= bx1) & (ys >= by0) & (ys <= by1)
         share = np.bincount(g.labels.ravel(), weights=in_box.ravel().astype(np.float64), minlength=g.n) / g.area
         inside = share >= 0.5
-        box_area = float((bx1 - bx0 + 1) * (by1 - by0 + 1))
 
-        def box_fit(member):
-            b = g.bbox[member]
-            ux0, uy0 = max(b[:, 0].min(), bx0), max(b[:, 1].min(), by0)
-            ux1, uy1 = min(b[:, 2].max(), bx1), min(b[:, 3].max(), by1)
-            cover = max(ux1 - ux0 + 1, 0) * max(uy1 - uy0 + 1, 0) / box_area
-            return 0.05 + cover
+    def box_fit(member):
+        """How much of the box the region's bounding box covers (a box is drawn around the object)."""
+        bx0, by0, bx1, by1 = box
+        b = g.bbox[member]
+        ux0, uy0 = max(b[:, 0].min(), bx0), max(b[:, 1].min(), by0)
+        ux1, uy1 = min(b[:, 2].max(), bx1), min(b[:, 3].max(), by1)
+        cover = max(ux1 - ux0 + 1, 0) * max(uy1 - uy0 + 1, 0) / float((bx1 - bx0 + 1) * (by1 - by0 + 1))
+        return 0.05 + cover
 
     trees = [Tree(hierarchy(g, weights, check), g.n) for weights in STRATEGIES]
     check()
 
     def value(m):
-        return objectness(g, m, small, box_fit(m) if box_fit is not None else None)
+        return objectness(g, m, small, box_fit(m) if box is not None else None)
 
     reach = max(1, int(round(g.step)))
 

@@ -1,36 +1,48 @@
 """Animate a still image by a motion field, without any model weights.
 
-Each output frame forward-splats the pixels of the input by that frame's flow (the flow says
-where every pixel of frame 0 is in frame k) and composites two layers, so a moving object
-passes in front of what it moves over and the place it leaves is filled with background:
+Two renderers behind :func:`animate`; frame 0 is always the input itself, and pixels that
+nothing reaches are bitwise the input in every frame.
 
-- the **foreground layer** holds the pixels of the motion field's mask (``field.mask``) or,
-  without one, the pixels that move at least half as far as the fastest one (a soft ramp below
-  that); the **background layer** holds the rest (the two share partly-foreground pixels);
+**An object and a still background** (the field carries an object mask, ``field.mask``, and
+moves nothing outside it, e.g. a drag on a clicked object):
+
+- *soft edge*: a hard mask gets an alpha matte in a narrow band at its outline (guided filter of
+  the mask by the picture, ``matte_radius`` px: 3 at 512), so the edge follows the picture's own
+  edge and no halo of background travels with the object; a soft mask is used as given. In the
+  band the object's own colour is separated from the background's (``I = a F + (1 - a) B``);
+- *sharp motion*: the object layer (premultiplied colour and alpha) is resampled from the input
+  at every frame's sub-pixel position by backward mapping with a sharp kernel: a separable
+  Lanczos-6 shift when the object moves rigidly (a translation per frame), a 2-D Lanczos-3
+  sample of the inverted field otherwise; whole-pixel moves are exact copies;
+- *still background*: pixels outside the object do not move; the object is drawn in front of
+  them. (A field that also moves pixels outside the mask, e.g. a falloff band asked for in
+  "Motion from drags" or a brushed region meant to bend, goes to the smooth renderer below.)
+- *one fill*: the place the object covers in frame 0 is filled once (``fill="inpaint"``:
+  exemplar-based, PatchMatch-style texture from around it, see ``kernels/inpaint.py``;
+  ``"stretch"``: smooth push-pull colour; ``"none"``: black, for a later generative pass) and
+  each frame shows the part the object has uncovered, so the fill is revealed progressively and
+  never changes from frame to frame.
+
+**A smooth field** (no mask, or motion beyond the mask: drags without a mask, a falloff band, a
+predicted motion): each frame
+forward-splats the pixels by that frame's flow and composites two layers, so fast pixels pass
+in front of slow ones and the place they leave is filled:
+
+- the foreground layer holds the pixels that move at least half as far as the fastest one (a
+  soft ramp below that); the background layer holds the rest;
 - within a layer, sources landing on the same pixel are blended by a softmax splat whose metric
-  grows with the motion magnitude (faster pixels are in front); a layer's alpha is twice the
-  3x3 mean of the splatted area, clamped to 1: each source carries the area it covers after the
-  motion, ``det(I + grad flow)`` (one-sided "minmod" differences, so a flow discontinuity at an
-  object's edge does not count as stretch), so stretched and compressed parts still cover
-  their pixels fully, and cracks of up to about two pixels close (their colour comes from the
-  3x3 neighbourhood);
-- ``fill="inpaint"``: background holes (where nothing of the background landed, e.g. the
-  object's old place) are filled by a push-pull inpainting of the background layer from the
-  surrounding background only (see ``kernels/inpaint.py``), then the foreground is laid over
-  it with its coverage as alpha (anti-aliased edges); ``"stretch"``: holes of the composite are
-  filled from everything around them, foreground included (the object seems to smear into its
-  trail); ``"none"``: holes stay black (for a later generative pass; ``return_holes`` gives
-  their mask).
+  grows with the motion magnitude; a layer's alpha is twice the 3x3 mean of the splatted area,
+  clamped to 1: each source carries the area it covers after the motion, ``det(I + grad flow)``
+  (one-sided "minmod" differences), so stretched and compressed parts still cover their pixels,
+  and cracks of up to about two pixels close;
+- holes are filled by push-pull from the surrounding background (``"inpaint"``), from
+  everything around them (``"stretch"``), or left black (``"none"``).
 
-Only the pixels that move are splatted (a sparse scatter), and only inside the bounding box of
-where they start and land (plus a margin for the inpainting); every other pixel of every frame
-is copied from the input, so pixels with zero flow that nothing lands on are bitwise the input,
-and frame 0 is the input itself. With ``loop=True`` the field is traversed out and back with
+Only the region that can change is worked on (a crop around where pixels start and land).
+Frames are rendered in batches (bounded by ``CHUNK_BYTES``); the progress bar advances and
+interrupts are checked between batches. :func:`animate_bytes` estimates the memory a run needs
+before anything large is allocated. With ``loop=True`` the field is traversed out and back with
 cosine timing so the video plays seamlessly when repeated (see :func:`loop_flow`).
-
-Frames are rendered in batches (their accumulators bounded by ``CHUNK_BYTES``: several frames
-at 512x512, fewer at larger sizes; smaller batches stay in cache and are faster than whole-video
-batches); the progress bar advances and interrupts are checked between batches.
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ import torch.nn.functional as F
 from ..kernels.field import MotionField
 from ..kernels.inpaint import exemplar_fill, push_pull
 from ..kernels.masks import matte
-from ..kernels.warp import LANCZOS_SHIFT, backward_warp, invert_flow, sample_lanczos, splat_points, translate
+from ..kernels.warp import LANCZOS_SHIFT, invert_flow, sample_lanczos, splat_points, translate
 from ..runtime import ProgressBar, check_interrupt
 
 FILL_MODES = ("inpaint", "stretch", "none")
@@ -214,7 +226,10 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     if fmask is not None:
         if restrict is not None:
             fmask = fmask.to(device=dev, dtype=torch.float32) * (restrict > 0)
-        if bool((fmask > 0.5).any()):
+        hard = fmask > 0.5
+        # an object cut-out when only the object moves; a field that also moves what is around
+        # the mask (a falloff band, a brushed region meant to deform) is warped smoothly
+        if bool(hard.any()) and not bool((flow[:, ~hard.to(dev)] != 0).any()):
             _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
             return (frames, holes) if return_holes else frames
 
@@ -351,14 +366,10 @@ def _crop_box(support: torch.Tensor, flow: torch.Tensor, moving: torch.Tensor, m
         lx, ly = mx.float() + f[..., 0], my.float() + f[..., 1]
         lo_x, hi_x = min(lo_x, float(lx.min())), max(hi_x, float(lx.max()))
         lo_y, hi_y = min(lo_y, float(ly.min())), max(hi_y, float(ly.max()))
-    # the object's soft edge travels too
-    sy, sx = torch.nonzero(support, as_tuple=True)
-    ext_y = float(sy.max() - sy.min()) if sy.numel() else 0.0
     y0 = max(int(math.floor(lo_y)) - margin, 0)
     y1 = min(int(math.ceil(hi_y)) + margin + 1, h)
     x0 = max(int(math.floor(lo_x)) - margin, 0)
     x1 = min(int(math.ceil(hi_x)) + margin + 1, w)
-    del ext_y
     return y0, y1, x0, x1
 
 
@@ -403,11 +414,10 @@ def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, ch
     hard = m > 0.5
     soft_given = bool(((m > 0) & (m < 1)).any())
     r = matte_radius(h, w)
-    support = hard.clone()
-    if not soft_given:
-        support = torch.nn.functional.max_pool2d(hard[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0
-    else:
+    if soft_given:
         support = m > 0
+    else:  # the matte's band reaches r px beyond the mask
+        support = F.max_pool2d(hard[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0
     moving = (flow != 0).any(dim=-1).any(dim=0)
     margin = LANCZOS_SHIFT + r + 2
     box = _crop_box(support, flow, moving | support, margin)
@@ -431,7 +441,6 @@ def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, ch
     shift = fo.mean(dim=1)  # (F, 2)
     rigid = float((fo - shift[:, None]).abs().max()) <= RIGID_TOLERANCE
     flow_c = flow[:, y0:y1, x0:x1]
-    bg_flow = flow_c * (~hard_c)[None, ..., None]  # outside the object: a falloff band, if asked for
     hc, wc = y1 - y0, x1 - x0
     img_crop = image[y0:y1, x0:x1]
     restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
@@ -453,15 +462,9 @@ def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, ch
         a = layer[:, 3:4].clamp(0, 1)
         a = torch.where((a < 1e-3) | ~reach[:, None], torch.zeros_like(a), a)
         rgb = torch.minimum(layer[:, :3].clamp_min(0), a)
-        bgf = bg_flow[ks]
-        still = (bgf == 0).all(dim=-1)  # (n, hc, wc)
-        back = plate.unsqueeze(0).expand(n, -1, -1, -1)
-        if not bool(still.all()):
-            moved = backward_warp(plate.unsqueeze(0).expand(n, -1, -1, -1).contiguous(), -bgf, mode="bicubic")
-            back = torch.where(still[:, None], back, moved.clamp(0, 1))
-        out = rgb + (1 - a) * back
+        out = rgb + (1 - a) * plate.unsqueeze(0)
         out = out.permute(0, 2, 3, 1).to(image.dtype)
-        untouched = (a[:, 0] == 0) & ~hole_c[None] & still
+        untouched = (a[:, 0] == 0) & ~hole_c[None]
         out = torch.where(untouched[..., None], img_crop.unsqueeze(0), out)
         if restrict_c is not None:
             out = torch.where(restrict_c > 0, restrict_c * out + (1 - restrict_c) * img_crop, img_crop)
