@@ -19,8 +19,10 @@ import numpy as np
 from _pack import load_pack
 from bench_masks import load_photo
 
-# name, photo, click (x, y), drag end (x, y)
+# name, photo, click (x, y), drag end (x, y); optionally the clicks as the Click to Mask node takes them
+DEMO = {"positive": [[405, 40], [400, 150], [440, 120], [436, 60]], "negative": [[330, 100]], "box": [350, 0, 470, 285]}
 CASES = [
+    ("shuttle_demo_clicks", "assets:astronaut.jpg", (405, 150), (405, 70), DEMO),
     ("shuttle", "assets:astronaut.jpg", (405, 150), (405, 70)),
     ("helmet", "assets:astronaut.jpg", (400, 430), (370, 400)),
     ("head", "assets:astronaut.jpg", (229, 78), (250, 70)),
@@ -55,11 +57,12 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, photo, click, end in CASES:
+    for name, photo, click, end, *points in CASES:
         rgb = load_photo(photo)
         img = torch.from_numpy(rgb).float()[None] / 255
         t0 = time.perf_counter()
-        mask = KinemaClickToMask().run(img, json.dumps({"positive": [list(click)]}))["result"][0]
+        clicks = points[0] if points else {"positive": [list(click)]}
+        mask = KinemaClickToMask().run(img, json.dumps(clicks))["result"][0]
         t1 = time.perf_counter()
         field, _ = KinemaMotionFromDrags().build(img, json.dumps({"tracks": [[list(click), list(end)]]}), 16, 1.0,
                                                  "ease_in_out", 0, mask=mask)["result"]
@@ -68,8 +71,13 @@ def main():
         bgr = [np.ascontiguousarray((f.numpy() * 255).round().astype(np.uint8)[..., ::-1]) for f in frames]
         first = bgr[0].copy()
         cv2.arrowedLine(first, click, end, (0, 255, 255), 2, cv2.LINE_AA, tipLength=0.25)
-        cv2.circle(first, click, 6, (255, 255, 255), -1)
-        cv2.circle(first, click, 5, (0, 200, 0), -1)
+        for kind, colour in (("positive", (0, 200, 0)), ("negative", (0, 0, 230))):
+            for x, y in clicks.get(kind, []):
+                cv2.circle(first, (int(x), int(y)), 6, (255, 255, 255), -1)
+                cv2.circle(first, (int(x), int(y)), 5, colour, -1)
+        if clicks.get("box"):
+            x0b, y0b, x1b, y1b = (int(v) for v in clicks["box"])
+            cv2.rectangle(first, (x0b, y0b), (x1b, y1b), (0, 220, 255), 1)
         m = mask[0].numpy() > 0.5
         tint = first.astype(np.float32)
         tint[m] = 0.45 * tint[m] + 0.55 * np.array([255, 120, 30])
