@@ -64,8 +64,8 @@ def main():
         clicks = points[0] if points else {"positive": [list(click)]}
         mask = KinemaClickToMask().run(img, json.dumps(clicks))["result"][0]
         t1 = time.perf_counter()
-        field, _ = KinemaMotionFromDrags().build(img, json.dumps({"tracks": [[list(click), list(end)]]}), 16, 1.0,
-                                                 "ease_in_out", 0, mask=mask)["result"]
+        field = KinemaMotionFromDrags().build(img, json.dumps({"tracks": [[list(click), list(end)]]}), 16, 1.0,
+                                              "ease_in_out", 0, mask=mask)["result"][0]
         frames = KinemaAnimateWarp().render(img, field, args.fill, False)["result"][0]
         t2 = time.perf_counter()
         bgr = [np.ascontiguousarray((f.numpy() * 255).round().astype(np.uint8)[..., ::-1]) for f in frames]

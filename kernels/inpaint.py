@@ -344,15 +344,16 @@ def exemplar_fill(image: torch.Tensor, hole: torch.Tensor, patch_radius: int = P
         else:
             up = F.interpolate(cur[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             start = torch.where(lh[None], up, li)
+        dev = li.device
         if nnf is None:
-            new = torch.zeros(h, w, 2, dtype=torch.long)  # flagged invalid below -> random start
+            new = torch.zeros(h, w, 2, dtype=torch.long, device=dev)  # flagged invalid below -> random start
             new[..., 0] = -1
         else:
-            ys = (torch.arange(h) // 2).clamp(max=nnf.shape[0] - 1)
-            xs = (torch.arange(w) // 2).clamp(max=nnf.shape[1] - 1)
+            ys = (torch.arange(h, device=dev) // 2).clamp(max=nnf.shape[0] - 1)
+            xs = (torch.arange(w, device=dev) // 2).clamp(max=nnf.shape[1] - 1)
             coarse = nnf[ys][:, xs]
-            new = coarse * 2 + torch.stack(torch.meshgrid(torch.arange(h) % 2, torch.arange(w) % 2,
-                                                          indexing="ij"), -1)
+            new = coarse * 2 + torch.stack(torch.meshgrid(torch.arange(h, device=dev) % 2,
+                                                          torch.arange(w, device=dev) % 2, indexing="ij"), -1)
         em, pm = (2, 2) if lv > 0 else (1, 1)
         cur, nnf, basis = _level(start, lh, new, valid, r, em, pm, gen, check, basis, final=lv == 0)
     # seam correction: the fill also covered a ring of known pixels around the hole; the smooth

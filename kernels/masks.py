@@ -415,7 +415,7 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     prod = torch.stack([g[:, a] * g[:, b] for a in range(3) for b in range(3)], 1)
     var = _box_mean(prod, r) - torch.stack([mean_g[:, a] * mean_g[:, b] for a in range(3) for b in range(3)], 1)
     h, w = src.shape
-    sigma = var[0].permute(1, 2, 0).reshape(h, w, 3, 3) + eps * torch.eye(3)
+    sigma = var[0].permute(1, 2, 0).reshape(h, w, 3, 3) + eps * torch.eye(3, dtype=var.dtype, device=var.device)
     a = torch.linalg.solve(sigma, cov_gp[0].permute(1, 2, 0)[..., None])[..., 0]  # (H, W, 3)
     a = a.permute(2, 0, 1)[None]
     b = mean_p - (a * mean_g).sum(1, keepdim=True)

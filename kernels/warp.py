@@ -134,8 +134,9 @@ LANCZOS_SAMPLE = 3  # lobes of the 2-D kernel for general maps (6 x 6 taps)
 def lanczos_weights(frac: torch.Tensor, a: int) -> torch.Tensor:
     """Normalised Lanczos-``a`` weights (..., 2a) for sampling at ``i + frac`` (frac in [0, 1))
     from the samples ``i - a + 1 .. i + a``."""
-    offs = torch.arange(-a + 1, a + 1, dtype=torch.float64, device=frac.device)
-    d = frac.to(torch.float64)[..., None] - offs
+    wide = torch.float64 if frac.device.type != "mps" else torch.float32  # MPS has no float64
+    offs = torch.arange(-a + 1, a + 1, dtype=wide, device=frac.device)
+    d = frac.to(wide)[..., None] - offs
     pd = torch.pi * d
     w = torch.where(d.abs() < 1e-9, torch.ones_like(d), a * torch.sin(pd) * torch.sin(pd / a) / (pd * pd).clamp_min(1e-18))
     w = torch.where(d.abs() < a, w, torch.zeros_like(w))

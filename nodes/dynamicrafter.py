@@ -31,11 +31,11 @@ def _resolve(name: str):
                               f"or models/checkpoints/")
 
 
-def _dtype(precision: str, device: torch.device) -> torch.dtype:
+def _dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        return runtime.default_dtype(params=1_400_000_000)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
@@ -58,7 +58,6 @@ _COMMON_HELP = {
     "width": "Output width in pixels (a multiple of 64); 0 uses the model's training size.",
     "height": "Output height in pixels (a multiple of 64); 0 uses the model's training size.",
     "window_overlap": "Frames shared by neighbouring windows when frames exceed the model's 16.",
-    "offload": "Move each part of the model off the GPU after use (saves memory, costs transfer time).",
 }
 
 
@@ -82,11 +81,10 @@ def _optional_inputs() -> dict:
         "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": h["width"]}),
         "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": h["height"]}),
         "window_overlap": ("INT", {"default": 4, "min": 0, "max": 15, "tooltip": h["window_overlap"]}),
-        "offload": ("BOOLEAN", {"default": True, "tooltip": h["offload"]}),
     }
 
 
-def _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height, window_overlap, offload):
+def _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height, window_overlap):
     from ..pipelines.dynamicrafter.pipeline import AnimateOptions
     for name, value in (("frames", frames), ("steps", steps), ("seed", seed), ("fs", fs),
                         ("width", width), ("height", height), ("window_overlap", window_overlap)):
@@ -96,7 +94,7 @@ def _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, 
         raise ValueError("prompt: the prompt and negative prompt must be text")
     return AnimateOptions(prompt=prompt, negative=negative_prompt, frames=frames, fs=fs or None, steps=steps,
                           cfg=float(cfg), eta=float(eta), seed=seed, height=height, width=width,
-                          window_overlap=window_overlap, offload=bool(offload))
+                          window_overlap=window_overlap)
 
 
 class KinemaDynamiCrafterLoader:
@@ -117,8 +115,8 @@ class KinemaDynamiCrafterLoader:
                 "ckpt_name": (_model_files(), {"tooltip": "A DynamiCrafter checkpoint file."}),
                 "precision": (list(PRECISIONS), {
                     "default": "auto",
-                    "tooltip": "Weights precision. auto: fp16 on a GPU, fp32 on the CPU. The VAE stays fp32 "
-                               "when fp16 is chosen."}),
+                    "tooltip": "Weights precision. auto: ComfyUI's choice for the device (fp16 or bf16 on a "
+                               "GPU, fp32 on the CPU). The VAE stays fp32 when fp16 is chosen."}),
             },
             "optional": {
                 "variant": (list(VARIANTS), {
@@ -132,10 +130,10 @@ class KinemaDynamiCrafterLoader:
         from ..pipelines.dynamicrafter.convert import load_dynamicrafter
         if variant not in VARIANTS:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
-        dtype = _dtype(precision, runtime.device())
+        dtype = _dtype(precision)
         path = _resolve(ckpt_name)
         model = load_dynamicrafter(path, dtype=dtype, variant=variant)
-        model.to(runtime.offload_device())
+        model.managed()  # under ComfyUI's model management from now on
         return (model,)
 
 
@@ -160,12 +158,11 @@ class KinemaDynamiCrafterAnimate:
         return {"required": req, "optional": opt}
 
     def run(self, model, image, prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, mask=None,
-            width=0, height=0, window_overlap=4, offload=True):
+            width=0, height=0, window_overlap=4):
         from ..pipelines.dynamicrafter.pipeline import animate
         _check_model(model)
-        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height,
-                        window_overlap, offload)
-        return (animate(model, image, opts, mask=mask, device=runtime.device()),)
+        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height, window_overlap)
+        return (animate(model, image, opts, mask=mask),)
 
 
 class KinemaDynamiCrafterInterpolate:
@@ -189,12 +186,11 @@ class KinemaDynamiCrafterInterpolate:
         return {"required": req, "optional": _optional_inputs()}
 
     def run(self, model, start_image, end_image, prompt, negative_prompt, frames, fs, steps, cfg, eta, seed,
-            width=0, height=0, window_overlap=4, offload=True):
+            width=0, height=0, window_overlap=4):
         from ..pipelines.dynamicrafter.pipeline import interpolate
         _check_model(model)
-        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height,
-                        window_overlap, offload)
-        return (interpolate(model, start_image, end_image, opts, device=runtime.device()),)
+        opts = _options(prompt, negative_prompt, frames, fs, steps, cfg, eta, seed, width, height, window_overlap)
+        return (interpolate(model, start_image, end_image, opts),)
 
 
 NODE_CLASS_MAPPINGS = {

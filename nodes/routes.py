@@ -14,24 +14,27 @@ Answer JSON: ``{"mask": "<base64 PNG, white = object>", "score": float, "width":
 ``{"error": "..."}`` for anything wrong in the request (500 for an unexpected failure).
 
 The picture is read only from ComfyUI's input or temp folder: names with ``..``, absolute
-paths and links that lead out of the folder are refused. Loaded SAMs (each with its own
-embedding cache) live in a :class:`MaskPreviewCache` owned by the registered route.
+paths and links that lead out of the folder are refused. SAMs come from the pack's one
+:class:`~..pipelines.segment.SamStore` (``nodes.segment.SAM_MODELS``), shared with the SAM
+loader node, and run under ComfyUI's model management. The model management is not made for
+two threads at once, so a SAM preview is only run while no prompt executes: during a run the
+answer is 503 with ``{"error"}`` and the editor asks again later (the classical backend, which
+holds no model, always answers).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
-import os
-import threading
-from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from .. import runtime
 from ..formats import parse_points
+from ..pipelines.segment import SamStore
 from ..runtime import KinemaError
+from .segment import SAM_MODELS
 
 ROUTE = "/kinema/mask_preview"
 IMAGE_TYPES = ("input", "temp")
@@ -39,48 +42,8 @@ MAX_PIXELS = 40_000_000  # larger pictures are refused (decompression bombs)
 MAX_CLICKS = 256
 
 
-class MaskPreviewCache:
-    """Loaded SAMs for live previews: at most ``max_models`` (least recently used dropped
-    first), each with an embedding cache of ``embeddings_per_model`` pictures. A file that
-    changed on disk (size or modification time) is loaded again."""
-
-    def __init__(self, max_models: int = 1, embeddings_per_model: int = 4, device=None):
-        if max_models < 1:
-            raise ValueError(f"max_models: need at least 1, got {max_models}")
-        self.max_models = int(max_models)
-        self.embeddings_per_model = int(embeddings_per_model)
-        self.device = device
-        self._models: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
-    def segmenter(self, name: str):
-        """The loaded SAM for ``name`` in ``models/sams``."""
-        from ..pipelines.segment import load_sam
-
-        path = runtime.model_path("sams", name)
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            for old in [k for k in self._models if k[0] == key[0]]:
-                del self._models[old]
-            seg = load_sam(path, device=self.device if self.device is not None else runtime.device(),
-                           cache_size=self.embeddings_per_model)
-            self.loads += 1
-            self._models[key] = seg
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-            return seg
+class PreviewBusy(Exception):
+    """The live mask cannot run now (answered 503)."""
 
 
 def _safe_relative(value, field: str) -> PurePosixPath:
@@ -147,7 +110,7 @@ def _encode_mask_png(mask) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> dict:
+def mask_preview(payload, input_dir, temp_dir, store: SamStore) -> dict:
     """Handle one preview request (see the module docstring). Raises ``ValueError`` or
     :class:`KinemaError` for a bad request."""
     from ..pipelines.segment import segment
@@ -178,17 +141,24 @@ def mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> dict:
     pts = parse_points(points, (w, h), negative)
     if pts.count > MAX_CLICKS:
         raise ValueError(f"points: {pts.count} clicks is more than the {MAX_CLICKS} a preview takes")
-    segmenter = cache.segmenter(sam_name) if sam_name else None
+    segmenter = None
+    if sam_name:
+        if runtime.queue_busy():
+            raise PreviewBusy("the live mask with SAM waits while ComfyUI runs a prompt; it updates when the "
+                              "queue is idle")
+        segmenter = store.get(runtime.model_path("sams", sam_name))
     mask, score = segment(image, pts, segmenter, multimask=multimask)
     return {"mask": _encode_mask_png(mask), "score": float(score), "width": int(w), "height": int(h),
             "backend": "sam" if segmenter is not None else "classical", "empty": bool(float(mask.sum()) == 0)}
 
 
-def handle_mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -> tuple[int, dict]:
+def handle_mask_preview(payload, input_dir, temp_dir, store: SamStore) -> tuple[int, dict]:
     """``(status, body)`` for a request: 200 with the answer, 400 with ``{"error"}`` for a bad
-    request or model file, 500 for anything unexpected."""
+    request or model file, 503 while a prompt runs (SAM only), 500 for anything unexpected."""
     try:
-        return 200, mask_preview(payload, input_dir, temp_dir, cache)
+        return 200, mask_preview(payload, input_dir, temp_dir, store)
+    except PreviewBusy as e:
+        return 503, {"error": str(e)}
     except (ValueError, KinemaError) as e:
         return 400, {"error": str(e)}
     except Exception as e:  # noqa: BLE001 - the server must answer, not crash
@@ -196,10 +166,10 @@ def handle_mask_preview(payload, input_dir, temp_dir, cache: MaskPreviewCache) -
 
 
 class MaskPreviewRoute:
-    """The registered route and what it keeps between requests (its model cache)."""
+    """The registered route; SAMs come from ``store`` (the pack's shared one by default)."""
 
-    def __init__(self, json_response, cache: MaskPreviewCache | None = None):
-        self.cache = cache if cache is not None else MaskPreviewCache()
+    def __init__(self, json_response, store: SamStore | None = None):
+        self.store = store if store is not None else SAM_MODELS
         self._json_response = json_response
 
     async def __call__(self, request):
@@ -209,7 +179,7 @@ class MaskPreviewRoute:
             return self._json_response({"error": "request: the body is not valid JSON"}, status=400)
         loop = asyncio.get_running_loop()
         status, body = await loop.run_in_executor(None, handle_mask_preview, payload, runtime.input_dir(),
-                                                  runtime.temp_dir(), self.cache)
+                                                  runtime.temp_dir(), self.store)
         return self._json_response(body, status=status)
 
 

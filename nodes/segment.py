@@ -5,18 +5,22 @@ import torch
 
 from .. import runtime
 from ..formats import parse_points
-from ..pipelines.segment import overlay, refine_mask, segment
+from ..pipelines.segment import SamStore, overlay, refine_mask, segment
 from ._ui import save_temp_png
 
 SAM_TYPE = "KINEMA_SAM"
 MAX_CLICKS = 256  # as many as the live preview route takes
 DEFAULT_POINTS = '{"positive": [], "negative": [], "box": null}'
 
+# The pack's one bounded set of loaded SAMs, shared by the loader node and the live-mask route
+# (nodes/routes.py); ComfyUI's model management unloads them and the set then lets go.
+SAM_MODELS = SamStore(max_files=2)
+
 
 class KinemaSAMLoader:
     DESCRIPTION = ("Loads a segment-anything model (ViT-B, ViT-L or ViT-H; .pth or .safetensors) from "
                    "models/sams. The kind is read from the file. Image encodings are cached, so more clicks "
-                   "on the same picture are fast.")
+                   "on the same picture are fast. The live mask in Click to Mask's editor uses the same loaded model.")
     CATEGORY = "Kinema/segment"
     FUNCTION = "load"
     RETURN_TYPES = (SAM_TYPE,)
@@ -38,12 +42,9 @@ class KinemaSAMLoader:
         }
 
     def load(self, sam_name, device="auto"):
-        from ..pipelines.segment import load_sam
-
         if device not in ("auto", "cpu"):
             raise ValueError(f"device: {device!r} is not one of auto, cpu")
-        dev = runtime.device() if device == "auto" else torch.device("cpu")
-        return (load_sam(runtime.model_path("sams", sam_name), device=dev),)
+        return (SAM_MODELS.get(runtime.model_path("sams", sam_name), None if device == "auto" else "cpu"),)
 
 
 class KinemaClickToMask:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from .. import runtime
 from ..formats import Points
 from ..runtime import KinemaError, check_interrupt
 from .classical_segment import _check_prompt, classical_segment, to_uint8
@@ -259,6 +261,8 @@ def load_sam(path, device=None, cache_size: int = 4) -> "SamSegmenter":
 
     The architecture comes from the tensor shapes; the weights must match it exactly (no
     missing, unexpected or differently shaped keys), otherwise :class:`KinemaError` says which.
+    ``device``: where it runs (default: ComfyUI's main device); the weights stay on the offload
+    device until a prediction needs them.
     """
     path = Path(path)
     sd = read_state_dict(path)
@@ -293,10 +297,7 @@ def load_sam(path, device=None, cache_size: int = 4) -> "SamSegmenter":
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise KinemaError(f"SAM checkpoint '{path.name}': no weights for {', '.join(left[:3])}")
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return SamSegmenter(model, name=path.name, variant=cfg.variant, cache_size=cache_size)
+    return SamSegmenter(model, name=path.name, variant=cfg.variant, cache_size=cache_size, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,22 +373,26 @@ class SamSegmenter:
     Same computation as ``segment_anything.SamPredictor`` (resize the long side to the
     encoder size, normalise and pad, encode; prompts go through the prompt encoder and the mask
     decoder, masks are scaled back and thresholded at 0), with the embedding looked up by image
-    content first.
+    content first. The network is a :class:`~..runtime.ManagedModel`: ComfyUI loads it right
+    before a prediction and may unload it afterwards. Predictions are serialised by a lock, so
+    the Click to Mask node and the live-mask route can share one segmenter.
     """
 
-    def __init__(self, model, name: str = "", variant: str = "custom", cache_size: int = 4):
+    def __init__(self, model, name: str = "", variant: str = "custom", cache_size: int = 4, device=None):
         from segment_anything.utils.transforms import ResizeLongestSide
 
+        self.managed = runtime.ManagedModel(model, f"SAM {variant} ({name or 'unnamed'})", load_device=device)
         self.model = model
         self.name = name
         self.variant = variant
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.embeddings = EmbeddingCache(cache_size)
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
 
     @property
     def device(self) -> torch.device:
-        return self.model.pixel_mean.device
+        """Where the network runs."""
+        return self.managed.device
 
     def __repr__(self) -> str:
         return f"SamSegmenter({self.name or 'unnamed'}, {self.variant}, cached={len(self.embeddings)})"
@@ -401,8 +406,9 @@ class SamSegmenter:
         if hit is not None:
             return hit
         resized = self.transform.apply_image(rgb)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        with self._lock:
+        with self.lock:
+            runtime.load_models(self.managed)
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
             feats = self.model.image_encoder(self.model.preprocess(x.float()))
         item = ImageEmbedding(feats.detach().to("cpu"), tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
         self.embeddings.put(key, item)
@@ -416,7 +422,11 @@ class SamSegmenter:
         and keeps the one with the highest predicted IoU; otherwise SAM returns one mask.
         """
         _check_prompt(points)
-        emb = self.embed(image)
+        with self.lock:
+            return self._predict(self.embed(image), points, multimask)
+
+    def _predict(self, emb: ImageEmbedding, points: Points, multimask: bool) -> SamPrediction:
+        runtime.load_models(self.managed)
         dev = self.device
         n_pos, n_neg = points.positive.shape[0], points.negative.shape[0]
         point_args = None
@@ -438,6 +448,60 @@ class SamSegmenter:
         masks = (logits[0] > m.mask_threshold).cpu()
         scores = iou[0].float().cpu()
         return SamPrediction(masks, scores, int(torch.argmax(scores)))
+
+
+class SamStore:
+    """The loaded SAMs of the whole pack, one per file: the loader node and the live-mask route
+    ask here, so they share one model (and its embedding cache).
+
+    At most ``max_files`` segmenters are held (least recently used dropped first). When ComfyUI
+    unloads one ("Unload models", or memory needed for another model) the store lets go of it;
+    it is found again while anything else (a loader node's cached output) still holds it. A file
+    that changed on disk (size or modification time) is loaded afresh.
+    """
+
+    def __init__(self, max_files: int = 2, embeddings_per_model: int = 4):
+        if max_files < 1:
+            raise ValueError(f"max_files: need at least 1, got {max_files}")
+        self.max_files = int(max_files)
+        self.embeddings_per_model = int(embeddings_per_model)
+        self._held: OrderedDict = OrderedDict()
+        self._known: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+    def get(self, path, device=None) -> SamSegmenter:
+        """The segmenter for the SAM file ``path`` running on ``device`` (default: ComfyUI's
+        main device); loaded on first use."""
+        path = Path(path)
+        st = path.stat()
+        dev = str(torch.device(device)) if device is not None else "auto"
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, dev)
+        with self._lock:
+            seg = self._held.get(key) or self._known.get(key)
+            if seg is None:
+                for old in [k for k in self._held if k[0] == key[0] and k[3] == dev]:
+                    del self._held[old]
+                seg = load_sam(path, device=device, cache_size=self.embeddings_per_model)
+                self.loads += 1
+                self._known[key] = seg
+                runtime.on_unload(seg.managed, partial(self._release, key))
+            self._held[key] = seg
+            self._held.move_to_end(key)
+            while len(self._held) > self.max_files:
+                self._held.popitem(last=False)
+            return seg
+
+    def _release(self, key) -> None:
+        with self._lock:
+            self._held.pop(key, None)
 
 
 # ----------------------------------------------------------------------------------------------

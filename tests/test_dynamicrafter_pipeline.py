@@ -35,12 +35,12 @@ def _opts(**kw):
 @pytest.mark.parametrize("variant", ["256", "512", "1024"])
 def test_animate_every_variant(variant):
     model = tiny(variant)
-    out = P.animate(model, _image(), _opts(), device=CPU)
+    out = P.animate(model, _image(), _opts())
     assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
-    again = P.animate(model, _image(), _opts(), device=CPU)
+    again = P.animate(model, _image(), _opts())
     torch.testing.assert_close(out, again, atol=0, rtol=0)
-    other = P.animate(model, _image(), _opts(seed=2), device=CPU)
+    other = P.animate(model, _image(), _opts(seed=2))
     assert (other - out).abs().max() > 1e-4
 
 
@@ -60,7 +60,7 @@ def test_conditioning_layout_and_fs_default():
     model = tiny("512")
     calls, undo = _record_unet(model)
     try:
-        P.animate(model, _image(), _opts(steps=2, fs=0), device=CPU)
+        P.animate(model, _image(), _opts(steps=2, fs=0))
     finally:
         undo()
     c = calls[0]
@@ -76,7 +76,7 @@ def test_interpolation_keyframes_at_ends():
     model = tiny("512")
     calls, undo = _record_unet(model)
     try:
-        out = P.interpolate(model, _image(0), _image(1), _opts(frames=4, steps=2, fs=5), device=CPU)
+        out = P.interpolate(model, _image(0), _image(1), _opts(frames=4, steps=2, fs=5))
     finally:
         undo()
     assert out.shape == (4, 64, 64, 3)
@@ -97,11 +97,11 @@ def test_regional_animation_keeps_outside_fixed():
         seen[i] = info["x"].clone()
 
     img = _image(3, 64, 64)
-    out = P.generate(model, [img], _opts(steps=3), mask=mask, device=CPU, callback=cb)
+    out = P.generate(model, [img], _opts(steps=3), mask=mask, callback=cb)
     # pixels outside the mask are the input
     torch.testing.assert_close(out[:, :, 32:], img[0, :, 32:].expand(4, -1, -1, -1), atol=1e-6, rtol=0)
     # latents outside the mask equal the image latent after the last step, and move inside
-    free = P.generate(model, [img], _opts(steps=3), device=CPU, callback=lambda i, info: seen.__setitem__(("f", i), info["x"].clone()))
+    free = P.generate(model, [img], _opts(steps=3), callback=lambda i, info: seen.__setitem__(("f", i), info["x"].clone()))
     x_last = seen[0]
     assert (x_last[..., 4:] - x_last[:, :, :1, :, 4:]).abs().max() == 0    # static right half over frames
     assert (x_last[..., :4] - x_last[:, :, :1, :, :4]).abs().max() > 1e-4  # left half animates
@@ -113,7 +113,7 @@ def test_temporal_windows_more_frames_than_native():
     assert model.temporal_length == 4
     calls, undo = _record_unet(model)
     try:
-        out = P.animate(model, _image(), _opts(frames=6, steps=1, window_overlap=2), device=CPU)
+        out = P.animate(model, _image(), _opts(frames=6, steps=1, window_overlap=2))
     finally:
         undo()
     assert out.shape == (6, 64, 64, 3)
@@ -127,7 +127,7 @@ def test_temporal_windows_more_frames_than_native():
 def test_bf16_and_no_guidance():
     model = C.convert(C.tiny_checkpoint("512"), "tiny", dtype=torch.bfloat16)
     assert model.unet.dtype == torch.bfloat16
-    out = P.animate(model, _image(), _opts(steps=2, cfg=1.0), device=CPU)
+    out = P.animate(model, _image(), _opts(steps=2, cfg=1.0))
     assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
 
 
@@ -139,17 +139,17 @@ def test_fp16_keeps_vae_in_fp32():
 def test_bad_inputs():
     model = tiny("512")
     with pytest.raises(ValueError, match="image"):
-        P.animate(model, torch.rand(64, 64), _opts(), device=CPU)
+        P.animate(model, torch.rand(64, 64), _opts())
     with pytest.raises(ValueError, match="mask: the mask is empty"):
-        P.animate(model, _image(), _opts(), mask=torch.zeros(1, 64, 64), device=CPU)
+        P.animate(model, _image(), _opts(), mask=torch.zeros(1, 64, 64))
     with pytest.raises(ValueError, match="width/height"):
-        P.animate(model, _image(), _opts(width=72), device=CPU)
+        P.animate(model, _image(), _opts(width=72))
     with pytest.raises(ValueError, match="cfg"):
-        P.animate(model, _image(), _opts(cfg=0.5), device=CPU)
+        P.animate(model, _image(), _opts(cfg=0.5))
     with pytest.raises(ValueError, match="frames"):
-        P.interpolate(model, _image(), _image(1), _opts(frames=2), device=CPU)
+        P.interpolate(model, _image(), _image(1), _opts(frames=2))
     with pytest.raises(ValueError, match="eta"):
-        P.animate(model, _image(), _opts(eta=3.0), device=CPU)
+        P.animate(model, _image(), _opts(eta=3.0))
 
 
 def test_interp_variant_defaults_and_forced_variant():
@@ -157,7 +157,7 @@ def test_interp_variant_defaults_and_forced_variant():
     assert model.variant == "512_interp" and model.settings()["defaults"]["fs"] == 5
     calls, undo = _record_unet(model)
     try:
-        P.animate(model, _image(), _opts(steps=1), device=CPU)
+        P.animate(model, _image(), _opts(steps=1))
     finally:
         undo()
     assert calls[0]["fs"].tolist() == [5, 5]
@@ -177,7 +177,7 @@ def test_interrupt_and_progress(monkeypatch):
             updates.append(("step", n))
 
     monkeypatch.setattr(S, "ProgressBar", Bar)
-    P.animate(model, _image(), _opts(steps=3), device=CPU)
+    P.animate(model, _image(), _opts(steps=3))
     assert updates == [("total", 3)] + [("step", 1)] * 3
     count = {"n": 0}
 
@@ -188,5 +188,5 @@ def test_interrupt_and_progress(monkeypatch):
 
     monkeypatch.setattr(S, "check_interrupt", stop)
     with pytest.raises(Interrupted):
-        P.animate(model, _image(), _opts(steps=5), device=CPU)
+        P.animate(model, _image(), _opts(steps=5))
     assert count["n"] == 2

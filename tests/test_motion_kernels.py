@@ -288,6 +288,7 @@ def test_distance_to_region_exact_up_to_limit():
 # ---------------------------------------------------------------- device
 
 
+@pytest.mark.hardware
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     drags = [torch.tensor([[20.0, 20.0], [30.0, 25.0]]), torch.tensor([[40.0, 30.0], [35.0, 40.0]])]

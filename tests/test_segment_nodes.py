@@ -104,6 +104,9 @@ def test_loader_lists_and_loads(sam_name):
     assert combo == [sam_name]
     (sam,) = nodes.KinemaSAMLoader().load(sam_name, device="cpu")
     assert isinstance(sam, seg.SamSegmenter) and sam.device.type == "cpu" and sam.name == sam_name
+    # one model per file: a second load, and the live-mask route, get the same object
+    (again,) = nodes.KinemaSAMLoader().load(sam_name, device="cpu")
+    assert again is sam
     with pytest.raises(ValueError, match="device"):
         nodes.KinemaSAMLoader().load(sam_name, device="tpu")
     with pytest.raises(KinemaError, match="nope.pth"):
@@ -224,7 +227,7 @@ def _decode(b64: str) -> np.ndarray:
 
 
 def test_mask_preview_classical(dirs, cat_input):
-    cache = routes.MaskPreviewCache()
+    cache = seg.SamStore()
     body = routes.mask_preview({"image": cat_input, "points": SMALL_CLICK, "sam": "", "multimask": True},
                                dirs / "input", dirs / "temp", cache)
     assert (body["width"], body["height"], body["backend"], body["empty"]) == (226, 150, "classical", False)
@@ -236,10 +239,10 @@ def test_mask_preview_classical(dirs, cat_input):
 
 
 def test_mask_preview_sam_cached_per_route(sam_name, dirs, cat_input):
-    cache = routes.MaskPreviewCache(max_models=1)
+    cache = seg.SamStore(max_files=1)
     req = {"image": cat_input, "points": SMALL_CLICK, "sam": sam_name, "multimask": True}
     first = routes.mask_preview(req, dirs / "input", dirs / "temp", cache)
-    segmenter = cache.segmenter(sam_name)
+    segmenter = cache.get(dirs / "models" / "sams" / sam_name)
     calls = []
     segmenter.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     second = routes.mask_preview(dict(req, points='{"positive": [[50, 50]], "negative": [[115, 75]]}'),
@@ -266,7 +269,7 @@ def test_mask_preview_refuses_paths_outside(dirs, cat_input, image, what):
     Image.new("RGB", (16, 16)).save(secret)
     os.symlink(secret, dirs / "input" / "link.png")
     status, body = routes.handle_mask_preview({"image": image, "points": "[[5, 5]]"}, dirs / "input",
-                                              dirs / "temp", routes.MaskPreviewCache())
+                                              dirs / "temp", seg.SamStore())
     assert status == 400 and what in body["error"]
 
 
@@ -283,10 +286,10 @@ def test_mask_preview_refuses_paths_outside(dirs, cat_input, image, what):
 ])
 def test_mask_preview_rejects_bad_requests(dirs, cat_input, change, what):
     payload = dict({"image": cat_input, "points": SMALL_CLICK, "sam": "", "multimask": True}, **change)
-    status, body = routes.handle_mask_preview(payload, dirs / "input", dirs / "temp", routes.MaskPreviewCache())
+    status, body = routes.handle_mask_preview(payload, dirs / "input", dirs / "temp", seg.SamStore())
     assert status == 400 and what in body["error"]
     status, body = routes.handle_mask_preview(["not", "a", "dict"], dirs / "input", dirs / "temp",
-                                              routes.MaskPreviewCache())
+                                              seg.SamStore())
     assert status == 400 and "JSON object" in body["error"]
 
 
@@ -294,7 +297,7 @@ def test_mask_preview_rejects_corrupt_picture(dirs):
     (dirs / "temp" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     status, body = routes.handle_mask_preview(
         {"image": {"filename": "bad.png", "type": "temp"}, "points": "[[1, 1]]"}, dirs / "input", dirs / "temp",
-        routes.MaskPreviewCache())
+        seg.SamStore())
     assert status == 400 and "could not be read" in body["error"]
 
 

@@ -105,8 +105,8 @@ def test_drag_on_a_masked_object_lands_within_2px(astronaut):
     disc = _disc(h, w, 150, 380, 22)
     img[disc > 0] = torch.tensor([0.0, 1.0, 0.0])
     start, end = (150, 380), (190.6, 357.3)
-    field, _ = KinemaMotionFromDrags().build(img[None], json.dumps({"tracks": [[list(start), list(end)]]}), 12, 1.0,
-                                             "ease_in_out", 0, mask=disc[None])["result"]
+    field = KinemaMotionFromDrags().build(img[None], json.dumps({"tracks": [[list(start), list(end)]]}), 12, 1.0,
+                                          "ease_in_out", 0, mask=disc[None])["result"][0]
     frames = KinemaAnimateWarp().render(img[None], field, "inpaint", False)["result"][0]
     near = (1 - (frames[-1] - torch.tensor([0.0, 1.0, 0.0])).norm(dim=-1) / 0.6).clamp(min=0)
     ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")

@@ -51,9 +51,10 @@ class TextEncoder(nn.Module):
         x = self.transformer(x, attn_mask=mask)
         return self.ln_final(x)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = tokenize(prompts, self.context_length).to(self.token_embedding.weight.device)
-        return self.forward(tokens)
+    def encode(self, prompts: list[str], device=None) -> torch.Tensor:
+        """Prompts -> (B, 77, width); ``device``: where the encoder runs (default: its weights')."""
+        tokens = tokenize(prompts, self.context_length)
+        return self.forward(tokens.to(device if device is not None else self.token_embedding.weight.device))
 
 
 class VisionEncoder(nn.Module):

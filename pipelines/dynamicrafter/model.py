@@ -1,11 +1,12 @@
 """The loaded DynamiCrafter model: UNet, resampler, OpenCLIP encoders and VAE, with encode /
-decode helpers and per-part device placement (move to the compute device for use, back to the
-offload device after)."""
+decode helpers. Each part is a :class:`~...runtime.ManagedModel` (ComfyUI loads it right before
+use and may unload it to make room for others)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ... import runtime
 from .sampler import ScheduleConfig
 
 LATENT_SCALE = 0.18215
@@ -27,6 +28,21 @@ class DynamiCrafter(nn.Module):
         self.vae = vae
         self.variant = variant
         self.info = info
+        self._managed = None
+
+    def managed(self) -> dict:
+        """The parts under model management: ``unet``, ``text`` (text encoder), ``image`` (image
+        encoder + resampler) and ``vae`` (made once, on first use)."""
+        if self._managed is None:
+            tag = f"DynamiCrafter {self.variant}"
+            self._managed = {
+                "unet": runtime.ManagedModel(self.unet, f"{tag} UNet"),
+                "text": runtime.ManagedModel(self.text_encoder, f"{tag} text encoder"),
+                "image": runtime.ManagedModel(nn.ModuleDict({"encoder": self.image_encoder, "resampler": self.image_proj}),
+                                              f"{tag} image encoder"),
+                "vae": runtime.ManagedModel(self.vae, f"{tag} VAE"),
+            }
+        return self._managed
 
     # -- settings ----------------------------------------------------------------------
     def settings(self) -> dict:
@@ -55,20 +71,38 @@ class DynamiCrafter(nn.Module):
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """-> (B, 77, C) penultimate-layer OpenCLIP token features."""
-        return self.text_encoder.encode(prompts)
+        part = self.managed()["text"]
+        runtime.load_models(part)
+        return self.text_encoder.encode(prompts, device=part.device)
 
     @torch.no_grad()
     def encode_image_context(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W) in [-1, 1] -> (B, num_queries * video_length, C) image context."""
-        tokens = self.image_encoder(image.to(next(self.image_encoder.parameters()).device))
-        return self.image_proj(tokens.to(self.image_proj.latents.dtype))
+        return self.resample_image_tokens(self.encode_image_tokens(image))
+
+    @torch.no_grad()
+    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, H, W) in [-1, 1] -> (B, 1 + patches, width) CLIP vision tokens before
+        ``ln_post`` (what the resampler reads), on the image part's device."""
+        part = self.managed()["image"]
+        runtime.load_models(part)
+        return self.image_encoder(image.to(part.device))
+
+    @torch.no_grad()
+    def resample_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP vision tokens (B, 1 + patches, width) -> (B, num_queries * video_length, C) image context."""
+        part = self.managed()["image"]
+        runtime.load_models(part)
+        return self.image_proj(tokens.to(part.device, self.image_proj.latents.dtype))
 
     @torch.no_grad()
     def vae_encode(self, frames: torch.Tensor, generator: torch.Generator | None = None,
                    chunk: int = 4) -> torch.Tensor:
         """frames (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8): a posterior sample times 0.18215."""
         out = []
-        dev, dt = self.vae.device, self.vae.dtype
+        part = self.managed()["vae"]
+        runtime.load_models(part)
+        dev, dt = part.device, self.vae.dtype
         for i in range(0, frames.shape[0], chunk):
             dist = self.vae.encode(frames[i:i + chunk].to(dev, dt)).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator,
@@ -80,7 +114,9 @@ class DynamiCrafter(nn.Module):
     def vae_decode(self, z: torch.Tensor, chunk: int = 4) -> torch.Tensor:
         """z (N, 4, h, w) -> (N, 3, 8h, 8w) in [-1, 1]."""
         out = []
-        dev, dt = self.vae.device, self.vae.dtype
+        part = self.managed()["vae"]
+        runtime.load_models(part)
+        dev, dt = part.device, self.vae.dtype
         for i in range(0, z.shape[0], chunk):
             out.append(self.vae.decode((z[i:i + chunk] / LATENT_SCALE).to(dev, dt)).sample.float())
         return torch.cat(out)
