@@ -10,14 +10,19 @@ by an objectness score.
 3. **Hierarchies.** Neighbouring regions are merged greedily, the most similar pair first,
    under a few complementary similarity mixes (colour, texture, boundary weakness, and the
    "fill" term that favours merges closing a compact shape), so that parts separated by strong
-   *inner* edges (a cup's white rim and its red body) still meet in some hierarchy once a
-   region surrounds them. Each merge is a candidate object.
-4. **Objectness.** Among the candidates that contain a positive click (and no negative click,
-   and lie inside the box), the one with the best score is kept: a strong, closed outer contour
-   (edge strength on the boundary against the surroundings), colour and texture that differ from
-   the ring of regions around it, a compact shape (solidity), a moderate size, and little of
-   the picture's border. Clicks that another chosen region already covers add no region of
-   their own; several clicks on one object favour the candidates that contain all of them.
+   *inner* edges (the coffee and the white rim of a cup) still meet in some hierarchy once a
+   region surrounds them. Each merge is a candidate object. (Parts that share their colour
+   with the surroundings more than with the rest of the object, a red cup body on a red saucer,
+   may never meet the rest: one more click does not fix that either; the benchmark shows it.)
+4. **Objectness.** Among the candidates that contain the first positive click (and lie inside
+   the box), the one with the best score is kept: a strong, closed outer contour (edge strength
+   on the boundary against the surroundings), colour and texture that differ from the ring of
+   regions around it, a compact shape (solidity), a moderate size, and little of the picture's
+   border; a candidate lying inside another one of similar score gives way to it (the coffee
+   inside a cup's rim). A later positive click that the mask does not cover yet adds the
+   candidate under it whose union with the mask is the best object, with a cost for the area
+   added. A negative click on the mask cuts away the superpixels reached from it through colours
+   nearer to its own than to those under the positive clicks (at most half of the mask).
 5. **Pixels.** The chosen superpixels are scaled back to the picture and their edge is snapped
    to the picture's edges by a guided filter.
 
