@@ -20,7 +20,8 @@ from _pack import load_pack
 from bench_masks import load_photo
 
 # name, photo, click (x, y), drag end (x, y); optionally the clicks as the Click to Mask node takes them
-DEMO = {"positive": [[405, 40], [400, 150], [440, 120], [436, 60]], "negative": [[330, 100]], "box": [350, 0, 470, 285]}
+DEMO = {"positive": [[405, 40], [400, 150], [440, 120], [436, 60]], "negative": [[330, 100], [405, 262]],
+        "box": [350, 0, 470, 285]}
 CASES = [
     ("shuttle_demo_clicks", "assets:astronaut.jpg", (405, 150), (405, 70), DEMO),
     ("shuttle", "assets:astronaut.jpg", (405, 150), (405, 70)),
