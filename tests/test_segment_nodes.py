@@ -2,6 +2,7 @@
 import asyncio
 import base64
 import io
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -337,3 +338,9 @@ def test_route_registration_and_handler(dirs, cat_input):
     assert status == 400 and "not valid JSON" in body["error"]
     status, body = asyncio.run(route.handler(_FakeRequest({"image": {"filename": "../x.png"}, "points": SMALL_CLICK})))
     assert status == 400 and ".." in body["error"]
+
+
+def test_click_to_mask_caps_the_click_count(dirs):
+    many = json.dumps({"positive": [[10 + i % 100, 10 + i // 100] for i in range(257)]})
+    with pytest.raises(ValueError, match="points: 257 clicks is more than the 256"):
+        nodes.KinemaClickToMask().run(cat_batch(), many)
