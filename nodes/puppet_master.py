@@ -131,5 +131,5 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaPuppetMasterLoader": "Puppet-Master loader",
-    "KinemaPuppetMasterAnimate": "Puppet-Master animate",
+    "KinemaPuppetMasterAnimate": "Puppet-Master animate (drag parts)",
 }

@@ -21,7 +21,7 @@ class KinemaSAMLoader:
     DESCRIPTION = ("Loads a segment-anything model (ViT-B, ViT-L or ViT-H; .pth or .safetensors) from "
                    "models/sams. The kind is read from the file. Image encodings are cached, so more clicks "
                    "on the same picture are fast. The live mask in Click to Mask's editor uses the same loaded model.")
-    CATEGORY = "Kinema/segment"
+    CATEGORY = "Kinema/Segment"
     FUNCTION = "load"
     RETURN_TYPES = (SAM_TYPE,)
     RETURN_NAMES = ("sam",)
@@ -53,7 +53,7 @@ class KinemaClickToMask:
                    "click chosen by how object-like it is: a closed outline, colours unlike its surroundings). "
                    "Positive clicks mark the object, negative clicks what is not the object, an optional box "
                    "bounds it. For a batch of images the first frame is segmented.")
-    CATEGORY = "Kinema/segment"
+    CATEGORY = "Kinema/Segment"
     FUNCTION = "run"
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("mask", "preview")

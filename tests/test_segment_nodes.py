@@ -82,7 +82,7 @@ def test_node_definitions(cls, dirs):
         for name, (kind, *opts) in group.items():
             assert opts and opts[0].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
-    assert cls.CATEGORY == "Kinema/segment" and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
+    assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
     assert nodes.NODE_CLASS_MAPPINGS[cls.__name__] is cls and cls.__name__.startswith("Kinema")
 
 
