@@ -336,7 +336,8 @@ def _place_uncast(patcher, device_to, *_args) -> None:
 class ManagedModel:
     """One network of the pack under ComfyUI's model management.
 
-    ``module`` is the network (any ``torch.nn.Module``); ``name`` says what it is. Call
+    ``module`` is the network (any ``torch.nn.Module``); ``name`` says what it is; ``patcher``:
+    the ModelPatcher that already holds ``module``, if one does (inside ComfyUI). Call
     :func:`load_models` right before using it: inside ComfyUI that is
     ``comfy.model_management.load_models_gpu`` on its ``ModelPatcher`` (``self.patcher``),
     which may first unload other models, or load this one only partly under ``--lowvram``
@@ -345,11 +346,18 @@ class ManagedModel:
     may still be the offload device in a partial load.
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, *, load_device=None, offload_device=None):
+    def __init__(self, module: torch.nn.Module, name: str, *, load_device=None, offload_device=None,
+                 patcher=None):
         self.module = module.eval().requires_grad_(False)
         self.name = name
         self.patcher = None
-        if _mm() is not None:
+        if patcher is not None:
+            # ``module`` is already held by a ModelPatcher (e.g. a MODEL from :func:`comfy_model`):
+            # the pack's code and ComfyUI's sampler then load the same weights through that one
+            # patcher, and ComfyUI's bookkeeping of where they are stays right
+            self.patcher = patcher
+            self._load_device = patcher.load_device
+        elif _mm() is not None:
             import comfy.model_patcher as patcher_module  # type: ignore
             _castable_layers(module)
             held = HeldModule(module, name)
@@ -573,6 +581,30 @@ def add_injection(patcher, key: str, inject, eject) -> None:
     (``eject(patcher)``) - the motion-module lifecycle of AnimateDiff-style packs."""
     from comfy.patcher_extension import PatcherInjection  # type: ignore
     patcher.set_injections(key, [PatcherInjection(inject=inject, eject=eject)])
+
+
+def comfy_vae(state_dict: dict, ddconfig: dict, embed_dim: int):
+    """A ComfyUI VAE (what VAE Encode / VAE Decode take) from a KL autoencoder's weights:
+    ``state_dict`` in the LDM layout or diffusers' (ComfyUI converts it), ``ddconfig`` the LDM
+    encoder/decoder settings (``ch``, ``ch_mult``, ``num_res_blocks``, ``z_channels``, ...) and
+    ``embed_dim`` the latent channels. The weights are copied. Needs ComfyUI."""
+    if _mm() is None:
+        raise KinemaError("a ComfyUI VAE was asked for outside ComfyUI")
+    import comfy.sd  # type: ignore
+    return comfy.sd.VAE(sd=state_dict, config={"params": {"ddconfig": dict(ddconfig), "embed_dim": int(embed_dim)}})
+
+
+def comfy_sampler(function, **options):
+    """A ComfyUI SAMPLER (what SamplerCustom / SamplerCustomAdvanced take) running
+    ``function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``
+    with ComfyUI's sampler protocol: ``model(x, sigma * ones, **extra_args)`` gives the guided
+    denoised latent, ``x`` arrives scaled by the first sigma, and ``callback({"x", "i",
+    "sigma", "sigma_hat", "denoised"})`` after each step drives the progress bar, previews and
+    interrupt. Needs ComfyUI."""
+    if _mm() is None:
+        raise KinemaError("a ComfyUI sampler was asked for outside ComfyUI")
+    import comfy.samplers  # type: ignore
+    return comfy.samplers.KSAMPLER(function, extra_options=dict(options))
 
 
 def starts_from_max_noise(model, sigma: float) -> bool:

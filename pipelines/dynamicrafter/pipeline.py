@@ -96,6 +96,17 @@ def prepare_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return m
 
 
+def default_fs(model: DynamiCrafter, fs: int | None, interpolate: bool = False) -> int:
+    """``fs`` when given (> 0), else the variant's default (5 when interpolating, as the official
+    interpolation script conditions on)."""
+    if fs is not None and int(fs) > 0:
+        return int(fs)
+    if interpolate:
+        from .convert import variants
+        return int(variants()["variants"]["512_interp"]["defaults"]["fs"])
+    return int(model.settings()["defaults"]["fs"])
+
+
 def _window_starts(frames: int, length: int, overlap: int) -> list[int]:
     if frames <= length:
         return [0]
@@ -169,8 +180,8 @@ class _Denoiser:
         return self.ctx_c.window(start, n), ctx_u
 
     def _run(self, x, c_concat, t, start=0):
+        """The UNet on a window: (B, ...) outputs, then the B unconditional ones with guidance."""
         dt = self.unet.dtype
-        b = x.shape[0]
         xin = torch.cat([x, c_concat], dim=1).to(dt)
         ctx_c, ctx_u = self._context(start, x.shape[2])
         if ctx_u is not None:
@@ -182,28 +193,37 @@ class _Denoiser:
         ts = torch.full((n,), t, dtype=torch.long, device=x.device)
         fs = self.fs.expand(n)
         with torch.no_grad():
-            out = self.unet(xin, ts, ctx.to(dt), fs).float()
-        return (out[:b], out[b:]) if ctx_u is not None else (out, None)
+            return self.unet(xin, ts, ctx.to(dt), fs).float()
 
     def __call__(self, x, t):
-        frames = x.shape[2]
-        starts = _window_starts(frames, self.length, self.overlap)
-        if len(starts) == 1:
-            return self._run(x, self.c_concat, t)
-        acc_c = torch.zeros_like(x, dtype=torch.float32)
-        acc_u = torch.zeros_like(acc_c) if self.ctx_u is not None else None
-        wsum = torch.zeros(frames, device=x.device)
-        for s in starts:
-            sl = slice(s, s + self.length)
-            oc, ou = self._run(x[:, :, sl], self.c_concat[:, :, sl], t, s)
-            w = _window_weight(self.length, s, frames, self.overlap, x.device)
-            acc_c[:, :, sl] += oc * w.view(1, 1, -1, 1, 1)
-            if ou is not None:
-                acc_u[:, :, sl] += ou * w.view(1, 1, -1, 1, 1)
-            wsum[sl] += w
-            runtime.check_interrupt()
-        wsum = wsum.view(1, 1, -1, 1, 1)
-        return acc_c / wsum, (acc_u / wsum if acc_u is not None else None)
+        b = x.shape[0]
+
+        def run(window, start):
+            return self._run(window, self.c_concat[:, :, start:start + window.shape[2]], t, start)
+
+        out = blend_windows(run, x, self.length, self.overlap)
+        return (out[:b], out[b:]) if self.ctx_u is not None else (out, None)
+
+
+def blend_windows(run, x: torch.Tensor, length: int, overlap: int) -> torch.Tensor:
+    """``run(window, start)`` over overlapping temporal windows of ``length`` frames of
+    x (B, C, T, h, w) -> its outputs (B', C', T, h, w) blended with linear ramps over the shared
+    frames (float32); one call on all of x when T <= length."""
+    frames = x.shape[2]
+    starts = _window_starts(frames, length, overlap)
+    if len(starts) == 1:
+        return run(x, 0)
+    acc, wsum = None, torch.zeros(frames, device=x.device)
+    for s in starts:
+        sl = slice(s, s + length)
+        out = run(x[:, :, sl], s)
+        if acc is None:
+            acc = torch.zeros(*out.shape[:2], frames, *out.shape[3:], device=x.device, dtype=torch.float32)
+        w = _window_weight(length, s, frames, overlap, x.device)
+        acc[:, :, sl] += out.float() * w.view(1, 1, -1, 1, 1)
+        wsum[sl] += w
+        runtime.check_interrupt()
+    return acc / wsum.view(1, 1, -1, 1, 1)
 
 
 def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateOptions,
@@ -227,13 +247,7 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
         raise ValueError(f"cfg: {opts.cfg} must be at least 1.0 (1.0 turns guidance off)")
     settings = model.settings()
     height, width = _check_size(model, opts.height, opts.width)
-    if opts.fs is not None and int(opts.fs) > 0:
-        fs_value = int(opts.fs)
-    elif len(keyframes) == 2:   # the official interpolation script conditions on fs 5
-        from .convert import variants
-        fs_value = int(variants()["variants"]["512_interp"]["defaults"]["fs"])
-    else:
-        fs_value = int(settings["defaults"]["fs"])
+    fs_value = default_fs(model, opts.fs, interpolate=len(keyframes) == 2)
     frames = int(opts.frames)
     gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
     imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
