@@ -32,11 +32,13 @@ class DynamiCrafter(nn.Module):
 
     def managed(self) -> dict:
         """The parts under model management: ``unet``, ``text`` (text encoder), ``image`` (image
-        encoder + resampler) and ``vae`` (made once, on first use)."""
+        encoder + resampler) and ``vae`` (made once, on first use). Inside ComfyUI the UNet's
+        patcher is the ComfyUI MODEL that KSampler samples (see :mod:`.native`)."""
         if self._managed is None:
+            from .native import managed_unet
             tag = f"DynamiCrafter {self.variant}"
             self._managed = {
-                "unet": runtime.ManagedModel(self.unet, f"{tag} UNet"),
+                "unet": managed_unet(self, f"{tag} UNet"),  # inside ComfyUI: held by its MODEL
                 "text": runtime.ManagedModel(self.text_encoder, f"{tag} text encoder"),
                 "image": runtime.ManagedModel(nn.ModuleDict({"encoder": self.image_encoder, "resampler": self.image_proj}),
                                               f"{tag} image encoder"),
