@@ -764,6 +764,8 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           if where else "ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    # this pack's folders, read before importing ComfyUI (after it they are ComfyUI's own)
+    folders = (models_dir(), input_dir(), output_dir(), temp_dir())
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # ComfyUI's import chatter (optional packages it lacks)
     sys.dont_write_bytecode = True  # no __pycache__ in the checkout, now or on later imports
@@ -779,7 +781,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                                               and torch.backends.mps.is_available()))
         if "folder_paths" not in sys.modules and not getattr(cli.args, "base_directory", None):
             # ComfyUI makes its folders under the base folder when imported: ours, not the checkout
-            cli.args.base_directory = str(temp_dir() / "comfyui-base")
+            cli.args.base_directory = str(folders[3] / "comfyui-base")
         import utils.extra_config  # noqa: F401  ComfyUI's `utils` package, before nodes.py shadows it
         import folder_paths
         import nodes
@@ -793,7 +795,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           f"{root / 'requirements.txt'}") from e
     finally:
         logging.disable(quiet)
-    _point_folders(folder_paths, models_dir(), input_dir(), output_dir(), temp_dir())
+    _point_folders(folder_paths, *folders)
     if log:
         version = ""
         try:
