@@ -77,6 +77,8 @@ SMALL = {
     "KinemaPuppetMasterAnimate": {"steps": 2, "crop_size": 64},
     "KinemaDynamiCrafterAnimate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
     "KinemaDynamiCrafterInterpolate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
+    "KinemaDynamiCrafterConditioning": {"frames": 4, "width": 64, "height": 64},
+    "KinemaDynamiCrafterSigmas": {"steps": 2},
     "KinemaStoryTransitions": {"steps": 2, "width": 64, "height": 64},
 }
 
