@@ -34,6 +34,22 @@ def models():
     return {v: C.convert(tiny_dynamicrafter.checkpoint(v, seed=3), f"tiny_{v}.ckpt") for v in ("256", "512", "1024")}
 
 
+def test_comfyui_schedule_is_the_released_one(models):
+    """The MODEL's sigma table (ComfyUI's zero-SNR rescale, in its own code) against the pack's
+    float64 schedule (the released code's): alphas_cumprod agree within 1.2e-7 relative for
+    t < 999 (measured 1.15e-7 zero-SNR, 9.6e-8 for 256: float32 storage); at t = 999 ComfyUI
+    holds 4.9e-8 where the released zero-SNR schedule has 0."""
+    for variant in ("512", "256"):
+        ms = native.comfy_model(models[variant]).get_model_object("model_sampling")
+        ref = DiffusionSchedule(models[variant].schedule_config()).alphas_cumprod64
+        ac = 1.0 / (1.0 + ms.sigmas.double() ** 2)
+        assert ((ac[:999] - ref[:999]).abs() / ref[:999]).max() < 2e-7
+        if variant == "512":
+            assert float(ref[999]) == 0.0 and 4e-8 < float(ac[999]) < 6e-8
+        else:
+            assert abs(float(ac[999] / ref[999]) - 1) < 2e-7
+
+
 def _image(seed, h=40, w=56):
     return torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
@@ -337,3 +353,32 @@ def test_nodes(models):
     assert out["samples"].shape == (6, 4, H // 8, W // 8) and torch.isfinite(out["samples"]).all()
     images = vae.decode(out["samples"])
     assert images.reshape(-1, H, W, 3).shape == (6, H, W, 3)
+
+
+def test_progress_and_interrupt_come_from_comfyui(models):
+    """The DynamiCrafter DDIM reports every step to ComfyUI's progress bar (which also shows the
+    latent previews), and stops when ComfyUI is interrupted (the server's progress hook raises)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    model = models["512"]
+    positive, negative, latent = native.conditioning(model, _image(1), PROMPT, NEGATIVE, 4, 0, W, H)
+    clone = native.comfy_model(model)
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((value, total))
+        if value == 2:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            cs.SamplerCustomAdvanced().sample(_Noise(_noise(4)), cs.CFGGuider().get_guider(clone, positive, negative,
+                                                                                          5.0)[0],
+                                              native.ddim_sampler(1.0), native.sigmas_for(clone, 5), latent)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+    assert seen == [(1, 5), (2, 5)]
