@@ -126,10 +126,10 @@ def load_text_encoder(path) -> CLIPTextModel:
 class TextEncoder:
     """Prompts -> (B, 77, D) last-layer features, as SD1.5 conditions its UNet."""
 
-    def __init__(self, model: CLIPTextModel, name: str = "text encoder"):
+    def __init__(self, model: CLIPTextModel, name: str = "text encoder", device=None):
         self.model = model
         self.tokenizer = clip_tokenizer()
-        self.managed = runtime.ManagedModel(model, name)
+        self.managed = runtime.ManagedModel(model, name, load_device=device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
@@ -142,10 +142,10 @@ class TextEncoder:
 class DiffusersVAE:
     """A diffusers ``AutoencoderKL`` behind ComfyUI's VAE interface."""
 
-    def __init__(self, vae: AutoencoderKL, name: str = "SD1.5 VAE", chunk: int = 4):
+    def __init__(self, vae: AutoencoderKL, name: str = "SD1.5 VAE", chunk: int = 4, device=None):
         self.vae = vae
         self.chunk = chunk
-        self.managed = runtime.ManagedModel(vae, name)
+        self.managed = runtime.ManagedModel(vae, name, load_device=device)
 
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, H, W, 3) in [0, 1] -> (B, C, H/8, W/8) unscaled latent: the posterior mean, or a
