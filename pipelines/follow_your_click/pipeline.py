@@ -164,6 +164,7 @@ def prepare_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return cover_crop(x, height, width).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+@torch.no_grad()
 def animate(unet: runtime.ManagedModel, vae, image: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
             opts: FYCOptions, mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
     """Frames (F, height, width, 3) in [0, 1].

@@ -1,0 +1,125 @@
+"""Follow-Your-Click inside ComfyUI: a tiny model built from a ComfyUI-loadable SD1.5 checkpoint
+(320 UNet channels, real-sized VAE and CLIP-L, random weights) and an AnimateDiff motion module,
+trained a few steps on clips the pack makes itself, then
+
+- headless in this process, with ComfyUI's own VAE and CLIP from its checkpoint loader, under
+  its model management: outside the clicked region every frame is the picture;
+- through a real server's API: workflows/follow_your_click.json and the two-backend workflow
+  (with a tiny DynamiCrafter checkpoint), at a small size.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness
+from kinema.pipelines.follow_your_click import convert, data, tiny, train
+
+SD = "kinema_tiny_sd15.safetensors"
+FYC = "kinema_tiny_fyc.safetensors"
+DC = "kinema_tiny_dc512.safetensors"
+UNET = {"block_out_channels": [320, 320], "layers_per_block": 1, "cross_attention_dim": 768}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The tiny files, made and trained once."""
+    d = tmp_path_factory.mktemp("fyc_comfy")
+    sd = tiny.save(tiny.sd15_checkpoint(seed=0, unet=UNET, vae="full", text="full", dtype=torch.float16), d / SD)
+    mm = tiny.save(tiny.motion_module(channels=(320, 320), version=2, seed=1), d / "mm_sd_v15_v2.ckpt")
+    convert.save_unet(convert.build_from_sd15(sd, mm), d / "init.safetensors")
+    data.synthetic_clips(d / "clips", count=2, frames=8, size=64, seed=0)
+    cfg = train.TrainConfig(model=str(d / "init.safetensors"), sd15=str(sd), clips=str(d / "clips"), out=str(d / "run"),
+                            steps=2, frames=4, width=64, height=64, strides=[1, 2], lr=1e-4, save_every=100,
+                            device="cpu")
+    final = train.Trainer(cfg, log=lambda s: None).run(progress=False)
+    shutil.copy(final, d / FYC)
+    from kinema.pipelines.dynamicrafter.convert import tiny_checkpoint
+    from safetensors.torch import save_file
+    save_file(tiny_checkpoint("512"), str(d / DC))
+    return d
+
+
+def _install(made: Path, models: Path) -> None:
+    for name, folder in ((SD, "checkpoints"), (FYC, "kinema/follow_your_click"), (DC, "kinema/dynamicrafter")):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        target = models / folder / name
+        if not target.exists():
+            target.symlink_to(made / name)
+
+
+def test_headless_with_comfyui_vae_and_clip(made):
+    import comfy.sd
+    import folder_paths
+
+    from kinema.nodes import follow_your_click as N
+    from kinema.nodes.segment import KinemaClickToMask
+
+    _install(made, Path(folder_paths.models_dir))
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", SD),
+                                                             output_vae=True, output_clip=True)[:3]
+    (fyc,) = N.KinemaFYCLoader().load(FYC, "auto")
+    assert fyc.patcher is not None                                   # held by a ModelPatcher
+    cond = lambda text: [[clip.encode_from_tokens(clip.tokenize(text)), {}]]  # noqa: E731
+    from kinema.nodes.core_io import LoadImage
+    image, _ = LoadImage().load_image("chelsea.jpg")
+    mask, _ = KinemaClickToMask().run(image, json.dumps({"positive": [[230, 140]], "negative": [], "box": None}),
+                                      True, 8, 0)["result"]
+    with torch.inference_mode():
+        out = N.KinemaFYCAnimate().run(fyc, vae, cond("the cat turns its head"), cond(""), image, 6, 2, 4, 96, 64, 2,
+                                       7.5, 0, mask=mask)["result"][0]
+    assert out.shape == (4, 64, 96, 3)
+    from kinema.kernels.regional import cover_crop, fit_mask
+    img = cover_crop(image.permute(0, 3, 1, 2), 64, 96).permute(0, 2, 3, 1)[0].clamp(0, 1)
+    outside = fit_mask(mask, 64, 96)[0, 0] == 0
+    assert bool(outside.any()) and (out - img)[:, outside].abs().max() <= 1 / 255
+
+
+def _run(comfy, made, workflow: str, overrides: dict) -> dict:
+    _install(made, comfy.base / "models")
+    object_info = comfy.get("/object_info", timeout=120)   # fetched after the files are in place
+    wf = json.loads((harness.ROOT / "workflows" / workflow).read_text())
+    api = harness.ui_to_api(wf, object_info)
+    by_type = {}
+    for nid, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(nid)
+    for ctype, values in overrides.items():
+        for nid in by_type[ctype]:
+            api[nid]["inputs"].update(values)
+    assert not harness.missing_choices(api, object_info)
+    entry = comfy.wait(comfy.queue(api), timeout=900)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages", []))[-3000:]
+    return {api[nid]["_meta"]["title"]: items for nid, items in entry["outputs"].items()}
+
+
+def _frames(comfy, item) -> int:
+    from PIL import Image, ImageSequence
+    status, body = comfy.request("/view?" + harness.view_url(comfy, item).split("?", 1)[1])
+    assert status == 200
+    return len(list(ImageSequence.Iterator(Image.open(io.BytesIO(body)))))
+
+
+SMALL_FYC = {"frames": 4, "width": 96, "height": 64, "steps": 2}
+
+
+def test_follow_your_click_workflow_through_the_api(comfy, made):
+    outs = _run(comfy, made, "follow_your_click.json", {
+        "CheckpointLoaderSimple": {"ckpt_name": SD}, "KinemaFYCLoader": {"unet_name": FYC},
+        "KinemaFYCAnimate": SMALL_FYC})
+    video = outs["Follow-Your-Click video"]["images"]
+    assert len(video) == 1 and _frames(comfy, video[0]) == 4
+
+
+def test_two_backend_workflow_through_the_api(comfy, made):
+    outs = _run(comfy, made, "click_strength_two_backends.json", {
+        "CheckpointLoaderSimple": {"ckpt_name": SD}, "KinemaFYCLoader": {"unet_name": FYC},
+        "KinemaFYCAnimate": SMALL_FYC, "KinemaDynamiCrafterLoader": {"ckpt_name": DC, "precision": "fp32"},
+        "KinemaDynamiCrafterAnimate": {"frames": 4, "width": 64, "height": 64, "steps": 2}})
+    for title, frames in (("Follow-Your-Click video", 4), ("DynamiCrafter video", 4), ("warp video (no model)", 16)):
+        items = outs[title]["images"]
+        assert len(items) == 1 and _frames(comfy, items[0]) == frames, title
