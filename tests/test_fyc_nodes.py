@@ -156,3 +156,15 @@ def test_scale_motion_errors():
         N.KinemaScaleMotionToStrength().scale(MotionField(flow), 3, mask=torch.ones(1, 4, 4))
     with pytest.raises(ValueError, match="motion: expected a Kinema motion field"):
         N.KinemaScaleMotionToStrength().scale(flow, 3)
+
+
+def test_docs_table_is_the_map():
+    """docs/motion_strength.md shows what kernels/strength.py computes."""
+    import re
+    rows = [line for line in (ROOT / "docs" / "motion_strength.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == S.BUCKETS
+    for b, row in enumerate(rows):
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert int(cells[0]) == b and float(cells[2]) == S.bucket_speed(b) and int(cells[3]) == b
+        assert [int(c) for c in cells[4:7]] == [S.dynamicrafter_fs(b, v) for v in ("512", "1024", "256")]

@@ -164,3 +164,19 @@ def test_trained_file_samples_end_to_end(setup):
     assert frames.shape == (4, 64, 64, 3)
     outside = mask[0] == 0
     assert (frames - img[0])[:, outside].abs().max() <= 1 / 255
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision(setup, precision):
+    """Autocast over fp32 weights on CUDA (fp16 with a gradient scaler): finite losses, the weights
+    stay fp32 and change."""
+    trainer = train.Trainer(_cfg(setup, f"run_{precision}", device="cuda", precision=precision), log=lambda s: None)
+    start = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    trainer.run(progress=False)
+    rows = list(csv.DictReader((setup / f"run_{precision}" / "loss.csv").open()))
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    after = trainer.unet.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(after[k], start[k]) for k in after)
