@@ -7,18 +7,13 @@
         --clips my_clips/ --out runs/fyc1 --precision bf16
 
 See docs/follow_your_click.md. Works from any folder name (the pack is loaded by path)."""
-import importlib.util
 import os
 import sys
-from pathlib import Path
+
+from run_workflow import load_pack
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("kinema", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = pack
-    spec.loader.exec_module(pack)
+    load_pack()
     from kinema.pipelines.follow_your_click.cli import main
     sys.exit(main())

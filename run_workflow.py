@@ -5,12 +5,19 @@ import importlib.util
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":
+
+def load_pack():
+    """Import this folder as the package ``kinema`` (whatever the folder is called)."""
     root = Path(__file__).resolve().parent
     spec = importlib.util.spec_from_file_location("kinema", root / "__init__.py",
                                                   submodule_search_locations=[str(root)])
     pack = importlib.util.module_from_spec(spec)
     sys.modules["kinema"] = pack
     spec.loader.exec_module(pack)
+    return pack
+
+
+if __name__ == "__main__":
+    load_pack()
     from kinema.runner import main
     sys.exit(main())

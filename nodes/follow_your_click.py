@@ -9,6 +9,7 @@ from .. import runtime
 from ..kernels.field import MotionField
 from ..kernels.strength import BUCKETS, DYNAMICRAFTER_VARIANTS, bucket_speed, dynamicrafter_fs, warp_strength
 from ._ui import save_temp_webp
+from .motion_i2v import _conditioning  # CONDITIONING -> (1, tokens, D); one reader for both
 
 MODEL_TYPE = "KINEMA_FYC"
 MOTION = "KINEMA_MOTION"
@@ -19,17 +20,6 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _STRENGTH_TIP = ("Motion strength 0-10 (4 = the official default): how far the region moves. Connect the "
                  "'bucket' of Motion strength to copy the motion of a drag or a reference video (see "
                  "docs/motion_strength.md).")
-
-
-def _conditioning(c, name: str) -> torch.Tensor:
-    """ComfyUI CONDITIONING ([[tensor (1, L, D), {...}], ...]) -> (1, L, D) float32."""
-    try:
-        t = c[0][0]
-    except Exception:
-        raise ValueError(f"{name}: expected CONDITIONING from a CLIP Text Encode node") from None
-    if not isinstance(t, torch.Tensor) or t.ndim != 3:
-        raise ValueError(f"{name}: expected CONDITIONING holding a (1, tokens, 768) tensor")
-    return t[:1].float()
 
 
 class KinemaFYCLoader:
