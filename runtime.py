@@ -26,20 +26,39 @@ from pathlib import Path
 
 import torch
 
-try:  # inside ComfyUI
-    import folder_paths as _folder_paths  # type: ignore
-    import comfy.model_management as _mm  # type: ignore
-    import comfy.model_patcher as _model_patcher  # type: ignore
-    import comfy.ops as _comfy_ops  # type: ignore
-    import comfy.utils as _comfy_utils  # type: ignore
+try:  # inside ComfyUI (or where it is importable)
+    import folder_paths  # type: ignore  # noqa: F401
+    import comfy.model_management  # type: ignore  # noqa: F401
+    import comfy.model_patcher  # type: ignore  # noqa: F401
+    import comfy.ops  # type: ignore  # noqa: F401
+    import comfy.utils  # type: ignore  # noqa: F401
 except Exception:  # standalone
-    _folder_paths = None
-    _mm = None
-    _model_patcher = None
-    _comfy_ops = None
-    _comfy_utils = None
+    pass
 
-IN_COMFYUI = _folder_paths is not None
+
+# ComfyUI's modules when this process has loaded them - at import above, or later (the headless
+# runner loads ComfyUI into its process when a workflow needs core nodes); None otherwise.
+def _fp():
+    return sys.modules.get("folder_paths")
+
+
+def _mm():
+    return sys.modules.get("comfy.model_management")
+
+
+def _cu():
+    return sys.modules.get("comfy.utils")
+
+
+def in_comfyui() -> bool:
+    """True when ComfyUI runs in this process (its model management is then used)."""
+    return _mm() is not None and _fp() is not None
+
+
+def __getattr__(name):
+    if name == "IN_COMFYUI":
+        return in_comfyui()
+    raise AttributeError(name)
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -57,34 +76,34 @@ class Interrupted(Exception):
 
 def register_model_folders() -> None:
     """Register ``models/kinema/<system>`` with ComfyUI (no-op outside ComfyUI)."""
-    if _folder_paths is None:
+    if _fp() is None:
         return
-    base = Path(_folder_paths.models_dir) / "kinema"
+    base = Path(_fp().models_dir) / "kinema"
     for system in KINEMA_SYSTEMS:
         key = f"kinema/{system}"
         path = str(base / system)
-        if key in _folder_paths.folder_names_and_paths:
-            paths, exts = _folder_paths.folder_names_and_paths[key]
+        if key in _fp().folder_names_and_paths:
+            paths, exts = _fp().folder_names_and_paths[key]
             if path not in paths:
                 paths.append(path)
         else:
-            _folder_paths.folder_names_and_paths[key] = ([path], set(MODEL_EXTENSIONS))
-    if "sams" not in _folder_paths.folder_names_and_paths:
-        _folder_paths.folder_names_and_paths["sams"] = (
-            [str(Path(_folder_paths.models_dir) / "sams")], set(MODEL_EXTENSIONS))
+            _fp().folder_names_and_paths[key] = ([path], set(MODEL_EXTENSIONS))
+    if "sams" not in _fp().folder_names_and_paths:
+        _fp().folder_names_and_paths["sams"] = (
+            [str(Path(_fp().models_dir) / "sams")], set(MODEL_EXTENSIONS))
 
 
 def models_dir() -> Path:
-    if _folder_paths is not None:
-        return Path(_folder_paths.models_dir)
+    if _fp() is not None:
+        return Path(_fp().models_dir)
     return Path(os.environ.get("KINEMA_MODELS_DIR", "models")).resolve()
 
 
 def list_models(folder: str) -> list[str]:
     """File names (relative to the folder) of model files in a model folder kind."""
-    if _folder_paths is not None:
+    if _fp() is not None:
         try:
-            return sorted(_folder_paths.get_filename_list(folder))
+            return sorted(_fp().get_filename_list(folder))
         except Exception:
             return []
     root = models_dir() / folder
@@ -94,14 +113,27 @@ def list_models(folder: str) -> list[str]:
                   if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
 
 
+def _folder_hint(folder: str) -> str:
+    return f"models/{folder}/"
+
+
+def model_choices(folder: str) -> list[str]:
+    """A loader's file choices: the files in a model folder kind, or one entry that says the
+    folder is empty (choosing it gives a clear error)."""
+    return list_models(folder) or [f"(no files in {_folder_hint(folder)})"]
+
+
 def model_path(folder: str, name: str) -> Path:
     """Full path of ``name`` in model folder kind ``folder``; a clear error if absent."""
-    if not name:
-        raise KinemaError(f"no model file chosen for '{folder}': put one in models/{folder}/ and pick it")
-    if _folder_paths is not None:
-        full = _folder_paths.get_full_path(folder, name)
+    if not name or (name.startswith("(no files in ") and name.endswith(")")):
+        raise KinemaError(f"no model file chosen for '{folder}': put one in {_folder_hint(folder)} (ComfyUI's models "
+                          f"folder), press R in ComfyUI to refresh the lists, and pick it")
+    if _fp() is not None:
+        full = _fp().get_full_path(folder, name)
         if full is None:
-            raise KinemaError(f"model file '{name}' not found in models/{folder}/")
+            paths = ", ".join(_fp().get_folder_paths(folder)) if folder in _fp().folder_names_and_paths else ""
+            raise KinemaError(f"model file '{name}' not found in {_folder_hint(folder)}"
+                              + (f" ({paths})" if paths else "") + "; put it there and press R to refresh")
         return Path(full)
     root = (models_dir() / folder).resolve()
     full = (root / name).resolve()
@@ -111,27 +143,27 @@ def model_path(folder: str, name: str) -> Path:
 
 
 def input_dir() -> Path:
-    if _folder_paths is not None:
-        return Path(_folder_paths.get_input_directory())
+    if _fp() is not None:
+        return Path(_fp().get_input_directory())
     return Path(os.environ.get("KINEMA_INPUT_DIR", "input")).resolve()
 
 
 def output_dir() -> Path:
-    if _folder_paths is not None:
-        return Path(_folder_paths.get_output_directory())
+    if _fp() is not None:
+        return Path(_fp().get_output_directory())
     return Path(os.environ.get("KINEMA_OUTPUT_DIR", "output")).resolve()
 
 
 def temp_dir() -> Path:
-    if _folder_paths is not None:
-        return Path(_folder_paths.get_temp_directory())
+    if _fp() is not None:
+        return Path(_fp().get_temp_directory())
     return Path(os.environ.get("KINEMA_TEMP_DIR", "temp")).resolve()
 
 
 def device() -> torch.device:
     """The device heavy work runs on."""
-    if _mm is not None:
-        return _mm.get_torch_device()
+    if _mm() is not None:
+        return _mm().get_torch_device()
     name = os.environ.get("KINEMA_DEVICE")
     if name:
         return torch.device(name)
@@ -143,15 +175,15 @@ def device() -> torch.device:
 
 
 def offload_device() -> torch.device:
-    if _mm is not None:
-        return _mm.unet_offload_device()
+    if _mm() is not None:
+        return _mm().unet_offload_device()
     return torch.device("cpu")
 
 
 def free_memory() -> None:
     """Give cached accelerator memory back (after a model is offloaded)."""
-    if _mm is not None:
-        _mm.soft_empty_cache()
+    if _mm() is not None:
+        _mm().soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -177,7 +209,7 @@ def _castable_layers(module: torch.nn.Module) -> None:
     """Give plain torch layers ComfyUI's castable classes (same parameters, same forward), so
     that under ``--lowvram`` / ``--novram`` ComfyUI can keep their weights off the device and
     cast them per call, as it does for its own models. Only exact torch classes change."""
-    ops = _comfy_ops.disable_weight_init
+    ops = sys.modules["comfy.ops"].disable_weight_init
     kinds = {torch.nn.Linear: ops.Linear, torch.nn.Conv1d: ops.Conv1d, torch.nn.Conv2d: ops.Conv2d,
              torch.nn.Conv3d: ops.Conv3d, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.LayerNorm: ops.LayerNorm,
              torch.nn.Embedding: ops.Embedding, torch.nn.ConvTranspose2d: ops.ConvTranspose2d}
@@ -221,14 +253,15 @@ class ManagedModel:
         self.module = module.eval().requires_grad_(False)
         self.name = name
         self.patcher = None
-        if _model_patcher is not None:
+        if _mm() is not None:
+            import comfy.model_patcher as patcher_module  # type: ignore
             _castable_layers(module)
             held = HeldModule(module, name)
-            self.patcher = _model_patcher.ModelPatcher(
-                held, load_device=torch.device(load_device) if load_device is not None else _mm.get_torch_device(),
+            self.patcher = patcher_module.ModelPatcher(
+                held, load_device=torch.device(load_device) if load_device is not None else _mm().get_torch_device(),
                 offload_device=torch.device(offload_device) if offload_device is not None
-                else _mm.unet_offload_device())
-            self.patcher.add_callback(_model_patcher.CallbacksMP.ON_LOAD, _place_uncast)
+                else _mm().unet_offload_device())
+            self.patcher.add_callback(patcher_module.CallbacksMP.ON_LOAD, _place_uncast)
             self._load_device = self.patcher.load_device
         else:
             self._load_device = torch.device(load_device) if load_device is not None else device()
@@ -275,10 +308,10 @@ def load_models(*models, memory_required: int = 0) -> None:
     is the working memory the next step needs besides the weights, so ComfyUI frees that much
     first. Outside ComfyUI: each :class:`ManagedModel` moves to its device.
     """
-    if _mm is not None:
+    if _mm() is not None:
         patchers = _patchers(models)
         if patchers:
-            _mm.load_models_gpu(patchers, memory_required=int(memory_required))
+            _mm().load_models_gpu(patchers, memory_required=int(memory_required))
         return
     for m in models:
         if isinstance(m, ManagedModel):
@@ -290,7 +323,8 @@ def on_unload(model: ManagedModel, callback) -> None:
     device, "Unload models", "Free memory"). Does nothing outside ComfyUI."""
     if model.patcher is None:
         return
-    model.patcher.add_callback(_model_patcher.CallbacksMP.ON_DETACH, lambda *_args: callback())
+    from comfy.model_patcher import CallbacksMP  # type: ignore
+    model.patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_args: callback())
 
 
 def queue_busy() -> bool:
@@ -315,12 +349,78 @@ def inference_memory(latent_shape, dtype=torch.float16, factor: float = 1.0) -> 
     return int(area * size * 0.01 * factor * 1024 * 1024)
 
 
+def sample(model, noise: torch.Tensor, positive, negative, sigmas: torch.Tensor, cfg: float, *,
+           latent: torch.Tensor | None = None, sampler: str = "euler", denoise_mask: torch.Tensor | None = None,
+           seed: int = 0) -> torch.Tensor:
+    """ComfyUI's own sampler over explicit ``sigmas`` (what ``SamplerCustom`` does): model
+    patches, CFG, progress bar, latent previews and interrupt all come from ComfyUI.
+
+    model: a MODEL; noise: (B, C, h, w) standard normal (ComfyUI scales it by the first sigma);
+    positive / negative: CONDITIONING; latent: the starting latent in the VAE's space (zeros
+    by default); denoise_mask: 1 where sampling may change the latent. Returns the sampled
+    latent in the VAE's space. Needs ComfyUI.
+    """
+    if _mm() is None:
+        raise KinemaError("this node samples with ComfyUI's own sampler: run it inside ComfyUI, or with the "
+                          "headless runner where ComfyUI can be imported (COMFYUI_DIR)")
+    import comfy.sample  # type: ignore
+    import comfy.samplers  # type: ignore
+    import latent_preview  # type: ignore
+
+    if latent is None:
+        latent = torch.zeros_like(noise)
+    steps = max(len(sigmas) - 1, 1)
+    callback = latent_preview.prepare_callback(model, steps)
+    return comfy.sample.sample_custom(model, noise, float(cfg), comfy.samplers.sampler_object(sampler), sigmas,
+                                      positive, negative, latent, noise_mask=denoise_mask, callback=callback,
+                                      disable_pbar=not _cu().PROGRESS_BAR_ENABLED, seed=int(seed))
+
+
+def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
+                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
+    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
+    another schedule than the one ComfyUI assumes for its base (set it with
+    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
+    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
+    ``prediction``: "eps" or "v". Needs ComfyUI."""
+    if _mm() is None:
+        raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
+    import comfy.model_sampling as ms  # type: ignore
+
+    kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
+    if prediction not in kinds:
+        raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+
+    class Settings:
+        sampling_settings = dict(beta_schedule=beta_schedule, linear_start=float(linear_start),
+                                 linear_end=float(linear_end), timesteps=int(timesteps), zsnr=bool(zero_snr))
+
+    sampling = type("KinemaModelSampling", (ms.ModelSamplingDiscrete, kinds[prediction]), {})
+    return sampling(Settings())
+
+
+def add_injection(patcher, key: str, inject, eject) -> None:
+    """Give a MODEL clone modules that are inserted when ComfyUI loads it (``inject(patcher)``)
+    and taken out when it unloads it or loads another clone of the same model
+    (``eject(patcher)``) - the motion-module lifecycle of AnimateDiff-style packs."""
+    from comfy.patcher_extension import PatcherInjection  # type: ignore
+    patcher.set_injections(key, [PatcherInjection(inject=inject, eject=eject)])
+
+
+def starts_from_max_noise(model, sigma: float) -> bool:
+    """Whether ComfyUI's samplers treat ``sigma`` as the model's largest noise level (then they
+    scale the starting noise by sqrt(1 + sigma^2) instead of sigma)."""
+    import math
+    sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+    return math.isclose(sigma_max, float(sigma), rel_tol=1e-05) or float(sigma) > sigma_max
+
+
 def loaded_model_names() -> list[str]:
     """Names of the pack's models ComfyUI holds loaded now (newest first); [] outside ComfyUI."""
-    if _mm is None:
+    if _mm() is None:
         return []
     names = []
-    for lm in _mm.current_loaded_models:
+    for lm in _mm().current_loaded_models:
         patcher = lm.model
         name = getattr(getattr(patcher, "model", None), "kinema_name", None)
         if name is not None:
@@ -334,8 +434,8 @@ def default_dtype(load_device=None, supported=(torch.float16, torch.bfloat16, to
     own choice inside ComfyUI (its ``--fp16-unet`` / ``--bf16-unet`` / ``--fp32-unet`` flags
     apply), else fp16 or bf16 on a GPU and fp32 on the CPU."""
     dev = torch.device(load_device) if load_device is not None else device()
-    if _mm is not None:
-        return _mm.unet_dtype(device=dev, model_params=params, supported_dtypes=list(supported))
+    if _mm() is not None:
+        return _mm().unet_dtype(device=dev, model_params=params, supported_dtypes=list(supported))
     if dev.type == "cuda":
         if torch.float16 in supported:
             return torch.float16
@@ -348,8 +448,8 @@ def default_dtype(load_device=None, supported=(torch.float16, torch.bfloat16, to
 
 def check_interrupt() -> None:
     """Raise if the user asked to stop. Call between steps of long work."""
-    if _mm is not None:
-        _mm.throw_exception_if_processing_interrupted()
+    if _mm() is not None:
+        _mm().throw_exception_if_processing_interrupted()
 
 
 class ProgressBar:
@@ -363,7 +463,7 @@ class ProgressBar:
         self.total = max(int(total), 1)
         self.n = 0
         self.desc = desc
-        self._comfy = _comfy_utils.ProgressBar(self.total) if _comfy_utils is not None else None
+        self._comfy = _cu().ProgressBar(self.total) if _cu() is not None else None
         self._term = self._comfy is None and os.environ.get("KINEMA_PROGRESS", "1") != "0" and sys.stderr.isatty()
         self._t0 = time.perf_counter()
 
@@ -384,7 +484,7 @@ class ProgressBar:
 def prompt_server():
     """``(PromptServer.instance, aiohttp.web)`` inside a running ComfyUI server, else None.
     Set ``KINEMA_NO_ROUTES=1`` to keep the pack's HTTP routes off."""
-    if _folder_paths is None or os.environ.get("KINEMA_NO_ROUTES") == "1":
+    if _fp() is None or os.environ.get("KINEMA_NO_ROUTES") == "1":
         return None
     try:
         from server import PromptServer  # type: ignore

@@ -111,7 +111,13 @@ def main(argv=None) -> int:
         bench_modules(args, dtype, device)
         if args.part == "modules":
             return 0
-    cfg = loading.load_config("stage2_unet" if args.arch == "sd15" else "tiny_stage2_unet")
+    if args.arch == "sd15":
+        cfg = loading.load_config("stage2_unet")
+    else:  # the tests' small network of the same structure
+        import json
+        from pathlib import Path
+        tiny = Path(__file__).resolve().parents[1] / "tests" / "configs" / "motion_i2v" / "tiny_stage2_unet.json"
+        cfg = json.loads(tiny.read_text())
     unet = loading.build_render_unet(cfg).to_empty(device=device)
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():

@@ -225,9 +225,10 @@ class ConsistentSelfAttention:
         below step 20 and 0.9 from step 20; bank written at every step) or ``"app"``
         (references plain below step 5 while later panels attend to all reference tokens;
         gated like ``"lowvram"`` from step 5).
-    keep_bank: store the sampled reference keys/values per (step, layer, character) so
-        that later passes without the reference panels can read them; stored on
-        ``bank_device`` (default: where they were computed).
+    keep_bank: store the sampled reference keys/values per (step, layer, character, chunk)
+        so that later passes without the reference panels can read them; stored on
+        ``bank_device`` (default: where they were computed). A chunk is one CFG half: later
+        passes read what the same half wrote, whether the halves come batched or one by one.
     mask_sampler(step, n_tokens, panels, rate) -> (len(panels), n_tokens) bool and
     gate_sampler(step, layer, unit) -> bool replace the seeded draws (for tests).
     """
@@ -319,18 +320,23 @@ class ConsistentSelfAttention:
 
     # -- the attention call
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, layer: Hashable,
-               panels: Sequence[int], groups: int = 1) -> torch.Tensor:
+               panels: Sequence[int], groups: int = 1, chunks: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
         """Consistent self-attention of one layer.
 
         q, k, v: (groups * P, N, D) projected tokens; rows ordered group-major (one CFG
         half after the other), each group holding ``panels`` (P story panel indices) in
-        order. layer: a stable key of the layer. Returns (groups * P, N, D).
+        order. layer: a stable key of the layer. chunks: what each group is (e.g. ComfyUI's
+        ``cond_or_uncond``), the key under which its bank is kept; default 0, 1, ...
+        Returns (groups * P, N, D).
         """
         _check_qkv(q, k, v)
         panels = [int(p) for p in panels]
         n_rows, n, _ = q.shape
         if groups < 1 or n_rows != groups * len(panels):
             raise ValueError(f"batch: {n_rows} rows are not {groups} groups of {len(panels)} panels")
+        chunks = list(range(groups)) if chunks is None else list(chunks)
+        if len(chunks) != groups:
+            raise ValueError(f"chunks: {len(chunks)} names for {groups} groups")
         layout = self.layout
         for p in panels:
             if not 0 <= p < layout.n_panels:
@@ -384,18 +390,15 @@ class ConsistentSelfAttention:
                             if everything:
                                 full_rows.add(g * per_panel + pos[r])
                     else:
-                        stored = self.bank.get((self.step, li, name))
+                        stored = self.bank.get((self.step, li, name, chunks[g]))
                         if stored is None:
                             raise ValueError(
                                 f"batch: panel {p + 1} names '{name}' but neither its reference panels "
-                                f"nor their bank for step {self.step} are available; run the reference "
-                                f"panels first with keep_bank=True")
-                        sk, sv = stored
-                        if sk.shape[0] != groups:
-                            raise ValueError(f"batch: bank of '{name}' holds {sk.shape[0]} groups, "
-                                             f"this batch has {groups}")
-                        bank_k.append(sk[g])
-                        bank_v.append(sv[g])
+                                f"nor their bank for step {self.step} (guidance half {chunks[g]}) are "
+                                f"available; run the reference panels first with keep_bank=True and the "
+                                f"same guidance")
+                        bank_k.append(stored[0])
+                        bank_v.append(stored[1])
                 if bank_k:
                     bank_rows[row] = (torch.cat(bank_k), torch.cat(bank_v))
                     use_bank = True
@@ -409,20 +412,20 @@ class ConsistentSelfAttention:
                 token_masks[r] = True
 
         if self.keep_bank:
-            self._store_bank(k, v, li, panels, groups, present, shared)
+            self._store_bank(k, v, li, panels, chunks, present, shared)
 
         return consistent_attention(q, k, v, heads, sources, token_masks.to(q.device),
                                     bank_rows if use_bank else None, self.window)
 
-    def _store_bank(self, k, v, li, panels, groups, present, shared):
+    def _store_bank(self, k, v, li, panels, chunks, present, shared):
         pos = {p: i for i, p in enumerate(panels)}
         per_panel = len(panels)
         everything = self.schedule == "app" and self.step < 5
+        dev = self.bank_device or k.device
         for name, here in present.items():
             if not here:
                 continue
-            ks, vs = [], []
-            for g in range(groups):
+            for g, chunk in enumerate(chunks):
                 gk, gv = [], []
                 for r in self.layout.references[name]:
                     row = g * per_panel + pos[r]
@@ -433,7 +436,4 @@ class ConsistentSelfAttention:
                         idx = shared[r].nonzero().squeeze(1).to(k.device)
                         gk.append(k[row].index_select(0, idx))
                         gv.append(v[row].index_select(0, idx))
-                ks.append(torch.cat(gk))
-                vs.append(torch.cat(gv))
-            dev = self.bank_device or k.device
-            self.bank[(self.step, li, name)] = (torch.stack(ks).to(dev), torch.stack(vs).to(dev))
+                self.bank[(self.step, li, name, chunk)] = (torch.cat(gk).to(dev), torch.cat(gv).to(dev))

@@ -1,6 +1,8 @@
 """Motion-I2V nodes: load the released weights, predict a motion field from text,
 trajectories and the motion brush (stage 1), render the video with motion-augmented temporal
-attention (stage 2). Thin: validate, call ``pipelines.motion_i2v``, return ComfyUI types."""
+attention on ComfyUI's own SD1.5 model (stage 2). The SD1.5 parts (UNet, VAE, text encoder)
+come from ComfyUI's checkpoint loader and CLIP Text Encode nodes. Thin: validate, call
+``pipelines.motion_i2v``, return ComfyUI types."""
 from __future__ import annotations
 
 import torch
@@ -11,23 +13,13 @@ from ..kernels.field import MotionField
 from ..kernels.motion_attention import MAX_FRAMES, brush_to_static, rasterise_tracks_motion_i2v, tracks_to_grid
 
 FLOW_MODEL = "KINEMA_MI2V_FLOW_MODEL"
-RENDER_MODEL = "KINEMA_MI2V_RENDER_MODEL"
 MOTION = "KINEMA_MOTION"
 CATEGORY = "Kinema/Motion-I2V"
 FOLDER = "kinema/motion_i2v"
-DTYPE_CHOICES = ["fp16", "bf16", "fp32"]
-ARCH_CHOICES = ["sd15", "tiny"]
-NEGATIVE = ("(blur, haze, deformed iris, deformed pupils, semi-realistic, cgi, 3d, render, sketch, cartoon, drawing, "
-            "anime, mutated hands and fingers:1.4), (deformed, distorted, disfigured:1.3), poorly drawn, bad anatomy, "
-            "wrong anatomy, extra limb, missing limb, floating limbs, disconnected limbs, mutation, mutated, ugly, "
-            "disgusting, amputation")
+DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-_ARCH_TIP = "Network sizes: 'sd15' for the released Motion-I2V files; 'tiny' only for small test networks."
-_DTYPE_TIP = "Precision on the device: fp16 for NVIDIA GPUs, bf16 for recent CPUs/GPUs, fp32 everywhere (slowest)."
-
-
-def _files(folder: str) -> list[str]:
-    return runtime.list_models(folder) or [""]
+_DTYPE_TIP = ("Precision of the networks: auto = ComfyUI's choice for the device (fp16 or bf16 on a GPU, fp32 on "
+              "the CPU); fp16 for NVIDIA GPUs, bf16 for recent CPUs/GPUs, fp32 everywhere (slowest).")
 
 
 def _first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -37,17 +29,30 @@ def _first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     return image[0, ..., :3].float()
 
 
-def _conditioning(c, name: str) -> torch.Tensor | None:
-    """ComfyUI CONDITIONING ([[tensor (1, L, D), {...}], ...]) -> (1, L, D)."""
-    if c is None:
-        return None
+def _conditioning(c, name: str) -> torch.Tensor:
+    """ComfyUI CONDITIONING ([[tensor (1, L, D), {...}]]) -> (1, L, D), for the flow predictor,
+    which takes one plain text condition: what it cannot use is refused, not dropped."""
     try:
-        t = c[0][0]
+        entries = list(c)
+        t, extra = entries[0][0], entries[0][1]
     except Exception:
         raise ValueError(f"{name}: expected CONDITIONING from a CLIP Text Encode node") from None
-    if not isinstance(t, torch.Tensor) or t.ndim != 3:
-        raise ValueError(f"{name}: expected CONDITIONING holding a (1, tokens, 768) tensor")
-    return t[:1].float()
+    if len(entries) != 1:
+        raise ValueError(f"{name}: {len(entries)} combined conditionings; the motion predictor takes one "
+                         f"text condition (connect a single CLIP Text Encode)")
+    unused = sorted(k for k in (extra or {}) if k not in ("pooled_output",))
+    if unused:
+        raise ValueError(f"{name}: the motion predictor cannot apply {', '.join(unused)} of this conditioning "
+                         f"(areas, masks, timestep ranges, ...); connect a plain CLIP Text Encode")
+    if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:
+        raise ValueError(f"{name}: expected CONDITIONING holding one (1, tokens, 768) tensor")
+    return t.float()
+
+
+def _dtype(name: str, params: int) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name] or runtime.default_dtype(params=params)
 
 
 def _brush(mask, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor | None:
@@ -74,8 +79,7 @@ def _check_size(width: int, height: int) -> None:
 
 class KinemaMotionI2VFlowLoader:
     DESCRIPTION = ("Load Motion-I2V stage 1 (the motion-field predictor): the flow UNet, its trajectory / "
-                   "motion-brush ControlNet and the flow VAE from models/kinema/motion_i2v, plus the image VAE and "
-                   "text encoder of an SD1.5 checkpoint from models/checkpoints.")
+                   "motion-brush ControlNet and the flow VAE of the release, from models/kinema/motion_i2v.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (FLOW_MODEL,)
@@ -84,60 +88,62 @@ class KinemaMotionI2VFlowLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = _files(FOLDER)
+        files = runtime.model_choices(FOLDER)
         return {"required": {
-            "flow_unet": (files, {"tooltip": "stage1 unet/diffusion_pytorch_model.bin (or .safetensors) of the release."}),
+            "flow_unet": (files, {"tooltip": "stage1 unet/diffusion_pytorch_model.bin (or .safetensors) of the release, "
+                                             "in models/kinema/motion_i2v."}),
             "controlnet": (files, {"tooltip": "stage1 controlnet/controlnet.bin of the release."}),
-            "flow_vae": (files, {"tooltip": "stage1 vae_flow/diffusion_pytorch_model.bin (2-channel flow VAE)."}),
-            "checkpoint": (_files("checkpoints"), {"tooltip": "An SD1.5 single-file checkpoint: its VAE encodes the "
-                                                              "image and its CLIP encodes prompts."}),
-            "dtype": (DTYPE_CHOICES, {"default": "fp16", "tooltip": _DTYPE_TIP}),
-        }, "optional": {"architecture": (ARCH_CHOICES, {"default": "sd15", "tooltip": _ARCH_TIP})}}
+            "flow_vae": (files, {"tooltip": "stage1 vae_flow/diffusion_pytorch_model.bin (the 2-channel flow VAE)."}),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+        }}
 
-    def load(self, flow_unet, controlnet, flow_vae, checkpoint, dtype, architecture="sd15"):
+    def load(self, flow_unet, controlnet, flow_vae, dtype="auto"):
         from ..pipelines.motion_i2v.build import load_flow_model
-        return (load_flow_model(runtime.model_path(FOLDER, flow_unet), runtime.model_path(FOLDER, controlnet),
-                                runtime.model_path(FOLDER, flow_vae), runtime.model_path("checkpoints", checkpoint),
-                                dtype, architecture),)
+        model = load_flow_model(runtime.model_path(FOLDER, flow_unet), runtime.model_path(FOLDER, controlnet),
+                                runtime.model_path(FOLDER, flow_vae), _dtype(dtype, 1_400_000_000))
+        model.managed()  # under ComfyUI's model management from now on
+        return (model,)
 
 
 class KinemaMotionI2VRenderLoader:
-    DESCRIPTION = ("Load Motion-I2V stage 2 (the video renderer): an SD1.5 checkpoint, optionally the AnimateDiff v2 "
-                   "motion module, and the Motion-I2V motion block, whose temporal attention follows a motion field.")
+    DESCRIPTION = ("Motion-I2V stage 2 (the video renderer) on an SD1.5 model from ComfyUI's checkpoint loader: "
+                   "adds Motion-I2V's motion block (optionally over AnimateDiff v2's motion module), whose temporal "
+                   "attention follows a motion field. LoRAs and other patches on the model apply.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = (RENDER_MODEL,)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("render_model",)
-    OUTPUT_TOOLTIPS = ("Motion-I2V stage 2, for 'Motion-I2V render video'.",)
+    OUTPUT_TOOLTIPS = ("The SD1.5 model with Motion-I2V's motion modules, for 'Motion-I2V render video'.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "checkpoint": (_files("checkpoints"), {"tooltip": "An SD1.5 single-file checkpoint (UNet, VAE, CLIP)."}),
-            "motion_block": (_files(FOLDER), {"tooltip": "stage2 Motion_Module/motion_block.bin of the release."}),
+            "model": ("MODEL", {"tooltip": "An SD1.5 model (Load Checkpoint's MODEL; the release uses Realistic "
+                                           "Vision 5.1)."}),
+            "motion_block": (runtime.model_choices(FOLDER), {"tooltip": "stage2 Motion_Module/motion_block.bin of "
+                                                                        "the release, in models/kinema/motion_i2v."}),
             "animatediff_motion_module": (["none"] + runtime.list_models("animatediff_models"),
                                           {"default": "none", "tooltip": "Optional AnimateDiff v2 module "
-                                           "(mm_sd_v15_v2) loaded first; the motion block overrides what it holds."}),
-            "dtype": (DTYPE_CHOICES, {"default": "fp16", "tooltip": _DTYPE_TIP}),
-        }, "optional": {"architecture": (ARCH_CHOICES, {"default": "sd15", "tooltip": _ARCH_TIP})}}
+                                           "(mm_sd_v15_v2.ckpt in models/animatediff_models) loaded first; the motion "
+                                           "block overrides what it holds."}),
+        }}
 
-    def load(self, checkpoint, motion_block, animatediff_motion_module, dtype, architecture="sd15"):
-        from ..pipelines.motion_i2v.build import load_render_model
+    def load(self, model, motion_block, animatediff_motion_module="none"):
+        from ..pipelines.checkpoint import read_state_dict
+        from ..pipelines.motion_i2v.native import build_motion_modules, render_model
         files = [] if animatediff_motion_module in ("none", "", None) else \
             [runtime.model_path("animatediff_models", animatediff_motion_module)]
         files.append(runtime.model_path(FOLDER, motion_block))
-        return (load_render_model(runtime.model_path("checkpoints", checkpoint), files, dtype, architecture),)
+        unet = model.get_model_object("diffusion_model")
+        if not hasattr(unet, "input_blocks"):
+            raise ValueError("model: Motion-I2V renders with an SD1.5 model; this MODEL has another architecture")
+        modules = build_motion_modules(unet, [(p.name, read_state_dict(p)) for p in files], model.model_dtype())
+        return (render_model(model, runtime.ManagedModel(modules, "Motion-I2V motion modules")),)
 
 
-_TEXT_INPUTS = {
-    "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What happens (encoded with the "
-                          "checkpoint's CLIP unless 'positive' is connected)."}),
-    "negative_prompt": ("STRING", {"multiline": True, "default": NEGATIVE, "tooltip": "What to avoid (unless "
-                                   "'negative' is connected)."}),
-}
 _COND_INPUTS = {
-    "positive": ("CONDITIONING", {"tooltip": "Optional: conditioning from an SD1.5 CLIP Text Encode; replaces 'prompt'."}),
-    "negative": ("CONDITIONING", {"tooltip": "Optional: negative conditioning; replaces 'negative_prompt'."}),
+    "positive": ("CONDITIONING", {"tooltip": "What happens: a CLIP Text Encode of the SD1.5 checkpoint's CLIP."}),
+    "negative": ("CONDITIONING", {"tooltip": "What to avoid: a CLIP Text Encode of the same CLIP."}),
 }
 
 
@@ -155,10 +161,13 @@ class KinemaMotionI2VPredictMotion:
     def INPUT_TYPES(cls):
         return {"required": {
             "flow_model": (FLOW_MODEL, {"tooltip": "From 'Motion-I2V stage-1 loader'."}),
+            "vae": ("VAE", {"tooltip": "The SD1.5 checkpoint's VAE (it encodes the picture for the predictor)."}),
+            **_COND_INPUTS,
             "image": ("IMAGE", {"tooltip": "The picture to animate (the first frame of a batch is used)."}),
             "tracks": ("STRING", {"multiline": True, "default": '{"tracks": [], "anchors": []}',
-                                  "tooltip": "Trajectories in image pixels (Kinema drag editor, KJNodes SplineEditor "
-                                             "or WanTrackToVideo JSON). Anchors are points that stay still."}),
+                                  "tooltip": "Trajectories (drags) in image pixels (Kinema drag editor, KJNodes "
+                                             "SplineEditor or WanTrackToVideo JSON). Anchors are points that stay "
+                                             "still."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Motion width (model: 512)."}),
             "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 8, "tooltip": "Motion height (model: 320)."}),
             "flow_unit": ("INT", {"default": 64, "min": 1, "max": 512, "tooltip": "Half size in pixels of the square "
@@ -168,17 +177,15 @@ class KinemaMotionI2VPredictMotion:
                                    "tooltip": "Classifier-free guidance scale (1 = off)."}),
             "control_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
                                         "tooltip": "Strength of the trajectory / brush ControlNet."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
-            **_TEXT_INPUTS,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
         }, "optional": {
             "brush": ("MASK", {"tooltip": "Motion brush: painted (1) areas may move, the rest stays still. Empty = "
                                "everything may move."}),
-            **_COND_INPUTS,
         }}
 
-    def predict(self, flow_model, image, tracks, width, height, flow_unit, steps, guidance, control_scale, seed,
-                prompt, negative_prompt, brush=None, positive=None, negative=None):
-        from ..pipelines.motion_i2v.pipeline import predict_motion
+    def predict(self, flow_model, vae, positive, negative, image, tracks, width, height, flow_unit, steps, guidance,
+                control_scale, seed, brush=None):
+        from ..pipelines.motion_i2v.pipeline import _check_image, predict_motion
         _check_size(width, height)
         img = _first_image(image)
         ih, iw = img.shape[:2]
@@ -187,43 +194,50 @@ class KinemaMotionI2VPredictMotion:
         anchors = tracks_to_grid([parsed.anchors], (iw, ih), (width, height))[0] if len(parsed.anchors) else None
         sparse, mask = rasterise_tracks_motion_i2v(grid, height, width, flow_unit, MAX_FRAMES, anchors)
         static = _brush(brush, (ih, iw), (height, width))
-        field = predict_motion(flow_model, img, sparse, mask, static, prompt=prompt, negative=negative_prompt,
-                               cond=_conditioning(positive, "positive"), uncond=_conditioning(negative, "negative"),
-                               steps=steps, guidance=guidance, seed=seed, control_scale=control_scale)
+        cond, uncond = _conditioning(positive, "positive"), _conditioning(negative, "negative")
+        # the released stage 1 encodes the picture in [0, 1] (not [-1, 1]); ComfyUI's VAE maps its
+        # input x to 2x - 1, so it is given (x + 1) / 2
+        x = _check_image(img, width, height).permute(0, 2, 3, 1)
+        image_latent = vae.encode((x + 1.0) / 2.0).float()
+        field = predict_motion(flow_model, img, sparse, mask, static, cond=cond, uncond=uncond,
+                               image_latent=image_latent, steps=steps, guidance=guidance, seed=seed % (1 << 63),
+                               control_scale=control_scale)
         return (field,)
 
 
 class KinemaMotionI2VRender:
     DESCRIPTION = ("Motion-I2V stage 2: render a video from the image and a motion field (from stage 1, or any "
-                   "Kinema motion field such as drags). Temporal attention sees frame 0 warped along the motion; "
-                   "frame 0 stays the input image and brushed-still areas stay still.")
+                   "Kinema motion field such as drags), sampled by ComfyUI's sampler on the SD1.5 model with "
+                   "Motion-I2V's motion modules. Temporal attention sees frame 0 warped along the motion; frame 0 "
+                   "stays the input image and brushed-still areas stay still.")
     CATEGORY = CATEGORY
     FUNCTION = "render"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    OUTPUT_TOOLTIPS = ("The video frames (F, H, W, 3) at the motion field's size.",)
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("frames", "latent")
+    OUTPUT_TOOLTIPS = ("The video frames (F, H, W, 3) at the motion field's size.",
+                       "The frames' latents (a batch of F), e.g. for further sampling or another decoder.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "render_model": (RENDER_MODEL, {"tooltip": "From 'Motion-I2V stage-2 loader'."}),
+            "render_model": ("MODEL", {"tooltip": "From 'Motion-I2V stage-2 loader'."}),
+            "vae": ("VAE", {"tooltip": "The SD1.5 checkpoint's VAE."}),
+            **_COND_INPUTS,
             "image": ("IMAGE", {"tooltip": "The picture to animate; resized to the motion field's size."}),
             "motion": (MOTION, {"tooltip": "Motion field (at most 16 frames; size a multiple of 8)."}),
             "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "DDIM steps."}),
             "guidance": ("FLOAT", {"default": 7.0, "min": 1.0, "max": 30.0, "step": 0.1,
                                    "tooltip": "Classifier-free guidance scale (1 = off)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
             "keep_still_outside_motion_mask": ("BOOLEAN", {"default": True, "tooltip": "If the motion field carries "
                                                "a region (e.g. from the motion brush), keep everything outside it still."}),
-            **_TEXT_INPUTS,
         }, "optional": {
             "brush": ("MASK", {"tooltip": "Motion brush: painted (1) areas may move, the rest stays still."}),
-            **_COND_INPUTS,
         }}
 
-    def render(self, render_model, image, motion, steps, guidance, seed, keep_still_outside_motion_mask, prompt,
-               negative_prompt, brush=None, positive=None, negative=None):
-        from ..pipelines.motion_i2v.pipeline import render_video
+    def render(self, render_model, vae, positive, negative, image, motion, steps, guidance, seed,
+               keep_still_outside_motion_mask, brush=None):
+        from ..pipelines.motion_i2v.native import render_video_comfy
         if not isinstance(motion, MotionField):
             raise ValueError(f"motion: expected a Kinema motion field, got {type(motion).__name__}")
         img = _first_image(image)
@@ -240,10 +254,9 @@ class KinemaMotionI2VRender:
             static = (motion.mask < 0.5).float()
             if static.sum() == 0:
                 static = None
-        result = render_video(render_model, img, motion, static, prompt=prompt, negative=negative_prompt,
-                              cond=_conditioning(positive, "positive"), uncond=_conditioning(negative, "negative"),
-                              steps=steps, guidance=guidance, seed=seed)
-        return (result.frames,)
+        frames, latents = render_video_comfy(render_model, vae, positive, negative, img, motion, static, steps=steps,
+                                             guidance=guidance, seed=seed % (1 << 63))
+        return (frames, {"samples": latents})
 
 
 NODE_CLASS_MAPPINGS = {
@@ -255,6 +268,6 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaMotionI2VFlowLoader": "Motion-I2V stage-1 loader (motion predictor)",
     "KinemaMotionI2VRenderLoader": "Motion-I2V stage-2 loader (video renderer)",
-    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion",
+    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion (drags, brush, text)",
     "KinemaMotionI2VRender": "Motion-I2V render video",
 }

@@ -1,14 +1,12 @@
-"""StoryDiffusion nodes: consistent-character story batches, the native-sampler patch, and
-comic pages. Thin: validate inputs, call ``pipelines.story``."""
+"""StoryDiffusion nodes: consistent-character story batches on ComfyUI's own SD1.5 / SDXL
+models, the KSampler patch, and comic pages. Thin: validate inputs, call ``pipelines.story``."""
 from __future__ import annotations
 
 import torch
 
-from .. import runtime
 from ..pipelines import story as sp
 
 CATEGORY = "Kinema/story"
-MODEL_TYPE = "KINEMA_STORY_MODEL"
 
 _STORY_TIP = ("One panel per line: '[Name] what happens', '[Name] [Other] ...' for several characters, "
               "'[NC] ...' for a panel without characters; text after '#' is the panel's caption. "
@@ -19,6 +17,8 @@ _STYLE_TIP = "Style template; '{prompt}' is replaced by the panel prompt (withou
 _ID_TIP = "Reference panels per character (1-4): they are generated together and the others copy them."
 _SA32_TIP = "Share of reference tokens sampled at the coarsest attention level (SDXL's 32x32 at 1024 px)."
 _SA64_TIP = "Share of reference tokens sampled at the finer attention levels (SDXL's 64x64 at 1024 px)."
+_SCHEDULE_TIP = ("When the consistent branch runs: 'lowvram' (from step 1, gated 70%/90%) or 'app' (references "
+                 "plain below step 5 while the others see all reference tokens).")
 
 
 def _story_inputs():
@@ -39,37 +39,12 @@ def _captions(story) -> str:
     return "\n".join(p.caption.replace("\n", " ") for p in story.panels)
 
 
-class KinemaStoryLoader:
-    DESCRIPTION = ("Load an SD1.5 or SDXL single-file checkpoint from models/checkpoints for story batches "
-                   "(configs ship with the pack; nothing is downloaded).")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (MODEL_TYPE,)
-    RETURN_NAMES = ("story_model",)
-    OUTPUT_TOOLTIPS = ("The checkpoint's UNet, VAE and text encoders as diffusers models.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (runtime.list_models("checkpoints"), {"tooltip": "SD1.5 or SDXL checkpoint (.safetensors preferred)."}),
-            "dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto",
-                      "tooltip": "Weight precision; auto = fp16 on a GPU, fp32 on the CPU."}),
-        }}
-
-    def load(self, ckpt_name, dtype="auto"):
-        path = runtime.model_path("checkpoints", ckpt_name)
-        dev = runtime.device()
-        if dtype == "auto":
-            dt = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
-        else:
-            dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        return (sp.load_checkpoint(path, dtype=dt, device=runtime.offload_device()),)
-
-
 class KinemaStoryBatch:
     DESCRIPTION = ("Write a story, one panel per line, and get one image per panel in which the characters keep "
-                   "their face, hair and clothes (StoryDiffusion consistent self-attention). Memory stays bounded "
-                   "however long the story is.")
+                   "their face, hair and clothes (StoryDiffusion consistent self-attention). Takes the MODEL, CLIP "
+                   "and VAE of an SD1.5 or SDXL checkpoint loader (LoRAs and other model patches upstream apply). "
+                   "Memory stays bounded however long the story is: each character's reference panels are made "
+                   "first, the others then in small batches.")
     CATEGORY = CATEGORY
     FUNCTION = "generate"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -78,45 +53,40 @@ class KinemaStoryBatch:
 
     @classmethod
     def INPUT_TYPES(cls):
-        req = {"story_model": (MODEL_TYPE, {"tooltip": "From Kinema Story Loader."})}
+        req = {
+            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL-family model (Load Checkpoint's MODEL)."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (Load Checkpoint's CLIP)."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to decode the panels."}),
+        }
         req.update(_story_inputs())
         req.update({
             "style": ("STRING", {"default": "{prompt}", "tooltip": _STYLE_TIP}),
             "negative": ("STRING", {"multiline": True, "default": "bad anatomy, bad hands, missing fingers, "
                                     "extra fingers, blurry, lowres, watermark, text",
                                     "tooltip": "What no panel should show."}),
-            "width": ("INT", {"default": 768, "min": 256, "max": 2048, "step": 64, "tooltip": "Panel width in pixels."}),
-            "height": ("INT", {"default": 768, "min": 256, "max": 2048, "step": 64, "tooltip": "Panel height in pixels."}),
-            "steps": ("INT", {"default": 35, "min": 1, "max": 200, "tooltip": "DDIM steps."}),
+            "width": ("INT", {"default": 768, "min": 64, "max": 2048, "step": 8, "tooltip": "Panel width in pixels."}),
+            "height": ("INT", {"default": 768, "min": 64, "max": 2048, "step": 8, "tooltip": "Panel height in pixels."}),
+            "steps": ("INT", {"default": 35, "min": 1, "max": 200, "tooltip": "DDIM steps (StoryDiffusion uses 35)."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "Seeds the noise of every panel and the token sampling."}),
+                             "tooltip": "Seeds the noise of every panel (panel p uses seed + p) and the token sampling."}),
             "sa32": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA32_TIP}),
             "sa64": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA64_TIP}),
             "batch_size": ("INT", {"default": 2, "min": 1, "max": 16,
                                    "tooltip": "Later panels denoised at once; lower it to use less memory."}),
             "freeu": ("BOOLEAN", {"default": True, "tooltip": "FreeU with StoryDiffusion's settings (s1 0.6, s2 0.4, b1 1.1, b2 1.2)."}),
+            "schedule": (["lowvram", "app"], {"default": "lowvram", "tooltip": _SCHEDULE_TIP}),
         })
         return {"required": req}
 
-    def generate(self, story_model, story, characters, id_length, style, negative, width, height, steps, cfg,
-                 seed, sa32, sa64, batch_size, freeu):
+    def generate(self, model, clip, vae, story, characters, id_length, style, negative, width, height, steps, cfg,
+                 seed, sa32, sa64, batch_size, freeu, schedule="lowvram"):
         parsed = _parse(story, characters, id_length, style)
         settings = sp.StorySettings(width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
                                     seed=int(seed) % (1 << 63), id_length=int(id_length), sa32=float(sa32),
                                     sa64=float(sa64), batch_size=int(batch_size), freeu=bool(freeu),
-                                    negative=negative)
-        models = story_model
-        dev = runtime.device()
-        parts = [m for m in (models.unet, models.vae, models.text_encoder, models.text_encoder_2) if m is not None]
-        try:
-            for m in parts:
-                m.to(dev)
-            images = sp.generate_story(models, parsed, settings)
-        finally:
-            for m in parts:
-                m.to(runtime.offload_device())
-            runtime.free_memory()
+                                    schedule=schedule, negative=negative)
+        images = sp.generate_story_comfy(model, clip, vae, parsed, settings, sp.comfy_arch(model))
         return (images, _captions(parsed))
 
 
@@ -144,29 +114,8 @@ class KinemaStoryConditioning:
 
     def encode(self, clip, story, characters, id_length, style, negative):
         parsed = _parse(story, characters, id_length, style)
-        if clip is None:
-            raise ValueError("clip: no text encoder given; connect the checkpoint's CLIP output")
-
-        def enc(text):
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-            return cond, pooled
-
-        encoded = [enc(p.prompt) for p in parsed.panels]
-        longest = max(c.shape[1] for c, _ in encoded)
-        blank = None
-        conds = []
-        for c, _ in encoded:
-            while c.shape[1] < longest:  # pad long-prompt chunks with empty-prompt chunks
-                if blank is None:
-                    blank = enc("")[0]
-                c = torch.cat([c, blank[:, :min(blank.shape[1], longest - c.shape[1])]], dim=1)
-            conds.append(c)
-        pos = torch.cat(conds)
-        pooled = [p for _, p in encoded]
-        meta = {"pooled_output": torch.cat(pooled)} if all(p is not None for p in pooled) else {}
-        neg_c, neg_p = enc(negative)
-        neg_meta = {"pooled_output": neg_p} if neg_p is not None else {}
-        return ([[pos, meta]], [[neg_c, neg_meta]], len(parsed.panels), _captions(parsed))
+        positive, neg = sp.encode_story_prompts(clip, [p.prompt for p in parsed.panels], negative)
+        return (positive, neg, len(parsed.panels), _captions(parsed))
 
 
 class KinemaConsistentAttentionPatch:
@@ -188,9 +137,7 @@ class KinemaConsistentAttentionPatch:
             "sa64": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA64_TIP}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Seeds the token sampling and the step gate."}),
-            "schedule": (["lowvram", "app"], {"default": "lowvram", "tooltip":
-                         "When the consistent branch runs: 'lowvram' (from step 1, gated 70%/90%) or 'app' "
-                         "(references plain below step 5 while others see all reference tokens)."}),
+            "schedule": (["lowvram", "app"], {"default": "lowvram", "tooltip": _SCHEDULE_TIP}),
         })
         return {"required": req}
 
@@ -235,14 +182,12 @@ class KinemaComicLayout:
 
 
 NODE_CLASS_MAPPINGS = {
-    "KinemaStoryLoader": KinemaStoryLoader,
     "KinemaStoryBatch": KinemaStoryBatch,
     "KinemaStoryConditioning": KinemaStoryConditioning,
     "KinemaConsistentAttentionPatch": KinemaConsistentAttentionPatch,
     "KinemaComicLayout": KinemaComicLayout,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "KinemaStoryLoader": "Story Loader (SD1.5 / SDXL)",
     "KinemaStoryBatch": "Story Batch (consistent characters)",
     "KinemaStoryConditioning": "Story Prompts to Conditioning",
     "KinemaConsistentAttentionPatch": "Consistent Attention Patch",

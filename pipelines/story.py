@@ -24,6 +24,7 @@ import torch
 
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
 from ..runtime import KinemaError, ProgressBar, check_interrupt
+from .ddim import ddim_sigmas
 from .text_encoding import clip_tokenizer
 from .checkpoint import read_state_dict
 
@@ -530,26 +531,42 @@ def decode(models: StoryModels, latents: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-# ----------------------------------------------------------------------------- native ComfyUI route
+# ----------------------------------------------------------------------------- on ComfyUI's models
 
 class NativeConsistentAttention:
     """An ``attn1`` replacement patch for ComfyUI's UNet (``set_model_attn1_replace``).
 
     ComfyUI calls ``patch(q, k, v, extra_options)`` with projected (B, N, heads*dim)
-    tensors; the whole story is one latent batch (one row per panel, per CFG chunk in
-    ``extra_options["cond_or_uncond"]``), so references and later panels attend within the
-    batch. The run state (step, sampled tokens) lives in this object and starts afresh
-    whenever the sampling schedule or the latent shape changes (a new batch).
+    tensors, one latent row per panel for each CFG chunk in ``extra_options["cond_or_uncond"]``
+    (batched or one by one). The step comes from the sampler's sigmas.
+
+    Two ways to use it:
+
+    - the whole story as one latent batch under ComfyUI's KSampler (``state`` None): the run
+      state (step, sampled tokens) lives here and starts afresh whenever the sampling schedule
+      or the latent shape changes (a new batch);
+    - one phase of a story run (``state`` and ``panels`` given): the latent batch holds
+      ``panels``, and the shared ``state`` keeps the reference bank between phases.
+
+    Copies of a model's options share this object (``deepcopy`` returns it): it is the state of
+    one run, not a setting.
     """
 
     def __init__(self, layout: StoryLayout, *, sa32: float = 0.5, sa64: float = 0.5, seed: int = 0,
-                 schedule: str = "lowvram", window: int = 4):
+                 schedule: str = "lowvram", window: int = 4, state: Optional[ConsistentSelfAttention] = None,
+                 panels: Optional[list] = None):
         self.layout = layout
         self.kwargs = dict(sa32=sa32, sa64=sa64, seed=seed, schedule=schedule, window=window)
-        ConsistentSelfAttention(layout, **self.kwargs)  # validate now
-        self.state: Optional[ConsistentSelfAttention] = None
+        self.shared = state is not None
+        self.state = state if state is not None else None
+        if state is None:
+            ConsistentSelfAttention(layout, **self.kwargs)  # validate now
+        self.panels = list(range(layout.n_panels)) if panels is None else [int(p) for p in panels]
         self._run = None
         self._last_sigma = None
+
+    def __deepcopy__(self, memo):
+        return self
 
     def to(self, device):
         return self
@@ -569,34 +586,41 @@ class NativeConsistentAttention:
         return self.state.step
 
     def __call__(self, q, k, v, extra_options):
-        chunks = extra_options.get("cond_or_uncond") or [0]
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
         groups = len(chunks)
-        n_panels = self.layout.n_panels
-        if q.shape[0] != groups * n_panels:
-            raise ValueError(f"latent batch: {q.shape[0] // max(groups, 1)} images but the story has {n_panels} "
-                             f"panels; set the latent batch size to {n_panels}")
+        n = len(self.panels)
+        if q.shape[0] != groups * n:
+            what = "the story has" if not self.shared else "this phase holds"
+            raise ValueError(f"latent batch: {q.shape[0] // max(groups, 1)} images but {what} {n} panels; "
+                             f"set the latent batch size to {n}")
         shape = tuple(extra_options.get("original_shape") or ())
-        schedule = extra_options.get("sample_sigmas")
-        run = (shape, tuple(schedule.flatten().tolist()) if isinstance(schedule, torch.Tensor) else None)
-        if self.state is None or run != self._run:
-            self.state = ConsistentSelfAttention(self.layout, **self.kwargs)
-            self._run, self._last_sigma = run, None
-            if len(shape) >= 4:
-                self.state.latent_hw = (int(shape[-2]), int(shape[-1]))
+        if not self.shared:
+            schedule = extra_options.get("sample_sigmas")
+            run = (shape, tuple(schedule.flatten().tolist()) if isinstance(schedule, torch.Tensor) else None)
+            if self.state is None or run != self._run:
+                self.state = ConsistentSelfAttention(self.layout, **self.kwargs)
+                self._run, self._last_sigma = run, None
+        if len(shape) >= 4:
+            self.state.latent_hw = (int(shape[-2]), int(shape[-1]))
         self.state.set_step(self._step(extra_options))
         block = extra_options.get("block") or ("output", 0)
         layer = (block[0], block[1], extra_options.get("block_index", 0))
-        return self.state.attend(q, k, v, int(extra_options["n_heads"]), layer, range(n_panels), groups)
+        return self.state.attend(q, k, v, int(extra_options["n_heads"]), layer, self.panels, groups, chunks)
+
+
+def _output_blocks(model):
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    blocks = getattr(unet, "output_blocks", None)
+    if blocks is None:
+        raise ValueError("model: it has no UNet output blocks; consistent attention needs an SD1.5 / SDXL-family "
+                         "UNet model")
+    return unet, blocks
 
 
 def patch_comfy_model(model, patch: NativeConsistentAttention):
     """A clone of a ComfyUI MODEL whose UNet output-block self-attentions run ``patch``."""
     clone = model.clone()
-    unet = getattr(getattr(clone, "model", None), "diffusion_model", None)
-    blocks = getattr(unet, "output_blocks", None)
-    if blocks is None:
-        raise ValueError("model: it has no UNet output blocks; consistent attention needs an SD1.5 / SDXL-family "
-                         "UNet model")
+    _unet, blocks = _output_blocks(clone)
     count = 0
     for i, block in enumerate(blocks):
         for layer in block:
@@ -609,6 +633,155 @@ def patch_comfy_model(model, patch: NativeConsistentAttention):
     if count == 0:
         raise ValueError("model: its UNet output blocks have no self-attention to patch")
     return clone
+
+
+class FreeU:
+    """FreeU as StoryDiffusion runs it (diffusers' ``enable_freeu``): in every output block of
+    the two deepest up levels, the first half of the backbone channels is scaled by ``b1`` /
+    ``b2`` and the skip features are Fourier-filtered with ``s1`` / ``s2``. An
+    ``output_block_patch`` for ComfyUI's UNet (diffusers' own ``apply_freeu`` does the maths).
+    ComfyUI's FreeU nodes pick the stage by channel count instead, which on SD1.5 puts both
+    1280-channel levels in stage 1: a different result, hence this patch."""
+
+    def __init__(self, blocks_per_level: list, s1: float, s2: float, b1: float, b2: float):
+        self.blocks_per_level = list(blocks_per_level)  # output blocks of each up level, deepest first
+        self.kwargs = dict(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def level(self, block: int) -> int:
+        for lvl, n in enumerate(self.blocks_per_level):
+            if block < n:
+                return lvl
+            block -= n
+        return len(self.blocks_per_level)
+
+    def __call__(self, h, hsp, transformer_options):
+        from diffusers.utils.torch_utils import apply_freeu
+        block = transformer_options.get("block") or ("output", 0)
+        return apply_freeu(self.level(int(block[1])), h, hsp, **self.kwargs)
+
+
+def patch_freeu(model, **settings):
+    """A clone of a ComfyUI MODEL with StoryDiffusion's FreeU (see :class:`FreeU`)."""
+    clone = model.clone()
+    unet, _blocks = _output_blocks(clone)
+    per_level = [n + 1 for n in list(unet.num_res_blocks)[::-1]]
+    clone.set_model_output_block_patch(FreeU(per_level, **(settings or FREEU_DEFAULTS)))
+    return clone
+
+
+def encode_story_prompts(clip, prompts: list, negative: str, size: Optional[tuple] = None,
+                         zero_empty_negative: bool = False):
+    """Panel prompts and the negative prompt -> ComfyUI CONDITIONING: one positive entry whose
+    tensor holds one row per panel, and one negative entry. ``size`` (width, height), if given,
+    goes into the SDXL size conditioning (original = target size, no crop), as the story
+    pipeline does; ``zero_empty_negative``: an empty negative prompt is zeros (SDXL's convention)."""
+    if clip is None:
+        raise ValueError("clip: no text encoder given; connect the checkpoint's CLIP output")
+
+    def enc(text):
+        return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+
+    encoded = [enc(p) for p in prompts]
+    longest = max(c.shape[1] for c, _ in encoded)
+    blank = None
+    conds = []
+    for c, _ in encoded:
+        while c.shape[1] < longest:  # pad long-prompt chunks with empty-prompt chunks
+            if blank is None:
+                blank = enc("")[0]
+            c = torch.cat([c, blank[:, :min(blank.shape[1], longest - c.shape[1])]], dim=1)
+        conds.append(c)
+    extra = {}
+    if size is not None:
+        w, h = int(size[0]), int(size[1])
+        extra = dict(width=w, height=h, target_width=w, target_height=h, crop_w=0, crop_h=0)
+    pooled = [p for _, p in encoded]
+    meta = dict(extra, pooled_output=torch.cat(pooled)) if all(p is not None for p in pooled) else dict(extra)
+    neg_c, neg_p = enc(negative)
+    if zero_empty_negative and not negative:
+        neg_c = torch.zeros_like(neg_c)
+        neg_p = None if neg_p is None else torch.zeros_like(neg_p)
+    neg_meta = dict(extra, pooled_output=neg_p) if neg_p is not None else dict(extra)
+    return [[torch.cat(conds), meta]], [[neg_c, neg_meta]]
+
+
+def _rows(conditioning, rows) -> list:
+    """The CONDITIONING entry restricted to some panel rows (batched tensors are sliced)."""
+    c, meta = conditioning[0]
+    idx = torch.as_tensor(rows)
+    meta = {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[0] == c.shape[0] and c.shape[0] > 1 else v)
+            for k, v in meta.items()}
+    return [[c[idx] if c.shape[0] > 1 else c, meta]]
+
+
+def comfy_arch(model) -> str:
+    """"sdxl" for an SDXL-family ComfyUI MODEL, "sd15" for the SD1.x family; anything else is
+    refused (consistent attention and the DDIM settings are those of these two)."""
+    base = getattr(model, "model", None)
+    name = type(base).__name__
+    if name.startswith("SDXL"):
+        return "sdxl"
+    latent = getattr(base, "latent_format", None)
+    if type(latent).__name__ == "SD15" and getattr(getattr(base, "diffusion_model", None), "output_blocks", None):
+        return "sd15"
+    raise ValueError(f"model: {name} with {type(latent).__name__} latents is neither an SD1.5 nor an SDXL-family "
+                     f"model; load an SD1.5 or SDXL checkpoint")
+
+
+@torch.no_grad()
+def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings, arch: str) -> torch.Tensor:
+    """The story batch on ComfyUI's own MODEL / CLIP / VAE (from its checkpoint loader, with any
+    LoRA or patch upstream): the same phases, prompts, noise and DDIM as :func:`generate_story`,
+    sampled by ComfyUI's sampler. Returns (P, H, W, 3) float 0-1 in story order.
+
+    ``arch``: "sd15" or "sdxl" (which DDIM configuration; SDXL's empty negative prompt is zeros).
+    """
+    from .. import runtime
+    s = settings
+    if s.steps < 1:
+        raise ValueError(f"steps: {s.steps} must be at least 1")
+    if s.batch_size < 1:
+        raise ValueError(f"batch_size: {s.batch_size} must be at least 1")
+    latent_format = model.get_model_object("latent_format")
+    channels = int(getattr(latent_format, "latent_channels", 4))
+    factor = 8
+    levels = len(model.get_model_object("diffusion_model").num_res_blocks)
+    mult = factor * 2 ** (levels - 1)
+    for name in ("width", "height"):
+        v = getattr(s, name)
+        if v < mult or v % mult:
+            raise ValueError(f"{name}: {v} is not a positive multiple of {mult} (the model's size step)")
+    layout = story.layout
+    lh, lw = s.height // factor, s.width // factor
+    positive, negative = encode_story_prompts(clip, [p.prompt for p in story.panels], s.negative,
+                                              (s.width, s.height), zero_empty_negative=arch == "sdxl")
+    sigmas = ddim_sigmas(model.get_model_object("model_sampling").sigmas, s.steps, read_config(arch, "scheduler"))
+    # DDIM starts from x_T = noise in its own (variance-preserving) variables, which is
+    # noise * sqrt(1 + sigma_T^2) in ComfyUI's; ComfyUI's sampler multiplies the noise it is
+    # given by sigma_T (or by sqrt(1 + sigma_T^2) at the model's largest sigma)
+    s0 = float(sigmas[0])
+    start = 1.0 if runtime.starts_from_max_noise(model, s0) else (1.0 + s0 * s0) ** 0.5 / s0
+    state = ConsistentSelfAttention(layout, sa32=s.sa32, sa64=s.sa64, seed=s.seed, schedule=s.schedule,
+                                    window=s.attention_window, keep_bank=True,
+                                    bank_device=torch.device(s.bank_device) if s.bank_device else None)
+    state.latent_hw = (lh, lw)
+    base = patch_freeu(model) if s.freeu else model
+    phases = [list(refs) for refs in story.references.values()]
+    rest = [p for p in range(layout.n_panels) if p not in layout.reference_of]
+    phases += [rest[i:i + s.batch_size] for i in range(0, len(rest), s.batch_size)]
+    # DDIM's last step ends at alphas_cumprod[0]: scale as its output is (sqrt(alpha_0) x)
+    last = float(sigmas[-1])
+    out = torch.empty(layout.n_panels, channels, lh, lw)
+    for panels in phases:
+        patched = patch_comfy_model(base, NativeConsistentAttention(layout, state=state, panels=panels))
+        noise = torch.cat([torch.randn(1, channels, lh, lw, generator=torch.Generator().manual_seed(int(s.seed) + p))
+                           for p in panels]) * start
+        latent = runtime.sample(patched, noise, _rows(positive, panels), negative, sigmas, s.cfg, seed=s.seed)
+        out[panels] = latent.float().cpu() / (1.0 + last * last) ** 0.5
+        runtime.check_interrupt()
+    state.bank.clear()
+    images = vae.decode(out)
+    return images.reshape(-1, *images.shape[-3:]).float().cpu().clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- comic pages

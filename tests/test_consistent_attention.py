@@ -58,7 +58,8 @@ def test_lowvram_parity(lowvram, rate):
     write = run_phase(state, proj, d["in.write_hidden.A"], [0, 1])
     assert (write - d[f"{rate}.write_out.A"]).abs().max() < ATOL
     # the bank holds the sampled reference tokens (projected): compare with the official bank
-    bank_k, bank_v = state.bank[(1, 0, "A")]
+    bank_k = torch.stack([state.bank[(1, 0, "A", g)][0] for g in (0, 1)])  # one entry per CFG half
+    bank_v = torch.stack([state.bank[(1, 0, "A", g)][1] for g in (0, 1)])
     ref_hidden = torch.cat([d[f"{rate}.bank.A.0"], d[f"{rate}.bank.A.1"]], dim=1)
     assert bank_k.shape == (2, ref_hidden.shape[1], 64)
     assert torch.allclose(bank_k, ref_hidden @ proj.wk.T, atol=ATOL, rtol=0)

@@ -92,16 +92,17 @@ def test_motion_module_matches_fixture(fixtures_dir):
 
 
 def test_tiny_stage1_round_trip_bin_and_safetensors(tmp_path):
-    cfg = loading.load_config("tiny_stage1_flow_unet")
+    import tiny_motion_i2v
+    cfg = tiny_motion_i2v.config("stage1_flow_unet")
     torch.manual_seed(0)
     model = loading.build_flow_unet(cfg, "cpu")
     sd = model.state_dict()
     torch.save({k: v for k, v in sd.items() if not k.startswith("controlnet.")}, tmp_path / "unet.bin")
     save_file({k: v.contiguous() for k, v in sd.items() if k.startswith("controlnet.")},
               str(tmp_path / "controlnet.safetensors"))
-    loaded = loading.load_flow_unet(tmp_path / "unet.bin", tmp_path / "controlnet.safetensors", cfg)
+    loaded = loading.load_flow_unet(tmp_path / "unet.bin", tmp_path / "controlnet.safetensors")
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(KinemaError, match="broken.ckpt: could not be read"):
-        loading.load_flow_unet(tmp_path / "broken.ckpt", tmp_path / "controlnet.safetensors", cfg)
+        loading.load_flow_unet(tmp_path / "broken.ckpt", tmp_path / "controlnet.safetensors")

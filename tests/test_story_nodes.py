@@ -127,17 +127,15 @@ def test_patch_follows_comfy_batches():
 
 # ----------------------------------------------------------------------------- story batch node
 
-def test_story_batch_node(monkeypatch):
-    from test_story_pipeline import tiny_models
-    models = tiny_models("sd15")
-    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+def test_story_batch_node_checks_the_story_first():
+    # the story is parsed before any model is touched (the node runs on ComfyUI's models:
+    # tests/comfyui/test_story_core.py)
     node = ns.KinemaStoryBatch()
-    images, captions = node.generate(models, STORY + " #zzz", "", 2, "{prompt}, comic", "", 16, 16, 1, 5.0, 3,
-                                     0.5, 0.5, 2, True)
-    assert images.shape == (4, 16, 16, 3)
-    assert captions.splitlines()[-1] == "zzz" and len(captions.splitlines()) == 4
     with pytest.raises(ValueError, match="story: it is empty"):
-        node.generate(models, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True)
+        node.generate(None, None, None, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True, "lowvram")
+    with pytest.raises(ValueError, match="never appears alone"):
+        node.generate(None, None, None, "[A] [B] together\n[A] alone", "", 1, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2,
+                      True, "lowvram")
 
 
 class _Clip:

@@ -1,29 +1,21 @@
-"""Assemble stage-1 / stage-2 models from files, or with random weights (tests, benchmarks).
+"""Assemble Motion-I2V models from files, sized by the files themselves.
 
-``arch`` picks the config set: ``"sd15"`` (the released sizes) or ``"tiny"`` (small random
-networks of the same structure, for tests and headless smoke runs).
+- :func:`load_flow_model`: stage 1 from the released flow UNet, ControlNet and flow VAE.
+- :func:`load_reference_render_model`: stage 2 as the released code builds it (an SD1.5
+  single-file checkpoint converted to diffusers plus the motion files): the reference the
+  ComfyUI route (``native``) is checked against, and the standalone path.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from ...runtime import KinemaError
 from . import loading
 from .pipeline import DTYPES, FlowModel, RenderModel
 from .text import TextEncoder
-
-ARCHS = ("sd15", "tiny")
-
-
-def _names(arch: str) -> dict:
-    if arch not in ARCHS:
-        raise ValueError(f"architecture: must be one of {ARCHS}, got {arch!r}")
-    p = "tiny_" if arch == "tiny" else ""
-    return {"flow_unet": p + "stage1_flow_unet", "render_unet": p + "stage2_unet", "flow_vae": p + "flow_vae",
-            "image_vae": p + "image_vae", "text": p + "text_encoder"}
 
 
 def _dtype(name) -> torch.dtype:
@@ -34,73 +26,45 @@ def _dtype(name) -> torch.dtype:
     return DTYPES[name]
 
 
-def _sd_parts(checkpoint, arch: str):
-    """(unet 2D keys, image VAE, text encoder or None) from an SD1.5 single-file checkpoint."""
-    names = _names(arch)
+def load_flow_model(flow_unet, controlnet, flow_vae, dtype="fp32") -> FlowModel:
+    """Stage 1 from the released files (the SD1.5 image VAE and text encoder come from ComfyUI's
+    loaders, see ``predict_motion``'s ``image_latent`` and ``cond``)."""
+    unet = loading.load_flow_unet(flow_unet, controlnet)
+    fvae = loading.load_flow_vae(flow_vae)
+    return FlowModel(unet, fvae, dtype=_dtype(dtype))
+
+
+def _ldm_layers_per_block(sd: dict) -> int:
+    """Res blocks per level of an LDM-layout UNet (``model.diffusion_model.input_blocks.*``)."""
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.", k)] if m}
+    downs = {int(m.group(1)) for k in sd for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.", k)] if m}
+    levels = len(downs) + 1
+    return (len(blocks) - 1 - len(downs)) // levels
+
+
+def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") -> RenderModel:
+    """Stage 2 the way the released code builds it: an SD1.5 single-file checkpoint (its UNet,
+    VAE and text encoder through diffusers' converters) plus motion files in order (e.g.
+    AnimateDiff v2, then Motion-I2V's motion block; later ones override)."""
     path = Path(checkpoint)
     sd = loading.read_state_dict(path)
-    unet_cfg = loading.load_config(names["render_unet"])
-    vae_cfg = loading.load_config(names["image_vae"])
-    unet_sd, vae_sd, text_sd = loading.split_sd_checkpoint(sd, unet_cfg, vae_cfg, path.name)
+    if not any(k.startswith("model.diffusion_model.") for k in sd):
+        raise KinemaError(f"{path.name}: not an SD1.5 single-file checkpoint (no 'model.diffusion_model.*' keys)")
+    vae_cfg = loading.load_config("image_vae")
+    unet_sd, vae_sd, text_sd = loading.split_sd_checkpoint(sd, {"layers_per_block": _ldm_layers_per_block(sd)},
+                                                           vae_cfg, path.name)
     if not vae_sd:
         raise KinemaError(f"{path.name}: holds no VAE weights ('first_stage_model.*'); use a full SD1.5 checkpoint")
-    vae = loading.load_into(loading.build_vae(vae_cfg), vae_sd, f"{path.name} (VAE)")
-    text = TextEncoder(loading.load_config(names["text"]), text_sd, path.name) if text_sd else None
-    return unet_sd, vae.eval().requires_grad_(False), text
-
-
-def load_flow_model(flow_unet, controlnet, flow_vae, checkpoint, dtype="fp32", arch="sd15") -> FlowModel:
-    """Stage 1 from the released files (+ the SD1.5 checkpoint for the image VAE and CLIP)."""
-    names = _names(arch)
-    unet = loading.load_flow_unet(flow_unet, controlnet, names["flow_unet"])
-    fvae = loading.load_flow_vae(flow_vae, names["flow_vae"])
-    _, ivae, text = _sd_parts(checkpoint, arch)
-    return FlowModel(unet, fvae, ivae, text, _dtype(dtype))
-
-
-def load_render_model(checkpoint, motion_files: list, dtype="fp32", arch="sd15") -> RenderModel:
-    """Stage 2: SD1.5 checkpoint + motion files in order (e.g. AnimateDiff v2, then motion_block.bin)."""
-    names = _names(arch)
-    unet_sd, vae, text = _sd_parts(checkpoint, arch)
     motion = [(Path(p).name, loading.read_state_dict(p)) for p in motion_files]
-    unet = loading.load_render_unet(unet_sd, motion, names["render_unet"], Path(checkpoint).name)
-    return RenderModel(unet, vae, text, _dtype(dtype))
+    merged = dict(unet_sd)
+    for name, msd in motion:
+        merged.update(loading.motion_block_state_dict(msd, name))
+    unet_cfg = loading.unet_config(merged, "stage2_unet", path.name)
+    unet = loading.load_render_unet(unet_sd, motion, unet_cfg, path.name)
+    vae = loading.load_into(loading.build_vae(loading.vae_config(vae_sd, "image_vae", path.name)), vae_sd,
+                            f"{path.name} (VAE)")
+    text = TextEncoder(loading.load_config("text_encoder"), text_sd, path.name) if text_sd else None
+    return RenderModel(unet, vae.eval().requires_grad_(False), text, _dtype(dtype))
 
 
-def random_text_encoder(arch: str, seed: int = 0) -> TextEncoder:
-    cfg = loading.load_config(_names(arch)["text"])
-    torch.manual_seed(seed)
-    sd = CLIPTextModel(CLIPTextConfig(**cfg)).state_dict()
-    return TextEncoder(cfg, sd, "random")
-
-
-def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Re-draw every parameter (including zero-initialised outputs) so all paths carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return module.eval().requires_grad_(False)
-
-
-def random_flow_model(arch: str = "tiny", seed: int = 0, dtype="fp32", text: bool = True) -> FlowModel:
-    n = _names(arch)
-    unet = _randomise(loading.build_flow_unet(n["flow_unet"], "cpu"), seed)
-    fvae = _randomise(loading.build_vae(n["flow_vae"], "cpu"), seed + 1)
-    ivae = _randomise(loading.build_vae(n["image_vae"], "cpu"), seed + 2)
-    return FlowModel(unet, fvae, ivae, random_text_encoder(arch, seed) if text else None, _dtype(dtype))
-
-
-def random_render_model(arch: str = "tiny", seed: int = 0, dtype="fp32", text: bool = True) -> RenderModel:
-    n = _names(arch)
-    unet = _randomise(loading.build_render_unet(n["render_unet"], "cpu"), seed)
-    vae = _randomise(loading.build_vae(n["image_vae"], "cpu"), seed + 2)
-    return RenderModel(unet, vae, random_text_encoder(arch, seed) if text else None, _dtype(dtype))
-
-
-__all__ = ["ARCHS", "load_flow_model", "load_render_model", "random_flow_model", "random_render_model",
-           "random_text_encoder"]
+__all__ = ["load_flow_model", "load_reference_render_model"]

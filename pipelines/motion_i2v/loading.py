@@ -7,6 +7,7 @@ naming the file, what was expected and what was found. Files are read with safet
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -63,6 +64,76 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -
     return module
 
 
+# --------------------------------------------------------------------------- configs from files
+
+def _levels(sd: dict, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m})
+
+
+def _count(sd: dict, pattern: str) -> int:
+    return len({m.group(1) for k in sd for m in [re.match(pattern, k)] if m})
+
+
+def unet_config(sd: dict, base: str, name: str) -> dict:
+    """The config of a Motion-I2V-style 3D UNet state dict (stage 1 or 2): the released config
+    ``base`` with every size the tensors show (levels and channels, blocks per level, where
+    cross-attention and motion modules are, input/output/control channels, position-encoding
+    length) taken from the file. Head counts (8) and group norms (32) are SD's: shapes do not
+    tell them."""
+    cfg = dict(load_config(base))
+    levels = _levels(sd, r"^down_blocks\.(\d+)\.resnets\.0\.conv1\.weight$")
+    if not levels or "conv_in.weight" not in sd:
+        raise KinemaError(f"{name}: not a Motion-I2V / AnimateDiff UNet (no 'conv_in.weight' and "
+                          f"'down_blocks.<i>.resnets.0.conv1.weight' keys; found e.g. {next(iter(sd), 'nothing')})")
+    n = len(levels)
+    cfg["block_out_channels"] = [int(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in levels]
+    cfg["layers_per_block"] = _count(sd, r"^down_blocks\.0\.resnets\.(\d+)\.")
+    cross = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in levels]
+    cfg["down_block_types"] = ["CrossAttnDownBlock3D" if c else "DownBlock3D" for c in cross]
+    cfg["up_block_types"] = ["CrossAttnUpBlock3D" if any(k.startswith(f"up_blocks.{i}.attentions.") for k in sd)
+                             else "UpBlock3D" for i in range(n)]
+    cfg["motion_module_resolutions"] = [2 ** i for i in levels
+                                        if any(k.startswith(f"down_blocks.{i}.motion_modules.") for k in sd)]
+    cfg["motion_module_mid_block"] = any(k.startswith("mid_block.motion_modules.") for k in sd)
+    to_k = next((v for k, v in sd.items() if re.match(r"^down_blocks\.\d+\.attentions\.0\.transformer_blocks\.0"
+                                                       r"\.attn2\.to_k\.weight$", k)), None)
+    if to_k is not None:
+        cfg["cross_attention_dim"] = int(to_k.shape[1])
+    cfg["in_channels"] = int(sd["conv_in.weight"].shape[1])
+    if "conv_out.weight" in sd:
+        cfg["out_channels"] = int(sd["conv_out.weight"].shape[0])
+    pe = next((v for k, v in sd.items() if k.endswith("pos_encoder.pe")), None)
+    if pe is not None:
+        cfg["motion_pe_len"] = int(pe.shape[1])
+    cfg["motion_blocks"] = max(1, _count(sd, r"^(?:down|up)_blocks\.\d+\.motion_modules\.0\.temporal_transformer"
+                                             r"\.transformer_blocks\.(\d+)\."))
+    cfg["stride_embedding"] = "stride_embedding.linear_1.weight" in sd
+    cond = sd.get("controlnet.controlnet_cond_embedding.layers.0.weight")
+    cfg["controlnet"] = cond is not None
+    if cond is not None:
+        cfg["control_hidden"], cfg["control_channels"] = int(cond.shape[0]), int(cond.shape[1])
+    return cfg
+
+
+def vae_config(sd: dict, base: str, name: str) -> dict:
+    """The config of a diffusers AutoencoderKL state dict: ``base`` with the sizes the tensors
+    show (levels, channels, blocks per level, image and latent channels)."""
+    cfg = dict(load_config(base))
+    levels = _levels(sd, r"^encoder\.down_blocks\.(\d+)\.resnets\.0\.conv1\.weight$")
+    if not levels or "encoder.conv_in.weight" not in sd or "quant_conv.weight" not in sd:
+        raise KinemaError(f"{name}: not a diffusers VAE (no 'encoder.conv_in.weight', "
+                          f"'encoder.down_blocks.<i>.resnets.0.conv1.weight' and 'quant_conv.weight' keys)")
+    cfg["block_out_channels"] = [int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in levels]
+    cfg["layers_per_block"] = _count(sd, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    cfg["down_block_types"] = ["DownEncoderBlock2D"] * len(levels)
+    cfg["up_block_types"] = ["UpDecoderBlock2D"] * len(levels)
+    cfg["in_channels"] = int(sd["encoder.conv_in.weight"].shape[1])
+    cfg["out_channels"] = int(sd["decoder.conv_out.weight"].shape[0]) if "decoder.conv_out.weight" in sd \
+        else cfg["in_channels"]
+    cfg["latent_channels"] = int(sd["quant_conv.weight"].shape[0]) // 2
+    return cfg
+
+
 # --------------------------------------------------------------------------- stage 1
 
 def flow_unet_state_dict(unet_sd: dict, controlnet_sd: dict | None, unet_name: str = "unet",
@@ -115,20 +186,34 @@ def build_vae(config: dict | str, device="meta") -> AutoencoderKL:
         return AutoencoderKL(**cfg)
 
 
-def load_flow_unet(unet_path, controlnet_path=None, config="stage1_flow_unet") -> MotionUNet3D:
+def load_flow_unet(unet_path, controlnet_path=None) -> MotionUNet3D:
+    """The stage-1 flow UNet with its ControlNet, sized by the files (the released sizes, or
+    any smaller network of the same structure)."""
     unet_path = Path(unet_path)
     usd = read_state_dict(unet_path)
     csd = read_state_dict(controlnet_path) if controlnet_path else None
     sd = flow_unet_state_dict(usd, csd, unet_path.name, Path(controlnet_path).name if controlnet_path else "")
-    model = build_flow_unet(config)
-    load_into(model, sd, f"{unet_path.name} + {Path(controlnet_path).name if controlnet_path else ''}".rstrip(" +"))
+    label = f"{unet_path.name} + {Path(controlnet_path).name if controlnet_path else ''}".rstrip(" +")
+    cfg = unet_config(sd, "stage1_flow_unet", label)
+    if not cfg["stride_embedding"] or not cfg["controlnet"] or cfg["in_channels"] != 8:
+        raise KinemaError(f"{label}: not Motion-I2V's stage-1 flow UNet (it takes 8 input channels and has a "
+                          f"stride embedding and a ControlNet; found {cfg['in_channels']} channels"
+                          f"{'' if cfg['stride_embedding'] else ', no stride embedding'}"
+                          f"{'' if cfg['controlnet'] else ', no ControlNet'})")
+    model = build_flow_unet(cfg)
+    load_into(model, sd, label)
     return model.eval().requires_grad_(False)
 
 
-def load_flow_vae(path, config="flow_vae") -> AutoencoderKL:
+def load_flow_vae(path) -> AutoencoderKL:
+    """The 2-channel flow VAE, sized by the file."""
     path = Path(path)
     sd = flow_vae_state_dict(read_state_dict(path))
-    vae = build_vae(config)
+    cfg = vae_config(sd, "flow_vae", path.name)
+    if cfg["in_channels"] != 2:
+        raise KinemaError(f"{path.name}: a VAE for {cfg['in_channels']}-channel pictures; Motion-I2V's flow VAE "
+                          f"(vae_flow) encodes 2-channel flows")
+    vae = build_vae(cfg)
     load_into(vae, sd, path.name)
     return vae.eval().requires_grad_(False)
 

@@ -42,7 +42,7 @@ class TextEncoder:
         return self
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        p = next(self.model.parameters())
-        ids = tokenize(texts).to(p.device)
+    def encode(self, texts: list[str], device=None) -> torch.Tensor:
+        """(N, 77, D); ``device``: where the model runs (default: where its weights are)."""
+        ids = tokenize(texts).to(device if device is not None else next(self.model.parameters()).device)
         return self.model(input_ids=ids).last_hidden_state

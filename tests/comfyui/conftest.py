@@ -60,3 +60,25 @@ def workflows():
 
 def load_json(p: Path) -> dict:
     return json.loads(p.read_text())
+
+
+@pytest.fixture(scope="session")
+def models_dir():
+    """ComfyUI's models folder in this process (a temporary base folder, see tests/conftest.py)."""
+    import folder_paths
+    return Path(folder_paths.models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(models_dir):
+    """File name (in models/checkpoints) of a tiny SD1.5 checkpoint ComfyUI's loaders accept."""
+    import tiny_models
+    tiny_models.sd15_checkpoint(models_dir / "checkpoints" / "tiny_sd15.safetensors")
+    return "tiny_sd15.safetensors"
+
+
+@pytest.fixture(scope="session")
+def sd15_core(tiny_sd15):
+    """(MODEL, CLIP, VAE) of the tiny SD1.5 file from ComfyUI's own CheckpointLoaderSimple."""
+    import nodes
+    return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd15)[:3]

@@ -1,0 +1,101 @@
+"""Motion-I2V on ComfyUI's own SD1.5 model: the motion modules injected into ComfyUI's UNet and
+sampled by ComfyUI's sampler agree with the reference (the released code's structure: the
+SD1.5 file converted to diffusers, the 3D UNet with motion modules, diffusers' DDIM)."""
+import math
+
+import pytest
+import torch
+
+import nodes as comfy_nodes
+import tiny_models
+from kinema import runtime
+from kinema.kernels.field import MotionField
+from kinema.nodes import motion_i2v as mnodes
+from kinema.pipelines.ddim import ddim_sigmas
+from kinema.pipelines.motion_i2v import build, native
+from kinema.pipelines.motion_i2v.loading import load_config
+from kinema.pipelines.motion_i2v.pipeline import render_video
+
+F, H, W = 6, 32, 48
+
+
+@pytest.fixture(scope="module")
+def motion_file(sd15_core, models_dir):
+    model = sd15_core[0]
+    return tiny_models.motion_block(models_dir / "kinema" / "motion_i2v" / "motion_block.safetensors",
+                                    model.get_model_object("diffusion_model"))
+
+
+@pytest.fixture(scope="module")
+def conds(sd15_core):
+    clip = sd15_core[1]
+    enc = comfy_nodes.CLIPTextEncode()
+    return enc.encode(clip, "a boat on a lake")[0], enc.encode(clip, "blurry")[0]
+
+
+def _scene():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(H, W, 3, generator=g)
+    flow = torch.zeros(F, H, W, 2)
+    for k in range(F):
+        flow[k, :, :24, 0] = 1.5 * k       # the left half drifts right
+    static = torch.zeros(H, W)
+    static[:, 32:] = 1.0                   # the right third stays
+    return image, MotionField(flow), static
+
+
+def test_render_loader_injects_and_ejects(sd15_core, motion_file):
+    model = sd15_core[0]
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    unet = model.get_model_object("diffusion_model")
+    count = lambda: sum(isinstance(m, native.MotionModule) for m in unet.modules())  # noqa: E731
+    assert count() == 0 and render is not model
+    runtime.load_models(render)
+    assert count() == len(native.unet_places(unet)) == 7  # 2 down, 1 mid, 4 up in the tiny UNet
+    assert "Motion-I2V motion modules" in runtime.loaded_model_names()
+    runtime.load_models(model)          # loading another clone of the same model takes them out
+    assert count() == 0
+    with pytest.raises(runtime.KinemaError, match="motion_modules"):
+        native.build_motion_modules(unet, [("bad.bin", {"conv_in.weight": torch.zeros(1)})])
+
+
+def test_render_matches_reference(sd15_core, conds, motion_file, models_dir, tiny_sd15):
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, static = _scene()
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    got, latents = native.render_video_comfy(render, vae, positive, negative, image, motion, static, steps=4,
+                                             guidance=3.0, seed=5)
+    assert got.shape == (F, H, W, 3)
+
+    # the reference, fed what ComfyUI's sampler starts from: the image latent (the VAE mean),
+    # the same noise, and ComfyUI's masked start (image latent + sigma_T * noise)
+    ref = build.load_reference_render_model(models_dir / "checkpoints" / tiny_sd15, [motion_file], "fp32")
+    z = vae.encode(image[None]).float()
+    noise = torch.randn((1, 4, F, H // 8, W // 8), generator=torch.Generator().manual_seed(5))
+    s0 = float(ddim_sigmas(render.get_model_object("model_sampling").sigmas, 4, load_config("scheduler"))[0])
+    start = ((z * 0.18215)[:, :, None] + s0 * noise) / math.sqrt(1 + s0 * s0)
+    want = render_video(ref, image, motion, static, cond=positive[0][0], uncond=negative[0][0], steps=4,
+                        guidance=3.0, image_latent=z, latents=start, noise=noise)
+    # same weights, two implementations in float32 (ComfyUI's UNet with injected modules and
+    # its sampler; diffusers' blocks and DDIM): equal to rounding
+    assert (got - want.frames).abs().max() < 2e-3
+    assert (latents - want.latents[0].transpose(0, 1) / 0.18215).abs().max() < 2e-3
+    # frame 0 and the still third (latent columns 4-5) are the picture's latent in every frame;
+    # the rest moves
+    assert (latents[0] - z[0]).abs().max() < 1e-6
+    assert (latents[:, :, :, 4:] - z[:, :, :, 4:]).abs().max() < 1e-6
+    assert (latents[1:, :, :, :3] - z[:, :, :, :3]).abs().max() > 1e-2
+
+
+def test_render_node(sd15_core, conds, motion_file):
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, _ = _scene()
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    node = mnodes.KinemaMotionI2VRender()
+    frames, latent = node.render(render, vae, positive, negative, image[None], motion, 2, 2.0, 3, True)
+    assert frames.shape == (F, H, W, 3) and latent["samples"].shape == (F, 4, H // 8, W // 8)
+    with pytest.raises(ValueError, match="at most 16"):
+        node.render(render, vae, positive, negative, image[None], MotionField(torch.zeros(17, H, W, 2)), 2, 2.0, 3,
+                    True)

@@ -1,0 +1,45 @@
+"""Story batches on ComfyUI's own models: a tiny SD1.5 file read by ComfyUI's
+CheckpointLoaderSimple and sampled by ComfyUI's sampler gives the same panels as the pack's
+reference pipeline (diffusers models from the same file, diffusers' DDIM)."""
+import pytest
+import torch
+
+import tiny_models
+from kinema.nodes import story as ns
+from kinema.pipelines import story as sp
+
+STORY = "[Ann] a girl with a red scarf\n[Ann] the girl in a garden\n[NC] a quiet street\n[Ann] the girl reading"
+
+
+@pytest.fixture(scope="module")
+def reference(models_dir, tiny_sd15):
+    return sp.load_checkpoint(models_dir / "checkpoints" / tiny_sd15, dtype=torch.float32,
+                              configs=tiny_models.sd15_diffusers_configs())
+
+
+@pytest.mark.parametrize("freeu, cfg, schedule", [(False, 5.0, "lowvram"), (True, 4.0, "app"), (False, 1.0, "lowvram")])
+def test_core_route_matches_reference(sd15_core, reference, freeu, cfg, schedule):
+    model, clip, vae = sd15_core
+    story = sp.parse_story(STORY, id_length=2)
+    settings = sp.StorySettings(width=32, height=48, steps=6, cfg=cfg, seed=11, id_length=2, batch_size=1,
+                                freeu=freeu, schedule=schedule, negative="blurry")
+    got = sp.generate_story_comfy(model, clip, vae, story, settings, sp.comfy_arch(model))
+    want = sp.generate_story(reference, story, settings)
+    assert got.shape == want.shape == (4, 48, 32, 3)
+    # same weights, two implementations (ComfyUI's LDM modules and sampler, diffusers' models and
+    # DDIM) in float32: they agree to rounding; the panels themselves differ from each other
+    assert (got - want).abs().max() < 2e-3
+    assert (want[0] - want[1]).abs().max() > 0.05
+
+
+def test_story_batch_node(sd15_core):
+    model, clip, vae = sd15_core
+    node = ns.KinemaStoryBatch()
+    images, captions = node.generate(model, clip, vae, STORY + " #reading time", "", 2, "{prompt}", "", 32, 32, 2,
+                                     5.0, 3, 0.5, 0.5, 2, True, "lowvram")
+    assert images.shape == (4, 32, 32, 3) and captions.splitlines()[-1] == "reading time"
+    again, _ = node.generate(model, clip, vae, STORY + " #reading time", "", 2, "{prompt}", "", 32, 32, 2, 5.0, 3,
+                             0.5, 0.5, 2, True, "lowvram")
+    assert torch.equal(images, again)
+    with pytest.raises(ValueError, match="width: 40 is not a positive multiple of 16"):
+        node.generate(model, clip, vae, STORY, "", 2, "{prompt}", "", 40, 32, 2, 5.0, 3, 0.5, 0.5, 2, True, "lowvram")
