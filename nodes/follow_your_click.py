@@ -37,7 +37,7 @@ class KinemaFYCLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "unet_name": (runtime.list_models(FOLDER), {"tooltip": "An FYC-format checkpoint in "
+            "unet_name": (runtime.model_choices(FOLDER), {"tooltip": "An FYC-format checkpoint in "
                                                                     "models/kinema/follow_your_click."}),
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Weights precision. auto: ComfyUI's choice "
                                                                              "for the device (fp16/bf16 on a GPU, fp32 "

@@ -1,13 +1,11 @@
-"""Random SD1.5 single-file checkpoints and AnimateDiff motion modules in the released layouts,
-small or real-sized, for tests, benchmarks and headless smoke runs (no weights are downloaded).
+"""Small random SD1.5 single-file checkpoints and AnimateDiff motion modules in the released
+layouts, for tests, benchmarks and headless smoke runs (no weights are downloaded).
 
 :func:`sd15_checkpoint` writes the original (LDM) key layout of ``v1-5-pruned*.safetensors``:
 diffusers models with random weights, renamed to the original names (the inverse of diffusers'
-single-file converters). ``vae="full"`` / ``text="full"`` give the real-sized SD VAE and CLIP-L
-text encoder, which ComfyUI's checkpoint loader needs to recognise an SD1.5 file (it also needs
-320 UNet channels and 768-wide cross-attention; fewer levels and blocks are fine).
-:func:`motion_module` writes the keys of ``mm_sd_v15.ckpt`` (v1) or ``mm_sd_v15_v2.ckpt`` (v2)
-for such a UNet.
+single-file converters), with a small VAE and text encoder (ComfyUI's own loader wants the
+real-sized ones: ``tests/comfyui/tiny_models.py`` writes such files). :func:`motion_module`
+writes the keys of ``mm_sd_v15.ckpt`` (v1) or ``mm_sd_v15_v2.ckpt`` (v2) for a UNet.
 """
 from __future__ import annotations
 
@@ -137,11 +135,10 @@ def unet2d_config(channels=(32, 64), layers: int = 1, cross_attention_dim: int =
     return cfg
 
 
-def sd15_checkpoint(seed: int = 0, unet: dict | None = None, vae: str = "tiny", text: str = "tiny",
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A random SD1.5 single-file state dict in the original layout. ``unet``: overrides of
-    :data:`TINY_UNET` (``block_out_channels``, ``layers_per_block``, ``cross_attention_dim``);
-    ``vae`` / ``text``: "tiny" or "full" (the real SD1.5 sizes)."""
+def sd15_checkpoint(seed: int = 0, unet: dict | None = None) -> dict[str, torch.Tensor]:
+    """A random SD1.5 single-file state dict in the original layout with a small VAE and text
+    encoder. ``unet``: overrides of :data:`TINY_UNET` (``block_out_channels``,
+    ``layers_per_block``, ``cross_attention_dim``; the text encoder follows the last)."""
     g = torch.Generator().manual_seed(seed)
     u = dict(TINY_UNET, **(unet or {}))
     ucfg = unet2d_config(u["block_out_channels"], u["layers_per_block"], u["cross_attention_dim"])
@@ -149,22 +146,18 @@ def sd15_checkpoint(seed: int = 0, unet: dict | None = None, vae: str = "tiny", 
     sd = unet_to_ldm(_randomise(UNet2DConditionModel(**ucfg), g).state_dict(), ucfg["layers_per_block"],
                      len(ucfg["block_out_channels"]))
     vcfg = _sd15_config("vae")
-    if vae == "tiny":
-        n = len(TINY_VAE["block_out_channels"])
-        vcfg.update(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+    n = len(TINY_VAE["block_out_channels"])
+    vcfg.update(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
     vmodel = _randomise(AutoencoderKL(**vcfg), g)
     sd.update(vae_to_ldm(vmodel.state_dict(), len(vcfg["block_out_channels"]), vcfg["layers_per_block"]))
     tcfg = _sd15_config("text_encoder")
     tcfg.pop("architectures", None)
     tcfg.pop("model_type", None)
-    if text == "tiny":
-        tcfg.update(TINY_TEXT)
-    if tcfg["hidden_size"] != ucfg["cross_attention_dim"]:
-        raise ValueError(f"text encoder width {tcfg['hidden_size']} != UNet cross-attention {ucfg['cross_attention_dim']}")
+    tcfg.update(TINY_TEXT, hidden_size=ucfg["cross_attention_dim"], projection_dim=ucfg["cross_attention_dim"])
     tmodel = _randomise(CLIPTextModel(CLIPTextConfig(**tcfg)), g)
     sd.update({LDM_TEXT + (k if k.startswith("text_model.") else "text_model." + k): v   # the files' names
                for k, v in tmodel.state_dict().items() if not k.endswith("position_ids")})
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
 
 
 def motion_module(channels=(32, 64), layers: int = 1, version: int = 1, seed: int = 0,

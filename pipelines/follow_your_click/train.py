@@ -102,8 +102,9 @@ class Trainer:
         if self.unet.max_frames < cfg.frames:
             raise ValueError(f"frames: {cfg.frames}; this model takes at most {self.unet.max_frames}")
         self.unet.to(self.device).train()
-        self.vae = sd15.DiffusersVAE(sd15.load_vae(cfg.sd15), device=self.device)
-        self.text = sd15.TextEncoder(sd15.load_text_encoder(cfg.sd15), device=self.device)
+        # frozen, in fp32 whatever the file holds (SD files are often fp16)
+        self.vae = sd15.DiffusersVAE(sd15.load_vae(cfg.sd15).float(), device=self.device)
+        self.text = sd15.TextEncoder(sd15.load_text_encoder(cfg.sd15).float(), device=self.device)
         self.segmenter = None
         if cfg.sam:
             from ..segment import load_sam

@@ -1,6 +1,6 @@
-"""Follow-Your-Click inside ComfyUI: a tiny model built from a ComfyUI-loadable SD1.5 checkpoint
-(320 UNet channels, real-sized VAE and CLIP-L, random weights) and an AnimateDiff motion module,
-trained a few steps on clips the pack makes itself, then
+"""Follow-Your-Click inside ComfyUI: a tiny model built from the ComfyUI-loadable tiny SD1.5 file
+(``tiny_models.py``) and an AnimateDiff motion module sized for it, trained a few steps on clips
+the pack makes itself, then
 
 - headless in this process, with ComfyUI's own VAE and CLIP from its checkpoint loader, under
   its model management: outside the clicked region every frame is the picture;
@@ -20,18 +20,20 @@ import torch
 import harness
 from kinema.pipelines.follow_your_click import convert, data, tiny, train
 
-SD = "kinema_tiny_sd15.safetensors"
 FYC = "kinema_tiny_fyc.safetensors"
 DC = "kinema_tiny_dc512.safetensors"
-UNET = {"block_out_channels": [320, 320], "layers_per_block": 1, "cross_attention_dim": 768}
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """The tiny files, made and trained once."""
+def made(tmp_path_factory, models_dir, tiny_sd15):
+    """The tiny files, made and trained once, in a folder of their own."""
+    import tiny_models
     d = tmp_path_factory.mktemp("fyc_comfy")
-    sd = tiny.save(tiny.sd15_checkpoint(seed=0, unet=UNET, vae="full", text="full", dtype=torch.float16), d / SD)
-    mm = tiny.save(tiny.motion_module(channels=(320, 320), version=2, seed=1), d / "mm_sd_v15_v2.ckpt")
+    sd = d / tiny_sd15
+    sd.symlink_to(models_dir / "checkpoints" / tiny_sd15)
+    channels = [tiny_models.SD15_UNET["model_channels"] * m for m in tiny_models.SD15_UNET["channel_mult"]]
+    mm = tiny.save(tiny.motion_module(channels=channels, layers=tiny_models.SD15_UNET["num_res_blocks"], version=2,
+                                      seed=1), d / "mm_sd_v15_v2.ckpt")
     convert.save_unet(convert.build_from_sd15(sd, mm), d / "init.safetensors")
     data.synthetic_clips(d / "clips", count=2, frames=8, size=64, seed=0)
     cfg = train.TrainConfig(model=str(d / "init.safetensors"), sd15=str(sd), clips=str(d / "clips"), out=str(d / "run"),
@@ -45,24 +47,20 @@ def made(tmp_path_factory):
     return d
 
 
-def _install(made: Path, models: Path) -> None:
-    for name, folder in ((SD, "checkpoints"), (FYC, "kinema/follow_your_click"), (DC, "kinema/dynamicrafter")):
+def _install(made: Path, models: Path, sd: str) -> None:
+    for name, folder in ((sd, "checkpoints"), (FYC, "kinema/follow_your_click"), (DC, "kinema/dynamicrafter")):
         (models / folder).mkdir(parents=True, exist_ok=True)
         target = models / folder / name
         if not target.exists():
-            target.symlink_to(made / name)
+            target.symlink_to((made / name).resolve())
 
 
-def test_headless_with_comfyui_vae_and_clip(made):
-    import comfy.sd
-    import folder_paths
-
+def test_headless_with_comfyui_vae_and_clip(made, models_dir, tiny_sd15, sd15_core):
     from kinema.nodes import follow_your_click as N
     from kinema.nodes.segment import KinemaClickToMask
 
-    _install(made, Path(folder_paths.models_dir))
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path("checkpoints", SD),
-                                                             output_vae=True, output_clip=True)[:3]
+    _install(made, models_dir, tiny_sd15)
+    _, clip, vae = sd15_core
     (fyc,) = N.KinemaFYCLoader().load(FYC, "auto")
     assert fyc.patcher is not None                                   # held by a ModelPatcher
     cond = lambda text: [[clip.encode_from_tokens(clip.tokenize(text)), {}]]  # noqa: E731
@@ -80,8 +78,8 @@ def test_headless_with_comfyui_vae_and_clip(made):
     assert bool(outside.any()) and (out - img)[:, outside].abs().max() <= 1 / 255
 
 
-def _run(comfy, made, workflow: str, overrides: dict) -> dict:
-    _install(made, comfy.base / "models")
+def _run(comfy, made, sd: str, workflow: str, overrides: dict) -> dict:
+    _install(made, comfy.base / "models", sd)
     object_info = comfy.get("/object_info", timeout=120)   # fetched after the files are in place
     wf = json.loads((harness.ROOT / "workflows" / workflow).read_text())
     api = harness.ui_to_api(wf, object_info)
@@ -107,17 +105,17 @@ def _frames(comfy, item) -> int:
 SMALL_FYC = {"frames": 4, "width": 96, "height": 64, "steps": 2}
 
 
-def test_follow_your_click_workflow_through_the_api(comfy, made):
-    outs = _run(comfy, made, "follow_your_click.json", {
-        "CheckpointLoaderSimple": {"ckpt_name": SD}, "KinemaFYCLoader": {"unet_name": FYC},
+def test_follow_your_click_workflow_through_the_api(comfy, made, tiny_sd15):
+    outs = _run(comfy, made, tiny_sd15, "follow_your_click.json", {
+        "CheckpointLoaderSimple": {"ckpt_name": tiny_sd15}, "KinemaFYCLoader": {"unet_name": FYC},
         "KinemaFYCAnimate": SMALL_FYC})
     video = outs["Follow-Your-Click video"]["images"]
     assert len(video) == 1 and _frames(comfy, video[0]) == 4
 
 
-def test_two_backend_workflow_through_the_api(comfy, made):
-    outs = _run(comfy, made, "click_strength_two_backends.json", {
-        "CheckpointLoaderSimple": {"ckpt_name": SD}, "KinemaFYCLoader": {"unet_name": FYC},
+def test_two_backend_workflow_through_the_api(comfy, made, tiny_sd15):
+    outs = _run(comfy, made, tiny_sd15, "click_strength_two_backends.json", {
+        "CheckpointLoaderSimple": {"ckpt_name": tiny_sd15}, "KinemaFYCLoader": {"unet_name": FYC},
         "KinemaFYCAnimate": SMALL_FYC, "KinemaDynamiCrafterLoader": {"ckpt_name": DC, "precision": "fp32"},
         "KinemaDynamiCrafterAnimate": {"frames": 4, "width": 64, "height": 64, "steps": 2}})
     for title, frames in (("Follow-Your-Click video", 4), ("DynamiCrafter video", 4), ("warp video (no model)", 16)):
