@@ -67,7 +67,7 @@ class _Oracle(torch.nn.Module):
         self.x0 = x0
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.ac = P.scheduler().alphas_cumprod
-        self.seen = []
+        self.seen, self.inputs = [], []
 
     dtype = torch.float32
     latent_channels = 4
@@ -75,6 +75,7 @@ class _Oracle(torch.nn.Module):
 
     def forward(self, x_in, t, ctx, fps, strength):
         self.seen.append((x_in.shape, int(t), fps, strength))
+        self.inputs.append(x_in.clone())
         x = x_in[:, :4]
         a = self.ac[int(t)]
         eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
@@ -89,6 +90,23 @@ def test_v_prediction_ddim_lands_on_the_clean_latent(steps, eta):
                    _opts(frames=3, steps=steps, eta=eta, fps=3, strength=6))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
     assert oracle.seen[0][0] == (1, 9, 3, 5, 6) and oracle.seen[0][2:] == (3, 6)   # 9-channel input, conditions
+
+
+@pytest.mark.parametrize("case,seed", [("with_mask", 101), ("no_mask", 111), ("no_mask_partial_first_frame", 121)])
+def test_first_noise_is_the_official_draw(fixtures_dir, case, seed):
+    """The official pipeline draws its starting latent with torch.randn(B, 4, F, h, w, generator);
+    the fixture's generators were seeded 100 / 110 / 120 + 1 (found by matching). The sampler's
+    first UNet input holds exactly that draw, the conditioning exactly the fixture's."""
+    from safetensors.torch import load_file
+    fx = load_file(str(fixtures_dir / "follow_your_click" / "conditioning.safetensors"))
+    ref = fx[f"{case}.unet_input_step0"]
+    oracle = _Oracle(torch.zeros(1, 4, 16, 8, 8))
+    P.sample(runtime.ManagedModel(oracle, "oracle"), fx[f"{case}.first_image_latents"], torch.zeros(1, 2, 8),
+             torch.zeros(1, 2, 8), _opts(frames=16, steps=2, cfg=8.0), generator=torch.Generator().manual_seed(seed),
+             partial=fx.get(f"{case}.partial_mask"), mask=None if case != "with_mask" else
+             fx["with_mask.first_images_mask"][:, :, 0])
+    assert torch.equal(oracle.inputs[0], ref)
+    assert [t for _, t, _, _ in oracle.seen] == [501, 1]
 
 
 def test_noise_inits():

@@ -101,12 +101,14 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def sample(unet: runtime.ManagedModel, image_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
            opts: FYCOptions, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+           generator: torch.Generator | None = None, callback=None, partial: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loop.
 
     image_latent (1, 4, h, w) scaled; cond / uncond (1, L, D) text features (uncond None: no
     guidance); mask (1, 1, h, w) from ``mask_condition`` or None; keep (1, 1, 1, h, w) the latent
-    keep weight of regional animation or None. Returns the final latent (1, 4, F, h, w) float32.
+    keep weight of regional animation or None; partial (1, 1, h, w) a 0/1 map on the image latent
+    (else one is drawn when ``opts.first_frame_dropout`` > 0). Returns the final latent
+    (1, 4, F, h, w) float32.
     ``callback(i, info)`` sees ``x`` (after the step), ``t`` and ``x_in`` (the UNet input).
     """
     model: FYCUNet = unet.module
@@ -116,9 +118,9 @@ def sample(unet: runtime.ManagedModel, image_latent: torch.Tensor, cond: torch.T
     h, w = image_latent.shape[-2:]
     shape = (1, model.latent_channels, int(opts.frames), h, w)
     z_img = image_latent.to(dev, torch.float32)
-    partial = None
-    if opts.first_frame_dropout > 0:
-        partial = (torch.rand((1, 1, h, w), generator=gen) >= opts.first_frame_dropout).float().to(dev)
+    if partial is None and opts.first_frame_dropout > 0:
+        partial = (torch.rand((1, 1, h, w), generator=gen) >= opts.first_frame_dropout).float()
+    partial = partial.to(dev) if partial is not None else None
     x = initial_latents(shape, gen, z_img, opts.shared_noise, opts.image_init).to(dev)
     sched = scheduler()
     sched.set_timesteps(int(opts.steps))
