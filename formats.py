@@ -187,3 +187,40 @@ def tracks_to_json(tracks: Tracks) -> str:
         "tracks": [[{"x": round(float(x), 3), "y": round(float(y), 3)} for x, y in t.tolist()] for t in tracks.tracks],
         "anchors": [{"x": round(float(x), 3), "y": round(float(y), 3)} for x, y in tracks.anchors.tolist()],
     })
+
+
+WAN_TRACK_SAMPLES = 121  # WanTrackToVideo reads 121 samples per track, spread over the clip
+
+
+def wan_fit(size: tuple[int, int], out_size: tuple[int, int]):
+    """How WanTrackToVideo fits a start image of ``size`` (W, H) into its video of ``out_size``:
+    centre-cropped to the video's shape, then scaled (ComfyUI's ``common_upscale(...,
+    "center")``). Returns ``f(xy) -> xy``: image pixels (centre at integer coordinates) to
+    video pixels."""
+    w, h = size
+    ow, oh = out_size
+    aspect, out_aspect = w / h, ow / oh
+    x0 = y0 = 0
+    if aspect > out_aspect:
+        x0 = round((w - w * (out_aspect / aspect)) / 2)
+    elif aspect < out_aspect:
+        y0 = round((h - h * (aspect / out_aspect)) / 2)
+    sx, sy = ow / (w - 2 * x0), oh / (h - 2 * y0)
+
+    def fit(xy: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(xy[..., 0] - x0 + 0.5) * sx - 0.5, (xy[..., 1] - y0 + 0.5) * sy - 0.5], -1)
+    return fit
+
+
+def wan_tracks_json(positions: list[torch.Tensor], size: tuple[int, int], out_size: tuple[int, int]) -> str:
+    """Tracks in core WanTrackToVideo's format: ``[[{"x": .., "y": ..}, ...], ...]``, one list of
+    :data:`WAN_TRACK_SAMPLES` points per track (``positions``: (121, 2) image pixels each),
+    in the pixels of its ``out_size`` (W, H) video (see :func:`wan_fit`)."""
+    fit = wan_fit(size, out_size)
+    out = []
+    for p in positions:
+        if tuple(p.shape) != (WAN_TRACK_SAMPLES, 2):
+            raise ValueError(f"wan tracks: expected ({WAN_TRACK_SAMPLES}, 2) positions, got {tuple(p.shape)}")
+        q = fit(p.to(torch.float64))
+        out.append([{"x": round(float(x), 2), "y": round(float(y), 2)} for x, y in q.tolist()])
+    return json.dumps(out)

@@ -7,14 +7,15 @@ from pathlib import Path
 
 
 def load_pack():
-    """Import this folder as the package ``kinema`` (whatever the folder is called)."""
-    root = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("kinema", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = pack
-    spec.loader.exec_module(pack)
-    return pack
+    """Import this folder as the package ``kinema`` (by path, whatever the folder is called)."""
+    if "kinema" not in sys.modules:
+        root = Path(__file__).resolve().parent
+        spec = importlib.util.spec_from_file_location("kinema", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["kinema"] = pack
+        spec.loader.exec_module(pack)
+    return sys.modules["kinema"]
 
 
 if __name__ == "__main__":

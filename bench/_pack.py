@@ -1,22 +1,13 @@
 """Shared by the benchmark scripts: load the repository as the package ``kinema`` (by path,
 as ComfyUI loads a custom-node folder) and read the peak resident memory."""
-import importlib.util
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def load_pack():
-    """Import the repository root as ``kinema`` once; return the module."""
-    if "kinema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kinema", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["kinema"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["kinema"]
-
+from run_workflow import load_pack  # noqa: E402,F401  (import the repository root as ``kinema`` once)
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (VmHWM), MiB; ru_maxrss where /proc is missing."""

@@ -6,18 +6,18 @@ import json
 
 import torch
 
-from .. import formats
+from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.flow import flow_magnitude_stats, flow_to_color, pair_motion, strength_bucket
 from ..kernels.masks import rasterize_strokes
-from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion
+from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion, resample_track
 from ..pipelines.optical_flow import flow_from_first
 from ..pipelines.segment import overlay
 from ..pipelines.warp_animator import FILL_MODES, animate
 from ._ui import save_temp_png, save_temp_webp
 
 MOTION = "KINEMA_MOTION"
-CATEGORY = "Kinema/motion"
+CATEGORY = "Kinema/Motion"
 
 
 def first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -49,10 +49,13 @@ class KinemaMotionFromDrags:
                    "the masked region moves, as one piece.")
     CATEGORY = CATEGORY
     FUNCTION = "build"
-    RETURN_TYPES = (MOTION, "IMAGE")
-    RETURN_NAMES = ("motion", "preview")
+    RETURN_TYPES = (MOTION, "IMAGE", "STRING")
+    RETURN_NAMES = ("motion", "preview", "wan_tracks")
     OUTPUT_TOOLTIPS = ("Per-frame displacement from frame 0, in pixels; feed it to 'Animate by warping' or a model renderer.",
-                       "The motion of the last frame as a colour wheel (hue = direction, strength = distance).")
+                       "The motion of the last frame as a colour wheel (hue = direction, strength = distance).",
+                       "The drags as core WanTrackToVideo tracks (its 'tracks' input): 121 points per drag with this "
+                       "node's timing and strength, anchors as still tracks, in the pixels of a wan_width x "
+                       "wan_height video (set WanTrackToVideo's width and height to the same).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -77,23 +80,35 @@ class KinemaMotionFromDrags:
                                              "Without it, motion fades with distance from each drag."}),
                 "anchors": ("STRING", {"forceInput": True,
                                        "tooltip": "Extra static points as JSON [[x,y], ...] that must not move."}),
+                "wan_width": ("INT", {"default": 832, "min": 16, "max": 16384, "step": 16,
+                                      "tooltip": "Width of the WanTrackToVideo video the wan_tracks output is for."}),
+                "wan_height": ("INT", {"default": 480, "min": 16, "max": 16384, "step": 16,
+                                       "tooltip": "Height of the WanTrackToVideo video the wan_tracks output is for."}),
             },
         }
 
-    def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None):
+    def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None,
+              wan_width=832, wan_height=480):
         img = first_image(image)
         h, w = img.shape[:2]
         tr = formats.parse_tracks(tracks, size=(w, h), anchors_text=anchors)
         if len(tr) == 0:
             raise ValueError("tracks: no drags given — draw at least one drag (a start and an end point)")
         region = single_mask(mask, (w, h))
-        flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors, region=region,
-                            strength=float(strength), easing=easing, falloff=(int(falloff) or None))
+        dev = runtime.device()
+        flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors,
+                            region=None if region is None else region.to(dev), strength=float(strength),
+                            easing=easing, falloff=(int(falloff) or None), device=dev).cpu()
         field = MotionField(flow, region)
         preview = flow_to_color(flow[-1]).unsqueeze(0)
-        return {"ui": {"images": [save_temp_png(preview[0], "kinema_motion")],
+        wan = formats.wan_tracks_json(
+            [t[0] + float(strength) * (resample_track(t, formats.WAN_TRACK_SAMPLES, easing) - t[0]) for t in tr.tracks]
+            + [a.expand(formats.WAN_TRACK_SAMPLES, 2) for a in tr.anchors],
+            (w, h), (int(wan_width), int(wan_height)))
+        # the flow preview goes to the editor (its Flow button), not to a default image preview
+        return {"ui": {"kinema_flow": [save_temp_png(preview[0], "kinema_motion")],
                        "kinema_bg": [save_temp_png(img, "kinema_bg")]},
-                "result": (field, preview)}
+                "result": (field, preview, wan)}
 
 
 class KinemaMotionBrush:
@@ -163,7 +178,10 @@ class KinemaAnimateWarp:
         if motion.size != (w, h):
             raise ValueError(f"motion: the motion field is {motion.size[0]}x{motion.size[1]} but the image is "
                              f"{w}x{h}; build the motion from this image")
-        frames = animate(img, motion, mask=single_mask(mask, (w, h)), loop=bool(loop), fill=fill)
+        dev = runtime.device()
+        region = single_mask(mask, (w, h))
+        frames = animate(img.to(dev), motion, mask=None if region is None else region.to(dev), loop=bool(loop),
+                         fill=fill).cpu()
         return {"ui": {"images": [save_temp_webp(frames, fps=float(preview_fps), prefix="kinema_anim")],
                        "animated": (True,)},
                 "result": (frames,)}
@@ -209,7 +227,9 @@ class KinemaMotionStrength:
         if frames < 2:
             raise ValueError("motion: the motion field has one frame; motion needs at least 2")
         # frame-to-frame motion of the pixels of frame 0 (a mask drawn on frame 0 keeps selecting them)
-        stats = flow_magnitude_stats(pair_motion(flow), region, percentile=float(percentile))
+        dev = runtime.device()
+        stats = flow_magnitude_stats(pair_motion(flow.to(dev)), None if region is None else region.to(dev),
+                                     percentile=float(percentile))
         bucket = strength_bucket(stats["mean"] * (frames - 1), size, frames)
         text = (f"mean {stats['mean']:.2f} px/frame, p{percentile:g} {stats['percentile']:.2f} px/frame, "
                 f"bucket {bucket}")

@@ -10,17 +10,13 @@ from ._ui import save_temp_png
 MODEL = "KINEMA_PUPPET_MASTER"
 CATEGORY = "Kinema/Puppet-Master"
 FOLDER = "kinema/puppet_master"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _files(folder: str) -> list[str]:
-    return runtime.list_models(folder) or [""]
+DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class KinemaPuppetMasterLoader:
     DESCRIPTION = ("Load Puppet-Master: the drag-conditioned SVD UNet (model.safetensors from the Puppet-Master "
-                   "release, in models/kinema/puppet_master) plus the VAE and CLIP image encoder of a single-file "
-                   "Stable Video Diffusion img2vid checkpoint (models/checkpoints, e.g. svd.safetensors).")
+                   "release, in models/kinema/puppet_master). The SVD VAE and CLIP image encoder come from "
+                   "ComfyUI's loaders (Image Only Checkpoint Loader on an SVD img2vid file).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MODEL,)
@@ -31,36 +27,24 @@ class KinemaPuppetMasterLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "unet_name": (_files(FOLDER), {
+                "unet_name": (runtime.model_choices(FOLDER), {
                     "tooltip": "The Puppet-Master UNet in models/kinema/puppet_master (the released "
                                "ckpts/model.safetensors)."}),
-                "svd_checkpoint": (_files("checkpoints"), {
-                    "tooltip": "A single-file SVD img2vid checkpoint in models/checkpoints; only its VAE and "
-                               "CLIP image encoder are used."}),
                 "dtype": (list(DTYPES), {
-                    "default": "fp16",
-                    "tooltip": "Precision of the UNet and image encoder (the VAE stays fp32). fp16 for NVIDIA "
-                               "GPUs; on the CPU fp16 is run as fp32."}),
-            },
-            "optional": {
-                "architecture": (["released", "tiny"], {
-                    "default": "released",
-                    "tooltip": "Network sizes: 'released' for the real files; 'tiny' only for small test networks."}),
+                    "default": "auto",
+                    "tooltip": "Precision of the UNet. auto: ComfyUI's choice for the device (fp16 or bf16 on a "
+                               "GPU, fp32 on the CPU)."}),
             },
         }
 
-    def load(self, unet_name, svd_checkpoint, dtype="fp16", architecture="released"):
+    def load(self, unet_name, dtype="auto"):
         from ..pipelines.puppet_master import load_puppet_master
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-        device = runtime.device()
-        dt = DTYPES[dtype]
-        if device.type == "cpu" and dt == torch.float16:
-            dt = torch.float32
-        model = load_puppet_master(runtime.model_path(FOLDER, unet_name),
-                                   runtime.model_path("checkpoints", svd_checkpoint),
-                                   variant=architecture, dtype=dt, device=device)
+        dt = DTYPES[dtype] or runtime.default_dtype(params=1_700_000_000)
+        model = load_puppet_master(runtime.model_path(FOLDER, unet_name), dtype=dt)
+        model.managed()  # under ComfyUI's model management from now on
         return (model,)
 
 
@@ -80,6 +64,10 @@ class KinemaPuppetMasterAnimate:
         return {
             "required": {
                 "puppet_master": (MODEL, {"tooltip": "From 'Puppet-Master loader'."}),
+                "vae": ("VAE", {"tooltip": "The SVD img2vid checkpoint's VAE (Image Only Checkpoint Loader)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The SVD img2vid checkpoint's CLIP image encoder (Image "
+                                                           "Only Checkpoint Loader, or Load CLIP Vision with "
+                                                           "CLIP-ViT-H-14)."}),
                 "image": ("IMAGE", {"tooltip": "The picture (the first image of a batch is used)."}),
                 "tracks": ("STRING", {
                     "multiline": True, "default": '{"tracks": [], "anchors": []}',
@@ -102,7 +90,9 @@ class KinemaPuppetMasterAnimate:
             },
         }
 
-    def animate(self, puppet_master, image, tracks, steps, cfg, seed, paste_back=False, mask=None):
+    def animate(self, puppet_master, vae, clip_vision, image, tracks, steps, cfg, seed, paste_back=False, mask=None):
+        from ..pipelines.puppet_master import ComfyCodec, PuppetMaster
+
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image: expected an IMAGE batch (B, H, W, 3), got "
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
@@ -120,9 +110,12 @@ class KinemaPuppetMasterAnimate:
             raise ValueError(f"steps: {steps} must be at least 1")
         if not float(cfg) >= 1.0:
             raise ValueError(f"cfg: {cfg} must be 1 or more")
-        puppet_master.to(runtime.device())
-        frames = puppet_master.animate(img, tr.tracks, m, steps=int(steps), cfg=float(cfg), seed=int(seed),
-                                       paste=bool(paste_back), anchors=tr.anchors)
+        codec = ComfyCodec(vae, clip_vision)
+        if not isinstance(puppet_master, PuppetMaster):
+            raise ValueError("puppet_master: connect the output of 'Puppet-Master loader'")
+        frames = puppet_master.animate(img, tr.tracks, codec, m, steps=int(steps),
+                                       cfg=float(cfg), seed=int(seed) % (1 << 63), paste=bool(paste_back),
+                                       anchors=tr.anchors)
         return {"ui": {"kinema_bg": [save_temp_png(img, "kinema_bg")]}, "result": (frames.float(),)}
 
 

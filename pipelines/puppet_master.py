@@ -11,9 +11,8 @@ key-compatible with the released ``model.safetensors`` (flat diffusers keys):
   is all-to-first: queries of every frame, keys/values of the video's first frame;
 - there is no ``add_embedding`` (fps / motion bucket / noise augmentation are unused).
 
-The VAE and the CLIP image encoder come from the user's single-file SVD checkpoint
-(``models/checkpoints``), converted by the key maps below with the configs in ``configs/svd``.
-Sampling follows the official demo: EDM Euler with Karras sigmas and v-prediction, per-frame
+The VAE and the CLIP image encoder are ComfyUI's own (from its loaders, e.g. Image Only
+Checkpoint Loader on an SVD img2vid file), used through :class:`ComfyCodec`. Sampling follows the official demo: EDM Euler with Karras sigmas and v-prediction, per-frame
 guidance ``linspace(1, cfg, F)``, and an unconditional branch with zero image latent, zero image
 embedding and zero drags.
 
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_3d_blocks import (
     CrossAttnDownBlockSpatioTemporal,
@@ -50,6 +49,7 @@ from ..kernels.drag import (
     DragEmbedding, drag_context, drag_modulate, drag_token_mlp, drag_tokens, drag_validity,
     encode_drags, interpolate_drag_frames, resample_track, sincos_pos_embed_2d, track_length,
 )
+from .. import runtime
 from ..runtime import KinemaError, ProgressBar, check_interrupt
 from .checkpoint import read_state_dict
 
@@ -361,214 +361,79 @@ def check_keys(name: str, expected: dict, found: dict, what: str) -> None:
                           f"{tuple(found[k].shape)}, expected {tuple(expected[k].shape)} (wrong model size?)")
 
 
-def load_unet(path, config: dict, dtype=torch.float32, device="cpu") -> PuppetMasterUNet:
-    """The Puppet-Master UNet from its released flat-key checkpoint; strict key and shape check."""
-    unet = build_unet(config, device="meta")
-    expected = unet.state_dict()
-    name = Path(path).name
-    if Path(path).suffix == ".safetensors" and Path(path).is_file():
-        # check names and shapes from the header before reading gigabytes
-        from types import SimpleNamespace
+def unet_config(shapes: dict, name: str = "checkpoint") -> dict:
+    """The UNet config a Puppet-Master checkpoint's tensor shapes describe: the released config
+    with every size the tensors show (levels and channels, blocks per level, cross-attention
+    width, drag embedder and token sizes). Heads are SVD's 64 channels each (shapes do not tell)."""
+    cfg = dict(load_json("puppet_master/unet.json"))
+    key = "down_blocks.{}.resnets.0.spatial_res_block.conv1.weight"
+    levels = []
+    while key.format(len(levels)) in shapes:
+        levels.append(len(levels))
+    if not levels or "conv_in.weight" not in shapes:
+        raise KinemaError(f"{name}: not a Puppet-Master UNet checkpoint: no 'conv_in.weight' and "
+                          f"'{key.format(0)}' (found e.g. {_describe(list(shapes)[:4])})")
+    ch = [int(shapes[key.format(i)][0]) for i in levels]
+    n = len(ch)
+    has = lambda prefix: any(k.startswith(prefix) for k in shapes)  # noqa: E731
+    cross = [has(f"down_blocks.{i}.attentions.") for i in levels]
+    cfg.update(block_out_channels=ch,
+               layers_per_block=sum(1 for j in range(8) if f"down_blocks.0.resnets.{j}.spatial_res_block.conv1.weight"
+                                    in shapes),
+               down_block_types=["CrossAttnDownBlockSpatioTemporal" if c else "DownBlockSpatioTemporal" for c in cross],
+               up_block_types=["CrossAttnUpBlockSpatioTemporal" if has(f"up_blocks.{i}.attentions.")
+                               else "UpBlockSpatioTemporal" for i in range(n)],
+               num_attention_heads=[max(1, c // 64) for c in ch],
+               in_channels=int(shapes["conv_in.weight"][1]))
+    if "conv_out.weight" in shapes:
+        cfg["out_channels"] = int(shapes["conv_out.weight"][0])
+    first = next((i for i, c in enumerate(cross) if c), None)
+    if first is not None:
+        to_k = shapes.get(f"down_blocks.{first}.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+        if to_k is not None:
+            cfg["cross_attention_dim"] = int(to_k[1])
+        emb = f"down_blocks.{first}.flow_convs.0."
+        if emb + "conv_in.weight" in shapes:
+            cfg["num_drags"] = int(shapes[emb + "conv_in.weight"][1]) // 6
+            cfg["drag_embedder_out_channels"] = [int(shapes[emb + "conv_in.weight"][0]),
+                                                 int(shapes[emb + "blocks.1.weight"][0]),
+                                                 int(shapes[emb + "blocks.3.weight"][0])]
+        mlp = shapes.get(f"down_blocks.{first}.drag_token_mlps.0.0.weight")
+        if mlp is not None:
+            cfg["pos_embed_dim"] = (int(mlp[1]) - 2 * ch[first]) // 2
+    return cfg
+
+
+def _shapes(path) -> dict:
+    """Tensor name -> shape of a checkpoint: from a safetensors header without reading the
+    tensors, else from the loaded state dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as fh:
-                header = {k: SimpleNamespace(shape=tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         except Exception as e:
-            raise KinemaError(f"{name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
-        check_keys(name, expected, header, "Puppet-Master UNet checkpoint")
+            raise KinemaError(f"{path.name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
+    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+
+
+def load_unet(path, dtype=torch.float32, device="cpu", config: dict | None = None) -> PuppetMasterUNet:
+    """The Puppet-Master UNet from its released flat-key checkpoint, sized by the file (or by
+    ``config``); strict key and shape check (from the safetensors header before reading
+    gigabytes)."""
+    from types import SimpleNamespace
+    name = Path(path).name
+    shapes = _shapes(path)
+    cfg = config or unet_config(shapes, name)
+    unet = build_unet(cfg, device="meta")
+    expected = unet.state_dict()
+    check_keys(name, expected, {k: SimpleNamespace(shape=s) for k, s in shapes.items()},
+               "Puppet-Master UNet checkpoint")
     sd = read_state_dict(path)
     check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return unet.eval()
-
-
-# ---------------------------------------------------------------- SVD single-file: VAE
-SVD_VAE_PREFIX = "first_stage_model."
-SVD_CLIP_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
-
-
-def _resnet_pairs(ldm: str, dif: str, with_shortcut: bool) -> dict:
-    m = {}
-    for a, b in (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2")):
-        for p in ("weight", "bias"):
-            m[f"{dif}.{b}.{p}"] = f"{ldm}.{a}.{p}"
-    if with_shortcut:
-        for p in ("weight", "bias"):
-            m[f"{dif}.conv_shortcut.{p}"] = f"{ldm}.nin_shortcut.{p}"
-    return m
-
-
-def _video_resnet_pairs(ldm: str, dif: str, with_shortcut: bool) -> dict:
-    m = _resnet_pairs(ldm, dif + ".spatial_res_block", with_shortcut)
-    for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-                 ("out_layers.3", "conv2")):
-        for p in ("weight", "bias"):
-            m[f"{dif}.temporal_res_block.{b}.{p}"] = f"{ldm}.time_stack.{a}.{p}"
-    m[f"{dif}.time_mixer.mix_factor"] = f"{ldm}.mix_factor"
-    return m
-
-
-def _attn_pairs(ldm: str, dif: str) -> dict:
-    m = {}
-    for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-        for p in ("weight", "bias"):
-            m[f"{dif}.{b}.{p}"] = f"{ldm}.{a}.{p}"
-    return m
-
-
-def svd_vae_key_map(config: dict) -> dict:
-    """diffusers ``AutoencoderKLTemporalDecoder`` key -> SVD (sgm) key, without the prefix.
-
-    ``quant_conv`` has no counterpart in SVD's autoencoder (it is the identity there).
-    """
-    ch = list(config["block_out_channels"])
-    n = len(ch)
-    lpb = config.get("layers_per_block", 2)
-    if lpb != 2:  # sgm's decoder mid block always has two resnets; diffusers' has layers_per_block
-        raise ValueError(f"vae config: layers_per_block must be 2 for an SVD VAE, got {lpb}")
-    m = {}
-    for p in ("weight", "bias"):
-        m[f"encoder.conv_in.{p}"] = f"encoder.conv_in.{p}"
-        m[f"encoder.conv_norm_out.{p}"] = f"encoder.norm_out.{p}"
-        m[f"encoder.conv_out.{p}"] = f"encoder.conv_out.{p}"
-        m[f"decoder.conv_in.{p}"] = f"decoder.conv_in.{p}"
-        m[f"decoder.conv_norm_out.{p}"] = f"decoder.norm_out.{p}"
-        m[f"decoder.conv_out.{p}"] = f"decoder.conv_out.{p}"
-        m[f"decoder.time_conv_out.{p}"] = f"decoder.conv_out.time_mix_conv.{p}"
-    prev = ch[0]
-    for i in range(n):
-        for j in range(lpb):
-            cin = prev if j == 0 else ch[i]
-            m.update(_resnet_pairs(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
-                                   cin != ch[i]))
-        prev = ch[i]
-        if i < n - 1:
-            for p in ("weight", "bias"):
-                m[f"encoder.down_blocks.{i}.downsamplers.0.conv.{p}"] = f"encoder.down.{i}.downsample.conv.{p}"
-    for side, video in (("encoder", False), ("decoder", True)):
-        pairs = _video_resnet_pairs if video else _resnet_pairs
-        m.update(pairs(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", False))
-        m.update(pairs(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", False))
-        m.update(_attn_pairs(f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0"))
-    rch = list(reversed(ch))
-    prev = rch[0]
-    for i in range(n):
-        level = n - 1 - i
-        for j in range(lpb + 1):
-            cin = prev if j == 0 else rch[i]
-            m.update(_video_resnet_pairs(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}",
-                                         cin != rch[i]))
-        prev = rch[i]
-        if i < n - 1:
-            for p in ("weight", "bias"):
-                m[f"decoder.up_blocks.{i}.upsamplers.0.conv.{p}"] = f"decoder.up.{level}.upsample.conv.{p}"
-    return m
-
-
-def convert_svd_vae(checkpoint: dict, config: dict, name: str = "checkpoint") -> dict:
-    """Diffusers state dict of the temporal-decoder VAE from an SVD single-file state dict."""
-    model = AutoencoderKLTemporalDecoder(**config)
-    expected = model.state_dict()
-    key_map = svd_vae_key_map(config)
-    src = {k[len(SVD_VAE_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(SVD_VAE_PREFIX)}
-    if not src:
-        raise KinemaError(f"{name}: no '{SVD_VAE_PREFIX}*' tensors: not a single-file SVD checkpoint")
-    out = {}
-    for dif, ldm in key_map.items():
-        if ldm in src:
-            v = src[ldm]
-            if dif.endswith(".weight") and v.ndim == 4 and expected[dif].ndim == 2:
-                v = v[:, :, 0, 0]  # 1x1 conv attention projections -> linear
-            out[dif] = v
-    # SVD's autoencoder has no quant_conv; diffusers' has one: identity (allow-listed)
-    if "quant_conv.weight" in src:
-        out["quant_conv.weight"], out["quant_conv.bias"] = src["quant_conv.weight"], src["quant_conv.bias"]
-    else:
-        c = expected["quant_conv.weight"].shape[0]
-        out["quant_conv.weight"] = torch.eye(c).reshape(c, c, 1, 1)
-        out["quant_conv.bias"] = torch.zeros(c)
-    used = set(key_map.values()) | {"quant_conv.weight", "quant_conv.bias"}
-    extra = {k for k in src if k not in used and not k.startswith(("loss.", "regularization."))}
-    missing = {SVD_VAE_PREFIX + key_map.get(k, k) for k in set(expected) - set(out)}
-    extra = {SVD_VAE_PREFIX + k for k in extra}
-    if missing or extra:
-        raise KinemaError(f"{name}: VAE tensors do not match the SVD temporal-decoder VAE config: "
-                          f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
-                          f"({_describe(extra)})")
-    check_keys(name + " (VAE)", expected, out, "SVD VAE")
-    return out
-
-
-# ---------------------------------------------------------------- SVD single-file: CLIP vision
-def svd_clip_key_map(num_layers: int) -> dict:
-    """transformers ``CLIPVisionModelWithProjection`` key -> OpenCLIP visual key (no prefix).
-
-    The fused ``attn.in_proj_*`` and the transposed ``proj`` are handled in :func:`convert_svd_clip`.
-    """
-    m = {
-        "vision_model.embeddings.class_embedding": "class_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
-        "vision_model.embeddings.position_embedding.weight": "positional_embedding",
-        "visual_projection.weight": "proj",
-    }
-    for p in ("weight", "bias"):
-        m[f"vision_model.pre_layrnorm.{p}"] = f"ln_pre.{p}"
-        m[f"vision_model.post_layernorm.{p}"] = f"ln_post.{p}"
-        for i in range(num_layers):
-            a, b = f"vision_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
-            m[f"{a}.layer_norm1.{p}"] = f"{b}.ln_1.{p}"
-            m[f"{a}.layer_norm2.{p}"] = f"{b}.ln_2.{p}"
-            m[f"{a}.mlp.fc1.{p}"] = f"{b}.mlp.c_fc.{p}"
-            m[f"{a}.mlp.fc2.{p}"] = f"{b}.mlp.c_proj.{p}"
-            m[f"{a}.self_attn.out_proj.{p}"] = f"{b}.attn.out_proj.{p}"
-            for j, qkv in enumerate("qkv"):
-                m[f"{a}.self_attn.{qkv}_proj.{p}"] = f"{b}.attn.in_proj_{p}#{j}"
-    return m
-
-
-def convert_svd_clip(checkpoint: dict, config: dict, name: str = "checkpoint") -> dict:
-    """transformers state dict of the CLIP ViT image encoder from an SVD single-file state dict."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    src = {k[len(SVD_CLIP_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(SVD_CLIP_PREFIX)}
-    if not src:
-        raise KinemaError(f"{name}: no '{SVD_CLIP_PREFIX}*' tensors: not a single-file SVD img2vid checkpoint")
-    with torch.device("meta"):
-        expected = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).state_dict()
-    key_map = svd_clip_key_map(config["num_hidden_layers"])
-    out, used = {}, set()
-    for dif, ldm in key_map.items():
-        base, _, part = ldm.partition("#")
-        if base not in src:
-            continue
-        used.add(base)
-        v = src[base]
-        if part:
-            v = v.chunk(3, dim=0)[int(part)]
-        elif dif == "visual_projection.weight":
-            v = v.t()
-        out[dif] = v.contiguous()
-    extra = {SVD_CLIP_PREFIX + k for k in set(src) - used}
-    missing = {SVD_CLIP_PREFIX + key_map.get(k, k).partition("#")[0] for k in set(expected) - set(out)}
-    if missing or extra:
-        raise KinemaError(f"{name}: image-encoder tensors do not match the CLIP ViT config: "
-                          f"{len(missing)} missing ({_describe(missing)}), {len(extra)} unexpected "
-                          f"({_describe(extra)})")
-    check_keys(name + " (image encoder)", expected, out, "CLIP ViT image encoder")
-    return out
-
-
-def load_svd_components(path, vae_config: dict, clip_config: dict, dtype=torch.float32, device="cpu"):
-    """(vae, image_encoder) from a single-file SVD checkpoint (no hub access)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    name = Path(path).name
-    sd = read_state_dict(path, (SVD_VAE_PREFIX, SVD_CLIP_PREFIX))
-    vae = AutoencoderKLTemporalDecoder(**vae_config)
-    vae.load_state_dict(convert_svd_vae(sd, vae_config, name), strict=True)
-    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_config))
-    enc.load_state_dict(convert_svd_clip(sd, clip_config, name), strict=True)
-    if dtype != torch.float32:
-        vae, enc = vae.to(dtype), enc.to(dtype)
-    return vae.to(device).eval(), enc.to(device).eval()
 
 
 # ============================================================================ sampler
@@ -622,13 +487,14 @@ def guidance_weights(cfg: float, frames: int) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise(unet: PuppetMasterUNet, image_latent, image_embed, drags, steps: int, cfg: float,
-            generator: torch.Generator, sampler: EDMEuler, drag_valid=None, progress: bool = True):
+            generator: torch.Generator, sampler: EDMEuler, drag_valid=None, progress: bool = True, device=None):
     """Sample (1, F, 4, h, w) latents (scaled by the VAE factor) conditioned on one image.
 
     image_latent: (1, 4, h, w) VAE mean (unscaled); image_embed: (1, 1, D); drags: (1, F, N, 4).
+    device: where the UNet runs (default: where its weights are).
     """
     p = next(unet.parameters())
-    dev, dtype = p.device, p.dtype
+    dev, dtype = (torch.device(device) if device is not None else p.device), p.dtype
     f = drags.shape[1]
     h, w = image_latent.shape[-2:]
     x = torch.randn((1, f, 4, h, w), generator=generator, dtype=torch.float32).to(dev) * sampler.init_noise_sigma()
@@ -772,49 +638,55 @@ def paste_back(frames: torch.Tensor, image: torch.Tensor, crop: Crop, mask: torc
 
 
 # ============================================================================ the model bundle
-@dataclass
-class PuppetMaster:
-    """Loaded Puppet-Master: UNet, SVD VAE and CLIP image encoder, plus the sampler setup."""
-    unet: PuppetMasterUNet
-    vae: AutoencoderKLTemporalDecoder
-    image_encoder: nn.Module
-    sampler: EDMEuler
-    dtype: torch.dtype = torch.float32
+class ComfyCodec:
+    """The image side of Puppet-Master on ComfyUI's objects: the SVD VAE (``VAE``) and the CLIP
+    ViT-H image encoder (``CLIP_VISION``) from its loaders (e.g. Image Only Checkpoint Loader
+    on an SVD img2vid file).
 
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
+    encode: the crop (s, s, 3) in [0, 1] -> (VAE mean latent (1, 4, s/8, s/8), unscaled; CLIP
+    image embedding (1, 1, D)); decode: sampled latents (1, F, 4, h, w) -> frames (F, 8h, 8w, 3).
+    ComfyUI's CLIP preprocessing resizes bicubic with antialiasing, as the released code does,
+    and rounds to 8-bit levels first (the released code does not: a difference of about 1/255).
+    """
 
-    def to(self, device):
-        for m in (self.unet, self.vae, self.image_encoder):
-            m.to(device)
-        return self
+    scaling_factor = 0.18215  # SVD's VAE
+
+    def __init__(self, vae, clip_vision):
+        if vae is None or not hasattr(vae, "encode"):
+            raise ValueError("vae: connect the SVD checkpoint's VAE (e.g. from Image Only Checkpoint Loader)")
+        if clip_vision is None or not hasattr(clip_vision, "encode_image"):
+            raise ValueError("clip_vision: connect the SVD checkpoint's CLIP_VISION (e.g. from Image Only "
+                             "Checkpoint Loader, or Load CLIP Vision with CLIP-ViT-H-14)")
+        self.vae, self.clip_vision = vae, clip_vision
 
     @torch.no_grad()
-    def encode_image(self, crop: torch.Tensor):
-        """(s, s, 3) in [0, 1] -> (VAE mean latent (1, 4, s/8, s/8), CLIP embedding (1, 1, D))."""
-        dev = self.device
-        x = crop.permute(2, 0, 1)[None].to(dev, torch.float32)
-        vae_dtype = next(self.vae.parameters()).dtype
-        latent = self.vae.encode((x * 2 - 1).to(vae_dtype)).latent_dist.mean.float()
-        size = self.image_encoder.config.image_size
-        c = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        mean = torch.tensor(CLIP_MEAN, device=dev)[None, :, None, None]
-        std = torch.tensor(CLIP_STD, device=dev)[None, :, None, None]
-        c = ((c.clamp(0, 1) - mean) / std).to(next(self.image_encoder.parameters()).dtype)
-        embed = self.image_encoder(pixel_values=c).image_embeds[:, None].float()
-        return latent, embed
+    def encode(self, crop: torch.Tensor):
+        x = crop[None].float()
+        latent = self.vae.encode(x).float()
+        embed = self.clip_vision.encode_image(x, crop=True)["image_embeds"].float()
+        return latent, embed[:, None]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(1, F, 4, h, w) sampled latents -> (F, 8h, 8w, 3) frames in [0, 1]."""
-        f = latents.shape[1]
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = latents[0].to(self.device, torch.float32) / self.vae.config.scaling_factor
-        img = self.vae.decode(z.to(vae_dtype), num_frames=f).sample.float()
-        return ((img + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        frames = self.vae.decode(latents[0].float() / self.scaling_factor)
+        return frames.reshape(-1, *frames.shape[-3:]).float().cpu().clamp(0, 1)
 
-    def animate(self, image: torch.Tensor, tracks, mask: torch.Tensor | None = None, steps: int = 50,
+
+@dataclass
+class PuppetMaster:
+    """Loaded Puppet-Master: the UNet (under model management) and the sampler setup. The VAE
+    and image encoder come with each call (a codec, e.g. :class:`ComfyCodec`)."""
+    unet: PuppetMasterUNet
+    sampler: EDMEuler
+    dtype: torch.dtype = torch.float32
+    _managed: object = field(default=None, repr=False)
+
+    def managed(self):
+        if self._managed is None:
+            self._managed = runtime.ManagedModel(self.unet, "Puppet-Master UNet")
+        return self._managed
+
+    def animate(self, image: torch.Tensor, tracks, codec, mask: torch.Tensor | None = None, steps: int = 50,
                 cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int | None = None,
                 frames: int = NUM_FRAMES, progress: bool = True, anchors=None) -> torch.Tensor:
         """image (H, W, 3) in [0, 1], tracks: list of (M_i, 2) pixel tracks -> (F, ., ., 3) frames.
@@ -828,35 +700,20 @@ class PuppetMaster:
             size = 8 * int(self.unet.config.sample_size or CROP_SIZE // 8)
         crop_img, crop = subject_crop(image, mask, size)
         drags, valid = tracks_to_drags(tracks, crop, frames, anchors=anchors)
-        latent, embed = self.encode_image(crop_img)
+        latent, embed = codec.encode(crop_img)
+        part = self.managed()
+        h, w = latent.shape[-2:]
+        runtime.load_models(part, memory_required=runtime.inference_memory((2 * frames, 4, h, w), self.dtype, 2.0))
         gen = torch.Generator().manual_seed(int(seed))
-        lat = denoise(self.unet, latent, embed, drags, steps, cfg, gen, self.sampler, valid, progress)
-        out = self.decode(lat)
+        lat = denoise(self.unet, latent, embed, drags, steps, cfg, gen, self.sampler, valid, progress,
+                      device=part.device)
+        out = codec.decode(lat)
         if paste:
             out = paste_back(out, image.float().cpu(), crop, None if mask is None else mask.cpu())
         return out
 
 
-def model_configs(variant: str) -> dict:
-    """Configs of a variant: ``"released"`` (SVD img2vid + Puppet-Master) or ``"tiny"`` (tests)."""
-    if variant not in ("released", "tiny"):
-        raise ValueError(f"config: '{variant}' is not 'released' or 'tiny'")
-    sub = "" if variant == "released" else "tiny/"
-    return {
-        "unet": load_json(f"puppet_master/{sub}unet.json"),
-        "vae": load_json(f"svd/{sub}vae.json"),
-        "image_encoder": load_json(f"svd/{sub}image_encoder.json"),
-        "scheduler": load_json("svd/scheduler.json"),
-    }
-
-
-def load_puppet_master(unet_path, svd_path, variant: str = "released", dtype=torch.float32,
-                       device="cpu") -> PuppetMaster:
-    """Load the Puppet-Master UNet and the SVD VAE / image encoder from local files."""
-    cfg = model_configs(variant)
-    unet = load_unet(unet_path, cfg["unet"], dtype, device)
-    # the VAE stays in float32 (SVD's VAE is unstable in half precision)
-    vae, enc = load_svd_components(svd_path, cfg["vae"], cfg["image_encoder"], torch.float32, device)
-    if dtype != torch.float32:
-        enc = enc.to(dtype)
-    return PuppetMaster(unet, vae, enc, EDMEuler.from_config(cfg["scheduler"]), dtype)
+def load_puppet_master(unet_path, dtype=torch.float32) -> PuppetMaster:
+    """The Puppet-Master UNet from its file (sized by it) and the sampler setup."""
+    unet = load_unet(unet_path, dtype)
+    return PuppetMaster(unet, EDMEuler.from_config(load_json("svd/scheduler.json")), dtype)

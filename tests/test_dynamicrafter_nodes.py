@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_dynamicrafter
 from kinema import runner
 from kinema.nodes import dynamicrafter as N
 from kinema.pipelines.dynamicrafter import convert as C
@@ -24,8 +25,8 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     (root / "kinema" / "dynamicrafter").mkdir(parents=True)
     (root / "checkpoints").mkdir()
-    save_file(C.tiny_checkpoint("512"), str(root / "kinema" / "dynamicrafter" / "tiny_dc.safetensors"))
-    save_file(C.tiny_checkpoint("256"), str(root / "checkpoints" / "tiny_dc_other.safetensors"))
+    save_file(tiny_dynamicrafter.checkpoint("512"), str(root / "kinema" / "dynamicrafter" / "tiny_dc.safetensors"))
+    save_file(tiny_dynamicrafter.checkpoint("256"), str(root / "checkpoints" / "tiny_dc_other.safetensors"))
     save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 4),
                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)},
               str(root / "checkpoints" / "sd15.safetensors"))

@@ -29,7 +29,7 @@ def _result(out):
 def _drag(cat, tracks, **kw):
     args = dict(frames=12, strength=1.0, easing="linear", falloff=0)
     args.update(kw)
-    return _result(KinemaMotionFromDrags().build(cat, json.dumps(tracks), **args))
+    return _result(KinemaMotionFromDrags().build(cat, json.dumps(tracks), **args))[:2]
 
 
 def test_drag_moves_the_point_and_leaves_far_pixels(cat):
@@ -111,3 +111,24 @@ def test_mask_and_size_mismatches_are_clear(cat):
         KinemaMotionStrength().measure(90.0, video=cat)
     with pytest.raises(ValueError, match="mask: the mask is empty"):
         KinemaMotionStrength().measure(90.0, mask=torch.zeros(1, 300, 451), motion=field)
+
+
+def test_wan_tracks_output(cat):
+    """The drags as core WanTrackToVideo tracks: 121 samples each, the node's timing and
+    strength, anchors still, mapped as WanTrackToVideo fits the 451x300 photo into 832x480:
+    centre crop to 451x260 (20 rows off the top and bottom), then x 832/451, y 480/260."""
+    tracks = {"tracks": [[[100, 150], [200, 150]]], "anchors": [[400, 40]]}
+    out = KinemaMotionFromDrags().build(cat, json.dumps(tracks), 8, 0.5, "linear", 0)["result"][2]
+    wan = json.loads(out)
+    assert len(wan) == 2 and [len(t) for t in wan] == [121, 121]
+    fx = lambda x: (x + 0.5) * 832 / 451 - 0.5
+    fy = lambda y: (y - 20 + 0.5) * 480 / 260 - 0.5
+    for k in (0, 30, 60, 120):   # linear timing, half strength: 100 -> 150 px
+        assert wan[0][k]["x"] == pytest.approx(fx(100 + 50 * k / 120), abs=0.01)
+        assert wan[0][k]["y"] == pytest.approx(fy(150), abs=0.01)
+    assert all(p == {"x": pytest.approx(fx(400), abs=0.01), "y": pytest.approx(fy(40), abs=0.01)} for p in wan[1])
+    # the default timing (ease_in_out) is slow at the start: a quarter in, less than a quarter moved
+    eased = json.loads(KinemaMotionFromDrags().build(cat, json.dumps(tracks), 8, 1.0, "ease_in_out", 0,
+                                                     wan_width=451 * 2 // 16 * 16, wan_height=304)["result"][2])
+    x0, x30, x120 = (eased[0][k]["x"] for k in (0, 30, 120))
+    assert 0 < x30 - x0 < 0.25 * (x120 - x0)

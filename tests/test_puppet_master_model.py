@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kinema.pipelines.puppet_master import (
-    AllToFirstAttnProcessor, DragCondition, DragDownBlock, DragUpBlock, build_unet, load_unet, model_configs,
+    AllToFirstAttnProcessor, DragCondition, DragDownBlock, DragUpBlock, build_unet, load_json, load_unet,
 )
 from kinema.runtime import KinemaError
 
@@ -25,7 +25,7 @@ def _weights(d, dtype=torch.float32):
 
 def test_released_key_set_equals_manifest(fixtures_dir):
     manifest = json.load(open(_path(fixtures_dir, "key_manifest.json")))
-    unet = build_unet(model_configs("released")["unet"], device="meta")
+    unet = build_unet(load_json("puppet_master/unet.json"), device="meta")
     sd = unet.state_dict()
     assert list(sd) == [e["key"] for e in manifest["keys"]]  # same keys, same order
     for e in manifest["keys"]:
@@ -122,28 +122,36 @@ def test_up_block_norm_eps_matters(tiny_fixture):
 
 
 def test_load_unet_checks_keys(tmp_path, fixtures_dir):
-    cfg = model_configs("tiny")["unet"]
+    import tiny_puppet_master
+    cfg = tiny_puppet_master.configs()["unet"]
     torch.manual_seed(0)
     sd = build_unet(cfg).state_dict()
     good = tmp_path / "pm.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(good))
-    unet = load_unet(good, cfg)
+    unet = load_unet(good)  # sized by the file
     assert torch.equal(unet.state_dict()["conv_in.weight"], sd["conv_in.weight"])
+    got = unet.config
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "drag_embedder_out_channels",
+                "num_drags", "pos_embed_dim"):
+        assert (list(got[key]) if isinstance(cfg[key], list) else got[key]) == cfg[key], key
+    assert list(got["down_block_types"]) == ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"]
+    torch.save(sd, tmp_path / "pm.bin")
+    assert torch.equal(load_unet(tmp_path / "pm.bin").state_dict()["conv_in.weight"], sd["conv_in.weight"])
     # a stock SVD UNet (no drag modules, with add_embedding) is named as such
     stock = {k: v for k, v in sd.items() if ".flow_convs." not in k and ".drag_token_mlps." not in k}
     stock["add_embedding.linear_1.weight"] = torch.zeros(4, 4)
     bad = tmp_path / "svd_unet.safetensors"
     save_file(stock, str(bad))
     with pytest.raises(KinemaError, match="svd_unet.safetensors.*stock SVD UNet"):
-        load_unet(bad, cfg)
+        load_unet(bad)
     wrong = dict(sd)
     wrong["conv_in.weight"] = torch.zeros(8, 8, 3, 3)
     save_file({k: v.contiguous() for k, v in wrong.items()}, str(tmp_path / "w.safetensors"))
     with pytest.raises(KinemaError, match="conv_in.weight"):
-        load_unet(tmp_path / "w.safetensors", cfg)
+        load_unet(tmp_path / "w.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(KinemaError, match="junk.safetensors"):
-        load_unet(tmp_path / "junk.safetensors", cfg)
+        load_unet(tmp_path / "junk.safetensors")
 
 
 def test_drag_block_follows_dtype_changes(fixtures_dir):

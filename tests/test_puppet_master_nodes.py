@@ -1,45 +1,12 @@
-"""Puppet-Master nodes and the example workflow, run headless with tiny random weight files."""
-import json
-import shutil
-from pathlib import Path
-
+"""Puppet-Master nodes: declarations, the loader's file checks and the input checks that come
+before any model runs (with ComfyUI's VAE and CLIP vision: tests/comfyui/test_puppet_master_core.py)."""
 import pytest
 import torch
-from PIL import Image, ImageSequence
+from safetensors.torch import save_file
 
-from kinema import runner
+import tiny_puppet_master
 from kinema.nodes import puppet_master as nodes
-from kinema.nodes import segment
-from kinema.nodes.core_io import CORE_NODES
 from kinema.runtime import KinemaError
-from test_puppet_master_svd import write_tiny_checkpoints
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = ROOT / "workflows" / "puppet_master_drag_parts.json"
-TINY = {"3": {"unet_name": "tiny_pm.safetensors", "svd_checkpoint": "tiny_svd.safetensors",
-              "architecture": "tiny", "dtype": "fp32"},
-        "4": {"steps": 1}}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_checkpoints(root, seed=0)
-    return root
-
-
-@pytest.fixture()
-def env(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("KINEMA_MODELS_DIR", str(model_dir))
-    monkeypatch.setenv("KINEMA_OUTPUT_DIR", str(tmp_path / "out"))
-    monkeypatch.setenv("KINEMA_TEMP_DIR", str(tmp_path / "temp"))
-    monkeypatch.setenv("KINEMA_INPUT_DIR", str(tmp_path / "in"))
-    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
-    return tmp_path
-
-
-def _classes():
-    return {**CORE_NODES, **segment.NODE_CLASS_MAPPINGS, **nodes.NODE_CLASS_MAPPINGS}
 
 
 def test_node_declarations():
@@ -53,50 +20,47 @@ def test_node_declarations():
     assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
 
 
-def test_workflow_ui_format_maps_widgets():
-    api = runner.to_api(runner.load_workflow(WORKFLOW), _classes())
-    anim = api["4"]["inputs"]
-    assert anim["steps"] == 50 and anim["cfg"] == 5.0 and anim["seed"] == 42 and anim["paste_back"] is False
-    assert anim["mask"] == ["2", 0] and anim["puppet_master"] == ["3", 0]
-    assert len(json.loads(anim["tracks"])["tracks"]) == 2
-    assert api["3"]["inputs"]["unet_name"] == "model.safetensors"
+@pytest.fixture()
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KINEMA_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+    d = tmp_path / "kinema" / "puppet_master"
+    d.mkdir(parents=True)
+    return d
 
 
-def test_loader_and_missing_files(env, model_dir):
+def test_loader_sizes_the_unet_by_the_file_and_names_wrong_files(folder):
     load = nodes.KinemaPuppetMasterLoader().load
-    (model,) = load("tiny_pm.safetensors", "tiny_svd.safetensors", "fp32", "tiny")
-    assert model.unet.config.num_drags == 5
-    with pytest.raises(KinemaError, match="nope.safetensors"):
-        load("nope.safetensors", "tiny_svd.safetensors", "fp32", "tiny")
-    # the SVD checkpoint picked as the UNet is refused, naming the file
-    shutil.copy(model_dir / "checkpoints" / "tiny_svd.safetensors", model_dir / "kinema" / "puppet_master" / "svd.safetensors")
-    with pytest.raises(KinemaError, match="svd.safetensors: not a Puppet-Master UNet"):
-        load("svd.safetensors", "tiny_svd.safetensors", "fp32", "tiny")
-    # and the UNet picked as the SVD checkpoint
-    shutil.copy(model_dir / "kinema" / "puppet_master" / "tiny_pm.safetensors", model_dir / "checkpoints" / "pm.safetensors")
-    with pytest.raises(KinemaError, match="pm.safetensors: no 'first_stage_model"):
-        load("tiny_pm.safetensors", "pm.safetensors", "fp32", "tiny")
+    assert nodes.KinemaPuppetMasterLoader.INPUT_TYPES()["required"]["unet_name"][0] == \
+        ["(no files in models/kinema/puppet_master/)"]
+    sd = tiny_puppet_master.unet(0).state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "tiny_pm.safetensors"))
+    (model,) = load("tiny_pm.safetensors", "fp32")
+    assert model.unet.config.num_drags == 5 and list(model.unet.config.block_out_channels) == [32, 32, 32, 32]
+    with pytest.raises(KinemaError, match="nope.safetensors' not found"):
+        load("nope.safetensors", "fp32")
+    # a stock SVD UNet (no drag layers) is named as such
+    stock = {k: v.contiguous() for k, v in sd.items() if ".flow_convs." not in k and ".drag_token_mlps." not in k}
+    save_file(stock, str(folder / "svd_unet.safetensors"))
+    with pytest.raises(KinemaError, match="svd_unet.safetensors: not a Puppet-Master UNet.*stock SVD UNet"):
+        load("svd_unet.safetensors", "fp32")
+    save_file({"first_stage_model.encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, str(folder / "vae.safetensors"))
+    with pytest.raises(KinemaError, match="vae.safetensors: not a Puppet-Master UNet checkpoint"):
+        load("vae.safetensors", "fp32")
+    with pytest.raises(ValueError, match="dtype"):
+        load("tiny_pm.safetensors", "fp8")
 
 
-def test_animate_bad_inputs_are_clear(env):
-    (model,) = nodes.KinemaPuppetMasterLoader().load("tiny_pm.safetensors", "tiny_svd.safetensors", "fp32", "tiny")
+def test_animate_bad_inputs_are_clear(folder):
     node = nodes.KinemaPuppetMasterAnimate()
     img = torch.rand(1, 40, 60, 3)
     with pytest.raises(ValueError, match="tracks"):
-        node.animate(model, img, '[[[70, 10], [20, 20]]]', 1, 2.0, 0)
+        node.animate(None, None, None, img, '[[[70, 10], [20, 20]]]', 1, 2.0, 0)
     with pytest.raises(ValueError, match="mask: the mask is 10x10 but the image is 60x40"):
-        node.animate(model, img, '[[[10, 10], [20, 20]]]', 1, 2.0, 0, mask=torch.ones(1, 10, 10))
+        node.animate(None, None, None, img, '[[[10, 10], [20, 20]]]', 1, 2.0, 0, mask=torch.ones(1, 10, 10))
     with pytest.raises(ValueError, match="image"):
-        node.animate(model, torch.rand(40, 60, 3), '[]', 1, 2.0, 0)
+        node.animate(None, None, None, torch.rand(40, 60, 3), '[]', 1, 2.0, 0)
     with pytest.raises(ValueError, match="cfg"):
-        node.animate(model, img, '[]', 1, 0.5, 0)
-
-
-def test_workflow_runs_headless(env):
-    api = runner.to_api(runner.load_workflow(WORKFLOW), _classes())
-    ui = runner.run(api, _classes(), overrides=TINY)
-    files = [Path(i["path"]) for d in ui.values() for i in d.get("images", []) if "path" in i]
-    webp = [f for f in files if f.suffix == ".webp"]
-    assert len(webp) == 1 and webp[0].stat().st_size > 0
-    frames = list(ImageSequence.Iterator(Image.open(webp[0])))
-    assert len(frames) == 14
+        node.animate(None, None, None, img, '[]', 1, 0.5, 0)
+    with pytest.raises(ValueError, match="vae: connect"):
+        node.animate(None, None, None, img, '[]', 1, 2.0, 0)

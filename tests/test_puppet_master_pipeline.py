@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kinema.pipelines.puppet_master import (
-    EDMEuler, PuppetMaster, denoise, guidance_weights, load_json, paste_back, subject_crop, tracks_to_drags,
+    EDMEuler, denoise, guidance_weights, load_json, paste_back, subject_crop, tracks_to_drags,
 )
-from test_puppet_master_svd import tiny_models
+import tiny_puppet_master
 
 
 # ---------------------------------------------------------------- sampler
@@ -115,8 +115,12 @@ def test_paste_back_keeps_outside_and_keys_white():
 # ---------------------------------------------------------------- end to end (tiny SVD-shaped model)
 @pytest.fixture(scope="module")
 def tiny():
-    cfg, unet, vae, enc = tiny_models(0)
-    return PuppetMaster(unet, vae, enc, EDMEuler.from_config(cfg["scheduler"]))
+    return tiny_puppet_master.puppet_master(0)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return tiny_puppet_master.codec(0)
 
 
 def _inputs():
@@ -127,14 +131,14 @@ def _inputs():
     return img, mask, tracks
 
 
-def test_animate_end_to_end(tiny):
+def test_animate_end_to_end(tiny, codec):
     img, mask, tracks = _inputs()
     size = 8 * tiny.unet.config.sample_size
-    a = tiny.animate(img, tracks, mask, steps=1, cfg=3.0, seed=7, paste=True, progress=False)
+    a = tiny.animate(img, tracks, codec, mask, steps=1, cfg=3.0, seed=7, paste=True, progress=False)
     assert a.shape == (14, 48, 64, 3) and torch.isfinite(a).all()
     assert a.min() >= 0 and a.max() <= 1
     assert torch.equal(a[:, 0, 0], img[0, 0].expand(14, 3))  # outside the subject crop: the image
-    crop = tiny.animate(img, tracks, mask, steps=1, cfg=3.0, seed=7, progress=False)
+    crop = tiny.animate(img, tracks, codec, mask, steps=1, cfg=3.0, seed=7, progress=False)
     assert crop.shape == (14, size, size, 3)
 
 
@@ -178,10 +182,10 @@ def test_zero_conditioning_equals_unconditional_branch(tiny):
     assert not torch.allclose(both[0], both[1], atol=1e-4)  # same inputs but the drag
 
 
-def test_bad_steps_is_a_clear_error(tiny):
+def test_bad_steps_is_a_clear_error(tiny, codec):
     img, mask, tracks = _inputs()
     with pytest.raises(ValueError, match="steps"):
-        tiny.animate(img, tracks, mask, steps=0)
+        tiny.animate(img, tracks, codec, mask, steps=0)
 
 
 def test_anchors_become_still_drags_in_free_slots(caplog):

@@ -78,10 +78,22 @@ class DynamiCrafter(nn.Module):
     @torch.no_grad()
     def encode_image_context(self, image: torch.Tensor) -> torch.Tensor:
         """image (B, 3, H, W) in [-1, 1] -> (B, num_queries * video_length, C) image context."""
+        return self.resample_image_tokens(self.encode_image_tokens(image))
+
+    @torch.no_grad()
+    def encode_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, H, W) in [-1, 1] -> (B, 1 + patches, width) CLIP vision tokens before
+        ``ln_post`` (what the resampler reads), on the image part's device."""
         part = self.managed()["image"]
         runtime.load_models(part)
-        tokens = self.image_encoder(image.to(part.device))
-        return self.image_proj(tokens.to(self.image_proj.latents.dtype))
+        return self.image_encoder(image.to(part.device))
+
+    @torch.no_grad()
+    def resample_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP vision tokens (B, 1 + patches, width) -> (B, num_queries * video_length, C) image context."""
+        part = self.managed()["image"]
+        runtime.load_models(part)
+        return self.image_proj(tokens.to(part.device, self.image_proj.latents.dtype))
 
     @torch.no_grad()
     def vae_encode(self, frames: torch.Tensor, generator: torch.Generator | None = None,

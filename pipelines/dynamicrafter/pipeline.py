@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import runtime
+from ...kernels.dual_attention import per_frame_context
 from ...kernels.regional import cover_crop, default_feather, fit_mask, latent_keep, paste, paste_alpha
 from .model import DynamiCrafter
 from .sampler import DDIMSampler, DiffusionSchedule
@@ -94,8 +95,39 @@ def _window_weight(length: int, start: int, frames: int, overlap: int, device) -
     return w
 
 
+class FrameContext:
+    """A different image context for every frame: ``text`` (1, 77, C) and ``images`` (frames, K, C),
+    the resampler's output for each frame's CLIP tokens.
+
+    :meth:`window` gives the per-frame context (1, n, 77 + k, C) of frames ``start .. start+n-1``
+    laid out as the UNet splits a shared context: frame j of the window takes tokens
+    ``[k*j, k*(j+1))`` of its own image context when ``K == k * n`` (k tokens per frame), else the
+    whole of it. When every frame has the same image context this equals the shared
+    ``cat[text, image context]`` the UNet would split itself, value for value.
+    """
+
+    def __init__(self, text: torch.Tensor, images: torch.Tensor, tokens_per_frame: int):
+        self.text, self.images, self.tokens_per_frame = text, images, int(tokens_per_frame)
+
+    def window(self, start: int, n: int) -> torch.Tensor:
+        imgs = self.images[start:start + n]
+        k = self.tokens_per_frame
+        if imgs.shape[1] == k * n:
+            imgs = torch.stack([imgs[j, k * j:k * (j + 1)] for j in range(n)])
+        return torch.cat([self.text.expand(n, -1, -1), imgs], dim=1)[None]
+
+
+def _as_frame_windows(ctx: torch.Tensor, n: int, text_len: int, tokens_per_frame: int) -> torch.Tensor:
+    """A shared context (1, L, C) as the per-frame context (1, n, L', C) the UNet would derive."""
+    per = per_frame_context(ctx, n, text_len, tokens_per_frame)
+    return per.reshape(ctx.shape[0], n, per.shape[1], per.shape[2])
+
+
 class _Denoiser:
-    """UNet call with cond/uncond batched together and optional temporal windows."""
+    """UNet call with cond/uncond batched together and optional temporal windows.
+
+    ``ctx_cond`` is a shared context (1, L, C) or a :class:`FrameContext`; ``ctx_uncond`` is shared
+    (or None without guidance)."""
 
     def __init__(self, model: DynamiCrafter, c_concat, ctx_cond, ctx_uncond, fs, overlap):
         self.unet = model.unet
@@ -103,21 +135,30 @@ class _Denoiser:
         self.length = model.temporal_length
         self.overlap = overlap
 
-    def _run(self, x, c_concat, t):
+    def _context(self, start: int, n: int):
+        if not isinstance(self.ctx_c, FrameContext):
+            return self.ctx_c, self.ctx_u
+        cfg = self.unet.cfg
+        ctx_u = None if self.ctx_u is None else _as_frame_windows(self.ctx_u, n, cfg.text_context_len,
+                                                                   cfg.image_tokens_per_frame)
+        return self.ctx_c.window(start, n), ctx_u
+
+    def _run(self, x, c_concat, t, start=0):
         dt = self.unet.dtype
         b = x.shape[0]
         xin = torch.cat([x, c_concat], dim=1).to(dt)
-        if self.ctx_u is not None:
+        ctx_c, ctx_u = self._context(start, x.shape[2])
+        if ctx_u is not None:
             xin = torch.cat([xin, xin])
-            ctx = torch.cat([self.ctx_c, self.ctx_u])
+            ctx = torch.cat([ctx_c, ctx_u])
         else:
-            ctx = self.ctx_c
+            ctx = ctx_c
         n = xin.shape[0]
         ts = torch.full((n,), t, dtype=torch.long, device=x.device)
         fs = self.fs.expand(n)
         with torch.no_grad():
             out = self.unet(xin, ts, ctx.to(dt), fs).float()
-        return (out[:b], out[b:]) if self.ctx_u is not None else (out, None)
+        return (out[:b], out[b:]) if ctx_u is not None else (out, None)
 
     def __call__(self, x, t):
         frames = x.shape[2]
@@ -129,7 +170,7 @@ class _Denoiser:
         wsum = torch.zeros(frames, device=x.device)
         for s in starts:
             sl = slice(s, s + self.length)
-            oc, ou = self._run(x[:, :, sl], self.c_concat[:, :, sl], t)
+            oc, ou = self._run(x[:, :, sl], self.c_concat[:, :, sl], t, s)
             w = _window_weight(self.length, s, frames, self.overlap, x.device)
             acc_c[:, :, sl] += oc * w.view(1, 1, -1, 1, 1)
             if ou is not None:
@@ -141,11 +182,15 @@ class _Denoiser:
 
 
 def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateOptions,
-             mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, callback=None,
+             frame_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Frames (T, H, W, 3) in [0, 1].
 
     ``keyframes``: one IMAGE (animate) or two (interpolate: the first and the last frame).
     ``mask``: MASK, 1 where the picture may move (animate only).
+    ``frame_tokens``: (T, 1 + patches, width) CLIP vision tokens for every frame (e.g. from the
+    semantic motion predictor): frame t's image context is then the resampler's output for
+    ``frame_tokens[t]`` (see :class:`FrameContext`) instead of the first keyframe's for all.
     """
     if not 1 <= len(keyframes) <= 2:
         raise ValueError("keyframes: give one image to animate or two to interpolate between")
@@ -174,8 +219,13 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     # conditioning
     use_cfg = float(opts.cfg) != 1.0
     text_c = model.encode_text([opts.prompt or ""])
-    img_c = model.encode_image_context(imgs[0])
-    ctx_c = torch.cat([text_c, img_c], dim=1)
+    if frame_tokens is None:
+        img_c = model.encode_image_context(imgs[0])
+        ctx_c = torch.cat([text_c, img_c], dim=1)
+    else:
+        _check_frame_tokens(model, frame_tokens, frames)
+        img_c = torch.cat([model.resample_image_tokens(frame_tokens[f:f + 1]) for f in range(frames)])
+        ctx_c = FrameContext(text_c, img_c, model.unet.cfg.image_tokens_per_frame)
     ctx_u = None
     if use_cfg:
         text_u = model.encode_text([opts.negative or ""])
@@ -207,7 +257,11 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
         (batch * window, z.shape[1], h, w), model.unet.dtype))
     sampler = DDIMSampler(DiffusionSchedule(model.schedule_config()), steps=int(opts.steps), eta=float(opts.eta))
     fs = torch.tensor([fs_value], dtype=torch.long, device=device)
-    denoise = _Denoiser(model, c_concat.to(model.unet.dtype), ctx_c.to(device), None if ctx_u is None else ctx_u.to(device),
+    if isinstance(ctx_c, FrameContext):
+        ctx_c = FrameContext(ctx_c.text.to(device), ctx_c.images.to(device), ctx_c.tokens_per_frame)
+    else:
+        ctx_c = ctx_c.to(device)
+    denoise = _Denoiser(model, c_concat.to(model.unet.dtype), ctx_c, None if ctx_u is None else ctx_u.to(device),
                         fs, int(opts.window_overlap))
     x_T = torch.randn((1, z.shape[1], frames, h, w), generator=gen, dtype=torch.float32).to(device)
     latents = sampler.sample(denoise, x_T, cfg=float(opts.cfg),
@@ -222,6 +276,17 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
         src = ((imgs[0][0] + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0).cpu()
         video = paste(video, src, paste_alpha(pix_mask.cpu(), default_feather(height, width)))
     return video
+
+
+def _check_frame_tokens(model: DynamiCrafter, tokens, frames: int) -> None:
+    enc = model.image_encoder
+    want = (enc.positional_embedding.shape[0], enc.conv1.weight.shape[0])
+    if not torch.is_tensor(tokens) or tokens.dim() != 3:
+        got = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+        raise ValueError(f"frame_tokens: expected CLIP vision tokens (frames, {want[0]}, {want[1]}), got {got}")
+    if tokens.shape[0] != frames or tuple(tokens.shape[1:]) != want:
+        raise ValueError(f"frame_tokens: {tuple(tokens.shape)} does not fit {frames} frames of this model's "
+                         f"image encoder ({frames}, {want[0]}, {want[1]})")
 
 
 def animate(model: DynamiCrafter, image: torch.Tensor, opts: AnimateOptions,

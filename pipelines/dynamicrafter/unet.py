@@ -308,7 +308,10 @@ class Block(nn.ModuleList):
 
 
 class DynamiCrafterUNet(nn.Module):
-    """x (B, in_ch, T, H, W), timesteps (B,), context (B, L, ctx), fs (B,) -> (B, out_ch, T, H, W)."""
+    """x (B, in_ch, T, H, W), timesteps (B,), context (B, L, ctx), fs (B,) -> (B, out_ch, T, H, W).
+
+    ``context`` may also be given per frame, (B, T, L', ctx): frame t of sample b then sees
+    ``context[b, t]`` (e.g. a different image context for every frame of a transition)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -390,7 +393,13 @@ class DynamiCrafterUNet(nn.Module):
         if fs is not None:
             fs = fs.reshape(-1).expand(b) if fs.numel() == 1 else fs
         emb = self.embed(timesteps, fs, t)
-        ctx = per_frame_context(context.to(self.dtype), t, self.cfg.text_context_len, self.cfg.image_tokens_per_frame)
+        if context.dim() == 4:  # already per frame: (B, T, L', C), frame t of sample b gets context[b, t]
+            if tuple(context.shape[:2]) != (b, t):
+                raise ValueError(f"context: per-frame context {tuple(context.shape)} does not match {b} x {t} frames")
+            ctx = context.to(self.dtype).reshape(b * t, context.shape[2], context.shape[3])
+        else:
+            ctx = per_frame_context(context.to(self.dtype), t, self.cfg.text_context_len,
+                                    self.cfg.image_tokens_per_frame)
         hcur = x.to(self.dtype).transpose(1, 2).reshape(b * t, c, h, w)
         if debug is not None:
             debug["emb"], debug["context_frames"] = emb, ctx

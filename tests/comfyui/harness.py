@@ -53,8 +53,10 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI server process on 127.0.0.1 (started by start(), ended by stop())."""
 
-    def __init__(self, cdir: Path, python: Path, base: Path, pack_name: str = "kinema"):
+    def __init__(self, cdir: Path, python: Path, base: Path, pack_name: str = "kinema",
+                 front_end_root: Path | None = None):
         self.cdir, self.python, self.base = cdir, python, base
+        self.front_end_root = front_end_root  # another frontend build (--front-end-root), else the bundled one
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -89,7 +91,8 @@ class ComfyServer:
         self.proc = subprocess.Popen(
             [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-             "--disable-auto-launch"],
+             "--disable-auto-launch"]
+            + (["--front-end-root", str(self.front_end_root)] if self.front_end_root else []),
             cwd=self.cdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while time.time() - t0 < timeout:
@@ -170,6 +173,17 @@ def view_url(server: ComfyServer, item: dict) -> str:
     q = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
                                 "type": item.get("type", "output")})
     return f"{server.url}/view?{q}"
+
+def frontend_build(version: str, cache: Path) -> Path:
+    """The static folder of comfyui-frontend-package ``version`` (installed once into
+    ``cache`` with pip --target; the registry package, not ComfyUI's pinned one)."""
+    target = cache / f"comfyui-frontend-package-{version}"
+    static = target / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target",
+                        str(target), f"comfyui-frontend-package=={version}"], check=True, timeout=900)
+    return static
+
 
 def missing_choices(api: dict, object_info: dict) -> list[str]:
     """Combo values (model files, mostly) the server does not offer, as 'Node.input=value'."""

@@ -41,9 +41,9 @@ def made(tmp_path_factory, models_dir, tiny_sd15):
                             device="cpu")
     final = train.Trainer(cfg, log=lambda s: None).run(progress=False)
     shutil.copy(final, d / FYC)
-    from kinema.pipelines.dynamicrafter.convert import tiny_checkpoint
+    import tiny_dynamicrafter
     from safetensors.torch import save_file
-    save_file(tiny_checkpoint("512"), str(d / DC))
+    save_file(tiny_dynamicrafter.checkpoint("512"), str(d / DC))
     return d
 
 

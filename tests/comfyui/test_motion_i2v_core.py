@@ -99,3 +99,35 @@ def test_render_node(sd15_core, conds, motion_file):
     with pytest.raises(ValueError, match="at most 16"):
         node.render(render, vae, positive, negative, image[None], MotionField(torch.zeros(17, H, W, 2)), 2, 2.0, 3,
                     True)
+
+
+def test_predict_node_with_comfy_vae_and_conditioning(sd15_core, conds, tmp_path):
+    import tiny_motion_i2v as tiny
+    from kinema.pipelines.motion_i2v import pipeline
+    _model, _clip, vae = sd15_core
+    positive, negative = conds
+    fm = tiny.flow_model(0, text=False)
+    files = tiny.save_flow_files(fm, tmp_path)
+    flow_model = build.load_flow_model(files["flow_unet"], files["controlnet"], files["flow_vae"], "fp32")
+    # the tiny flow network attends to 32-wide text: stand in a matching conditioning
+    pos = [[torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)), {}]]
+    neg = [[torch.zeros(1, 77, 32), {}]]
+    image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(2))
+    brush = torch.zeros(1, 32, 48)
+    brush[:, :, 24:] = 1
+    node = mnodes.KinemaMotionI2VPredictMotion()
+    (field,) = node.predict(flow_model, vae, pos, neg, image, '[[[30, 10], [40, 20]]]', 48, 32, 4, 2, 2.0, 1.0,
+                            7, brush=brush)
+    assert isinstance(field, MotionField) and field.flow.shape == (16, 32, 48, 2)
+    assert field.flow[:, :, :24].abs().max() == 0 and field.flow[:, :, 24:].abs().max() > 0
+    # the picture reaches the predictor as the released code encodes it: in [0, 1], through the VAE
+    x = image.clone()
+    latent = vae.encode((x + 1) / 2).float()
+    ref = pipeline.predict_motion(flow_model, image[0], *_sparse(), static=1 - brush[0], cond=pos[0][0],
+                                  uncond=neg[0][0], image_latent=latent, steps=2, guidance=2.0, seed=7)
+    assert torch.allclose(ref.flow, field.flow, atol=1e-5)
+
+
+def _sparse():
+    from kinema.kernels.motion_attention import rasterise_tracks_motion_i2v
+    return rasterise_tracks_motion_i2v([torch.tensor([[30.0, 10.0], [40.0, 20.0]])], 32, 48, 4, 16)

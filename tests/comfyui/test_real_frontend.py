@@ -10,6 +10,7 @@ test-artifacts/comfyui/.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 ART = harness.ROOT / "test-artifacts" / "comfyui"
 EDITORS = {"KinemaClickToMask": "points", "KinemaMotionFromDrags": "tracks", "KinemaMotionBrush": "strokes"}
 WORKFLOWS = sorted((harness.ROOT / "workflows").glob("*.json"))
+NEWEST_FRONTEND = "1.58.1"  # the newest comfyui-frontend-package on the registry when this was written
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} not found", allow_module_level=True)
@@ -136,7 +138,8 @@ class Front:
     def shot(self, name):
         ART.mkdir(parents=True, exist_ok=True)
         self.page.wait_for_timeout(300)
-        self.page.screenshot(path=str(ART / name))
+        tag = "bundled" if self.server.front_end_root is None else Path(self.server.front_end_root).parts[-3].split("-")[-1]
+        self.page.screenshot(path=str(ART / f"{tag}_{name}"))
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +150,31 @@ def browser():
         b.close()
 
 
+# The frontend ComfyUI pins (bundled) and the newest one on the registry, served by the same
+# ComfyUI through --front-end-root: every test below runs on both.
+FRONTENDS = ["bundled", NEWEST_FRONTEND]
+
+
+@pytest.fixture(scope="module", params=FRONTENDS)
+def server(request, comfy, tmp_path_factory):
+    if request.param == "bundled":
+        yield comfy
+        return
+    static = harness.frontend_build(request.param, harness.ROOT / "test-artifacts" / "frontends")
+    srv = harness.ComfyServer(comfy.cdir, comfy.python, tmp_path_factory.mktemp(f"comfyui-fe-{request.param}"),
+                              front_end_root=static)
+    srv.start()
+    yield srv
+    srv.stop()
+    ART.mkdir(parents=True, exist_ok=True)
+    (ART / f"comfyui-{request.param}.log").write_text(srv.log())
+
+
 @pytest.fixture
-def front(browser, comfy):
+def front(browser, server):
     ctx = browser.new_context(viewport={"width": 1500, "height": 900})
     page = ctx.new_page()
-    f = Front(page, comfy)
+    f = Front(page, server)
     yield f
     ctx.close()
 
@@ -294,8 +317,9 @@ def test_editor_in_real_frontend(front, object_info, type_):
     assert state["imgs"] == 0 and not [w for w in state["widgets"] if w.startswith("$$")], state
     sent = page.evaluate("(id) => window.__kinemaExecuted[String(id)] || null", nid) or {}
     assert sent.get("kinema_bg"), sent
-    if type_ == "KinemaMotionFromDrags" and sent.get("images"):
+    if type_ == "KinemaMotionFromDrags":
         # the flow colour preview is shown inside the editor (Flow button), not on top of it
+        assert sent.get("kinema_flow") and not sent.get("images"), sent
         page.wait_for_function("(id) => !!window.app.graph.getNodeById(id).__kinema.editor.overlay", arg=nid, timeout=30000)
     f.shot(f"{type_}_after_run.png")
 
@@ -305,11 +329,13 @@ def test_editor_in_real_frontend(front, object_info, type_):
     # the saved file holds the value as an ordinary widget value (what the headless runner
     # reads) and the picture reference in the node's properties
     wf = json.loads(saved)
-    node = next(n for n in wf["nodes"] if n["id"] == nid)
+    node = next(n for n in wf["nodes"] if str(n["id"]) == str(nid))
     api = harness.ui_to_api(wf, object_info)
     assert json.loads(api[str(nid)]["inputs"][widget]) == value
-    assert len(node["widgets_values"]) == len([k for k, v in object_info[type_]["input"]["required"].items()
-                                               if isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES])
+    spec = {**object_info[type_]["input"]["required"], **(object_info[type_]["input"].get("optional") or {})}
+    assert len(node["widgets_values"]) == len([k for k, v in spec.items()
+                                               if (isinstance(v[0], list) or v[0] in harness.WIDGET_TYPES)
+                                               and not (len(v) > 1 and (v[1] or {}).get("forceInput"))])
     assert node["properties"]["kinema_bg"]["type"] == "temp"
     page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(JSON.parse(wf)); }", saved)
     page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id); return n && n.__kinema && n.__kinema.editor.image; }",
@@ -351,3 +377,224 @@ def test_example_workflow_in_real_frontend(front, object_info, path):
         assert srcs and all(".webp" in s or "webp" in s for s in srcs), (t, srcs)
     f.shot(f"workflow_{path.stem}_after_run.png")
     assert not f.our_errors(), f.our_errors()
+
+
+# ----------------------------------------------------------------------------- issue-17 checks
+
+def _open(f, url_path="/"):
+    """(Re)load the page and wait for the app, as Front does."""
+    f.page.goto(f.server.url + url_path)
+    f.page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120000)
+    f.page.wait_for_function("window.app.extensions.some((e) => e.name === 'kinema.editors')", timeout=60000)
+
+
+def _build(f, type_, object_info):
+    nid = f.page.evaluate(BUILD, [type_, consumers_for(type_, object_info)])
+    f.page.wait_for_function("(id) => !!window.app.graph.getNodeById(id).__kinema.editor.image", arg=nid, timeout=30000)
+    return nid
+
+
+def _status(f, nid):
+    return f.page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.statusEl.textContent", nid)
+
+
+def _choose_image(f, name):
+    """What picking a file in Load Image's list does: set the widget and call its callback."""
+    f.page.evaluate("""(name) => { const n = window.app.graph._nodes.find((n) => n.type === 'LoadImage');
+        const w = n.widgets.find((w) => w.name === 'image'); w.value = name; if (w.callback) w.callback(name);
+        window.app.graph.setDirtyCanvas(true, true); }""", name)
+
+
+@pytest.mark.parametrize("type_", list(EDITORS))
+def test_edits_survive_a_page_reload(front, object_info, type_):
+    """Edits made with the mouse mark the workflow modified, so the frontend keeps them over
+    a reload (its change tracking listens for the mouse events the editor lets through)."""
+    f, page = front, front.page
+    nid = _build(f, type_, object_info)
+    value = interact(f, nid, type_)
+    assert page.evaluate("() => window.app.extensionManager.workflow.activeWorkflow.isModified") is True
+    page.wait_for_timeout(1500)  # the frontend stores the workflow shortly after a change
+    _open(f)
+    page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(id); return n && n.__kinema && n.__kinema.editor.image; }",
+                           arg=nid, timeout=30000)
+    assert f.editor_value(nid) == value
+    assert json.loads(f.widget_value(nid, EDITORS[type_])) == value
+    f.shot(f"{type_}_after_reload.png")
+    assert not f.our_errors(), f.our_errors()
+
+
+def _scaled(value, k):
+    if "positive" in value:
+        p = lambda q: [round(q[0] * k, 1), round(q[1] * k, 1)]
+        return {"positive": [p(q) for q in value["positive"]], "negative": [p(q) for q in value["negative"]],
+                "box": [round(v * k, 1) for v in value["box"]] if value["box"] else None}
+    if "tracks" in value:
+        p = lambda q: {"x": round(q["x"] * k, 1), "y": round(q["y"] * k, 1)}
+        return {"tracks": [[p(q) for q in t] for t in value["tracks"]], "anchors": [p(q) for q in value["anchors"]]}
+    return {"strokes": [{"mode": s["mode"], "radius": round(s["radius"] * k, 1),
+                         "points": [[round(x * k, 1), round(y * k, 1)] for x, y in s["points"]]} for s in value["strokes"]]}
+
+
+def _close(a, b, tol=0.11):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= tol
+    return a == b
+
+
+@pytest.mark.parametrize("type_", list(EDITORS))
+def test_edits_follow_the_picture_when_it_changes_size(front, object_info, server, type_):
+    """A larger copy of the photo: every coordinate is scaled (one undoable edit) and the
+    status line says so; a picture of another shape: the edits stay and a warning says so."""
+    from PIL import Image
+    src = Image.open(harness.ROOT / "assets" / "chelsea.jpg")
+    src.resize((902, 600), Image.LANCZOS).save(server.base / "input" / "chelsea_2x.png")
+    f, page = front, front.page
+    nid = _build(f, type_, object_info)
+    value = interact(f, nid, type_)
+    if type_ == "KinemaMotionBrush":
+        assert "radius 24px" in _status(f, nid)
+    _choose_image(f, "chelsea_2x.png")
+    page.wait_for_function("(id) => window.app.graph.getNodeById(id).__kinema.editor.imageW === 902", arg=nid, timeout=30000)
+    got = f.editor_value(nid)
+    assert _close(got, _scaled(value, 2.0)), (got, value)
+    assert json.loads(f.widget_value(nid, EDITORS[type_])) == got
+    status = _status(f, nid)
+    assert "picture 451×300 → 902×600: edits scaled ×2.00" in status, status
+    if type_ == "KinemaMotionBrush":
+        assert "radius 48px" in status, status
+    f.shot(f"{type_}_picture_2x.png")
+    page.locator(".kinema-editor button[data-kinema='undo']").first.click()
+    assert f.editor_value(nid) == value
+    page.locator(".kinema-editor button[data-kinema='redo']").first.click()
+    # another shape (512x512): nothing moves, the warning says what happened
+    before = f.editor_value(nid)
+    _choose_image(f, "astronaut.jpg")
+    page.wait_for_function("(id) => window.app.graph.getNodeById(id).__kinema.editor.imageW === 512", arg=nid, timeout=30000)
+    assert f.editor_value(nid) == before
+    status = _status(f, nid)
+    assert "picture 902×600 → 512×512, another shape: edits kept at their pixel positions" in status, status
+    points = [v for v in re.findall(r"-?\d+(?:\.\d+)?", json.dumps(before))]
+    if any(float(v) > 511 for v in points):
+        assert "outside the picture" in status, status
+    f.shot(f"{type_}_picture_other_shape.png")
+    assert not f.our_errors(), f.our_errors()
+
+
+def test_live_mask_error_clears_at_once_and_shows_work(front, object_info):
+    f, page = front, front.page
+    if "KinemaSAMLoader" not in object_info:
+        pytest.skip("the pack registers no SAM loader")
+    status, _ = f.server.request("/kinema/mask_preview", {})
+    if status in (404, 405):
+        pytest.skip("the server has no live mask route")
+    nid = _build(f, "KinemaClickToMask", object_info)
+    # a SAM loader whose file is missing: the live mask answers an error
+    page.evaluate("""(id) => { const app = window.app, LG = window.LiteGraph;
+        const ld = LG.createNode("KinemaSAMLoader"); ld.pos = [20, 420]; app.graph.add(ld);
+        ld.widgets.find((w) => w.name === "sam_name").value = "missing_sam.pth";
+        const ed = app.graph.getNodeById(id); ld.connect(0, ed, ed.inputs.findIndex((i) => i.name === "sam")); }""", nid)
+    f.click(nid, 262, 240)
+    page.wait_for_function("(id) => window.app.graph.getNodeById(id).__kinema.editor.error.startsWith('mask preview:')",
+                           arg=nid, timeout=60000)
+    f.shot("KinemaClickToMask_mask_error.png")
+    # the cause goes (the loader is disconnected): the old error goes at once, a working sign shows
+    at_once = page.evaluate("""(id) => { const ed = window.app.graph.getNodeById(id);
+        ed.disconnectInput(ed.inputs.findIndex((i) => i.name === "sam"));
+        const e = ed.__kinema.editor; return {error: e.error, busy: e.maskBusy, status: e.statusEl.textContent}; }""", nid)
+    assert at_once["error"] == "" and at_once["busy"] is True and "mask: working…" in at_once["status"], at_once
+    f.shot("KinemaClickToMask_mask_working.png")
+    page.wait_for_function("(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor; return e.maskImage && !e.maskBusy; }",
+                           arg=nid, timeout=120000)
+    assert "mask score" in _status(f, nid)
+    assert not f.our_errors(), f.our_errors()
+
+
+def test_motion_strength_result_shows_on_the_node(front, object_info):
+    f, page = front, front.page
+    nid = _build(f, "KinemaMotionFromDrags", object_info)
+    sid = page.evaluate("""(id) => { const app = window.app, LG = window.LiteGraph;
+        const ed = app.graph.getNodeById(id);
+        const ms = LG.createNode("KinemaMotionStrength"); ms.pos = [960, 620]; app.graph.add(ms);
+        ed.connect(0, ms, ms.inputs.findIndex((i) => i.name === "motion")); return ms.id; }""", nid)
+    f.drag(nid, [(120, 200), (160, 180), (200, 160)])
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.__kinemaRuns.length > 0", timeout=600000)
+    runs = page.evaluate("() => window.__kinemaRuns")
+    assert runs[0][0] == "execution_success", runs
+    sent = page.evaluate("(id) => window.__kinemaExecuted[String(id)]", sid)
+    assert sent and "bucket" in sent["text"][0], sent
+    page.wait_for_function("(id) => (window.app.graph.getNodeById(id).widgets || []).some((w) => w.name === 'kinema_result')",
+                           arg=sid, timeout=30000)
+    shown = page.evaluate("""(id) => { const w = window.app.graph.getNodeById(id).widgets.find((w) => w.name === 'kinema_result');
+        const r = w.element.getBoundingClientRect(); return {text: w.element.textContent, w: r.width, h: r.height,
+        visible: w.element.offsetParent !== null}; }""", sid)
+    assert shown["text"] == sent["text"][0] and shown["visible"] and shown["w"] > 100 and shown["h"] > 10, shown
+    f.shot("KinemaMotionStrength_result.png")
+    assert not f.our_errors(), f.our_errors()
+
+
+def test_properties_panel_leaves_the_editor_working(front, object_info):
+    """Newer frontends show the selected node's widgets in a side panel: the editor is not
+    drawn there (it keeps its size in the node) and still takes clicks."""
+    f, page = front, front.page
+    has_panel = page.evaluate("() => !!(window.app.extensionManager.setting && "
+                              "window.app.extensionManager.setting.get('Comfy.RightSidePanel.IsOpen') !== undefined)")
+    nid = _build(f, "KinemaClickToMask", object_info)
+    before = f.geom(nid)
+    page.evaluate("(id) => window.app.canvas.selectNode(window.app.graph.getNodeById(id))", nid)
+    if has_panel:
+        page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', true); }")
+        page.wait_for_timeout(1500)
+    after = f.geom(nid)
+    assert abs(after["rw"] - before["rw"]) < 2 and abs(after["rh"] - before["rh"]) < 2, (before, after)
+    f.click(nid, 262, 240)
+    assert f.editor_value(nid)["positive"] == [[262, 240]]
+    f.shot("KinemaClickToMask_properties_panel.png")
+    if has_panel:
+        page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false); }")
+    assert not f.our_errors(), f.our_errors()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS or [None], ids=[p.stem for p in WORKFLOWS] or ["none"])
+def test_example_workflow_layout_in_real_frontend(front, path):
+    """Loaded in the frontend (its own node sizes, editors attached), no node covers another:
+    notes stay off editors and previews. Checked for every workflow, model files or not."""
+    if path is None:
+        pytest.skip("no example workflows in workflows/")
+    f, page = front, front.page
+    wf = json.loads(Path(path).read_text())
+    page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(wf); }", wf)
+    page.wait_for_timeout(1000)
+    boxes = page.evaluate("""() => window.app.graph._nodes.map((n) => [String(n.id), n.type, Array.from(n.getBounding())])""")
+    hits = []
+    for i, (ia, ta, A) in enumerate(boxes):
+        for ib, tb, B in boxes[i + 1:]:
+            if A[0] < B[0] + B[2] and B[0] < A[0] + A[2] and A[1] < B[1] + B[3] and B[1] < A[1] + A[3]:
+                hits.append(f"{ia} {ta} / {ib} {tb}")
+    assert not hits, hits
+    f.shot(f"workflow_{path.stem}_layout.png")
+
+
+def test_workflow_without_its_model_file_says_what_did_not_run(front, object_info):
+    """dynamicrafter_animate_clicked_object.json without the DynamiCrafter file: the server runs
+    the mask branch only; the page says which node was left out and why."""
+    f, page = front, front.page
+    wf = json.loads((harness.ROOT / "workflows" / "dynamicrafter_animate_clicked_object.json").read_text())
+    missing = harness.missing_choices(harness.ui_to_api(wf, object_info), object_info)
+    if not missing:
+        pytest.skip("this server has the DynamiCrafter file: the whole workflow runs")
+    page.evaluate("async (wf) => { window.app.graph.clear(); await window.app.loadGraphData(wf); }", wf)
+    page.wait_for_timeout(1500)
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    toast = page.get_by_text("Part of the workflow did not run").first
+    toast.wait_for(state="visible", timeout=30000)
+    text = page.evaluate("() => document.body.innerText")
+    loader = next(n for n in wf["nodes"] if n["type"] == "KinemaDynamiCrafterLoader")
+    assert f"(#{loader['id']})" in text and "not in" in text and "models folder" in text, text[-2000:]
+    f.shot("workflow_dynamicrafter_missing_model_message.png")
+    page.wait_for_function("() => window.__kinemaRuns.length > 0", timeout=600000)  # the mask branch ran
+    assert page.evaluate("() => window.__kinemaRuns")[0][0] == "execution_success"

@@ -119,3 +119,32 @@ def motion_block(path: Path, unet, seed: int = 3) -> Path:
     else:
         torch.save(sd, path)
     return path
+
+
+def svd_vae_module(seed: int = 4) -> torch.nn.Module:
+    """SVD's temporal-decoder VAE at its fixed size, in ComfyUI's (sgm) layout."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    enc = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+           'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    dec = dict(enc, video_kernel_size=[3, 1, 1], alpha=0.0)
+    vae = AutoencodingEngine(
+        regularizer_config={'target': "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={'target': "comfy.ldm.modules.diffusionmodules.model.Encoder", 'params': enc},
+        decoder_config={'target': "comfy.ldm.modules.temporal_ae.VideoDecoder", 'params': dec})
+    return randomise(vae, seed, scale=0.8)
+
+
+def clip_vision(config: dict, seed: int = 5):
+    """A ComfyUI CLIP_VISION object (ComfyUI's own class) built from a CLIP ViT ``config`` (the
+    transformers config keys ComfyUI's JSON configs use), with random weights."""
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(dict(config, model_type="clip_vision_model"), fh)
+    cv = comfy.clip_vision.ClipVisionModel(fh.name)
+    Path(fh.name).unlink()
+    randomise(cv.model, seed)
+    return cv

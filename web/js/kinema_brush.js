@@ -79,13 +79,32 @@ export class BrushEditor extends KinemaCanvas {
     this.radius = clamp(Math.round(r), 1, this.maxRadius);
     this.radiusInput.value = String(this.radius);
     this.radiusText.textContent = `${this.radius}px`;
+    this._renderStatus();
     this.redraw();
   }
+
+  scaledState(s, sx, sy) {
+    const k = (sx + sy) / 2;
+    return { strokes: s.strokes.map((t) => ({ mode: t.mode, radius: round1(t.radius * k),
+                                               points: t.points.map(([x, y]) => [round1(x * sx), round1(y * sy)]) })) };
+  }
+
+  pointsOf(s) { return s.strokes.flatMap((t) => t.points); }
 
   onImage() {
     this.maxRadius = Math.max(8, Math.round(Math.max(this.imageW, this.imageH) / 4));
     this.radiusInput.max = String(this.maxRadius);
-    if (this.radius > this.maxRadius) this.setRadius(this.maxRadius);
+    this.setRadius(Math.min(this.radius, this.maxRadius));
+  }
+
+  _resized(before) {
+    // the same picture at another resolution: the brush keeps its size on it, like the strokes
+    const sx = this.imageW / before[0], sy = this.imageH / before[1];
+    if (Math.abs(sx / sy - 1) <= 0.01) {
+      this.onImage();
+      this.setRadius(this.radius * sx);
+    }
+    super._resized(before);
   }
 
   defaultHint() {
@@ -126,8 +145,8 @@ export class BrushEditor extends KinemaCanvas {
   onLeave() { this._cursor = null; }
 
   onKey(e) {
-    if (e.key === "[") { this.setRadius(this.radius - Math.max(1, Math.round(this.radius * 0.15))); this._renderStatus(); return true; }
-    if (e.key === "]") { this.setRadius(this.radius + Math.max(1, Math.round(this.radius * 0.15))); this._renderStatus(); return true; }
+    if (e.key === "[") { this.setRadius(this.radius - Math.max(1, Math.round(this.radius * 0.15))); return true; }
+    if (e.key === "]") { this.setRadius(this.radius + Math.max(1, Math.round(this.radius * 0.15))); return true; }
     if (e.key === "e" || e.key === "E") { this.mode = this.mode === "paint" ? "erase" : "paint"; this._updateButtons(); this.redraw(); return true; }
     return false;
   }

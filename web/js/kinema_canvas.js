@@ -93,6 +93,7 @@ export class KinemaCanvas {
     this.hover = null;
     this.message = "";
     this.error = "";
+    this.sizeKnown = false;                   // imageW/H came from a picture or a stored size
 
     const d = this.doc;
     this.root = d.createElement("div");
@@ -144,8 +145,9 @@ export class KinemaCanvas {
     return true;
   }
 
-  /** Call before a change, so it can be undone. */
+  /** Call before a change, so it can be undone. A note about the last picture change goes. */
   checkpoint() {
+    if (this.message) this.setMessage("");
     this.undoStack.push(this.value);
     if (this.undoStack.length > this.maxUndo) this.undoStack.shift();
     this.redoStack = [];
@@ -199,11 +201,14 @@ export class KinemaCanvas {
     this._loading = new Promise((resolve) => {
       img.onload = () => {
         if (this.imageUrl !== url) return resolve(false);
+        const before = this.sizeKnown ? [this.imageW, this.imageH] : null;
         this.image = img;
         this.imageError = null;
         this.imageW = img.naturalWidth;
         this.imageH = img.naturalHeight;
+        this.sizeKnown = true;
         this._loading = null;
+        if (before && (before[0] !== this.imageW || before[1] !== this.imageH)) this._resized(before);
         this.redraw();
         this.onImage();
         resolve(true);
@@ -221,13 +226,42 @@ export class KinemaCanvas {
     return this._loading;
   }
 
-  /** Picture size when no picture is shown (coordinates are still image pixels). */
+  /** Picture size when no picture is shown (coordinates are still image pixels), e.g. the
+   *  size the stored value was made for. */
   setImageSize(w, h) {
     if (this.image) return;
     this.imageW = Math.max(1, Math.round(w));
     this.imageH = Math.max(1, Math.round(h));
+    this.sizeKnown = true;
     this.redraw();
   }
+
+  /** The picture now has another size than the one the edits were made on. The same
+   *  picture at another resolution (same shape within 1%): every coordinate is scaled, as
+   *  one undoable edit. Another shape: the edits keep their pixel positions and the status
+   *  line says so (and how many lie outside). */
+  _resized([w0, h0]) {
+    const sx = this.imageW / w0, sy = this.imageH / h0;
+    const empty = JSON.stringify(this.parse("")) === this.value;
+    const change = `picture ${w0}×${h0} → ${this.imageW}×${this.imageH}`;
+    if (empty) { this.setMessage(""); return; }
+    if (Math.abs(sx / sy - 1) <= 0.01) {
+      this.checkpoint();
+      this.setState(this.scaledState(JSON.parse(this.value), sx, sy));
+      this.setMessage(`${change}: edits scaled ×${sx.toFixed(2)} (Undo keeps the old positions)`);
+      this.changed();
+      return;
+    }
+    const outside = this.pointsOf(this.getState()).filter(([x, y]) => x > this.imageW - 1 || y > this.imageH - 1).length;
+    this.setMessage(`${change}, another shape: edits kept at their pixel positions` +
+                    (outside ? `, ${outside} outside the picture` : "") + " — check them", { warn: true });
+  }
+
+  /** The state with every coordinate multiplied by (sx, sy); subclasses override. */
+  scaledState(state, _sx, _sy) { return state; }
+
+  /** Every [x, y] of a state (for the checks above); subclasses override. */
+  pointsOf(_state) { return []; }
 
   onImage() {}
 
@@ -284,8 +318,11 @@ export class KinemaCanvas {
     const c = this.canvas;
     const stop = (e) => e.stopPropagation();
     c.addEventListener("contextmenu", (e) => { e.preventDefault(); e.stopPropagation(); });
+    // No preventDefault on pointerdown: the mouse events that follow must reach the page (a
+    // host's change tracking listens for mouseup). The default of mousedown (focus moving to
+    // the page, text selection) is what is stopped, so the keys stay with the editor.
+    c.addEventListener("mousedown", (e) => { e.preventDefault(); e.stopPropagation(); });
     c.addEventListener("pointerdown", (e) => {
-      e.preventDefault();
       e.stopPropagation();
       this.focus();
       if (this._press) return;            // a second button while one is held
@@ -385,7 +422,8 @@ export class KinemaCanvas {
 
   updateButtons() {}
 
-  setMessage(text) { this.message = text || ""; this._renderStatus(); }
+  /** A note shown before the usual hint until the next edit (`warn`: in the error colour). */
+  setMessage(text, { warn = false } = {}) { this.message = text || ""; this.messageWarn = warn; this._renderStatus(); }
   setError(text) { this.error = text || ""; this._renderStatus(); }
 
   defaultHint() { return ""; }
@@ -393,14 +431,19 @@ export class KinemaCanvas {
   _renderStatus() {
     const el = this.statusEl;
     el.textContent = "";
-    const info = this.message || this.defaultHint();
-    if (this.error) {                     // the error first: it is what needs reading
+    const parts = [];
+    const add = (text, cls) => {
+      if (!text) return;
+      if (parts.length) el.append(this.doc.createTextNode("  ·  "));
       const span = this.doc.createElement("span");
-      span.className = "kinema-error";
-      span.textContent = this.error;
+      if (cls) span.className = cls;
+      span.textContent = text;
       el.append(span);
-    }
-    if (info) el.append(this.doc.createTextNode((this.error ? "  ·  " : "") + info));
+      parts.push(text);
+    };
+    add(this.error, "kinema-error");      // the error first: it is what needs reading
+    add(this.message, this.messageWarn ? "kinema-error" : "");
+    add(this.defaultHint(), "");
     el.title = el.textContent;
   }
 

@@ -101,16 +101,30 @@ export class DragsEditor extends KinemaCanvas {
     this._updateButtons();
   }
 
-  /** A picture shown over the image (e.g. the flow colour preview of the last run). */
-  setOverlay(url) {
+  /** A picture shown over the image (e.g. the flow colour preview of the last run);
+   *  `show` also turns it on (the Flow button). */
+  setOverlay(url, { show = false } = {}) {
     if (!url) { this.overlay = null; this._updateButtons(); this.redraw(); return Promise.resolve(false); }
     return new Promise((resolve) => {
       const img = new Image();
-      img.onload = () => { this.overlay = img; this._updateButtons(); this.redraw(); resolve(true); };
+      img.onload = () => {
+        this.overlay = img;
+        if (show) this.showOverlay = true;
+        this._updateButtons();
+        this.redraw();
+        resolve(true);
+      };
       img.onerror = () => resolve(false);
       img.src = url;
     });
   }
+
+  scaledState(s, sx, sy) {
+    const p = (q) => ({ x: round1(q.x * sx), y: round1(q.y * sy) });
+    return { tracks: s.tracks.map((t) => t.map(p)), anchors: s.anchors.map(p) };
+  }
+
+  pointsOf(s) { return [...s.tracks.flat(), ...s.anchors].map((q) => [q.x, q.y]); }
 
   defaultHint() {
     const n = this.tracks.length, m = this.anchors.length;

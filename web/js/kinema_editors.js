@@ -1,9 +1,13 @@
 // ComfyUI glue for Kinema's in-node editors. Kept thin: the editors themselves
-// (kinema_points.js, kinema_drags.js, kinema_brush.js) know nothing about ComfyUI.
+// (kinema_points.js, kinema_drags.js, kinema_brush.js) know nothing about ComfyUI, and this
+// file uses only their public methods.
 //
 // For each editor node the JSON text widget stays the value store (so a saved workflow and
 // the API prompt carry ordinary widget values) but is hidden; the editor writes it on every
 // edit and redraws when it changes from elsewhere (typed in, pasted, a loaded workflow).
+// The glue composes with the frontend and other extensions: every callback it sets on a node
+// or widget calls the one that was there before, and it reacts to events (connections,
+// Load Image choices, workflow loading, runs) rather than polling.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -14,18 +18,18 @@ import { BrushEditor } from "./kinema_brush.js";
 const BG = "kinema_bg";            // node.properties: {filename, subfolder, type} of the picture shown
 const BG_SIZE = "kinema_bg_size";  // node.properties: [width, height] of that picture
 const EDITOR_WIDGET = "kinema_editor";
+const RESULT_WIDGET = "kinema_result";
 const MIN_EDITOR_HEIGHT = 260;
-const UPSTREAM_POLL_MS = 500;  // how often the upstream Load Image is checked
 
 const SPECS = {
   KinemaClickToMask: {
     widget: "points",
     make: (node) => new PointsEditor({ maskFetcher: (value) => fetchMask(node, value) }),
+    maskInputs: ["multimask"],     // widgets whose change asks for a new live mask
   },
   KinemaMotionFromDrags: {
     widget: "tracks",
     frames: "frames",
-    overlay: true,
     make: () => new DragsEditor(),
   },
   KinemaMotionBrush: {
@@ -44,6 +48,30 @@ const SPECS = {
     make: () => new DragsEditor(),
   },
 };
+// Nodes whose text results (ui.text) are shown in the node.
+const TEXT_RESULTS = new Set(["KinemaMotionStrength"]);
+
+/** Set `obj[name]` to a function that runs the previous one (if any) first, then `fn`;
+ *  returns what the previous one returned. */
+function chain(obj, name, fn) {
+  const before = obj[name];
+  obj[name] = function () {
+    const r = typeof before === "function" ? before.apply(this, arguments) : undefined;
+    fn.apply(this, arguments);
+    return r;
+  };
+}
+
+/** Like chain(), for a method that returns a promise: `fn` sees what it resolves to. */
+function chainAsync(obj, name, fn) {
+  const before = obj[name];
+  if (typeof before !== "function") return;
+  obj[name] = async function () {
+    const r = await before.apply(this, arguments);
+    try { fn(r); } catch (e) { console.error(e); }
+    return r;
+  };
+}
 
 function viewUrl(ref, bust = false) {
   const q = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder || "", type: ref.type || "input" });
@@ -63,6 +91,9 @@ export function parseImageValue(value) {
   return { filename: s.slice(i + 1), subfolder: i >= 0 ? s.slice(0, i) : "", type };
 }
 
+const isLoadImage = (node) => /^LoadImage/.test(node.comfyClass || node.type || "");
+const isReroute = (node) => (node.comfyClass || node.type) === "Reroute";
+
 /** The picture feeding the node's `image` input before any run: a Load Image node
  *  upstream (directly or through Reroute nodes). */
 function upstreamImage(node) {
@@ -71,13 +102,29 @@ function upstreamImage(node) {
   for (let hops = 0; hops < 16 && slot >= 0; hops++) {
     const src = cur.getInputNode ? cur.getInputNode(slot) : null;
     if (!src) return null;
-    const cls = src.comfyClass || src.type || "";
-    if (cls === "Reroute") { cur = src; slot = 0; continue; }
+    if (isReroute(src)) { cur = src; slot = 0; continue; }
     const w = src.widgets && src.widgets.find((x) => x.name === "image");
-    if (/^LoadImage/.test(cls) && w && typeof w.value === "string" && w.value) return parseImageValue(w.value);
+    if (isLoadImage(src) && w && typeof w.value === "string" && w.value) return parseImageValue(w.value);
     return null;
   }
   return null;
+}
+
+/** Editor nodes fed by `node` (through Reroute nodes). */
+function editorsDownstream(node, seen = new Set()) {
+  const out = [];
+  if (!node || seen.has(node.id)) return out;
+  seen.add(node.id);
+  for (const o of node.outputs || []) {
+    for (const id of o.links || []) {
+      const link = node.graph && (node.graph.links.get ? node.graph.links.get(id) : node.graph.links[id]);
+      const dst = link && node.graph.getNodeById(link.target_id);
+      if (!dst) continue;
+      if (dst.__kinema) out.push(dst);
+      else if (isReroute(dst)) out.push(...editorsDownstream(dst, seen));
+    }
+  }
+  return out;
 }
 
 /** The SAM file the node will use: the `sam` input followed to a SAM loader's model widget
@@ -112,19 +159,34 @@ async function fetchMask(node, pointsJSON) {
   return body;
 }
 
-function hideWidget(node, w) {
-  w.hidden = true;                       // frontend >= 1.16
-  w.computeSize = () => [0, -4];         // older frontends
-  if (w.element) w.element.style.display = "none";
+/** A hidden DOM widget takes no room: its layout options (the DOM-widget API) answer 0
+ *  while it is hidden, and what they answered before while it is shown. */
+function collapseWhenHidden(w) {
+  const o = w.options || (w.options = {});
+  for (const key of ["getMinHeight", "getMaxHeight", "getHeight"]) {
+    const before = o[key];
+    o[key] = () => (w.hidden ? 0 : typeof before === "function" ? before() : undefined);
+  }
 }
 
+/** Show or hide a widget (frontends >= 1.16 lay out only visible widgets). */
 function showWidget(node, w, show) {
   w.hidden = !show;
-  if (show) delete w.computeSize; else w.computeSize = () => [0, -4];
   if (w.element) w.element.style.display = show ? "" : "none";
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
   node.setDirtyCanvas(true, true);
+}
+
+/** Tell the frontend's change tracking that the workflow changed (an edit in the editor is
+ *  not a graph-canvas gesture it sees by itself, e.g. keys typed to the editor). */
+function markChanged(node) {
+  const canvas = app.canvas;
+  if (canvas && canvas.emitBeforeChange && canvas.emitAfterChange) {
+    canvas.emitBeforeChange();
+    canvas.emitAfterChange();
+  }
+  node.setDirtyCanvas(true, false);
 }
 
 function setBackground(node, ref, { remember = true, bust = false } = {}) {
@@ -132,41 +194,52 @@ function setBackground(node, ref, { remember = true, bust = false } = {}) {
   if (!st || !ref || !ref.filename) return Promise.resolve(false);
   const clean = { filename: ref.filename, subfolder: ref.subfolder || "", type: ref.type || "input" };
   if (remember) node.properties[BG] = clean;
-  st.bgKey = refKey(clean);
   return st.editor.setImage(viewUrl(clean, bust)).then((ok) => {
     if (ok) node.properties[BG_SIZE] = [st.editor.imageW, st.editor.imageH];
     return ok;
   });
 }
 
-/** Called on every draw of the node: keeps the editor and the widgets in step. */
-function sync(node) {
+/** The JSON widget changed from elsewhere (typed in, a loaded workflow): the editor follows. */
+function syncValue(node) {
   const st = node.__kinema;
   if (!st) return;
   const v = st.jsonWidget.value;
   if (v !== st.lastValue) {
-    // typed into the JSON widget (undoable), or a loaded workflow (the first value)
     st.editor.setValue(v, { keepUndo: true, undoable: st.lastValue !== undefined });
     st.lastValue = v;
   }
   if (st.framesWidget) st.editor.setFrames(st.framesWidget.value);
   else if (st.spec.fixedFrames) st.editor.setFrames(st.spec.fixedFrames);
+}
+
+/** The picture upstream may have changed (a connection, a Load Image choice): show it. */
+function syncPicture(node) {
+  const st = node.__kinema;
+  if (!st || !st.started) return;
   const up = upstreamImage(node);
-  const upKey = refKey(up);
-  if (!st.started) {
-    st.started = true;
-    st.upKey = upKey;
-    const size = node.properties[BG_SIZE];
-    if (Array.isArray(size) && size.length === 2) st.editor.setImageSize(size[0], size[1]);
-    const saved = node.properties[BG];
-    if (saved && saved.filename) {
-      // a temp picture from an earlier session may be gone: fall back to Load Image
-      setBackground(node, saved).then((ok) => { if (!ok && up) setBackground(node, up); });
-    } else if (up) setBackground(node, up);
-  } else if (upKey !== st.upKey) {
-    st.upKey = upKey;
-    if (up) setBackground(node, up);
-  }
+  const key = refKey(up);
+  if (key === st.upKey) return;
+  st.upKey = key;
+  if (up) setBackground(node, up);
+}
+
+/** First look, once the node is configured (a loaded workflow sets values, properties with
+ *  the remembered picture and links right after creating the node). */
+function start(node) {
+  const st = node.__kinema;
+  if (!st || st.started) return;
+  st.started = true;
+  syncValue(node);
+  const up = upstreamImage(node);
+  st.upKey = refKey(up);
+  const size = node.properties[BG_SIZE];
+  if (Array.isArray(size) && size.length === 2) st.editor.setImageSize(size[0], size[1]);
+  const saved = node.properties[BG];
+  if (saved && saved.filename) {
+    // a temp picture from an earlier session may be gone: fall back to Load Image
+    setBackground(node, saved).then((ok) => { if (!ok && up) setBackground(node, up); });
+  } else if (up) setBackground(node, up);
 }
 
 function attach(node, spec) {
@@ -175,73 +248,128 @@ function attach(node, spec) {
   if (!jsonWidget) return;
   node.properties = node.properties || {};
   const editor = spec.make(node);
-  const st = { spec, editor, jsonWidget, lastValue: undefined, started: false, upKey: "", bgKey: "" };
+  const st = { spec, editor, jsonWidget, lastValue: undefined, started: false, upKey: "" };
   st.framesWidget = spec.frames ? node.widgets.find((w) => w.name === spec.frames) : null;
   node.__kinema = st;
 
   editor.onChange = (value) => {
     st.lastValue = value;
     jsonWidget.value = value;
-    node.setDirtyCanvas(true, false);
+    markChanged(node);
   };
   editor.addButton("JSON", "Show or hide the stored value as text", (b) => {
     const show = !!jsonWidget.hidden;
     showWidget(node, jsonWidget, show);
     b.classList.toggle("kinema-on", show);
   });
-  hideWidget(node, jsonWidget);
+  jsonWidget.hidden = true;
+  collapseWhenHidden(jsonWidget);
+  if (jsonWidget.element) jsonWidget.element.style.display = "none";
+  chain(jsonWidget, "callback", () => syncValue(node));
+  if (st.framesWidget) chain(st.framesWidget, "callback", () => syncValue(node));
+  for (const name of spec.maskInputs || []) {
+    const w = node.widgets.find((x) => x.name === name);
+    if (w && editor.requestMask) chain(w, "callback", () => editor.requestMask());
+  }
 
   const dom = node.addDOMWidget(EDITOR_WIDGET, EDITOR_WIDGET, editor.root, {
     serialize: false,
     hideOnZoom: false,
+    hideInPanel: true,            // the properties panel (frontend >= 1.4x) cannot host the editor
     getMinHeight: () => MIN_EDITOR_HEIGHT,
-    onDraw: () => sync(node),
+    onDraw: () => syncValue(node),
   });
-  dom.serialize = false;
-  dom.serializeValue = () => undefined;
+  dom.serialize = false;          // not in widgets_values (older frontends read the property)
 
   const min = node.computeSize();
   node.setSize([Math.max(node.size[0], 420, min[0]), Math.max(node.size[1], 460, min[1])]);
-  // first look after the current task: a workflow being loaded configures the node (widget
-  // values, properties with the remembered picture, links) right after creating it
-  setTimeout(() => sync(node), 0);
-  // the picture upstream can change without this node being drawn (a new Load Image choice)
-  st.timer = setInterval(() => sync(node), UPSTREAM_POLL_MS);
+  // nodes added by hand have no configure step: start after the current task
+  setTimeout(() => start(node), 0);
+}
+
+/** A read-only text area under the node's widgets for its text results (ui.text). */
+function showText(node, lines) {
+  let w = node.widgets && node.widgets.find((x) => x.name === RESULT_WIDGET);
+  if (!w) {
+    const el = document.createElement("div");
+    el.className = "kinema-result";
+    el.style.cssText = "font:12px/1.4 monospace;color:#ddd;background:#1b1b1b;border-radius:4px;" +
+                       "padding:4px 6px;white-space:pre-wrap;overflow:auto;box-sizing:border-box;user-select:text;";
+    w = node.addDOMWidget(RESULT_WIDGET, "kinema_text", el, { serialize: false, hideOnZoom: false,
+                                                              getMinHeight: () => 44 });
+    w.serialize = false;
+  }
+  w.element.textContent = lines.join("\n");
+  const min = node.computeSize();
+  node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  node.setDirtyCanvas(true, true);
+}
+
+/** The server ran part of a queued workflow and left out the outputs whose nodes failed
+ *  validation (most often a model file that is not installed): say which and why, instead
+ *  of a run that quietly does less. */
+function reportSkipped(res) {
+  const errors = res && res.node_errors;
+  if (!errors || typeof errors !== "object" || !Object.keys(errors).length) return;
+  const lines = Object.entries(errors).map(([id, e]) => {
+    const node = app.graph && app.graph.getNodeById(id);
+    const name = (node && node.title) || (e && e.class_type) || `node ${id}`;
+    const why = ((e && e.errors) || []).map((x) => x.details || x.message).filter(Boolean).join("; ");
+    return `${name} (#${id}): ${why || "not valid"}`;
+  });
+  const detail = `${lines.join("\n")}\nThe rest of the workflow ran. A missing model file goes in ComfyUI's models ` +
+                 "folder (the node's tooltip names the sub-folder); then press Refresh (R) and pick it.";
+  const toast = app.extensionManager && app.extensionManager.toast;
+  if (toast && toast.add) toast.add({ severity: "warn", summary: "Part of the workflow did not run", detail, life: 20000 });
+  else console.warn(`Part of the workflow did not run:\n${detail}`);
 }
 
 app.registerExtension({
   name: "kinema.editors",
+  setup() {
+    chainAsync(api, "queuePrompt", reportSkipped);
+  },
+  nodeCreated(node) {
+    // a new Load Image choice or a re-wired Reroute changes the picture of the editors below
+    if (isLoadImage(node)) {
+      const w = node.widgets && node.widgets.find((x) => x.name === "image");
+      if (w) chain(w, "callback", () => editorsDownstream(node).forEach(syncPicture));
+    }
+    if (isReroute(node)) {
+      chain(node, "onConnectionsChange", () => editorsDownstream(node).forEach(syncPicture));
+    }
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (TEXT_RESULTS.has(nodeData.name)) {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        if (message && Array.isArray(message.text)) showText(this, message.text.map(String));
+      });
+    }
     const spec = SPECS[nodeData.name];
     if (!spec) return;
-    const created = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = created ? created.apply(this, arguments) : undefined;
-      attach(this, spec);
-      return r;
-    };
-    // The editor is the node's picture: no default image preview drawn over it.
-    nodeType.prototype.onDrawBackground = function () {};
-    const executed = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = executed ? executed.apply(this, arguments) : undefined;
+    chain(nodeType.prototype, "onNodeCreated", function () { attach(this, spec); });
+    chain(nodeType.prototype, "onConfigure", function () {
+      // values, properties and links are all in once the whole graph is configured
       const st = this.__kinema;
-      if (st && message) {
-        const bg = message[BG] && message[BG][0];
-        if (bg) setBackground(this, bg, { bust: true });
-        if (spec.overlay && st.editor.setOverlay && message.images && message.images[0]) {
-          st.editor.setOverlay(viewUrl(message.images[0], true)).then((ok) => {
-            if (ok) { st.editor.showOverlay = true; st.editor._updateButtons(); st.editor.redraw(); }
-          });
-        }
-      }
-      return r;
-    };
-    const removed = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
+      if (st) setTimeout(() => { st.started = false; start(this); }, 0);
+    });
+    chain(nodeType.prototype, "onConnectionsChange", function () {
       const st = this.__kinema;
-      if (st) { clearInterval(st.timer); clearTimeout(st.editor._maskTimer); st.editor.destroy(); this.__kinema = null; }
-      return removed ? removed.apply(this, arguments) : undefined;
-    };
+      if (!st) return;
+      syncPicture(this);
+      if (st.editor.requestMask) st.editor.requestMask();   // the SAM input may have changed
+    });
+    chain(nodeType.prototype, "onExecuted", function (message) {
+      const st = this.__kinema;
+      if (!st || !message) return;
+      const bg = message[BG] && message[BG][0];
+      if (bg) setBackground(this, bg, { bust: true });
+      const flow = message.kinema_flow && message.kinema_flow[0];
+      if (flow && st.editor.setOverlay) st.editor.setOverlay(viewUrl(flow, true), { show: true });
+    });
+    chain(nodeType.prototype, "onRemoved", function () {
+      const st = this.__kinema;
+      if (st) { st.editor.destroy(); this.__kinema = null; }
+    });
   },
 });

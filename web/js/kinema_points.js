@@ -27,6 +27,7 @@ export class PointsEditor extends KinemaCanvas {
     this.maskEnabled = true;
     this.maskImage = null;
     this.maskScore = null;
+    this.maskBusy = false;            // a mask request is on its way (shown as "working")
     this._maskSeq = 0;
 
     this.addStandardButtons();
@@ -81,8 +82,20 @@ export class PointsEditor extends KinemaCanvas {
 
   defaultHint() {
     const n = this.positive.length, m = this.negative.length;
-    const score = this.maskScore != null && this.maskImage ? `  ·  mask score ${this.maskScore.toFixed(3)}` : "";
-    return `${n} positive, ${m} negative${this.box ? ", box" : ""}  ·  click +, right click −, drag = box${score}`;
+    let mask = "";
+    if (this.maskBusy) mask = "  ·  mask: working…";
+    else if (this.maskScore != null && this.maskImage) mask = `  ·  mask score ${this.maskScore.toFixed(3)}`;
+    return `${n} positive, ${m} negative${this.box ? ", box" : ""}  ·  click +, right click −, drag = box${mask}`;
+  }
+
+  scaledState(s, sx, sy) {
+    const p = ([x, y]) => [round1(x * sx), round1(y * sy)];
+    return { positive: s.positive.map(p), negative: s.negative.map(p),
+             box: s.box ? [...p(s.box.slice(0, 2)), ...p(s.box.slice(2))] : null };
+  }
+
+  pointsOf(s) {
+    return [...s.positive, ...s.negative, ...(s.box ? [s.box.slice(0, 2), s.box.slice(2)] : [])];
   }
 
   updateButtons() {
@@ -232,13 +245,17 @@ export class PointsEditor extends KinemaCanvas {
   requestMask(delay = this.maskDelay) {
     clearTimeout(this._maskTimer);
     const seq = ++this._maskSeq;
-    if (!this.maskFetcher || !this.maskEnabled) return;
+    if (!this.maskFetcher || !this.maskEnabled) { this._setMaskBusy(false); return; }
     if (!this.positive.length && !this.box) {
       this.maskImage = null; this.maskScore = null;
+      this._setMaskBusy(false);
       this.setError("");
       this.redraw();
       return;
     }
+    // an earlier answer (mask or error) no longer says anything about these clicks
+    if (this.error.startsWith("mask preview:")) this.setError("");
+    this._setMaskBusy(true);
     const value = this.value;
     this._maskTimer = setTimeout(async () => {
       let res;
@@ -246,6 +263,7 @@ export class PointsEditor extends KinemaCanvas {
         res = await this.maskFetcher(value);
       } catch (e) {
         if (seq !== this._maskSeq) return;
+        this._setMaskBusy(false);
         if (e && e.unavailable) {            // the server has no preview route: stop asking
           this.maskFetcher = null;
           this.maskImage = null;
@@ -261,20 +279,37 @@ export class PointsEditor extends KinemaCanvas {
         return;
       }
       if (seq !== this._maskSeq) return;
-      if (!res) { this.setError(""); return; }
-      if (!res.mask) { this.setError("mask preview: no mask in the answer"); return; }
+      if (!res) { this._setMaskBusy(false); this.setError(""); return; }
+      if (!res.mask) { this._setMaskBusy(false); this.setError("mask preview: no mask in the answer"); return; }
       const img = new Image();
       img.onload = () => {
         if (seq !== this._maskSeq) return;
+        this._setMaskBusy(false);
         this.maskImage = img;
         this.maskScore = typeof res.score === "number" ? res.score : null;
         this.setError("");
         this.redraw();
         if (this.onMask) this.onMask(res);
       };
-      img.onerror = () => { if (seq === this._maskSeq) this.setError("mask preview: unreadable mask"); };
+      img.onerror = () => {
+        if (seq === this._maskSeq) { this._setMaskBusy(false); this.setError("mask preview: unreadable mask"); }
+      };
       img.src = res.mask.startsWith("data:") ? res.mask : `data:image/png;base64,${res.mask}`;
     }, delay);
+  }
+
+  _setMaskBusy(busy) {
+    if (this.maskBusy === busy) return;
+    this.maskBusy = busy;
+    this.root.classList.toggle("kinema-busy", busy);
+    this._renderStatus();
+    this.redraw();
+  }
+
+  destroy() {
+    clearTimeout(this._maskTimer);
+    this._maskSeq++;
+    super.destroy();
   }
 
   _tintedMask(w, h) {
@@ -305,6 +340,18 @@ export class PointsEditor extends KinemaCanvas {
         this._maskCacheSrc = this.maskImage;
       }
       ctx.drawImage(this._maskCache, L.ox, L.oy, w, h);
+    }
+    if (this.maskBusy) {
+      const t = (typeof performance !== "undefined" ? performance.now() : Date.now()) / 1000;
+      const cx = L.ox + this.imageW * L.s - 14, cy = L.oy + 14;
+      ctx.save();
+      ctx.lineWidth = 3;
+      ctx.strokeStyle = "rgba(0,0,0,.6)";
+      ctx.beginPath(); ctx.arc(cx, cy, 8, 0, Math.PI * 2); ctx.stroke();
+      ctx.strokeStyle = "#fff";
+      ctx.beginPath(); ctx.arc(cx, cy, 8, t * 6, t * 6 + Math.PI * 1.3); ctx.stroke();
+      ctx.restore();
+      this.redraw();  // keep turning while the mask is computed
     }
     const box = this._drawingBox || this.box;
     if (box) {
