@@ -14,7 +14,7 @@ from .motion_i2v import _conditioning  # CONDITIONING -> (1, tokens, D); one rea
 MODEL_TYPE = "KINEMA_FYC"
 MOTION = "KINEMA_MOTION"
 FOLDER = "kinema/follow_your_click"
-CATEGORY = "Kinema/follow_your_click"
+CATEGORY = "Kinema/Follow-Your-Click"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 _STRENGTH_TIP = ("Motion strength 0-10 (4 = the official default): how far the region moves. Connect the "
@@ -126,7 +126,7 @@ class KinemaFYCAnimate:
 class KinemaStrengthToBackends:
     DESCRIPTION = ("One motion strength for every backend: the Motion strength bucket (0-10) as Follow-Your-Click's "
                    "motion strength and as DynamiCrafter's fs (docs/motion_strength.md has the table).")
-    CATEGORY = "Kinema/motion"
+    CATEGORY = "Kinema/Motion"
     FUNCTION = "map"
     RETURN_TYPES = ("INT", "INT", "FLOAT")
     RETURN_NAMES = ("fyc_strength", "dynamicrafter_fs", "speed")
@@ -155,7 +155,7 @@ class KinemaStrengthToBackends:
 class KinemaScaleMotionToStrength:
     DESCRIPTION = ("Scale a motion field (e.g. from Motion from drags) so that its region moves at the speed of a "
                    "strength bucket, for Animate by warping: the same strength as the model backends get.")
-    CATEGORY = "Kinema/motion"
+    CATEGORY = "Kinema/Motion"
     FUNCTION = "scale"
     RETURN_TYPES = (MOTION, "FLOAT")
     RETURN_NAMES = ("motion", "warp_strength")
