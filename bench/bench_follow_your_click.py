@@ -17,23 +17,17 @@ import sys
 import time
 
 import torch
-from _pack import load_pack, peak_rss_mib
+from _pack import load_pack, peak_rss_mib, random_weights
 
 
 def real_unet(dtype: torch.dtype):
     from kinema.pipelines.follow_your_click.convert import build_unet
     from kinema.pipelines.follow_your_click.unet import load_config
-    unet = build_unet(load_config("unet")).to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
+    from kinema.kernels.motion_attention import sinusoidal_position_encoding
+    unet = random_weights(build_unet(load_config("unet")).to_empty(device="cpu"))
     with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() <= 1:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=g)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
         for m in unet.modules():           # the position tables are buffers: rebuild them
             if hasattr(m, "pe"):
-                from kinema.kernels.motion_attention import sinusoidal_position_encoding
                 m.pe.copy_(sinusoidal_position_encoding(m.pe.shape[1], m.pe.shape[2]))
     return unet.to(dtype).eval()
 

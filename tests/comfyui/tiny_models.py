@@ -198,7 +198,8 @@ def fyc_unet(path: Path, sd15: Path, train_steps: int = 2, seed: int = 8) -> Pat
     the released files), then trained ``train_steps`` steps on clips made by the warp animator."""
     import tempfile
 
-    from kinema.pipelines.follow_your_click import convert, data, train
+    from kinema.pipelines.clips import make_warp_clips
+    from kinema.pipelines.follow_your_click import convert, train
 
     path = Path(path)
     if path.exists():
@@ -207,7 +208,7 @@ def fyc_unet(path: Path, sd15: Path, train_steps: int = 2, seed: int = 8) -> Pat
         work = Path(tmp)
         mm = motion_block(work / "mm_sd_v15_v2.safetensors", sd15_unet_module(seed), seed=seed + 1)
         convert.save_unet(convert.build_from_sd15(sd15, mm), work / "init.safetensors")
-        data.synthetic_clips(work / "clips", count=2, frames=8, size=64, seed=seed)
+        make_warp_clips(work / "clips", count=2, size=64, frames=8, seed=seed, video=True)
         cfg = train.TrainConfig(model=str(work / "init.safetensors"), sd15=str(sd15), clips=str(work / "clips"),
                                 out=str(work / "run"), steps=train_steps, frames=4, width=64, height=64,
                                 strides=[1, 2], lr=1e-4, save_every=train_steps, device="cpu", seed=seed)
