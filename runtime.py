@@ -514,6 +514,10 @@ class ComfyConds:
     def constant(self, value):
         return self._c.CONDConstant(value)
 
+    def regular(self, t):
+        """A tensor with one row per latent (repeated to the batch, concatenated across conds)."""
+        return self._c.CONDRegular(t)
+
 
 def comfy_model(diffusion_model: torch.nn.Module, name: str, model_sampling, *, conds=None,
                 latent_format: str = "SD15", memory_usage_factor: float = 2.0, load_device=None,
@@ -565,6 +569,24 @@ def comfy_model(diffusion_model: torch.nn.Module, name: str, model_sampling, *, 
         offload_device=torch.device(offload_device) if offload_device is not None else _mm().unet_offload_device())
     patcher.add_callback(mp.CallbacksMP.ON_LOAD, _place_uncast)
     return patcher
+
+
+def continuous_edm_sampling(prediction: str = "v", sigma_min: float = 0.002, sigma_max: float = 700.0,
+                            sigma_data: float = 1.0):
+    """ComfyUI's continuous EDM noise schedule (``model_sampling``; SVD's): timestep 0.25 ln sigma,
+    input x / sqrt(sigma^2 + sigma_data^2). ``prediction``: "v" or "eps". Needs ComfyUI."""
+    if _mm() is None:
+        raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
+    import comfy.model_sampling as ms  # type: ignore
+
+    kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
+    if prediction not in kinds:
+        raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+
+    class Settings:
+        sampling_settings = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data))
+
+    return type("KinemaEDMSampling", (ms.ModelSamplingContinuousEDM, kinds[prediction]), {})(Settings())
 
 
 def add_injection(patcher, key: str, inject, eject) -> None:
@@ -732,6 +754,9 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           if where else "ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    # this process's folders, read before ComfyUI is imported (afterwards these functions answer
+    # with ComfyUI's folders, which are then pointed at them)
+    folders = (models_dir(), input_dir(), output_dir(), temp_dir())
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # ComfyUI's import chatter (optional packages it lacks)
     sys.dont_write_bytecode = True  # no __pycache__ in the checkout, now or on later imports
@@ -747,7 +772,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                                               and torch.backends.mps.is_available()))
         if "folder_paths" not in sys.modules and not getattr(cli.args, "base_directory", None):
             # ComfyUI makes its folders under the base folder when imported: ours, not the checkout
-            cli.args.base_directory = str(temp_dir() / "comfyui-base")
+            cli.args.base_directory = str(folders[3] / "comfyui-base")
         import utils.extra_config  # noqa: F401  ComfyUI's `utils` package, before nodes.py shadows it
         import folder_paths
         import nodes
@@ -761,7 +786,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           f"{root / 'requirements.txt'}") from e
     finally:
         logging.disable(quiet)
-    _point_folders(folder_paths, models_dir(), input_dir(), output_dir(), temp_dir())
+    _point_folders(folder_paths, *folders)
     if log:
         version = ""
         try:
