@@ -76,6 +76,7 @@ SMALL = {
     "KinemaMotionI2VPredictMotion": {"width": 64, "height": 64, "steps": 2, "flow_unit": 8},
     "KinemaMotionI2VRender": {"steps": 2},
     "KinemaPuppetMasterAnimate": {"steps": 2, "crop_size": 64},
+    "KinemaPuppetMasterConditioning": {"crop_size": 64},
     "KinemaDynamiCrafterAnimate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
     "KinemaFYCAnimate": {"steps": 2, "frames": 4, "width": 96, "height": 64},
     "KinemaDynamiCrafterInterpolate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
