@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import harness
@@ -50,9 +49,6 @@ def test_headless_with_comfyui_vae_and_clip(model_files, models_dir):
     assert (out[1:] - out[:1])[:, ~outside].abs().max() > 1e-3       # the region is generated
 
 
-@pytest.mark.xfail(strict=True, reason="the runner does not use --models-dir once it has loaded ComfyUI: "
-                   "runtime.models_dir() then answers ComfyUI's own folder, so _point_folders points the folders at "
-                   "themselves (tests/test_runner.py's two core-node tests fail the same way)")
 def test_follow_your_click_workflow_with_the_headless_runner(model_files, tmp_path):
     """workflows/follow_your_click.json through run_workflow.py (which loads ComfyUI into its own
     process for the core loaders): the video it writes has the frames asked for."""
