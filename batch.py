@@ -343,6 +343,13 @@ class JobRunner:
         self.cache.clear()
 
 
+def job_runner(api: dict, name: str, model_cache: int = 4, device: str | None = None) -> JobRunner:
+    """A :class:`JobRunner` for an API workflow in this process (a Ray worker), with the node
+    classes it needs (ComfyUI's loaded into the process when it uses core nodes)."""
+    classes = runner.node_classes(runner.workflow_types(api), device=device)
+    return JobRunner(api, classes, model_cache, name)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -427,6 +434,8 @@ class Batch:
                 entry.update(status="failed", error=result["error"])
                 if result.get("traceback"):
                     entry["traceback"] = result["traceback"]
+                    if self.log:
+                        self.log(f"{job.id}: {result['traceback'].rstrip()}")
         except OSError as e:
             entry.update(status="failed", error=f"could not save the outputs in {self.output / job.id}: {e}")
         finally:
@@ -548,8 +557,6 @@ def _run_here(batch: Batch, todo: list, finished, model_cache: int) -> None:
         for job in todo:
             result = jobs.run(job)
             result["worker"] = worker_name()
-            if result.get("traceback") and batch.log:
-                batch.log(result["traceback"].rstrip())
             finished(job, result)
     finally:
         jobs.close()
