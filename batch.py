@@ -72,10 +72,11 @@ class Job:
     id: str
     line: int
     overrides: dict
+    source: str = ""  # "jobs.csv line 3": where errors say the job's values are
     auto_id: bool = False
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "line": self.line, "overrides": self.overrides}
+        return {"id": self.id, "line": self.line, "overrides": self.overrides, "source": self.source}
 
 
 # ---------------------------------------------------------------------------- batch files
@@ -106,7 +107,7 @@ def read_jobs(path, base: dict | None = None) -> list[Job]:
         overrides = {nid: dict(inputs) for nid, inputs in (base or {}).items()}
         for key, value in values.items():
             runner.add_override(overrides, key, value, where)
-        jobs.append(Job(jid or "", line, overrides, auto_id=jid is None))
+        jobs.append(Job(jid or "", line, overrides, where, auto_id=jid is None))
         if jid is not None:
             if jid in seen:
                 raise WorkflowError(f"{where}: id '{jid}' is already the id of line {seen[jid]}")
@@ -307,7 +308,7 @@ class JobRunner:
         result = {"error": None, "traceback": None, "texts": []}
         try:
             overrides = job_overrides(job, self.api, self.plain_classes)
-            ui = runner.run(self.api, self.classes, overrides=overrides)
+            ui = runner.run(self.api, self.classes, overrides=overrides, source=job.source or "--set")
             texts = runner.text_results(ui, self.api)
             result["texts"] = [f"node {nid} ({label}): {text}" for nid, label, text in texts]
             if texts:
@@ -326,7 +327,7 @@ class JobRunner:
     def run_collected(self, job: dict) -> dict:
         """:meth:`run` for a job given as a dict, with the files it wrote as {relative path:
         bytes} under "files" (removed here): what a Ray worker sends back."""
-        job = Job(job["id"], job["line"], job["overrides"])
+        job = Job(job["id"], job["line"], job["overrides"], job.get("source", ""))
         result = self.run(job)
         folder = self.folder(job)
         files = {}
@@ -402,7 +403,7 @@ class Batch:
                 continue
             try:
                 runner.prepare(self.api, self.classes, job_overrides(job, self.api, self.classes),
-                               source=f"{self.jobs_file.name} line {job.line}")
+                               source=job.source or "--set")
             except WorkflowError as e:
                 entry.update(status="failed", error=str(e))
                 continue
@@ -539,16 +540,15 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
             batch.runner_name = ray_batch.run(batch, todo, finished, address=ray, workers=workers,
                                               gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                                               model_cache=model_cache, retries=retries, device=device, log=log)
-        batch.save()
-        return json.loads(batch.manifest_path.read_text())
     finally:
         if batch is not None:
-            batch.save()  # jobs not reached stay "not run"
+            batch.save()  # also when stopped: jobs not reached stay "not run"
         shutil.rmtree(staging, ignore_errors=True)
         if saved_env is None:
             os.environ.pop("KINEMA_OUTPUT_DIR", None)
         else:
             os.environ["KINEMA_OUTPUT_DIR"] = saved_env
+    return json.loads(batch.manifest_path.read_text())
 
 
 def _run_here(batch: Batch, todo: list, finished, model_cache: int) -> None:

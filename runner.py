@@ -341,15 +341,19 @@ def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _hint(nid: str, node: dict, spec: dict, message: str, overridden: set) -> str:
+def _hint(nid: str, node: dict, spec: dict, message: str, overridden: set, source: str = "--set") -> str:
     """For an error whose message starts with one of the node's widget inputs ("points: ..."):
-    how to give that input another value."""
+    how to give that input another value (with ``--set``, or in ``source``, a batch file's line)."""
     head = message.split(":", 1)[0].split()
     name = head[0] if head else ""
     if name in spec and _is_widget(*spec[name]) and not _is_link(node["inputs"].get(name)):
-        given = "the value given with --set" if name in overridden else "the workflow's value"
-        return (f"input '{name}' of node {nid} is {given}; change it with --set {nid}.{name}=VALUE "
-                f"(--inputs lists every node's inputs)")
+        if source == "--set":
+            given = "the value given with --set" if name in overridden else "the workflow's value"
+            change = f"change it with --set {nid}.{name}=VALUE"
+        else:
+            given = f"the value given in {source}" if name in overridden else "the workflow's value"
+            change = f"change {nid}.{name} in {source}"
+        return f"input '{name}' of node {nid} is {given}; {change} (--inputs lists every node's inputs)"
     return ""
 
 
@@ -379,14 +383,16 @@ def output_prefixes(api: dict, classes: dict) -> dict:
     return out
 
 
-def run(api: dict, classes: dict | None = None, overrides: dict | None = None, log=None) -> dict:
-    """Execute an API-format workflow. ``overrides``: {node_id: {input: value}}.
+def run(api: dict, classes: dict | None = None, overrides: dict | None = None, log=None,
+        source: str = "--set") -> dict:
+    """Execute an API-format workflow. ``overrides``: {node_id: {input: value}}, given by
+    ``source`` (``--set``, or a batch file's line: errors say where to change a value).
 
     Returns {node_id: ui dict} for every output node that produced UI data. Nodes whose
     errors are clear (ValueError, KinemaError) raise :class:`NodeFailed`, naming the node."""
     if classes is None:
         classes = node_classes(workflow_types(api), log=log)
-    api = prepare(api, classes, overrides)
+    api = prepare(api, classes, overrides, source)
     overridden = {(str(k), n) for k, v in (overrides or {}).items() for n in v}
     outputs = [nid for nid, node in api.items() if getattr(classes[node["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
@@ -399,7 +405,7 @@ def run(api: dict, classes: dict | None = None, overrides: dict | None = None, l
             node = api.get(nid, {"class_type": error.get("node_type") or "?", "inputs": {}})
             cls = classes.get(node["class_type"])
             hint = _hint(nid, node, _input_spec(cls) if cls else {}, error["message"],
-                         {n for k, n in overridden if k == nid})
+                         {n for k, n in overridden if k == nid}, source)
             raise NodeFailed(nid, _label(node), error["message"], hint)
         return ui
 
@@ -436,7 +442,7 @@ def run(api: dict, classes: dict | None = None, overrides: dict | None = None, l
             if isinstance(e, WorkflowError):
                 raise
             raise NodeFailed(nid, _label(node), str(e),
-                             _hint(nid, node, spec, str(e), {n for k, n in overridden if k == nid})) from e
+                             _hint(nid, node, spec, str(e), {n for k, n in overridden if k == nid}, source)) from e
         if isinstance(out, dict):
             if out.get("ui"):
                 ui[nid] = out["ui"]
