@@ -420,8 +420,9 @@ class Batch:
         entry = self.entries[job.id]
         entry.update(seconds=result.get("seconds"), attempts=result.get("attempts", 1),
                      worker=result.get("worker"))
-        if result.get("texts"):
-            entry["texts"] = result["texts"]
+        for key in ("texts", "lost_workers"):  # text results; Ray workers that died running the job
+            if result.get(key):
+                entry[key] = result[key]
         staged = self.staging / job.id
         try:
             if result.get("error") is None:
@@ -509,6 +510,9 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
     ``"local"`` on a private Ray cluster on this machine; ``"auto"`` / an address on that
     cluster (see :func:`ray_batch.run`). Raises WorkflowError (or KinemaError) when the batch
     cannot start; a failing job does not raise."""
+    if ray is not None:  # before anything else: without ray installed, say so at once
+        from . import ray_batch
+        ray_batch.import_ray(ray == "local")
     output = Path(output_dir).resolve() if output_dir else runtime.output_dir()
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kinema-batch-", dir=output))

@@ -193,7 +193,7 @@ def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int
     """Keep every worker busy with one job; a job whose worker died goes back to the queue,
     for another worker when there is one, at most ``retries`` more times."""
     lost_errors = _worker_lost_errors(ray)
-    pending = deque((job, 1, set()) for job in todo)  # (job, attempt, workers it died on)
+    pending = deque((job, 1, ()) for job in todo)  # (job, attempt, (worker index, name) it died on)
     idle = list(range(len(actors)))
     deaths = [0] * len(actors)
     running = {}  # object ref -> (worker index, job, attempt, died on)
@@ -201,7 +201,7 @@ def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int
         for i in list(idle):
             if not pending:
                 break
-            pick = next((k for k, item in enumerate(pending) if i not in item[2]), 0)
+            pick = next((k for k, item in enumerate(pending) if i not in {d[0] for d in item[2]}), 0)
             job, attempt, died_on = pending[pick]
             del pending[pick]
             idle.remove(i)
@@ -221,17 +221,21 @@ def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int
                 if deaths[i] <= MAX_RESTARTS:
                     idle.append(i)  # Ray restarts it; a job sent meanwhile waits for the new process
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                died_on = died_on + ((i, names[i]),)
                 if attempt > retries:
                     finished(job, {"error": f"its worker died {attempt} time(s) (last: {names[i]}: {reason})",
-                                   "seconds": None, "attempts": attempt, "worker": names[i]})
+                                   "seconds": None, "attempts": attempt, "worker": names[i],
+                                   "lost_workers": [d[1] for d in died_on]})
                 else:
                     say(f"worker {names[i]} died while running {job.id} ({reason}); {job.id} runs again on "
                         f"{'another worker' if len(actors) > 1 else 'the restarted worker'}")
-                    pending.appendleft((job, attempt + 1, died_on | {i}))
+                    pending.appendleft((job, attempt + 1, died_on))
                 continue
             except ray.exceptions.RayTaskError as e:  # the worker's own code failed, not the job
                 result = {"error": f"the worker failed: {e}", "seconds": None}
             idle.append(i)
             names[i] = result.get("worker") or names[i]
             result["attempts"] = attempt
+            if died_on:
+                result["lost_workers"] = [d[1] for d in died_on]
             finished(job, result)

@@ -510,9 +510,9 @@ def describe_inputs(api: dict, classes: dict) -> str:
 
 def output_files(ui: dict) -> list[Path]:
     """Files the output nodes wrote, from their UI data (the stand-ins give a path,
-    ComfyUI's savers a name in the output folder)."""
+    ComfyUI's savers a name in the output folder), in the order of the node ids."""
     out = []
-    for data in ui.values():
+    for data in (ui[nid] for nid in sorted(ui, key=_id_key)):
         for key in ("images", "gifs", "videos", "audio", "3d"):
             for item in data.get(key) or []:
                 if not isinstance(item, dict):

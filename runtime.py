@@ -604,6 +604,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           if where else "ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    folders = (models_dir(), input_dir(), output_dir(), temp_dir())  # ours, before folder_paths answers for them
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # ComfyUI's import chatter (optional packages it lacks)
     sys.dont_write_bytecode = True  # no __pycache__ in the checkout, now or on later imports
@@ -619,7 +620,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                                               and torch.backends.mps.is_available()))
         if "folder_paths" not in sys.modules and not getattr(cli.args, "base_directory", None):
             # ComfyUI makes its folders under the base folder when imported: ours, not the checkout
-            cli.args.base_directory = str(temp_dir() / "comfyui-base")
+            cli.args.base_directory = str(folders[3] / "comfyui-base")
         import utils.extra_config  # noqa: F401  ComfyUI's `utils` package, before nodes.py shadows it
         import folder_paths
         import nodes
@@ -633,7 +634,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           f"{root / 'requirements.txt'}") from e
     finally:
         logging.disable(quiet)
-    _point_folders(folder_paths, models_dir(), input_dir(), output_dir(), temp_dir())
+    _point_folders(folder_paths, *folders)
     if log:
         version = ""
         try:

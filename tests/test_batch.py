@@ -4,47 +4,21 @@ import csv
 import gc
 import json
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image
 
-from kinema import batch, runner, runtime
+import demo_jobs
+from demo_jobs import DEMO, ROOT, SMALL_POINTS, demo_job, drag, frames_of, write_jsonl
+from kinema import batch, runner
 from kinema.nodes.core_io import CORE_NODES
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "workflows" / "click_drag_animate.json"
-
-# The demo's clicks on the shuttle, for the bundled photo at half size (256x256).
-SMALL_POINTS = {"positive": [[202, 20], [200, 75], [220, 60], [218, 30]], "negative": [[165, 50]],
-                "box": [175, 0, 235, 142]}
-
-
-def drag(x, y):
-    """The demo's drag of the shuttle (from its middle, 202, 75 on the small photo) to x, y."""
-    return {"tracks": [[{"x": 202, "y": 75}, {"x": x, "y": y}]], "anchors": []}
 
 
 @pytest.fixture(scope="session")
 def small_photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photo") / "astronaut_256.png"
-    Image.open(ROOT / "assets" / "astronaut.jpg").convert("RGB").resize((256, 256), Image.LANCZOS).save(path)
-    return path
-
-
-def demo_job(photo, x, y, frames=4, **more):
-    return {"1.image": str(photo), "2.points": SMALL_POINTS, "3.tracks": drag(x, y), "3.frames": frames, **more}
-
-
-def write_jsonl(path: Path, jobs: list) -> Path:
-    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
-    return path
-
-
-def frames_of(path: Path) -> np.ndarray:
-    return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))])
+    return demo_jobs.small_photo(tmp_path_factory.mktemp("photo") / "astronaut_256.png")
 
 
 # ----------------------------------------------------------------------------- batch files
