@@ -302,8 +302,6 @@ class JobRunner:
         "seconds", "texts": ["node N (label): text", ...]}. Only KeyboardInterrupt and
         runtime.Interrupted get out; any other error is the job's."""
         folder = self.folder(job)
-        if folder.exists():  # left by a run that was stopped in the middle of this job
-            shutil.rmtree(folder)
         t0 = time.perf_counter()
         result = {"error": None, "traceback": None, "texts": []}
         try:
@@ -523,6 +521,10 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
         workflow = Path(workflow).resolve()
         data = runner.load_workflow(workflow)
         classes = runner.node_classes(runner.workflow_types(data), device=device, log=log)
+        if runtime.output_dir().resolve() != staging.resolve():
+            raise WorkflowError(f"--batch: ComfyUI already runs in this process with its own output folder "
+                                f"({runtime.output_dir()}), which a batch cannot move aside: run batches with "
+                                f"run_workflow.py, in a process of their own")
         api = runner.to_api(data, classes)
         jobs = read_jobs(jobs_file, overrides)
         name_jobs(jobs, api)

@@ -59,13 +59,16 @@ class BatchWorker:
     not an installed package there), so until it has loaded the pack from ``root`` it uses
     only the standard library; everything else lives in ``batch.JobRunner``."""
 
-    def __init__(self, root: str, env: dict, cwd: str, api: dict, name: str, model_cache: int, threads: int):
+    def __init__(self, root: str, env: dict, cwd: str, api: dict, name: str, model_cache: int, threads: int,
+                 scratch: str | None = None):
         import importlib
         import importlib.util
         import os
         import sys
         import tempfile
-        self.staging = tempfile.mkdtemp(prefix="kinema-worker-")
+        # where jobs save before their files go back: the private cluster's folder (removed with it,
+        # also after a worker was killed), else this machine's temporary folder
+        self.staging = tempfile.mkdtemp(prefix="kinema-worker-", dir=scratch)
         os.environ.update(env)
         os.environ["KINEMA_OUTPUT_DIR"] = self.staging  # jobs save here; their files go back to the driver
         if cwd and os.path.isdir(cwd):
@@ -160,7 +163,7 @@ def run(batch, todo: list, finished, *, address: str = "local", workers=None, gp
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         remote = ray.remote(BatchWorker).options(num_cpus=cpw, num_gpus=gpw, max_restarts=MAX_RESTARTS,
                                                  max_concurrency=1)
-        args = (str(ROOT), env, os.getcwd(), batch.api, batch.workflow.stem, model_cache, max(1, int(cpw)))
+        args = (str(ROOT), env, os.getcwd(), batch.api, batch.workflow.stem, model_cache, max(1, int(cpw)), temp)
         actors = [remote.remote(*args) for _ in range(n)]
         try:
             names = ray.get([a.where.remote() for a in actors], timeout=READY_TIMEOUT_S)
@@ -190,14 +193,23 @@ def run(batch, todo: list, finished, *, address: str = "local", workers=None, gp
 
 
 def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int, say) -> None:
-    """Keep every worker busy with one job; a job whose worker died goes back to the queue,
-    for another worker when there is one, at most ``retries`` more times."""
+    """Keep every worker busy with one job. A job whose worker died goes back to the queue, for
+    another worker when there is one, at most ``retries`` more times; the dead worker, which
+    Ray restarts, takes jobs again once it answers (it may die at most MAX_RESTARTS times)."""
     lost_errors = _worker_lost_errors(ray)
     pending = deque((job, 1, ()) for job in todo)  # (job, attempt, (worker index, name) it died on)
     idle = list(range(len(actors)))
     deaths = [0] * len(actors)
-    running = {}  # object ref -> (worker index, job, attempt, died on)
+    died_at = [0.0] * len(actors)
+    running = {}   # object ref -> (worker index, job, attempt, died on)
+    probing = {}   # object ref of a restarted worker's where() -> worker index
+    probe_at = {}  # worker index -> when to ask it again whether it is back
     while pending or running:
+        now = time.monotonic()
+        for i, when in list(probe_at.items()):
+            if now >= when:
+                del probe_at[i]
+                probing[actors[i].where.remote()] = i
         for i in list(idle):
             if not pending:
                 break
@@ -206,28 +218,45 @@ def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int
             del pending[pick]
             idle.remove(i)
             running[actors[i].render.remote(job.to_dict())] = (i, job, attempt, died_on)
-        if not running:  # jobs left, no worker left
-            for job, attempt, _ in pending:
-                finished(job, {"error": "no Ray worker left to run it (all died more often than they restart)",
-                               "seconds": None, "attempts": attempt - 1})
+        if pending and not (idle or running or probing or probe_at):
+            for job, attempt, died_on in pending:
+                finished(job, {"error": "no Ray worker left to run it (the workers died more often than Ray "
+                                        "restarts them)", "seconds": None, "attempts": attempt - 1,
+                               "lost_workers": [d[1] for d in died_on]})
             return
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        refs = list(running) + list(probing)
+        if not refs:
+            time.sleep(0.2)
+            continue
+        ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
         for ref in ready:
+            if ref in probing:
+                i = probing.pop(ref)
+                try:
+                    names[i] = ray.get(ref)
+                    idle.append(i)
+                    say(f"worker {names[i]} is back")
+                except lost_errors as e:
+                    if getattr(e, "actor_init_failed", False) or now - died_at[i] > READY_TIMEOUT_S:
+                        say(f"worker {names[i]} did not come back: {_first_line(e)}")
+                    else:
+                        probe_at[i] = time.monotonic() + 1.0  # still restarting
+                continue
             i, job, attempt, died_on = running.pop(ref)
             try:
                 result = ray.get(ref)
             except lost_errors as e:
                 deaths[i] += 1
+                died_at[i] = time.monotonic()
                 if deaths[i] <= MAX_RESTARTS:
-                    idle.append(i)  # Ray restarts it; a job sent meanwhile waits for the new process
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    probe_at[i] = died_at[i]  # Ray restarts it: ask when it is back
                 died_on = died_on + ((i, names[i]),)
                 if attempt > retries:
-                    finished(job, {"error": f"its worker died {attempt} time(s) (last: {names[i]}: {reason})",
+                    finished(job, {"error": f"its worker died {attempt} time(s) (last: {names[i]}: {_first_line(e)})",
                                    "seconds": None, "attempts": attempt, "worker": names[i],
                                    "lost_workers": [d[1] for d in died_on]})
                 else:
-                    say(f"worker {names[i]} died while running {job.id} ({reason}); {job.id} runs again on "
+                    say(f"worker {names[i]} died while running {job.id} ({_first_line(e)}); {job.id} runs again on "
                         f"{'another worker' if len(actors) > 1 else 'the restarted worker'}")
                     pending.appendleft((job, attempt + 1, died_on))
                 continue
@@ -239,3 +268,8 @@ def _schedule(ray, actors: list, names: list, todo: list, finished, retries: int
             if died_on:
                 result["lost_workers"] = [d[1] for d in died_on]
             finished(job, result)
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
