@@ -377,3 +377,31 @@ def test_command_line(main, tmp_path, small_photo):
     assert "2 jobs: 1 done, 0 skipped (outputs exist), 1 failed in" in r.stderr
     assert f"manifest: {tmp_path / 'o' / 'j_manifest.json'}" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((tmp_path / "o" / "a" / "job.json").read_text())["overrides"]["3"]["strength"] == 0.5
+
+
+def test_batch_with_comfyui_core_nodes(tmp_path):
+    """Through the command line with COMFYUI_DIR: ComfyUI's executor runs the jobs in the
+    batch's process and its nodes save into each job's folder under --output-dir."""
+    import os
+    import subprocess
+    import sys
+    comfyui = os.environ.get("COMFYUI_DIR")
+    if not comfyui:
+        pytest.skip("COMFYUI_DIR is not set (a ComfyUI checkout; see docs/testing.md)")
+    wf = tmp_path / "invert.json"
+    wf.write_text(json.dumps({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "chelsea.jpg"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},                       # ComfyUI's
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inv/x"}}}))
+    write_jsonl(tmp_path / "j.jsonl", [{"id": "cat"}, {"id": "astronaut", "1.image": "astronaut.jpg"}])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KINEMA_OUTPUT_DIR")}
+    r = subprocess.run([sys.executable, str(ROOT / "run_workflow.py"), str(wf), "--batch", "j.jsonl",
+                        "--output-dir", "out"], cwd=tmp_path, env={**env, "KINEMA_PROGRESS": "0"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "astronaut/inv/x_00001_.png", "cat/inv/x_00001_.png"]
+    for jid, photo in (("cat", "chelsea.jpg"), ("astronaut", "astronaut.jpg")):
+        src = np.asarray(Image.open(ROOT / "assets" / photo).convert("RGB"), dtype=np.int16)
+        got = np.asarray(Image.open(tmp_path / "out" / jid / "inv" / "x_00001_.png").convert("RGB"), dtype=np.int16)
+        assert np.abs(got - (255 - src)).max() <= 1, jid

@@ -40,7 +40,7 @@ def _run(graph, pictures, size, monkeypatch, tag):
         return original(self, ckpt_name)
 
     monkeypatch.setattr(nodes.CheckpointLoaderSimple, "load_checkpoint", counting)
-    classes = runner.node_classes(runner.workflow_types(graph))
+    classes = {**nodes.NODE_CLASS_MAPPINGS, **runner.node_classes()}  # ComfyUI's, the pack's on top
     assert runtime.is_comfyui_node(classes["VAEEncode"])  # ComfyUI's executor runs these jobs
     jobs = batch.JobRunner(graph, classes, size)
     out = {}
