@@ -1,7 +1,8 @@
 """Batch throughput: jobs per minute of the weights-free demo (workflows/click_drag_animate.json
 on the bundled photo, 512x512, each job its own drag of the shuttle), run as a user runs it:
-``run_workflow.py --batch`` in one process, then the same jobs with ``--ray`` on a private local
-cluster of N workers. Times are wall clock of the whole command (Python start-up, imports,
+``run_workflow.py --batch`` in one process (with torch's default threads, and with one
+thread, as each Ray worker has), then the same jobs with ``--ray`` on a private local cluster
+of N workers. Times are wall clock of the whole command (Python start-up, imports,
 Ray's start and stop included) and of the batch alone (from the manifest). The machine's load
 is printed next to the numbers: on a shared machine they move with it. The outputs of both runs
 are compared byte for byte.
@@ -29,8 +30,10 @@ def load() -> str:
     return f"load {one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
-def run(jobs: Path, out: Path, extra: list) -> tuple[float, dict, str]:
+def run(jobs: Path, out: Path, extra: list, threads: int | None = None) -> tuple[float, dict, str]:
     env = {**os.environ, "KINEMA_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's threads (a Ray worker runs on --cpus-per-worker = 1)
     before = load()
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "run_workflow.py"), str(DEMO), "--batch", str(jobs),
@@ -66,16 +69,16 @@ def main():
                                 "3.frames": args.frames}) + "\n")
     print(f"{args.jobs} jobs of {DEMO.name} (512x512, {args.frames} frames each)")
     rows = []
-    for name, extra in (("local (one process)", []),
-                        (f"ray, {args.workers} workers", ["--ray", "--workers", str(args.workers)])):
-        out = tmp / ("ray" if extra else "local")
-        wall, manifest, before = run(jobs, out, extra)
+    for name, extra, threads in (("local (one process)", [], None), ("local, 1 torch thread", [], 1),
+                                 (f"ray, {args.workers} workers", ["--ray", "--workers", str(args.workers)], None)):
+        out = tmp / name.replace(" ", "_").replace(",", "")
+        wall, manifest, before = run(jobs, out, extra, threads)
         per_job = [e["seconds"] for e in manifest["jobs"]]
         rows.append((name, wall, manifest["summary"]["seconds"], statistics.median(per_job), before, load(), out))
     print(f"{'':22s} {'jobs/min':>9s} {'wall s':>8s} {'batch s':>8s} {'job s (median)':>15s}   machine load before -> after")
     for name, wall, batch_s, job_s, before, after, _ in rows:
         print(f"{name:22s} {60 * args.jobs / wall:9.2f} {wall:8.1f} {batch_s:8.1f} {job_s:15.2f}   {before} -> {after}")
-    same = files(rows[0][-1]) == files(rows[1][-1])
+    same = all(files(rows[0][-1]) == files(row[-1]) for row in rows[1:])
     print(f"outputs byte-identical: {same}")
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
