@@ -388,9 +388,10 @@ class Batch:
             self.entries[job.id] = entry
             folder = self.output / job.id
             if folder.exists():
-                try:
-                    same = json.loads((folder / JOB_FILE).read_text()) == self.job_record(job)
-                except (OSError, ValueError):
+                try:  # the same job: the same graph and inputs (the workflow file may have been renamed)
+                    record, want = json.loads((folder / JOB_FILE).read_text()), self.job_record(job)
+                    same = all(record.get(k) == want[k] for k in ("id", "workflow_sha256", "overrides"))
+                except (OSError, ValueError, AttributeError):
                     same = False
                 if same:
                     entry.update(status="skipped", outputs=self._outputs(folder))
@@ -539,7 +540,9 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
         def finished(job, result):
             progress.job(batch.finish_job(job, result))
 
-        if ray is None:
+        if not todo:
+            batch.runner_name = "nothing to run" if ray is None else "ray (nothing to run)"
+        elif ray is None:
             _run_here(batch, todo, finished, model_cache)
         else:
             from . import ray_batch

@@ -148,14 +148,12 @@ def run(batch, todo: list, finished, *, address: str = "local", workers=None, gp
             if node != "127.0.0.1":
                 raise WorkflowError(f"--ray: the local cluster took {node} as this machine's address instead of "
                                     f"127.0.0.1; not running it")
-            where = f"a private Ray cluster on 127.0.0.1 ({cpus} CPUs)"
+            where = f"private cluster on 127.0.0.1, {cpus} CPUs"
         else:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING", namespace="kinema")
-            where = f"the Ray cluster at {address}"
+            where = f"cluster at {address}"
         n, gpw, cpw = _sizes(ray, workers, gpus_per_worker, cpus_per_worker)
-        say(f"{where}: {n} worker(s) of {cpw:g} CPU(s), {gpw:g} GPU(s)")
-        if not todo:
-            return f"ray ({n} workers)"
+        say(f"Ray ({where}): {n} worker(s) of {cpw:g} CPU(s), {gpw:g} GPU(s)")
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.update(KINEMA_PROGRESS="0", HF_HUB_OFFLINE="1")
         if device:
@@ -173,7 +171,7 @@ def run(batch, todo: list, finished, *, address: str = "local", workers=None, gp
             raise WorkflowError(f"--ray: a worker could not start: {e}") from None
         say(f"workers ready: {', '.join(names)}")
         _schedule(ray, actors, names, todo, finished, retries, say)
-        return f"ray ({n} workers, {where.split(' (')[0].replace('a private', 'private')})"
+        return f"ray ({n} workers, {where})"
     finally:
         if actors:
             try:

@@ -55,9 +55,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--frames", type=int, default=8)
     args = ap.parse_args()
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
         sys.exit(f"the Ray half needs ray: {sys.executable} -m pip install -r {ROOT / 'requirements-ray.txt'}")
     tmp = Path(tempfile.mkdtemp(prefix="kbench"))
     jobs = tmp / "shots.jsonl"

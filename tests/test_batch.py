@@ -12,6 +12,7 @@ from PIL import Image
 
 import demo_jobs
 from demo_jobs import DEMO, ROOT, SMALL_POINTS, demo_job, drag, frames_of, write_jsonl
+from test_runner import main  # noqa: F401  (the fixture: runner.main in this process)
 from kinema import batch, runner
 from kinema.nodes.core_io import CORE_NODES
 
@@ -343,23 +344,6 @@ def test_csv_batch_and_text_results(tmp_path, small_photo):
     assert lines == entry["texts"] and len(lines) == 2
     # the drawn motion: the shuttle's middle moves 40 px up over 3 frame steps
     assert lines[0].startswith("node 5 (Strength of the drawn motion): mean ")
-
-
-@pytest.fixture
-def main(tmp_path, monkeypatch, capsys):
-    import subprocess
-    for key in ("KINEMA_OUTPUT_DIR", "KINEMA_INPUT_DIR", "KINEMA_MODELS_DIR", "KINEMA_DEVICE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)
-
-    def call(args):
-        try:
-            rc = runner.main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out, err)
-    return call
 
 
 def test_command_line(main, tmp_path, small_photo):

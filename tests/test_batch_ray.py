@@ -176,7 +176,7 @@ def test_ray_batch_is_byte_identical_to_the_local_batch(jobs_file, local_outputs
     rc = run.watch()
     text = run.output()
     assert rc == 0, text
-    assert "a private Ray cluster on 127.0.0.1" in text and "2 worker(s) of 1 CPU(s), 0 GPU(s)" in text
+    assert "Ray (private cluster on 127.0.0.1, " in text and "2 worker(s) of 1 CPU(s), 0 GPU(s)" in text
     manifest = run.manifest()
     assert manifest["runner"].startswith("ray (2 workers")
     entries = manifest["jobs"]
