@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 import uuid
 from pathlib import Path
 
@@ -228,6 +229,61 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def available_memory() -> int | None:
+    """Bytes of CPU memory this process can still take: the least of the system's available
+    memory (``MemAvailable``), the cgroup's limit less its usage, and the address-space limit
+    (``RLIMIT_AS``) less what the process has mapped. None where none of them can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            mapped = 0
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmSize:"):
+                    mapped = int(line.split()[1]) * 1024
+            found.append(soft - mapped)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(min(found), 0) if found else None
+
+
+def check_memory(need: int, what: str, lower: str) -> None:
+    """Refuse work that needs more memory than is free, before allocating it: a ValueError
+    that names ``what`` (the inputs), the figure, and ``lower`` (what to reduce)."""
+    free = available_memory()
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise ValueError(f"{what} needs about {need / gib:.1f} GB of memory, but only {free / gib:.1f} GB is "
+                         f"free; {lower}")
+
+
+@contextmanager
+def one_thread():
+    """Run the enclosed work on one torch thread, then restore the thread count. For the
+    weights-free nodes: their many small tensor operations gain nothing from more threads, and
+    on a busy machine waiting threads make them several times slower."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 # ------------------------------------------------------------------------------------------
 # models under ComfyUI's model management
 

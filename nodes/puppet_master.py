@@ -87,10 +87,14 @@ class KinemaPuppetMasterAnimate:
             "optional": {
                 "mask": ("MASK", {"tooltip": "The object (from 'Click to mask' or any mask). Without it the whole "
                                              "picture is used, padded to a square with white."}),
+                "crop_size": ("INT", {"default": 256, "min": 64, "max": 512, "step": 64,
+                                      "tooltip": "Side of the square the subject is animated in. The model was trained "
+                                                 "at 256; smaller is a faster, rougher preview."}),
             },
         }
 
-    def animate(self, puppet_master, vae, clip_vision, image, tracks, steps, cfg, seed, paste_back=False, mask=None):
+    def animate(self, puppet_master, vae, clip_vision, image, tracks, steps, cfg, seed, paste_back=False, mask=None,
+                crop_size=256):
         from ..pipelines.puppet_master import ComfyCodec, PuppetMaster
 
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
@@ -110,12 +114,14 @@ class KinemaPuppetMasterAnimate:
             raise ValueError(f"steps: {steps} must be at least 1")
         if not float(cfg) >= 1.0:
             raise ValueError(f"cfg: {cfg} must be 1 or more")
+        if int(crop_size) < 64 or int(crop_size) % 64:
+            raise ValueError(f"crop_size: {crop_size} must be a multiple of 64 (the UNet's size step at 8 latent pixels)")
         codec = ComfyCodec(vae, clip_vision)
         if not isinstance(puppet_master, PuppetMaster):
             raise ValueError("puppet_master: connect the output of 'Puppet-Master loader'")
         frames = puppet_master.animate(img, tr.tracks, codec, m, steps=int(steps),
                                        cfg=float(cfg), seed=int(seed) % (1 << 63), paste=bool(paste_back),
-                                       anchors=tr.anchors)
+                                       anchors=tr.anchors, size=int(crop_size))
         return {"ui": {"kinema_bg": [save_temp_png(img, "kinema_bg")]}, "result": (frames.float(),)}
 
 
@@ -125,5 +131,5 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaPuppetMasterLoader": "Puppet-Master loader",
-    "KinemaPuppetMasterAnimate": "Puppet-Master animate",
+    "KinemaPuppetMasterAnimate": "Puppet-Master animate (drag parts)",
 }
