@@ -98,12 +98,13 @@ def read_jobs(path, base: dict | None = None) -> list[Job]:
     jobs, seen = [], {}
     for line, values in rows:
         where = f"{path.name} line {line}"
-        jid = values.pop("id", None)
-        if jid is not None:
-            jid = str(jid) if isinstance(jid, (str, int)) and not isinstance(jid, bool) else None
-            if jid is None or not JOB_ID.fullmatch(jid):
-                raise WorkflowError(f"{where}: id {values.get('id', jid)!r} names the job's output folder: use up to "
-                                    f"100 letters, digits, '.', '_' and '-', starting with a letter or digit")
+        given = values.pop("id", None)
+        jid = None
+        if given is not None:
+            jid = str(given) if isinstance(given, (str, int)) and not isinstance(given, bool) else ""
+            if not JOB_ID.fullmatch(jid):
+                raise WorkflowError(f"{where}: id {given!r} names the job's output folder: use up to 100 letters, "
+                                    f"digits, '.', '_' and '-', starting with a letter or digit")
         overrides = {nid: dict(inputs) for nid, inputs in (base or {}).items()}
         for key, value in values.items():
             runner.add_override(overrides, key, value, where)
@@ -184,7 +185,8 @@ def job_overrides(job: Job, api: dict, classes: dict) -> dict:
                                 f"files by putting the prefix under the job's folder, so give it as a value")
         inside = os.path.normpath(os.path.join(job.id, prefix))
         if not inside.startswith(job.id + os.sep):
-            raise WorkflowError(f"--set {nid}.filename_prefix: '{prefix}' leaves the job's output folder")
+            raise WorkflowError(f"{job.source or '--set'}, {nid}.filename_prefix: '{prefix}' leaves the job's "
+                                f"output folder")
         out.setdefault(nid, {})["filename_prefix"] = f"{job.id}/{prefix}"
     return out
 

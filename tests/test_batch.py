@@ -389,3 +389,20 @@ def test_batch_with_comfyui_core_nodes(tmp_path):
         src = np.asarray(Image.open(ROOT / "assets" / photo).convert("RGB"), dtype=np.int16)
         got = np.asarray(Image.open(tmp_path / "out" / jid / "inv" / "x_00001_.png").convert("RGB"), dtype=np.int16)
         assert np.abs(got - (255 - src)).max() <= 1, jid
+
+
+def test_readme_batch_command(tmp_path):
+    """The README's batch command, as a user runs it: the example batch file's three drags."""
+    from test_runner import _as_test_argv, _cli, _readme_command
+    r = _cli(_as_test_argv(_readme_command("## Batches", 0)), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "3 jobs: 3 done, 0 skipped (outputs exist), 0 failed" in r.stderr
+    anims = {jid: frames_of(tmp_path / "out" / jid / "kinema_demo" / "animation_00001_.webp")
+             for jid in ("up", "left", "arc")}
+    assert all(a.shape == (8, 512, 512, 3) for a in anims.values())
+    # the same first frame (the photo), three different last frames (three drags)
+    assert all(np.array_equal(a[0], anims["up"][0]) for a in anims.values())
+    ends = [a[-1].astype(int) for a in anims.values()]
+    assert min(np.abs(x - y).mean() for i, x in enumerate(ends) for y in ends[i + 1:]) > 0.5
+    # the example's drags end where its file says: "up" and "arc" both end at (405, 70)
+    assert np.abs(ends[0] - ends[2]).mean() < np.abs(ends[0] - ends[1]).mean()
