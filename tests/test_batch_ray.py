@@ -150,11 +150,30 @@ class RayRun:
         return self.log.read()
 
     def close(self):
-        left = sorted(p.name for p in self.tmp.iterdir())
+        """Whatever the run left in its temporary folder; then the folder and the log go."""
+        left = sorted(p.name for p in self.tmp.iterdir()) if self.tmp.exists() else []
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.log.close()
-        Path(self.log.name).unlink()
+        if not self.log.closed:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
         return left
+
+
+@pytest.fixture
+def ray_run():
+    """Starts RayRuns; whatever a failing test leaves (processes, folders) is removed after it."""
+    runs = []
+
+    def start(*args, **kwargs):
+        runs.append(RayRun(*args, **kwargs))
+        return runs[-1]
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+        run.leftovers()
+        run.close()
 
 
 def loopback(ip: str) -> bool:
@@ -170,9 +189,9 @@ def check_clean(run: RayRun) -> None:
     assert run.close() == []  # the cluster's temporary folder is gone
 
 
-def test_ray_batch_is_byte_identical_to_the_local_batch(jobs_file, local_outputs, tmp_path):
+def test_ray_batch_is_byte_identical_to_the_local_batch(jobs_file, local_outputs, tmp_path, ray_run):
     out = tmp_path / "out"
-    run = RayRun(jobs_file, out)
+    run = ray_run(jobs_file, out)
     rc = run.watch()
     text = run.output()
     assert rc == 0, text
@@ -191,9 +210,9 @@ def test_ray_batch_is_byte_identical_to_the_local_batch(jobs_file, local_outputs
     check_clean(run)
 
 
-def test_a_killed_worker_loses_no_job(jobs_file, local_outputs, tmp_path):
+def test_a_killed_worker_loses_no_job(jobs_file, local_outputs, tmp_path, ray_run):
     out = tmp_path / "out"
-    run = RayRun(jobs_file, out)
+    run = ray_run(jobs_file, out)
     killed = []
 
     def kill_one_mid_run(run):
