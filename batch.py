@@ -63,6 +63,7 @@ from .runner import WorkflowError
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 JOB_FILE = "job.json"
+TEMP = ".temp"  # the nodes' temporary files, in the staging folder (no job id starts with ".")
 
 
 @dataclass
@@ -514,22 +515,24 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
     if ray is not None:  # before anything else: without ray installed, say so at once
         from . import ray_batch
         ray_batch.import_ray(ray == "local")
+    workflow = Path(workflow).resolve()
+    data = runner.load_workflow(workflow)
+    jobs = read_jobs(jobs_file, overrides)
     output = Path(output_dir).resolve() if output_dir else runtime.output_dir()
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kinema-batch-", dir=output))
-    saved_env = os.environ.get("KINEMA_OUTPUT_DIR")
+    saved_env = {k: os.environ.get(k) for k in ("KINEMA_OUTPUT_DIR", "KINEMA_TEMP_DIR")}
     os.environ["KINEMA_OUTPUT_DIR"] = str(staging)  # savers (also ComfyUI's, loaded below) write there
+    os.environ["KINEMA_TEMP_DIR"] = str(staging / TEMP)  # the nodes' UI previews: nobody sees them here
     batch = None
     try:
-        workflow = Path(workflow).resolve()
-        data = runner.load_workflow(workflow)
         classes = runner.node_classes(runner.workflow_types(data), device=device, log=log)
         if runtime.output_dir().resolve() != staging.resolve():
             raise WorkflowError(f"--batch: ComfyUI already runs in this process with its own output folder "
                                 f"({runtime.output_dir()}), which a batch cannot move aside: run batches with "
                                 f"run_workflow.py, in a process of their own")
         api = runner.to_api(data, classes)
-        jobs = read_jobs(jobs_file, overrides)
         name_jobs(jobs, api)
         batch = Batch(workflow, Path(jobs_file).resolve(), api, classes, jobs, output, staging, log=log)
         todo = batch.plan()
@@ -555,10 +558,13 @@ def run_batch(workflow, jobs_file, *, overrides: dict | None = None, output_dir=
         if batch is not None:
             batch.save()  # also when stopped: jobs not reached stay "not run"
         shutil.rmtree(staging, ignore_errors=True)
-        if saved_env is None:
-            os.environ.pop("KINEMA_OUTPUT_DIR", None)
-        else:
-            os.environ["KINEMA_OUTPUT_DIR"] = saved_env
+        if batch is None and created and not any(output.iterdir()):
+            output.rmdir()  # the batch did not start: leave no empty folder behind
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return json.loads(batch.manifest_path.read_text())
 
 

@@ -71,6 +71,7 @@ class BatchWorker:
         self.staging = tempfile.mkdtemp(prefix="kinema-worker-", dir=scratch)
         os.environ.update(env)
         os.environ["KINEMA_OUTPUT_DIR"] = self.staging  # jobs save here; their files go back to the driver
+        os.environ["KINEMA_TEMP_DIR"] = os.path.join(self.staging, ".temp")  # the nodes' previews
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)  # relative paths in jobs mean what they mean to the driver
         if "kinema" not in sys.modules:

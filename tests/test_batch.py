@@ -361,6 +361,9 @@ def test_command_line(main, tmp_path, small_photo):
     assert "2 jobs: 1 done, 0 skipped (outputs exist), 1 failed in" in r.stderr
     assert f"manifest: {tmp_path / 'o' / 'j_manifest.json'}" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((tmp_path / "o" / "a" / "job.json").read_text())["overrides"]["3"]["strength"] == 0.5
+    # the nodes' previews went with the staging folder: nothing in ./temp, nothing else in the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl", "o"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a", "j_manifest.json"]
 
 
 def test_batch_with_comfyui_core_nodes(tmp_path):
