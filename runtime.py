@@ -480,13 +480,9 @@ def sample(model, noise: torch.Tensor, positive, negative, sigmas: torch.Tensor,
                                       disable_pbar=not _cu().PROGRESS_BAR_ENABLED, seed=int(seed))
 
 
-def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
-                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
-    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
-    another schedule than the one ComfyUI assumes for its base (set it with
-    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
-    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
-    ``prediction``: "eps" or "v". Needs ComfyUI."""
+def _model_sampling(base: str, prediction: str, settings: dict):
+    """An instance of ComfyUI's ``comfy.model_sampling.<base>`` schedule for ``prediction``
+    ("eps" or "v") built from ``settings`` (its ``sampling_settings``)."""
     if _mm() is None:
         raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
     import comfy.model_sampling as ms  # type: ignore
@@ -494,13 +490,20 @@ def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linea
     kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
     if prediction not in kinds:
         raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+    config = type("Settings", (), {"sampling_settings": dict(settings)})()
+    return type(f"Kinema{base}", (getattr(ms, base), kinds[prediction]), {})(config)
 
-    class Settings:
-        sampling_settings = dict(beta_schedule=beta_schedule, linear_start=float(linear_start),
-                                 linear_end=float(linear_end), timesteps=int(timesteps), zsnr=bool(zero_snr))
 
-    sampling = type("KinemaModelSampling", (ms.ModelSamplingDiscrete, kinds[prediction]), {})
-    return sampling(Settings())
+def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
+                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
+    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
+    another schedule than the one ComfyUI assumes for its base (set it with
+    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
+    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
+    ``prediction``: "eps" or "v". Needs ComfyUI."""
+    return _model_sampling("ModelSamplingDiscrete", prediction, dict(
+        beta_schedule=beta_schedule, linear_start=float(linear_start), linear_end=float(linear_end),
+        timesteps=int(timesteps), zsnr=bool(zero_snr)))
 
 
 class ComfyConds:
@@ -521,6 +524,10 @@ class ComfyConds:
 
     def constant(self, value):
         return self._c.CONDConstant(value)
+
+    def regular(self, t):
+        """A tensor with one row per latent (repeated to the batch, concatenated across conds)."""
+        return self._c.CONDRegular(t)
 
 
 def comfy_model(diffusion_model: torch.nn.Module, name: str, model_sampling, *, conds=None,
@@ -573,6 +580,14 @@ def comfy_model(diffusion_model: torch.nn.Module, name: str, model_sampling, *, 
         offload_device=torch.device(offload_device) if offload_device is not None else _mm().unet_offload_device())
     patcher.add_callback(mp.CallbacksMP.ON_LOAD, _place_uncast)
     return patcher
+
+
+def continuous_edm_sampling(prediction: str = "v", sigma_min: float = 0.002, sigma_max: float = 700.0,
+                            sigma_data: float = 1.0):
+    """ComfyUI's continuous EDM noise schedule (``model_sampling``; SVD's): timestep 0.25 ln sigma,
+    input x / sqrt(sigma^2 + sigma_data^2). ``prediction``: "v" or "eps". Needs ComfyUI."""
+    return _model_sampling("ModelSamplingContinuousEDM", prediction, dict(
+        sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data)))
 
 
 def add_injection(patcher, key: str, inject, eject) -> None:
@@ -764,7 +779,8 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           if where else "ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    # this pack's folders, read before importing ComfyUI (after it they are ComfyUI's own)
+    # this process's folders, read before ComfyUI is imported (afterwards these functions answer
+    # with ComfyUI's folders, which are then pointed at them)
     folders = (models_dir(), input_dir(), output_dir(), temp_dir())
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # ComfyUI's import chatter (optional packages it lacks)
