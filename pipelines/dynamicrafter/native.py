@@ -32,11 +32,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ... import runtime
+from ...kernels.regional import fit_mask, latent_keep
 from .model import LATENT_SCALE, DynamiCrafter
-from .pipeline import _check_size, blend_windows, default_fs, prepare_image, prepare_mask
+from .pipeline import _check_size, blend_windows, default_fs, prepare_image
 from .sampler import DiffusionSchedule, ScheduleConfig, ddim_timesteps
 
 KEY = "dynamicrafter"            # the conditioning entry this MODEL reads
@@ -69,6 +69,8 @@ class NativeUNet(nn.Module):
         if control is not None:
             raise ValueError("DynamiCrafter's UNet takes no ControlNet; remove it from the conditioning")
         n, c, h, w = x.shape
+        if n % int(frames):
+            raise ValueError(f"latent_image: {n} frame latents are not a whole number of {frames}-frame videos")
         videos = n // int(frames)
         xv = x.reshape(videos, int(frames), c, h, w).transpose(1, 2)
         t = timesteps.reshape(videos, int(frames))[:, 0]
@@ -252,7 +254,7 @@ def conditioning(model: DynamiCrafter, image: torch.Tensor, prompt: str, negativ
     negative_c = [[ctx_u.float().cpu(), {KEY: info}]]
     latent = {"samples": torch.zeros(frames, *z.shape[1:])}
     if mask is not None:
-        lat_mask = F.interpolate(prepare_mask(mask, height, width), size=(h, w), mode="area")
+        lat_mask = 1.0 - latent_keep(fit_mask(mask, height, width), (h, w))[:, :, 0]   # (1, 1, h, w)
         latent = {"samples": concat.clone(), "noise_mask": lat_mask}
     return positive, negative_c, latent
 
