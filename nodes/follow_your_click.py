@@ -46,12 +46,13 @@ class KinemaFYCLoader:
 
     def load(self, unet_name, precision="auto"):
         from ..pipelines.follow_your_click.convert import load_unet
+        from ..pipelines.follow_your_click.pipeline import FYCModel
         if precision not in PRECISIONS:
             raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
         dtype = runtime.default_dtype(params=1_300_000_000) if precision == "auto" else \
             {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         unet = load_unet(runtime.model_path(FOLDER, unet_name), dtype)
-        return (runtime.ManagedModel(unet, f"Follow-Your-Click UNet ({unet_name})"),)
+        return (FYCModel(unet, f"Follow-Your-Click UNet ({unet_name})"),)
 
 
 class KinemaFYCAnimate:
@@ -108,11 +109,8 @@ class KinemaFYCAnimate:
     def run(self, fyc_model, vae, positive, negative, image, motion_strength, fps, frames, width, height, steps, cfg,
             seed, mask=None, keep_outside=True, eta=0.0, shared_noise=False, image_init=False, preview_fps=8.0):
         from ..pipelines.follow_your_click.pipeline import FYCOptions, animate
-        if not isinstance(fyc_model, runtime.ManagedModel) or type(fyc_model.module).__name__ != "FYCUNet":
-            raise ValueError("fyc_model: expected a model from Load Follow-Your-Click Model")
-        for name in ("decode", "encode"):
-            if not callable(getattr(vae, name, None)):
-                raise ValueError("vae: expected a VAE (from Load Checkpoint)")
+        _check_model(fyc_model)
+        _check_vae(vae)
         opts = FYCOptions(frames=frames, width=width, height=height, steps=steps, cfg=float(cfg), eta=float(eta),
                           fps=fps, strength=motion_strength, seed=seed, shared_noise=bool(shared_noise),
                           image_init=bool(image_init), keep_outside=bool(keep_outside))
@@ -121,6 +119,70 @@ class KinemaFYCAnimate:
         return {"ui": {"images": [save_temp_webp(out, fps=float(preview_fps), prefix="kinema_fyc")],
                        "animated": (True,)},
                 "result": (out,)}
+
+
+def _check_model(fyc_model):
+    from ..pipelines.follow_your_click.pipeline import FYCModel
+    if not isinstance(fyc_model, FYCModel):
+        raise ValueError("fyc_model: expected a model from Load Follow-Your-Click Model")
+
+
+def _check_vae(vae):
+    for name in ("decode", "encode"):
+        if not callable(getattr(vae, name, None)):
+            raise ValueError("vae: expected a VAE (from Load Checkpoint)")
+
+
+class KinemaFYCModel:
+    DESCRIPTION = ("Follow-Your-Click as a ComfyUI MODEL, for ComfyUI's own samplers: KSampler with the ddim sampler "
+                   "and the ddim_uniform scheduler is the released DDIM (exactly so for step counts that divide "
+                   "1000, e.g. 25 or 50). Conditioning and latent come from 'Follow-Your-Click conditioning'.")
+    CATEGORY = CATEGORY
+    FUNCTION = "convert"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Follow-Your-Click UNet as a MODEL (zero-terminal-SNR v-prediction schedule).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"fyc_model": (MODEL_TYPE, {"tooltip": "From Load Follow-Your-Click Model."})}}
+
+    def convert(self, fyc_model):
+        from ..pipelines.follow_your_click.native import comfy_model
+        _check_model(fyc_model)
+        return (comfy_model(fyc_model),)
+
+
+class KinemaFYCConditioning:
+    DESCRIPTION = ("The picture, the clicked region and the motion strength as conditioning for the "
+                   "Follow-Your-Click MODEL and ComfyUI's samplers. With a mask the latent keeps everything outside "
+                   "it (a noise mask), and 'keep' pastes the picture back over the decoded frames with core "
+                   "ImageCompositeMasked (destination: the frames, source: picture, mask: keep).")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT", "IMAGE", "MASK")
+    RETURN_NAMES = ("positive", "negative", "latent", "picture", "keep")
+    OUTPUT_TOOLTIPS = ("The motion prompt with the picture, region, fps and motion strength.",
+                       "The negative prompt with the same picture and region (as the released sampler guides).",
+                       "The video latent: one frame latent per frame (with a mask: the picture's, and a noise mask).",
+                       "The picture at width x height (scaled to cover, centre-cropped).",
+                       "1 where the frames should be the picture (outside the region, feathered at its edge); "
+                       "all 0 without a mask.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = KinemaFYCAnimate.INPUT_TYPES()
+        req = {k: spec["required"][k] for k in ("vae", "positive", "negative", "image", "motion_strength", "fps",
+                                                "frames", "width", "height")}
+        opt = {k: spec["optional"][k] for k in ("mask", "keep_outside")}
+        return {"required": req, "optional": opt}
+
+    def encode(self, vae, positive, negative, image, motion_strength, fps, frames, width, height, mask=None,
+               keep_outside=True):
+        from ..pipelines.follow_your_click.native import comfy_conditioning
+        _check_vae(vae)
+        return comfy_conditioning(vae, image, positive, negative, frames=frames, width=width, height=height, fps=fps,
+                                  strength=motion_strength, mask=mask, keep_outside=bool(keep_outside))
 
 
 class KinemaStrengthToBackends:
@@ -190,12 +252,16 @@ class KinemaScaleMotionToStrength:
 NODE_CLASS_MAPPINGS = {
     "KinemaFYCLoader": KinemaFYCLoader,
     "KinemaFYCAnimate": KinemaFYCAnimate,
+    "KinemaFYCModel": KinemaFYCModel,
+    "KinemaFYCConditioning": KinemaFYCConditioning,
     "KinemaStrengthToBackends": KinemaStrengthToBackends,
     "KinemaScaleMotionToStrength": KinemaScaleMotionToStrength,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaFYCLoader": "Load Follow-Your-Click Model",
     "KinemaFYCAnimate": "Follow-Your-Click Animate",
+    "KinemaFYCModel": "Follow-Your-Click as MODEL (for KSampler)",
+    "KinemaFYCConditioning": "Follow-Your-Click conditioning",
     "KinemaStrengthToBackends": "Motion strength to backends",
     "KinemaScaleMotionToStrength": "Scale motion to strength",
 }

@@ -14,6 +14,7 @@ from kinema.kernels.motion import dense_motion
 from kinema.nodes import follow_your_click as N
 from kinema.nodes.motion import KinemaMotionStrength
 from kinema.pipelines.follow_your_click import convert, sd15, tiny
+from kinema.pipelines.follow_your_click.pipeline import FYCModel
 from kinema.runtime import KinemaError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +66,7 @@ def test_loader(env):
     files = N.KinemaFYCLoader.INPUT_TYPES()["required"]["unet_name"][0]
     assert files == ["fyc_tiny.safetensors", "not_fyc.safetensors"]
     (m,) = N.KinemaFYCLoader().load("fyc_tiny.safetensors", "bf16")
-    assert isinstance(m, runtime.ManagedModel) and m.dtype == torch.bfloat16 and m.module.in_channels == 9
+    assert isinstance(m, FYCModel) and m.unet.dtype == torch.bfloat16 and m.unet.in_channels == 9
     with pytest.raises(KinemaError, match="not_fyc.safetensors: is a Stable Diffusion single-file checkpoint"):
         N.KinemaFYCLoader().load("not_fyc.safetensors", "fp32")
     with pytest.raises(KinemaError, match="'gone.ckpt' not found"):

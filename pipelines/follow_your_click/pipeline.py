@@ -21,7 +21,7 @@ latents are scaled by 0.18215 for the UNet, as in SD1.5.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler
@@ -48,6 +48,35 @@ class FYCOptions:
     image_init: bool = False        # frame i starts from a_i * z_img + (1 - a_i) * noise, a_i = (F - i) / F / 64
     first_frame_dropout: float = 0.0  # share of image-latent cells zeroed (official --mask_first_frame: 0.5)
     keep_outside: bool = True       # with a mask: outside it every frame is the input
+
+
+@dataclass
+class FYCModel:
+    """A loaded Follow-Your-Click UNet. Under model management it is one patcher whichever route
+    samples it: inside ComfyUI the patcher of its ComfyUI MODEL (``native.comfy_model``), outside
+    a :class:`~kinema.runtime.ManagedModel`."""
+    unet: FYCUNet
+    name: str = "Follow-Your-Click UNet"
+    _managed: object = field(default=None, repr=False)
+    _comfy: object = field(default=None, repr=False)
+
+    def managed(self):
+        """(what :func:`runtime.load_models` takes, the device inputs go to)."""
+        if runtime.in_comfyui():
+            from .native import comfy_model
+            patcher = comfy_model(self)
+            return patcher, patcher.load_device
+        if self._managed is None:
+            self._managed = runtime.ManagedModel(self.unet, self.name)
+        return self._managed, self._managed.device
+
+
+def _parts(unet):
+    """(managed part, device, the network) of an :class:`FYCModel` or a ManagedModel."""
+    if isinstance(unet, FYCModel):
+        part, device = unet.managed()
+        return part, device, unet.unet
+    return unet, unet.device, unet.module
 
 
 def scheduler() -> DDIMScheduler:
@@ -99,36 +128,43 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
 
 
-def sample(unet: runtime.ManagedModel, image_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+def sample(unet: FYCModel | runtime.ManagedModel, image_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
            opts: FYCOptions, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, callback=None, partial: torch.Tensor | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, callback=None, partial: torch.Tensor | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loop.
 
     image_latent (1, 4, h, w) scaled; cond / uncond (1, L, D) text features (uncond None: no
     guidance); mask (1, 1, h, w) from ``mask_condition`` or None; keep (1, 1, 1, h, w) the latent
     keep weight of regional animation or None; partial (1, 1, h, w) a 0/1 map on the image latent
     (else one is drawn when ``opts.first_frame_dropout`` > 0). Returns the final latent
-    (1, 4, F, h, w) float32.
+    (1, 4, F, h, w) float32. noise (1, 4, F, h, w): the starting latent x_T (default: drawn from the
+    generator with the noise options).
     ``callback(i, info)`` sees ``x`` (after the step), ``t`` and ``x_in`` (the UNet input).
     """
-    model: FYCUNet = unet.module
+    part, dev, model = _parts(unet)
     check_options(opts, model.max_frames)
     gen = generator if generator is not None else torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
-    dev, dt = unet.device, model.dtype
+    dt = model.dtype
     h, w = image_latent.shape[-2:]
     shape = (1, model.latent_channels, int(opts.frames), h, w)
     z_img = image_latent.to(dev, torch.float32)
     if partial is None and opts.first_frame_dropout > 0:
         partial = (torch.rand((1, 1, h, w), generator=gen) >= opts.first_frame_dropout).float()
     partial = partial.to(dev) if partial is not None else None
-    x = initial_latents(shape, gen, z_img, opts.shared_noise, opts.image_init).to(dev)
+    if noise is None:
+        x = initial_latents(shape, gen, z_img, opts.shared_noise, opts.image_init).to(dev)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise: expected {shape}, got {tuple(noise.shape)}")
+    else:
+        x = noise.to(dev, torch.float32)
     sched = scheduler()
     sched.set_timesteps(int(opts.steps))
     use_cfg = uncond is not None and float(opts.cfg) != 1.0
     ctx = torch.cat([uncond, cond]) if use_cfg else cond
     ctx = ctx.to(dev, dt)
     batch = 2 if use_cfg else 1
-    runtime.load_models(unet, memory_required=runtime.inference_memory((batch * shape[2], shape[1], h, w), dt))
+    runtime.load_models(part, memory_required=runtime.inference_memory((batch * shape[2], shape[1], h, w), dt))
     bar = runtime.ProgressBar(len(sched.timesteps), "Follow-Your-Click")
     target = z_img[:, :, None].expand(shape)
     for i, t in enumerate(sched.timesteps):
@@ -167,25 +203,26 @@ def prepare_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def animate(unet: runtime.ManagedModel, vae, image: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+def animate(unet: FYCModel | runtime.ManagedModel, vae, image: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
             opts: FYCOptions, mask: torch.Tensor | None = None, callback=None) -> torch.Tensor:
     """Frames (F, height, width, 3) in [0, 1].
 
-    ``unet``: the FYC UNet as a ManagedModel; ``vae``: the SD1.5 VAE (ComfyUI ``VAE`` or
+    ``unet``: the FYC UNet (:class:`FYCModel` or a ManagedModel); ``vae``: the SD1.5 VAE (ComfyUI ``VAE`` or
     ``DiffusersVAE``); ``image`` IMAGE (B, H, W, 3); ``cond`` / ``uncond`` (1, 77, 768) text
     features of the prompt and the negative prompt (uncond None: no guidance); ``mask`` MASK
     (B, H, W), 1 = the region that moves, or None (the whole picture may move).
     """
-    check_options(opts, unet.module.max_frames)
+    network = _parts(unet)[2]
+    check_options(opts, network.max_frames)
     height, width = int(opts.height), int(opts.width)
     pixels = prepare_image(image, height, width)
     pix_mask = fit_mask(mask, height, width) if mask is not None else None
     gen = torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
     runtime.check_interrupt()
     z = vae.encode(pixels).float()
-    if tuple(z.shape[-2:]) != (height // VAE_FACTOR, width // VAE_FACTOR) or z.shape[1] != unet.module.latent_channels:
+    if tuple(z.shape[-2:]) != (height // VAE_FACTOR, width // VAE_FACTOR) or z.shape[1] != network.latent_channels:
         raise ValueError(f"vae: encoded a {width}x{height} picture to {tuple(z.shape)}; Follow-Your-Click needs the "
-                         f"SD1.5 VAE ({unet.module.latent_channels} channels at 1/{VAE_FACTOR} size)")
+                         f"SD1.5 VAE ({network.latent_channels} channels at 1/{VAE_FACTOR} size)")
     z_img = z[:1] * LATENT_SCALE
     h, w = z_img.shape[-2:]
     m_lat = mask_condition(pix_mask[:, 0], (h, w)) if pix_mask is not None else None

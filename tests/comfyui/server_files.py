@@ -79,6 +79,7 @@ SMALL = {
     "KinemaPuppetMasterConditioning": {"crop_size": 64},
     "KinemaDynamiCrafterAnimate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
     "KinemaFYCAnimate": {"steps": 2, "frames": 4, "width": 96, "height": 64},
+    "KinemaFYCConditioning": {"frames": 4, "width": 96, "height": 64},
     "KinemaDynamiCrafterInterpolate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
     "KinemaDynamiCrafterConditioning": {"frames": 4, "width": 64, "height": 64},
     "KinemaDynamiCrafterSigmas": {"steps": 2},

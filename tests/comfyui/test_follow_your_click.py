@@ -34,7 +34,7 @@ def test_headless_with_comfyui_vae_and_clip(model_files, models_dir):
     server_files.link_into(model_files, models_dir)
     _, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(SD)[:3]
     (fyc,) = N.KinemaFYCLoader().load(FYC, "auto")
-    assert fyc.patcher is not None                                   # held by a ModelPatcher
+    assert fyc.managed()[0] is N.KinemaFYCModel().convert(fyc)[0]  # one patcher: the MODEL's
     cond = lambda text: comfy_nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
     image, _ = LoadImage().load_image("chelsea.jpg")
     mask, _ = KinemaClickToMask().run(image, json.dumps({"positive": [[230, 140]], "negative": [], "box": None}),
