@@ -250,12 +250,16 @@ class KinemaDynamiCrafterConditioning:
                    "pastes the input pixels back after decoding).")
     CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "encode"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "latent")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT", "IMAGE", "MASK")
+    RETURN_NAMES = ("positive", "negative", "latent", "picture", "keep")
     OUTPUT_TOOLTIPS = ("The prompt with the picture's image context and latent.",
                        "The negative prompt with the image context of a blank picture (as the released models' "
                        "unconditional input) and the same latent.",
-                       "frames x 4 x height/8 x width/8 latents to sample (with a noise mask when a mask is given).")
+                       "frames x 4 x height/8 x width/8 latents to sample (with a noise mask when a mask is given).",
+                       "The picture at the output size (scaled to cover, centre-cropped).",
+                       "1 where the frames should be the picture (outside the mask, feathered at its edge); all 0 "
+                       "without a mask. Core ImageCompositeMasked (destination: the decoded frames, source: "
+                       "picture, mask: keep) pastes it back exactly, as the Animate node does.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -291,8 +295,10 @@ class KinemaDynamiCrafterConditioning:
                 raise ValueError(f"{name}: {value!r} must be a non-negative whole number")
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise ValueError("prompt: the prompt and negative prompt must be text")
-        return native.conditioning(model, image, prompt, negative_prompt, frames, fs, width, height,
-                                   end_image=end_image, mask=mask, window_overlap=window_overlap)
+        positive, negative, latent = native.conditioning(model, image, prompt, negative_prompt, frames, fs, width,
+                                                         height, end_image=end_image, mask=mask,
+                                                         window_overlap=window_overlap)
+        return (positive, negative, latent) + native.paste_inputs(model, image, width, height, mask)
 
 
 class KinemaDynamiCrafterDDIM:

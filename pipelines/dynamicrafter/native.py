@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ... import runtime
-from ...kernels.regional import fit_mask, latent_keep
+from ...kernels.regional import default_feather, fit_mask, latent_keep, paste_alpha
 from .model import LATENT_SCALE, DynamiCrafter
 from .pipeline import _check_size, blend_windows, default_fs, prepare_image
 from .sampler import DiffusionSchedule, ScheduleConfig, ddim_timesteps
@@ -257,6 +257,20 @@ def conditioning(model: DynamiCrafter, image: torch.Tensor, prompt: str, negativ
         lat_mask = 1.0 - latent_keep(fit_mask(mask, height, width), (h, w))[:, :, 0]   # (1, 1, h, w)
         latent = {"samples": concat.clone(), "noise_mask": lat_mask}
     return positive, negative_c, latent
+
+
+def paste_inputs(model: DynamiCrafter, image: torch.Tensor, width: int = 0, height: int = 0,
+                 mask: torch.Tensor | None = None):
+    """(picture (1, H, W, 3) in [0, 1], keep (1, H, W)) to paste the picture back over the decoded
+    frames with core ImageCompositeMasked (destination: frames, source: picture, mask: keep), as
+    the pack's Animate node does: ``keep`` is 1 outside the mask and falls to 0 over the
+    variant's feather inside it; all 0 without a mask."""
+    height, width = _check_size(model, height, width)
+    picture = ((prepare_image(image, height, width) + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    if mask is None:
+        return picture, torch.zeros(1, height, width)
+    alpha = paste_alpha(fit_mask(mask, height, width), default_feather(height, width))
+    return picture, (1.0 - alpha)[None].cpu()
 
 
 # ----------------------------------------------------------------------------- the released DDIM

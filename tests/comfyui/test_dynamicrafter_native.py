@@ -250,6 +250,19 @@ def test_mask_keeps_the_picture_latent_outside(models):
     for out in (ddim["samples"], ks["samples"]):
         assert (out[:, :, keep] - z[:, :, keep]).abs().max() < 1e-5
         assert (out[:, :, moves] - z[:, :, moves]).abs().max() > 1e-2
+    # the decoder attends across the picture, so the kept half changes a little after decoding: the
+    # node's picture and keep mask paste it back with core ImageCompositeMasked, as the Animate node does
+    from comfy_extras.nodes_mask import ImageCompositeMasked
+    source = _image(6, H, W)                              # at the output size: the picture is the source
+    *_, picture, paste_keep = dn.KinemaDynamiCrafterConditioning().encode(model, source, PROMPT, NEGATIVE, frames,
+                                                                          0, mask=mask, width=W, height=H)
+    assert (picture - source).abs().max() < 1e-6
+    frames_px = native.comfy_vae(model).decode(ks["samples"]).reshape(frames, H, W, 3)
+    (pasted,) = ImageCompositeMasked().composite(frames_px.clone(), picture, 0, 0, False, paste_keep)
+    outside = paste_keep[0] == 1
+    assert bool(outside.any()) and bool((paste_keep[0] < 0.5).any())
+    assert torch.equal(pasted[:, outside], picture[0, outside].expand(frames, -1, -1))
+    assert (pasted[:, ~outside] - frames_px[:, ~outside]).abs().max() > 0     # inside: the model's frames
 
 
 def test_vae_is_the_checkpoints(models):
@@ -339,8 +352,9 @@ def test_nodes(models):
     plain, _ = dn.KinemaDynamiCrafterToModel().convert(model, 0.0)
     assert not plain.model_options.get("sampler_post_cfg_function")
     assert mdl.get_model_object("latent_format").__class__.__name__ == "SD15"   # previews
-    pos, neg, latent = dn.KinemaDynamiCrafterConditioning().encode(model, _image(1), PROMPT, "", 6, 0, width=W,
-                                                                   height=H)
+    pos, neg, latent, picture, keep = dn.KinemaDynamiCrafterConditioning().encode(model, _image(1), PROMPT, "", 6, 0,
+                                                                                  width=W, height=H)
+    assert picture.shape == (1, H, W, 3) and keep.shape == (1, H, W) and float(keep.abs().max()) == 0
     assert latent["samples"].shape == (6, 4, H // 8, W // 8) and "noise_mask" not in latent
     assert pos[0][1][native.KEY]["fs"] == 24 and pos[0][0].shape == neg[0][0].shape
     (sigmas,) = dn.KinemaDynamiCrafterSigmas().get_sigmas(mdl, 3)

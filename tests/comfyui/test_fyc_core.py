@@ -69,7 +69,7 @@ def test_ksampler_agrees_with_the_released_ddim(parts):
     # form) on latents of size ~1
     err = float((got - want).abs().max())
     print(f"KSampler vs released DDIM: max abs difference {err:.2e}, latent max {float(want.abs().max()):.2f}")
-    assert err < 2e-3 * float(want.abs().max()), err
+    assert err < 1e-5 * float(want.abs().max()), err      # measured 9e-7 of the latent's scale
     assert float((want[1:] - want[:1]).abs().max()) > 1e-2                             # the frames differ
 
 
