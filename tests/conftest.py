@@ -13,8 +13,10 @@ Two kinds of test process (``scripts/test`` runs both):
 browser, a package not installed - into a failure, except for tests marked ``hardware``
 (they need a GPU, which CI does not have).
 """
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +49,12 @@ def _import_comfyui() -> None:
         sys.path.insert(0, str(cdir))
     from comfy.cli_args import args
     args.cpu = True
-    args.base_directory = os.environ.get("KINEMA_COMFYUI_BASE") or tempfile.mkdtemp(prefix="kinema-comfyui-")
+    args.base_directory = os.environ.get("KINEMA_COMFYUI_BASE")
+    if not args.base_directory:
+        # the session's own folder: its model files are links to gigabyte-sized tiny checkpoints,
+        # which would outlive pytest's own temporary folders if this one stayed behind
+        args.base_directory = tempfile.mkdtemp(prefix="kinema-comfyui-")
+        atexit.register(shutil.rmtree, args.base_directory, ignore_errors=True)
     for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
         Path(args.base_directory, sub).mkdir(parents=True, exist_ok=True)
     import folder_paths  # noqa: F401  (reads args.base_directory)
