@@ -260,7 +260,7 @@ def test_which_nodes_are_loaders():
     from kinema.nodes import NODE_CLASS_MAPPINGS as PACK
     assert {n for n, c in PACK.items() if batch.is_loader(n, c)} == {
         "KinemaSAMLoader", "KinemaDynamiCrafterLoader", "KinemaMotionI2VFlowLoader", "KinemaMotionI2VRenderLoader",
-        "KinemaPuppetMasterLoader", "KinemaMotionPredictorLoader"}
+        "KinemaPuppetMasterLoader", "KinemaMotionPredictorLoader", "KinemaFYCLoader"}
     # the cached class is the node as the runner and ComfyUI know it
     wrapped = batch.ModelCache(2).wrap(classes)["FakeLoader"]
     assert wrapped is not FakeLoader and issubclass(wrapped, FakeLoader)

@@ -73,7 +73,7 @@ SMALL = {
     "KinemaStoryBatch": {"width": 64, "height": 64, "steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
-    "KinemaMotionI2VPredictMotion": {"width": 64, "height": 64, "steps": 2, "flow_unit": 8},
+    "KinemaMotionI2VPredictMotion": {"width": 96, "height": 64, "steps": 2, "flow_unit": 8},
     "KinemaMotionI2VRender": {"steps": 2},
     "KinemaPuppetMasterAnimate": {"steps": 2, "crop_size": 64},
     "KinemaPuppetMasterConditioning": {"crop_size": 64},

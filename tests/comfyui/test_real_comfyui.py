@@ -92,13 +92,24 @@ def test_example_workflow_runs_through_prompt_api(comfy, object_info, path):
     pid = comfy.queue(api)
     entry = comfy.wait(pid, timeout=900)
     status = entry["status"]
-    assert status["status_str"] == "success", json.dumps(status.get("messages", []))[-3000:]
+    assert status["status_str"] == "success", _execution_error(status)
     produced = entry.get("outputs", {})
     for nid in outs:
         assert nid in produced and produced[nid], f"{path.name}: output node {nid} ({api[nid]['class_type']}) gave nothing"
         for item in produced[nid].get("images", []):
             st, body = comfy.request("/view?" + harness.view_url(comfy, item).split("?", 1)[1])
             assert st == 200 and len(body) > 100, item
+
+
+def _execution_error(status: dict) -> str:
+    """The node, exception and the end of the traceback of a failed prompt (not the inputs, whose
+    tensors would fill the message)."""
+    for kind, body in status.get("messages", []):
+        if kind == "execution_error":
+            tb = "".join(body.get("traceback", []))[-2500:]
+            return (f"node {body.get('node_id')} ({body.get('node_type')}): "
+                    f"{body.get('exception_type')}: {body.get('exception_message')}\n{tb}")
+    return json.dumps(status.get("messages", []))[-3000:]
 
 
 def _run_kinema_part(comfy, object_info, api, path):
@@ -132,7 +143,7 @@ def _run_kinema_part(comfy, object_info, api, path):
                 n_out += 1
     assert n_out, f"{path.name}: its Kinema nodes have no picture or text output to check"
     entry = comfy.wait(comfy.queue(part), timeout=600)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages", []))[-3000:]
+    assert entry["status"]["status_str"] == "success", _execution_error(entry["status"])
     assert all(entry["outputs"].get(f"preview{i}") for i in range(n_out))
 
 
