@@ -13,7 +13,8 @@ from kinema.kernels.field import MotionField
 from kinema.kernels.motion import dense_motion
 from kinema.nodes import follow_your_click as N
 from kinema.nodes.motion import KinemaMotionStrength
-from kinema.pipelines.follow_your_click import convert, sd15, tiny
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import convert, sd15
 from kinema.pipelines.follow_your_click.pipeline import FYCModel
 from kinema.runtime import KinemaError
 
@@ -28,7 +29,7 @@ def models_dir(tmp_path_factory):
     sd = tiny.save(tiny.sd15_checkpoint(seed=0), root / "checkpoints" / "tiny_sd15.safetensors")
     mm = tiny.save(tiny.motion_module(seed=1), root / "animatediff_models" / "mm_tiny.ckpt")
     model = convert.build_from_sd15(sd, mm)
-    tiny._randomise(model.motion_embedding, torch.Generator().manual_seed(2))
+    tiny.randomise(model.motion_embedding, torch.Generator().manual_seed(2))
     convert.save_unet(model, fyc / "fyc_tiny.safetensors")
     tiny.save(tiny.sd15_checkpoint(seed=0), fyc / "not_fyc.safetensors")
     return root

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kinema import runtime
-from kinema.pipelines.follow_your_click import convert, sd15, tiny
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import convert, sd15
 from kinema.pipelines.follow_your_click import pipeline as P
 from kinema.pipelines.follow_your_click.unet import LATENT_SCALE
 
@@ -19,8 +20,8 @@ def parts(tmp_path_factory):
     sd_path = tiny.save(tiny.sd15_checkpoint(seed=1), d / "sd.safetensors")
     mm = tiny.save(tiny.motion_module(seed=2), d / "mm.ckpt")
     model = convert.build_from_sd15(sd_path, mm)
-    tiny._randomise(model.fps_embedding, torch.Generator().manual_seed(5))     # as if trained: the
-    tiny._randomise(model.motion_embedding, torch.Generator().manual_seed(6))  # conditions act
+    tiny.randomise(model.fps_embedding, torch.Generator().manual_seed(5))     # as if trained: the
+    tiny.randomise(model.motion_embedding, torch.Generator().manual_seed(6))  # conditions act
     unet = runtime.ManagedModel(model, "FYC UNet")
     vae = sd15.DiffusersVAE(sd15.load_vae(sd_path))
     text = sd15.TextEncoder(sd15.load_text_encoder(sd_path))

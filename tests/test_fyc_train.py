@@ -9,7 +9,8 @@ import torch
 
 from kinema import runtime
 from kinema.pipelines.clips import make_warp_clips
-from kinema.pipelines.follow_your_click import cli, convert, data, sd15, tiny, train
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import cli, convert, data, sd15, train
 from kinema.pipelines.follow_your_click import pipeline as P
 from kinema.runtime import KinemaError
 

@@ -8,7 +8,7 @@ import server_files
 from kinema import runtime
 from kinema.nodes import follow_your_click as N
 from kinema.pipelines.follow_your_click import pipeline as P
-from kinema.pipelines.follow_your_click import tiny
+import tiny_follow_your_click as tiny
 
 FYC = "fyc_sd15.safetensors"
 SD = "v1-5-pruned-emaonly.safetensors"
@@ -26,8 +26,8 @@ def parts(model_files, models_dir):
 def _model():
     (fyc,) = N.KinemaFYCLoader().load(FYC, "fp32")
     # the tiny file is trained two steps only: give the fps and strength terms signal, as if trained
-    tiny._randomise(fyc.unet.fps_embedding, torch.Generator().manual_seed(5))
-    tiny._randomise(fyc.unet.motion_embedding, torch.Generator().manual_seed(6))
+    tiny.randomise(fyc.unet.fps_embedding, torch.Generator().manual_seed(5))
+    tiny.randomise(fyc.unet.motion_embedding, torch.Generator().manual_seed(6))
     return fyc
 
 
