@@ -42,6 +42,7 @@ import torch
 
 from ..formats import Points
 from ..kernels.masks import guided_filter
+from .images import to_uint8
 
 SUPERPIXELS = 700
 PALETTE = 24
@@ -381,19 +382,6 @@ def _pixel(p, w: int, h: int) -> tuple[int, int]:
     x = min(max(int(round(float(p[0]))), 0), w - 1)
     y = min(max(int(round(float(p[1]))), 0), h - 1)
     return x, y
-
-
-def to_uint8(image) -> np.ndarray:
-    """(H, W, 3) float 0-1 (torch or numpy) or uint8 -> (H, W, 3) uint8 RGB, contiguous."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu", torch.float32).numpy()
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise ValueError(f"image: expected (H, W, 3) values, got shape {tuple(arr.shape)}")
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr[..., :3])
-    arr = np.nan_to_num(arr[..., :3].astype(np.float32), nan=0.0)
-    return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
 
 
 def ring_of(g: Graph, member: np.ndarray) -> np.ndarray:
