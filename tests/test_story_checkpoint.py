@@ -154,3 +154,19 @@ def test_clip_tokenizer_ids():
     pad0 = clip_tokenizer(pad="!")(["a cat"], padding="max_length", max_length=6, return_tensors="pt").input_ids
     assert pad0[0].tolist() == [49406, 320, 2368, 49407, 0, 0]
     assert len(tok.get_vocab()) == 49408
+
+
+def test_clip_tokenizer_ids_equal_open_clips_tokenize():
+    """open_clip's tokenize (what the official SDXL code uses for its second text encoder) runs
+    its own BPE over the same vocabulary: the ids agree, including text the pad token "!" is in."""
+    import open_clip
+
+    prompts = ["a photo of a cat, highly detailed", "A Man's HAT -- 3 dogs & 12 cats!!", "hi! there!",
+               "café naïve déjà vu", "  lots   of   spaces\tand\nlines ", "word " * 100, ""]
+    ref = open_clip.tokenize(prompts, context_length=77)  # pads with id 0
+    ids = clip_tokenizer(pad="!")(prompts, padding="max_length", max_length=77, truncation=True,
+                                  return_tensors="pt").input_ids
+    assert torch.equal(ids, ref)
+    ids = clip_tokenizer()(prompts, padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids
+    assert torch.equal(ids[ref != 0], ref[ref != 0]) and bool((ids[ref == 0] == 49407).all())
