@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kinema.pipelines import story as sp
+from kinema.pipelines import story as story_pipeline
 from kinema.pipelines.text_encoding import clip_tokenizer
 from kinema.runtime import KinemaError
 from test_story_pipeline import TINY, tiny_models
@@ -118,7 +118,7 @@ def test_single_file_round_trip(arch, tmp_path):
     models = tiny_models(arch)
     path = tmp_path / f"tiny_{arch}.safetensors"
     save_file(to_single_file(models, arch), str(path))
-    loaded = sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+    loaded = story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
     assert loaded.arch == arch
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(models, part), getattr(loaded, part)
@@ -136,12 +136,12 @@ def test_single_file_round_trip(arch, tmp_path):
     sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(sd, str(path))
     with pytest.raises(KinemaError, match="UNet weights do not match"):
-        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+        story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
     sd.pop("model.diffusion_model.extra.weight")
     sd.pop(next(k for k in sd if k.startswith("first_stage_model.decoder")))
     save_file(sd, str(path))
     with pytest.raises(KinemaError, match="VAE weights do not match.*1 missing"):
-        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+        story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
 
 
 def test_clip_tokenizer_ids():
