@@ -1,4 +1,4 @@
-"""Optical-flow utilities: colour wheel, magnitude statistics, composition, and the
+"""Optical-flow utilities: colour-wheel pictures, magnitude statistics, composition, and the
 Follow-Your-Click motion-strength bucket.
 
 Flows are in pixels, x then y. A flow "from frame 0" ``(F, H, W, 2)`` says where each pixel of
@@ -10,75 +10,28 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-# The colour wheel: six hue segments, with as many steps as the standard Middlebury wheel
-# (red->yellow 15, yellow->green 6, green->cyan 4, cyan->blue 11, blue->magenta 13,
-# magenta->red 6; 55 colours) so it looks like the flow images people know.
-_WHEEL_SEGMENTS = (
-    (15, (1.0, 0.0, 0.0), (1.0, 1.0, 0.0)),
-    (6, (1.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
-    (4, (0.0, 1.0, 0.0), (0.0, 1.0, 1.0)),
-    (11, (0.0, 1.0, 1.0), (0.0, 0.0, 1.0)),
-    (13, (0.0, 0.0, 1.0), (1.0, 0.0, 1.0)),
-    (6, (1.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
-)
+from torchvision.utils import flow_to_image
 
 
-def color_wheel(dtype=torch.float32, device=None) -> torch.Tensor:
-    """The 55 wheel colours (55, 3) in [0, 1]: entry ``i`` of a segment of ``n`` steps from
-    colour A to colour B is ``A + floor(255 * i / n) / 255 * (B - A)``."""
-    rows = []
-    for n, a, b in _WHEEL_SEGMENTS:
-        a = torch.tensor(a, dtype=torch.float64)
-        b = torch.tensor(b, dtype=torch.float64)
-        for i in range(n):
-            rows.append(a + math.floor(255 * i / n) / 255.0 * (b - a))
-    return torch.stack(rows).to(dtype=dtype, device=device)
+def flow_to_color(flow: torch.Tensor) -> torch.Tensor:
+    """Colour-wheel picture of a flow (torchvision's ``flow_to_image``: the Middlebury wheel).
 
+    flow: (..., H, W, 2) pixels. Hue = direction: rightwards (+x) is red, downwards (+y, image
+    rows) is orange-yellow, leftwards is cyan-blue, upwards is blue-violet. Saturation =
+    magnitude over the largest magnitude in the whole tensor (all frames share one scale): zero
+    flow is white, the longest flow is the full wheel colour; an all-zero flow is all white.
 
-def flow_to_color(flow: torch.Tensor, max_magnitude: float | None = None) -> torch.Tensor:
-    """Colour-wheel picture of a flow.
-
-    flow: (..., H, W, 2) pixels. Hue = direction, read from the wheel at angle
-    ``atan2(-dy, -dx)``: rightwards (+x) is red, downwards (+y, image rows) is orange-yellow,
-    leftwards is cyan-blue, upwards is blue-violet. Saturation = magnitude ``/ max_magnitude``:
-    zero flow is white (1, 1, 1), a flow of ``max_magnitude`` is the full wheel colour, and
-    flows longer than ``max_magnitude`` are the full colour darkened to 75 % (so clipping shows).
-    max_magnitude: default the largest magnitude in the whole tensor (all frames share one
-    scale); an all-zero flow is all white.
-
-    Returns (..., H, W, 3) float in [0, 1], same dtype/device as the flow (float32 for integers).
+    Returns (..., H, W, 3) float32 in [0, 1] (multiples of 1/255) on the flow's device.
     """
     flow = torch.as_tensor(flow)
     if flow.ndim < 3 or flow.shape[-1] != 2:
         raise ValueError(f"flow: expected (..., H, W, 2), got shape {tuple(flow.shape)}")
-    if not flow.is_floating_point():
-        flow = flow.to(torch.float32)
     if not bool(torch.isfinite(flow).all()):
         raise ValueError("flow: has NaN or infinite values")
-    mag = flow.norm(dim=-1)
-    if max_magnitude is None:
-        top = float(mag.max()) if mag.numel() else 0.0
-    else:
-        top = float(max_magnitude)
-        if not math.isfinite(top) or top <= 0:
-            raise ValueError(f"max_magnitude: {max_magnitude!r} must be a positive number of pixels "
-                             f"(or None for the largest magnitude in the flow)")
-    wheel = color_wheel(flow.dtype, flow.device)
-    ncols = wheel.shape[0]
-    if top <= 0:
-        return torch.ones(*flow.shape[:-1], 3, dtype=flow.dtype, device=flow.device)
-    rad = (mag / top)[..., None]
-    ang = torch.atan2(-flow[..., 1], -flow[..., 0])  # [-pi, pi]
-    fk = (ang * (1.0 / math.pi) + 1.0) * (0.5 * (ncols - 1))
-    k0 = fk.long().clamp_(0, ncols - 1)  # fk >= 0, so truncation is floor
-    frac = (fk - k0)[..., None]
-    step = torch.roll(wheel, -1, dims=0) - wheel  # colour k -> k + 1 (wrapping)
-    col = wheel[k0] + frac * step[k0]
-    inside = 1.0 - rad * (1.0 - col)
-    outside = col * 0.75
-    r = rad
-    return torch.where(r <= 1.0, inside, outside).clamp(0.0, 1.0)
+    lead, (h, w) = flow.shape[:-3], flow.shape[-3:-1]
+    batch = flow.reshape(-1, h, w, 2).permute(0, 3, 1, 2).to(torch.float32)
+    picture = flow_to_image(batch).permute(0, 2, 3, 1).to(torch.float32) / 255.0
+    return picture.reshape(*lead, h, w, 3)
 
 
 def _check_flow(flow, name: str = "flow") -> torch.Tensor:

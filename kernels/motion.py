@@ -440,6 +440,38 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     """
     w, h = _check_size(size)
     frames = _check_frames(frames)
+    _check_choices(easing, track_interpolation, interpolation)
+    tracks, anchors = _unpack_tracks(tracks, anchors)
+    strength, falloff = _check_strength_falloff(strength, falloff)
+    if device is None:
+        first = tracks[0]
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    # the rbf weights are evaluated in float64 (exact to ~1e-9 px) where the device has it;
+    # shepard weights are a normalised ratio and float32 is plenty
+    work = torch.float64 if interpolation == "rbf" and device.type != "mps" else torch.float32
+    tr, anc = _drag_points(tracks, anchors, w, h)
+
+    # 1. timing: displacements (K, F, 2) in float64 on the CPU (small)
+    starts, disp, reach = _drag_timing(tr, frames, easing, track_interpolation)
+    # 2. envelope E (H*W,) float32 in [0, 1], and where a drag start can matter
+    if region is not None:
+        env, near, width = _region_envelope(region, w, h, falloff, device)
+    else:
+        env, near, width = _drag_envelope(starts, reach, w, h, falloff, device)
+    idx, centres, k = _active_centres(starts, anc, env, near, w, width, device)
+    # 3. interpolation weights (per pixel, one column per drag), evaluated where E > 0
+    weights = _interpolator(centres, k, interpolation, float(min(w, h)), device, work)
+    flow = _weighted_field(weights, disp[idx] * strength, env, w, h, frames, device, work, step)
+    if anc.shape[0]:
+        q = torch.round(anc).long().to(device)
+        flow[:, q[:, 1] * w + q[:, 0]] = 0.0
+    flow = flow.view(frames, h, w, 2)
+    flow[0] = 0.0
+    return flow
+
+
+def _check_choices(easing: str, track_interpolation: str, interpolation: str) -> None:
     if easing not in EASINGS:
         raise ValueError(f"easing: {easing!r} is not a known easing; use one of {', '.join(EASINGS)}")
     if track_interpolation not in TRACK_INTERPOLATIONS:
@@ -447,6 +479,11 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
                          f"{', '.join(TRACK_INTERPOLATIONS)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation: {interpolation!r} is not known; use one of {', '.join(INTERPOLATIONS)}")
+
+
+def _unpack_tracks(tracks, anchors):
+    """Tracks as a non-empty list, and the anchors (those of a parsed ``formats.Tracks`` unless
+    ``anchors`` is given)."""
     if hasattr(tracks, "tracks") and hasattr(tracks, "anchors"):  # a parsed Tracks object
         if anchors is None and tracks.anchors.numel():
             anchors = tracks.anchors
@@ -455,6 +492,10 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         tracks = [tracks]
     if tracks is None or len(tracks) == 0:
         raise ValueError("tracks: no drags given — draw at least one drag")
+    return tracks, anchors
+
+
+def _check_strength_falloff(strength, falloff) -> tuple[float, float | None]:
     try:
         strength = float(strength)
     except (TypeError, ValueError):
@@ -468,122 +509,130 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
             raise ValueError(f"falloff: expected a number of pixels, got {falloff!r}") from None
         if not math.isfinite(falloff) or falloff < 0:
             raise ValueError(f"falloff: {falloff} must be a finite number of pixels >= 0")
+    return strength, falloff
 
-    if device is None:
-        first = tracks[0]
-        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    # the rbf weights are evaluated in float64 (exact to ~1e-9 px) where the device has it;
-    # shepard weights are a normalised ratio and float32 is plenty
-    work = torch.float64 if interpolation == "rbf" and device.type != "mps" else torch.float32
 
+def _drag_points(tracks, anchors, w: int, h: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Checked tracks (float64, CPU; each with a start inside the image and an end) and the
+    anchors rounded to pixels without repeats ((M, 2), M may be 0)."""
     tr = [_as_track(t, f"tracks[{i}]", dtype=torch.float64, device="cpu") for i, t in enumerate(tracks)]
     for i, t in enumerate(tr):
         if t.shape[0] < 2:
             raise ValueError(f"tracks[{i}]: has {t.shape[0]} point; a drag needs a start and an end "
                              f"(2 or more points). Use anchors for points that must stay still.")
         _check_inside(t[:1], w, h, f"tracks[{i}] start")
-    if anchors is None:
-        anc = torch.zeros(0, 2, dtype=torch.float64)
-    else:
-        anc = torch.as_tensor(anchors)
-        if anc.numel() == 0:
-            anc = torch.zeros(0, 2, dtype=torch.float64)
-        else:
-            anc = _as_track(anc, "anchors", dtype=torch.float64, device="cpu")
-            _check_inside(anc, w, h, "anchors")
-            anc = _dedupe(torch.round(anc))
+    anc = torch.zeros(0, 2, dtype=torch.float64)
+    if anchors is not None and torch.as_tensor(anchors).numel():
+        anc = _as_track(torch.as_tensor(anchors), "anchors", dtype=torch.float64, device="cpu")
+        _check_inside(anc, w, h, "anchors")
+        anc = _dedupe(torch.round(anc))
+    return tr, anc
 
-    # 1. timing: displacements (K, F, 2) in float64 on the CPU (small)
+
+def _drag_timing(tr: list[torch.Tensor], frames: int, easing: str, track_interpolation: str):
+    """Starts (K, 2), eased displacements from the start (K, F, 2, zero at frame 0) and each
+    drag's reach (K,): the farthest its track gets from its start."""
     tk = ease(frame_times(frames, easing), easing)
-    starts = torch.stack([t[0] for t in tr])                                  # (K, 2)
-    disp = torch.stack([sample_track(t, tk, track_interpolation) - t[0] for t in tr])  # (K, F, 2)
+    starts = torch.stack([t[0] for t in tr])
+    disp = torch.stack([sample_track(t, tk, track_interpolation) - t[0] for t in tr])
     disp[:, 0] = 0.0
-    reach = torch.stack([(t - t[0]).norm(dim=-1).max() for t in tr])          # (K,)
+    reach = torch.stack([(t - t[0]).norm(dim=-1).max() for t in tr])
+    return starts, disp, reach
 
-    # 2. envelope E (H*W,) float32 in [0, 1]
-    if region is not None:
-        reg = _prepare_region(region, w, h, device)
-        width = max(2.0, min(w, h) / 32.0) if falloff is None else falloff
-        # only the region's bounding box grown by the falloff can be non-zero
-        rows = torch.nonzero(reg.any(dim=1)).reshape(-1)
-        cols = torch.nonzero(reg.any(dim=0)).reshape(-1)
-        grow = int(math.ceil(max(width, START_SNAP))) + 1
-        y0, y1 = max(0, int(rows[0]) - grow), min(h - 1, int(rows[-1]) + grow)
-        x0, x1 = max(0, int(cols[0]) - grow), min(w - 1, int(cols[-1]) + grow)
-        crop = reg[y0:y1 + 1, x0:x1 + 1]
-        dist = distance_to_region(crop, width)
-        part = _bump(dist / width) if width > 0 else (dist == 0).to(torch.float32)
-        env2 = torch.zeros(h, w, device=device)
-        env2[y0:y1 + 1, x0:x1 + 1] = torch.where(crop, torch.ones_like(part), part)
-        env = env2.reshape(-1)
-        # a drag started just off the region's edge still means the region (clicks are not exact)
-        near2 = torch.zeros(h, w, dtype=torch.bool, device=device)
-        snap = max(width, START_SNAP)
-        near2[y0:y1 + 1, x0:x1 + 1] = (dist if snap == width else distance_to_region(crop, snap)) <= snap
-        near = near2.reshape(-1)
-    else:
-        width = max(4.0, min(w, h) / 8.0) if falloff is None else falloff
-        radius = (reach + width).clamp(min=1.0)                               # (K,)
-        core = 0.25 * width
-        # only the bounding box of the discs can be non-zero
-        x0 = max(0, int(math.floor(float((starts[:, 0] - radius).min()))))
-        x1 = min(w - 1, int(math.ceil(float((starts[:, 0] + radius).max()))))
-        y0 = max(0, int(math.floor(float((starts[:, 1] - radius).min()))))
-        y1 = min(h - 1, int(math.ceil(float((starts[:, 1] + radius).max()))))
-        by = torch.arange(y0, y1 + 1, device=device, dtype=torch.float32)[:, None]
-        bx = torch.arange(x0, x1 + 1, device=device, dtype=torch.float32)[None, :]
-        keep = torch.ones(y1 - y0 + 1, x1 - x0 + 1, device=device)
-        for i in range(starts.shape[0]):
-            sx, sy = float(starts[i, 0]), float(starts[i, 1])
-            r = torch.sqrt((bx - sx) ** 2 + (by - sy) ** 2)
-            keep = keep * (1.0 - _bump((r - core) / (float(radius[i]) - core)))
-        env2 = torch.zeros(h, w, device=device)
-        env2[y0:y1 + 1, x0:x1 + 1] = 1.0 - keep
-        env = env2.reshape(-1)
-        near = env > 0
 
-    def env_at(p: torch.Tensor) -> torch.Tensor:
-        q = torch.round(p).long()
-        return env[(q[:, 1] * w + q[:, 0]).to(device)].cpu()
+def _region_envelope(region, w: int, h: int, falloff: float | None, device):
+    """Envelope (H*W,) of a region: 1 on it, a smooth bump down to 0 at ``falloff`` px outside;
+    ``near`` (H*W,) bool: where a drag start still means the region. Returns (env, near, width)."""
+    reg = _prepare_region(region, w, h, device)
+    width = max(2.0, min(w, h) / 32.0) if falloff is None else falloff
+    # only the region's bounding box grown by the falloff can be non-zero
+    rows = torch.nonzero(reg.any(dim=1)).reshape(-1)
+    cols = torch.nonzero(reg.any(dim=0)).reshape(-1)
+    grow = int(math.ceil(max(width, START_SNAP))) + 1
+    y0, y1 = max(0, int(rows[0]) - grow), min(h - 1, int(rows[-1]) + grow)
+    x0, x1 = max(0, int(cols[0]) - grow), min(w - 1, int(cols[-1]) + grow)
+    crop = reg[y0:y1 + 1, x0:x1 + 1]
+    dist = distance_to_region(crop, width)
+    part = _bump(dist / width) if width > 0 else (dist == 0).to(torch.float32)
+    env = torch.zeros(h, w, device=device)
+    env[y0:y1 + 1, x0:x1 + 1] = torch.where(crop, torch.ones_like(part), part)
+    # a drag started just off the region's edge still means the region (clicks are not exact)
+    near = torch.zeros(h, w, dtype=torch.bool, device=device)
+    snap = max(width, START_SNAP)
+    near[y0:y1 + 1, x0:x1 + 1] = (dist if snap == width else distance_to_region(crop, snap)) <= snap
+    return env.reshape(-1), near.reshape(-1), width
 
-    # drags/anchors that can matter
+
+def _drag_envelope(starts: torch.Tensor, reach: torch.Tensor, w: int, h: int, falloff: float | None, device):
+    """Envelope (H*W,) without a region: the union of discs around the drag starts (radius =
+    reach + falloff), 1 in a core of a quarter of the falloff. Returns (env, env > 0, width)."""
+    width = max(4.0, min(w, h) / 8.0) if falloff is None else falloff
+    radius = (reach + width).clamp(min=1.0)                               # (K,)
+    core = 0.25 * width
+    # only the bounding box of the discs can be non-zero
+    x0 = max(0, int(math.floor(float((starts[:, 0] - radius).min()))))
+    x1 = min(w - 1, int(math.ceil(float((starts[:, 0] + radius).max()))))
+    y0 = max(0, int(math.floor(float((starts[:, 1] - radius).min()))))
+    y1 = min(h - 1, int(math.ceil(float((starts[:, 1] + radius).max()))))
+    by = torch.arange(y0, y1 + 1, device=device, dtype=torch.float32)[:, None]
+    bx = torch.arange(x0, x1 + 1, device=device, dtype=torch.float32)[None, :]
+    keep = torch.ones(y1 - y0 + 1, x1 - x0 + 1, device=device)
+    for i in range(starts.shape[0]):
+        sx, sy = float(starts[i, 0]), float(starts[i, 1])
+        r = torch.sqrt((bx - sx) ** 2 + (by - sy) ** 2)
+        keep = keep * (1.0 - _bump((r - core) / (float(radius[i]) - core)))
+    env = torch.zeros(h, w, device=device)
+    env[y0:y1 + 1, x0:x1 + 1] = 1.0 - keep
+    env = env.reshape(-1)
+    return env, env > 0, width
+
+
+def _active_centres(starts: torch.Tensor, anc: torch.Tensor, env: torch.Tensor, near: torch.Tensor, w: int,
+                    width: float, device):
+    """The drags whose start can matter (indices into the tracks) and the interpolation centres:
+    their starts, then the anchors inside the envelope. Returns (idx, centres (n, 2), drags k)."""
     q_starts = torch.round(starts).long()
     active = near[(q_starts[:, 1] * w + q_starts[:, 0]).to(device)].cpu()
     if not bool(active.any()):
         raise ValueError(f"tracks: no drag starts on or within {max(width, START_SNAP):g} px of the region mask, "
                          f"so nothing can move; start a drag on the region (or widen the falloff)")
     if anc.shape[0]:
-        anc_used = anc[env_at(anc) > 0]
-    else:
-        anc_used = anc
+        q = torch.round(anc).long()
+        anc = anc[env[(q[:, 1] * w + q[:, 0]).to(device)].cpu() > 0]
     idx = torch.nonzero(active).reshape(-1)
-    c_drag = starts[idx]
-    d_drag = disp[idx] * strength                                            # (K', F, 2)
+    centres = torch.cat([starts[idx], anc])
+    _check_distinct(centres, idx)
+    return idx, centres, idx.shape[0]
 
-    # coincident centres make the system singular: reject conflicts
-    centres = torch.cat([c_drag, anc_used])                                  # (n, 2)
-    k = c_drag.shape[0]
-    if centres.shape[0] > 1:
-        dd = torch.cdist(centres, centres)
-        dd.fill_diagonal_(float("inf"))
-        close = torch.nonzero(dd < 0.5)
-        for a, b in close.tolist():
-            if a < b:
-                if a < k and b >= k:
-                    x, y = centres[a].tolist()
-                    raise ValueError(f"anchors: an anchor sits on the start of drag {int(idx[a])} at "
-                                     f"({x:g}, {y:g}); a pixel cannot be both pinned and dragged — move "
-                                     f"the anchor or the drag")
-                if a < k and b < k:
-                    x, y = centres[a].tolist()
-                    raise ValueError(f"tracks: drags {int(idx[a])} and {int(idx[b])} both start at "
-                                     f"({x:g}, {y:g}); a pixel can follow only one drag — start them at "
-                                     f"different points")
 
-    # 3. interpolation weights (per pixel, one column per drag), evaluated where E > 0
-    weights = _interpolator(centres, k, interpolation, float(min(w, h)), device, work)
-    dflat = d_drag.reshape(k, frames * 2).to(device=device, dtype=work)      # (K', F*2)
+def _check_distinct(centres: torch.Tensor, idx: torch.Tensor) -> None:
+    """Coincident centres make the system singular: refuse a pinned drag start and two drags
+    from one pixel. centres: the drag starts (``idx`` of the tracks), then the anchors."""
+    k = idx.shape[0]
+    if centres.shape[0] < 2:
+        return
+    dd = torch.cdist(centres, centres)
+    dd.fill_diagonal_(float("inf"))
+    for a, b in torch.nonzero(dd < 0.5).tolist():
+        if a >= b or a >= k:
+            continue
+        x, y = centres[a].tolist()
+        if b >= k:
+            raise ValueError(f"anchors: an anchor sits on the start of drag {int(idx[a])} at "
+                             f"({x:g}, {y:g}); a pixel cannot be both pinned and dragged — move "
+                             f"the anchor or the drag")
+        raise ValueError(f"tracks: drags {int(idx[a])} and {int(idx[b])} both start at "
+                         f"({x:g}, {y:g}); a pixel can follow only one drag — start them at "
+                         f"different points")
+
+
+def _weighted_field(weights, disp: torch.Tensor, env: torch.Tensor, w: int, h: int, frames: int, device, work,
+                    step) -> torch.Tensor:
+    """The field (F, H*W, 2) float32: at each pixel where the envelope is positive, the
+    interpolation weights times the envelope applied to the drags' displacements (K', F, 2),
+    block by block (``step`` called before each)."""
+    k = disp.shape[0]
+    dflat = disp.reshape(k, frames * 2).to(device=device, dtype=work)      # (K', F*2)
     # written straight into the (F, H*W, 2) layout: no second copy of the field
     flow = torch.zeros(frames, h * w, 2, device=device, dtype=torch.float32)
     sel = torch.nonzero(env > 0).reshape(-1)
@@ -594,9 +643,4 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         pix = torch.stack([ids % w, torch.div(ids, w, rounding_mode="floor")], dim=-1).to(work)
         wts = weights(pix) * env[ids, None].to(work)                         # (c, K')
         flow[:, ids] = (wts @ dflat).to(torch.float32).view(-1, frames, 2).transpose(0, 1)
-    if anc.shape[0]:
-        q = torch.round(anc).long().to(device)
-        flow[:, q[:, 1] * w + q[:, 0]] = 0.0
-    flow = flow.view(frames, h, w, 2)
-    flow[0] = 0.0
     return flow

@@ -5,11 +5,10 @@ import hashlib
 import os
 import re
 
-import numpy as np
-import torch
 from PIL import Image
 
 from .. import runtime
+from ..pipelines.images import to_uint8
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -23,12 +22,9 @@ def save_temp_png(image, prefix: str = "kinema") -> dict:
     """
     if not _PREFIX.match(prefix):
         raise ValueError(f"prefix: {prefix!r} must be 1-64 letters, digits, '_' or '-'")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu", torch.float32).numpy()
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image: expected (H, W, 3) values, got shape {tuple(arr.shape)}")
-    rgb = np.clip(np.rint(np.nan_to_num(arr.astype(np.float32)) * 255.0), 0, 255).astype(np.uint8)
+    rgb = to_uint8(image)
+    if rgb.ndim != 3:
+        raise ValueError(f"image: expected one (H, W, 3) picture, got shape {tuple(rgb.shape)}")
     digest = hashlib.blake2b(repr(rgb.shape).encode() + rgb.tobytes(), digest_size=10).hexdigest()
     folder = runtime.temp_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,17 +32,9 @@ def save_temp_png(image, prefix: str = "kinema") -> dict:
     path = folder / filename
     if not path.is_file():
         part = folder / f".{filename}.{os.getpid()}.part"
-        Image.fromarray(np.ascontiguousarray(rgb)).save(part, format="PNG", compress_level=1)
+        Image.fromarray(rgb).save(part, format="PNG", compress_level=1)
         os.replace(part, path)
     return {"filename": filename, "subfolder": "", "type": "temp"}
-
-
-def to_uint8(image) -> np.ndarray:
-    """(H, W, 3) float 0-1 (torch or numpy) -> uint8 array (NaN -> 0)."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu", torch.float32).numpy()
-    arr = np.nan_to_num(np.asarray(image, dtype=np.float32))
-    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
 def save_temp_webp(frames, fps: float = 8.0, prefix: str = "kinema", max_side: int = 512) -> dict:

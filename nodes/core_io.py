@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 
 from .. import runtime
-from ._ui import to_uint8
+from ..pipelines.images import to_uint8
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

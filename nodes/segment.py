@@ -1,11 +1,10 @@
 """Click -> object mask nodes: load a segment-anything model, turn clicks into a mask."""
 from __future__ import annotations
 
-import torch
-
 from .. import runtime
 from ..formats import parse_points
 from ..pipelines.segment import SamStore, overlay, refine_mask, segment
+from ._inputs import first_image
 from ._ui import save_temp_png
 
 SAM_TYPE = "KINEMA_SAM"
@@ -91,11 +90,7 @@ class KinemaClickToMask:
         }
 
     def run(self, image, points, multimask=True, grow=0, feather=0, sam=None, negative_points=None):
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4) \
-                or image.shape[0] < 1:
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"image: expected an IMAGE batch (B, H, W, 3), got {shape}")
-        frame = image[0, ..., :3].detach().to("cpu", torch.float32)
+        frame = first_image(image).detach().cpu()
         h, w = frame.shape[:2]
         if h < 8 or w < 8:
             raise ValueError(f"image: {w}x{h} is too small to segment (need at least 8x8)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pipelines import story as sp
+from ..pipelines import story as story_pipeline
 
 CATEGORY = "Kinema/StoryDiffusion"
 
@@ -32,7 +32,7 @@ def _story_inputs():
 
 
 def _parse(story, characters, id_length, style="{prompt}"):
-    return sp.parse_story(story, id_length=int(id_length), characters=characters, style=style)
+    return story_pipeline.parse_story(story, id_length=int(id_length), characters=characters, style=style)
 
 
 def _captions(story) -> str:
@@ -82,11 +82,11 @@ class KinemaStoryBatch:
     def generate(self, model, clip, vae, story, characters, id_length, style, negative, width, height, steps, cfg,
                  seed, sa32, sa64, batch_size, freeu, schedule="lowvram"):
         parsed = _parse(story, characters, id_length, style)
-        settings = sp.StorySettings(width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
+        settings = story_pipeline.StorySettings(width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
                                     seed=int(seed) % (1 << 63), id_length=int(id_length), sa32=float(sa32),
                                     sa64=float(sa64), batch_size=int(batch_size), freeu=bool(freeu),
                                     schedule=schedule, negative=negative)
-        images = sp.generate_story_comfy(model, clip, vae, parsed, settings, sp.comfy_arch(model))
+        images = story_pipeline.generate_story_comfy(model, clip, vae, parsed, settings, story_pipeline.comfy_arch(model))
         return (images, _captions(parsed))
 
 
@@ -114,7 +114,7 @@ class KinemaStoryConditioning:
 
     def encode(self, clip, story, characters, id_length, style, negative):
         parsed = _parse(story, characters, id_length, style)
-        positive, neg = sp.encode_story_prompts(clip, [p.prompt for p in parsed.panels], negative)
+        positive, neg = story_pipeline.encode_story_prompts(clip, [p.prompt for p in parsed.panels], negative)
         return (positive, neg, len(parsed.panels), _captions(parsed))
 
 
@@ -143,9 +143,9 @@ class KinemaConsistentAttentionPatch:
 
     def patch(self, model, story, characters, id_length, sa32, sa64, seed, schedule):
         parsed = _parse(story, characters, id_length)
-        patch = sp.NativeConsistentAttention(parsed.layout, sa32=float(sa32), sa64=float(sa64),
+        patch = story_pipeline.NativeConsistentAttention(parsed.layout, sa32=float(sa32), sa64=float(sa64),
                                              seed=int(seed) % (1 << 63), schedule=schedule)
-        return (sp.patch_comfy_model(model, patch),)
+        return (story_pipeline.patch_comfy_model(model, patch),)
 
 
 class KinemaComicLayout:
@@ -176,7 +176,7 @@ class KinemaComicLayout:
         lines = (captions or "").splitlines()
         if len(lines) > panels.shape[0]:
             raise ValueError(f"captions: {len(lines)} lines for {panels.shape[0]} panels; give one caption per panel")
-        return (sp.comic_pages(panels, lines, columns=int(columns), rows=int(rows), gap=int(gap),
+        return (story_pipeline.comic_pages(panels, lines, columns=int(columns), rows=int(rows), gap=int(gap),
                                caption_height=int(caption_height), font_size=int(font_size),
                                background=float(background)),)
 

@@ -42,6 +42,7 @@ import torch
 
 from ..formats import Points
 from ..kernels.masks import guided_filter
+from .images import to_uint8
 
 SUPERPIXELS = 700
 PALETTE = 24
@@ -383,19 +384,6 @@ def _pixel(p, w: int, h: int) -> tuple[int, int]:
     return x, y
 
 
-def to_uint8(image) -> np.ndarray:
-    """(H, W, 3) float 0-1 (torch or numpy) or uint8 -> (H, W, 3) uint8 RGB, contiguous."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu", torch.float32).numpy()
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise ValueError(f"image: expected (H, W, 3) values, got shape {tuple(arr.shape)}")
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr[..., :3])
-    arr = np.nan_to_num(arr[..., :3].astype(np.float32), nan=0.0)
-    return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
-
-
 def ring_of(g: Graph, member: np.ndarray) -> np.ndarray:
     """The superpixels (n,) bool that touch ``member`` from outside."""
     i, j = g.edges[:, 0], g.edges[:, 1]
@@ -474,46 +462,69 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
         raise ValueError(f"image: {W}x{H} is too small to segment (need at least 8x8)")
     scale = min(1.0, max_side / max(H, W))
     w, h = max(int(round(W * scale)), 8), max(int(round(H * scale)), 8)
-    sx, sy = w / W, h / H
     work = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (W, H) else rgb
+    # a place clicked both positive and negative is not the object
+    full_neg = {_pixel(p, W, H) for p in points.negative.tolist()}
+    positive = [p for p in points.positive.tolist() if _pixel(p, W, H) not in full_neg]
+    pos, neg, box = _prompt_on_work(points, positive, (W, H), (w, h))
+    _check_not_flat(work)
+    if not pos and box is None:
+        return torch.zeros(H, W), 0.0
+    check()
+    g = build_graph(work)
+    check()
+    pos_leaf = [int(g.labels[y, x]) for x, y in pos]
+    chosen, best_scores = _choose_regions(g, pos_leaf, pos, box, check)
+    chosen = _cut_at_negatives(g, chosen, pos_leaf, [int(g.labels[y, x]) for x, y in neg])
+    if not chosen.any():
+        return torch.zeros(H, W), 0.0
+    mask = _pixel_mask(g, chosen, work, points, positive, (W, H))
+    quality = float(np.clip(np.mean(best_scores) / 2.0, 0.0, 1.0)) if best_scores else 0.0
+    return torch.from_numpy(mask.astype(np.float32)), quality
+
+
+def _prompt_on_work(points: Points, positive: list, full: tuple[int, int], size: tuple[int, int]):
+    """The clicks and the box on the working picture of ``size`` = (w, h): (positive pixels,
+    negative pixels, box (x0, y0, x1, y1) or None). ``positive``: the positive clicks kept."""
+    (W, H), (w, h) = full, size
+    sx, sy = w / W, h / H
 
     def to_work(p):
         return _pixel((float(p[0]) * sx, float(p[1]) * sy), w, h)
 
     neg = [to_work(p) for p in points.negative.tolist()]
-    # a place clicked both positive and negative is not the object
-    full_neg = {_pixel(p, W, H) for p in points.negative.tolist()}
-    positive = [p for p in points.positive.tolist() if _pixel(p, W, H) not in full_neg]
     pos = [to_work(p) for p in positive]
-    box = None
-    if points.box is not None:
-        x0, y0, x1, y1 = points.box.tolist()
-        bx0, by0 = to_work((x0, y0))
-        bx1, by1 = to_work((x1, y1))
-        if bx1 - bx0 < 2 or by1 - by0 < 2:
-            raise ValueError(f"points box: {points.box.tolist()} is too small to segment inside")
-        for (px, py), (x, y) in zip(pos, positive):
-            if not (bx0 <= px <= bx1 and by0 <= py <= by1):
-                raise ValueError(f"points: the positive click ({x:g}, {y:g}) lies outside the box "
-                                 f"{[round(v, 1) for v in points.box.tolist()]}; the box must contain the object")
-        box = (bx0, by0, bx1, by1)
+    if points.box is None:
+        return pos, neg, None
+    x0, y0, x1, y1 = points.box.tolist()
+    bx0, by0 = to_work((x0, y0))
+    bx1, by1 = to_work((x1, y1))
+    if bx1 - bx0 < 2 or by1 - by0 < 2:
+        raise ValueError(f"points box: {points.box.tolist()} is too small to segment inside")
+    for (px, py), (x, y) in zip(pos, positive):
+        if not (bx0 <= px <= bx1 and by0 <= py <= by1):
+            raise ValueError(f"points: the positive click ({x:g}, {y:g}) lies outside the box "
+                             f"{[round(v, 1) for v in points.box.tolist()]}; the box must contain the object")
+    return pos, neg, (bx0, by0, bx1, by1)
 
+
+def _check_not_flat(work: np.ndarray) -> None:
     span = work.reshape(-1, 3).max(0).astype(np.float32) - work.reshape(-1, 3).min(0)
     if float(span.max()) <= FLAT_RANGE * 255:
         raise ValueError("image: the picture is a single flat colour, so there is no object to separate from "
                          "its surroundings; use a picture with visible content, or draw the region with the "
                          "motion brush instead")
 
-    if not pos and box is None:
-        return torch.zeros(H, W), 0.0
-    check()
-    g = build_graph(work)
-    check()
-    sh, sw = max(1, h // 2), max(1, w // 2)
-    small = cv2.resize(g.labels, (sw, sh), interpolation=cv2.INTER_NEAREST)
-    neg_leaf_list = [int(g.labels[y, x]) for x, y in neg]
-    pos_leaf = [int(g.labels[y, x]) for x, y in pos]
 
+def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np.ndarray, list]:
+    """Superpixels (n,) bool of the object and the scores of the regions chosen.
+
+    Positive clicks in order: the first picks the best object under it; a later click that the
+    mask does not cover yet extends it by the candidate under that click whose union with the
+    mask is the best object, with a cost for the area it adds (a click adds what was missed). A
+    box alone: the single best region over paths from the largest superpixels inside it."""
+    h, w = g.labels.shape
+    small = cv2.resize(g.labels, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_NEAREST)
     inside = np.ones(g.n, bool)
     if box is not None:
         bx0, by0, bx1, by1 = box
@@ -556,9 +567,6 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
         check()
         return list(found.values())
 
-    # positive clicks in order: the first picks the best object under it; a later click that the
-    # mask does not cover yet extends it by the candidate under that click whose union with the
-    # mask is the best object, with a cost for the area it adds (a click adds what was missed)
     chosen = np.zeros(g.n, bool)
     best_scores = []
     seeds = list(zip(pos_leaf, pos))
@@ -588,9 +596,13 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
             continue
         chosen |= best[1]
         best_scores.append(best[0])
-    # a negative click on the mask cuts away the part under it: the superpixels of the mask
-    # reached from the clicked one through superpixels whose colours are nearer to the clicked
-    # one's than to those under the positive clicks (at most half of the mask)
+    return chosen, best_scores
+
+
+def _cut_at_negatives(g: Graph, chosen: np.ndarray, pos_leaf: list, neg_leaf_list: list) -> np.ndarray:
+    """A negative click on the mask cuts away the part under it: the superpixels of the mask
+    reached from the clicked one through superpixels whose colours are nearer to the clicked
+    one's than to those under the positive clicks (at most ``CARVE_INSIDE`` of the mask)."""
     liked = g.colour[pos_leaf] if pos_leaf else np.zeros((0, g.colour.shape[1]))
     for leaf in neg_leaf_list:
         if not chosen[leaf] or leaf in pos_leaf:  # a superpixel under both kinds of click stays
@@ -613,25 +625,29 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
                         nxt.append(j)
             front = nxt
         chosen &= ~cut
-    if not chosen.any():
-        return torch.zeros(H, W), 0.0
+    return chosen
 
-    # back to pixels: near the region's outline each pixel is reassigned by how much more often
-    # its colour occurs in the region than in the ring of superpixels around it, then the edge
-    # is snapped to the picture's edges by a guided filter
+
+def _pixel_mask(g: Graph, chosen: np.ndarray, work: np.ndarray, points: Points, positive: list,
+                full: tuple[int, int]) -> np.ndarray:
+    """The chosen superpixels as an (H, W) bool mask of the full picture.
+
+    Near the region's outline each pixel is reassigned by how much more often its colour occurs
+    in the region than in the ring of superpixels around it, then the edge is snapped to the
+    picture's edges by a guided filter; the mask is cut to the box, only the pieces under the
+    positive clicks are kept (the largest piece for a box alone), and every click lies on its
+    own side."""
+    W, H = full
     soft = refine_pixels(g, chosen, work)
-    if (w, h) != (W, H):
+    if soft.shape != (H, W):
         soft = cv2.resize(soft, (W, H), interpolation=cv2.INTER_LINEAR)
     mask = soft >= 0.5
-    full_box = None
     if points.box is not None:
         x0, y0, x1, y1 = points.box.tolist()
         full_box = np.zeros((H, W), bool)
         full_box[int(math.ceil(y0)):int(math.floor(y1)) + 1, int(math.ceil(x0)):int(math.floor(x1)) + 1] = True
         mask &= full_box
-    # keep the pieces under the positive clicks (the largest piece for a box alone)
-    m8 = mask.astype(np.uint8)
-    n_cc, cc, stats, _ = cv2.connectedComponentsWithStats(m8, connectivity=8)
+    n_cc, cc, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if n_cc > 2:
         keep = set()
         for p in positive:
@@ -647,5 +663,4 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
     for p in points.negative.tolist():
         x, y = _pixel(p, W, H)
         mask[y, x] = False
-    quality = float(np.clip(np.mean(best_scores) / 2.0, 0.0, 1.0)) if best_scores else 0.0
-    return torch.from_numpy(mask.astype(np.float32)), quality
+    return mask

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..runtime import KinemaError
+from .images import to_uint8
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,10 +94,9 @@ def count_frames(clip: Path) -> int:
 def write_video(frames: torch.Tensor, path, fps: float = 8.0, crf: int = 8) -> Path:
     """Frames (F, H, W, 3) in [0, 1] -> an H.264 .mp4 (PyAV; even sizes; ``crf`` 0 = lossless)."""
     import av
-    import numpy as np
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    u8 = to_uint8(frames)
     h, w = u8.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"frames: {w}x{h}; H.264 needs even sizes")
@@ -105,7 +105,7 @@ def write_video(frames: torch.Tensor, path, fps: float = 8.0, crf: int = 8) -> P
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(int(crf))}
         for f in u8:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -120,7 +120,6 @@ def make_warp_clips(folder, count: int = 8, size: int = 64, frames: int = 12, se
     its path in embedding space is not linear in time). Each clip is a frame folder
     (``clip_XX/0000.png ...``), or with ``video`` an .mp4 (PyAV) - a set to check a training setup
     on before a real one."""
-    import numpy as np
     from PIL import Image
 
     from ..kernels.field import MotionField
@@ -153,7 +152,7 @@ def make_warp_clips(folder, count: int = 8, size: int = 64, frames: int = 12, se
         flow = dense_motion([torch.tensor([[cx, cy], [ex, ey]])], (size, size), frames, region=disc,
                             easing="ease_in_out")
         clip = animate(img.clamp(0, 1), MotionField(flow, disc), progress=False)
-        arr = (clip.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        arr = to_uint8(clip)
         if video:
             path = write_video(clip, folder / f"clip_{c:02d}.mp4", crf=12)
         else:

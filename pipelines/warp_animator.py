@@ -199,22 +199,10 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     (F, H, W) in [0, 1]: how much of each pixel had to be filled (before the fill).
     """
     image, mask = _validate(image, field, mask, fill)
-    h, w = image.shape[:2]
-    dev = image.device
-    flow = field.flow.to(device=dev, dtype=torch.float32)
-    n_frames = flow.shape[0]
-    restrict = None
-    if mask is not None:
-        restrict = mask.to(device=dev, dtype=torch.float32).clamp(0, 1)
-        flow = flow * restrict[..., None]
-    if bool((flow[0] != 0).any()):  # frame 0 is the input whatever the field says: no copy unless needed
-        flow = flow.clone() if restrict is None else flow
-        flow[0] = 0
-    if loop:
-        flow = loop_flow(flow)
-
+    flow, restrict = _effective_flow(image, field, mask, loop)
+    n_frames, h, w = flow.shape[:3]
     frames = image.unsqueeze(0).expand(n_frames, h, w, 3).clone()
-    holes = torch.zeros(n_frames, h, w, dtype=torch.float32, device=dev) if return_holes else None
+    holes = torch.zeros(n_frames, h, w, dtype=torch.float32, device=image.device) if return_holes else None
     pbar = ProgressBar(n_frames, "warp animate") if progress else None
 
     moving = (flow != 0).any(dim=-1).any(dim=0)  # (H, W): the sources to splat
@@ -222,92 +210,147 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         if pbar is not None:
             pbar.update(n_frames)
         return (frames, holes) if return_holes else frames
-    fmask = getattr(field, "mask", None)
+    fmask = _object_mask(field, flow, restrict)
     if fmask is not None:
-        if restrict is not None:
-            fmask = fmask.to(device=dev, dtype=torch.float32) * (restrict > 0)
-        hard = fmask > 0.5
-        # an object cut-out when only the object moves; a field that also moves what is around
-        # the mask (a falloff band, a brushed region meant to deform) is warped smoothly
-        if bool(hard.any()) and not bool((flow[:, ~hard.to(dev)] != 0).any()):
-            _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
-            return (frames, holes) if return_holes else frames
+        _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
+        return (frames, holes) if return_holes else frames
 
-    # -- sources: positions, colours, layer weights ---------------------------------------------
-    ys, xs = torch.nonzero(moving, as_tuple=True)
-    f_src = flow[:, ys, xs]  # (F, N, 2)
-    mag = f_src.norm(dim=-1)  # (F, N)
-    max_mag = float(mag.max())
-    fmask = getattr(field, "mask", None)
-    if fmask is not None:
-        fg_alpha = fmask.to(device=dev, dtype=torch.float32).clamp(0, 1)
-    else:
-        fg_alpha = torch.zeros(h, w, device=dev)
-        fg_alpha[ys, xs] = (mag.amax(dim=0) / (0.5 * max_mag)).clamp(0, 1)
-    if restrict is not None:
-        fg_alpha = fg_alpha * (restrict > 0)
-
-    # -- the region that can change, plus context for the inpainting ------------------------------
-    land = torch.stack([xs, ys], dim=-1).float().unsqueeze(0) + f_src  # (F, N, 2)
-    lx = torch.cat([xs.float(), land[..., 0].flatten()]).clamp(0, w - 1)
-    ly = torch.cat([ys.float(), land[..., 1].flatten()]).clamp(0, h - 1)
-    x0 = max(int(lx.min().floor()) - INPAINT_MARGIN, 0)
-    x1 = min(int(lx.max().ceil()) + 2 + INPAINT_MARGIN, w)
-    y0 = max(int(ly.min().floor()) - INPAINT_MARGIN, 0)
-    y1 = min(int(ly.max().ceil()) + 2 + INPAINT_MARGIN, h)
-    hc, wc = y1 - y0, x1 - x0
-
-    img_c = image[y0:y1, x0:x1].permute(2, 0, 1).to(torch.float32)  # (3, hc, wc)
-    a_c = fg_alpha[y0:y1, x0:x1].unsqueeze(0)
-    still = (~moving[y0:y1, x0:x1]).unsqueeze(0).float()
-    # pixels that never move contribute to themselves with metric 0 (weight exp(0) = 1)
-    # accumulator channels: fg rgb * w, w, coverage | bg rgb * w, w, coverage | moved onto
-    base = torch.cat([img_c * a_c, a_c, a_c, img_c * (1 - a_c), 1 - a_c, 1 - a_c,
-                      torch.zeros_like(a_c)], dim=0) * still  # (11, hc, wc)
-
-    col_s = image[ys, xs].to(torch.float32).t()  # (3, N)
-    a_s = fg_alpha[ys, xs]  # (N,)
-    pos0 = torch.stack([xs - x0, ys - y0], dim=-1).float()  # (N, 2) crop coordinates
-    xs_p, xs_m = (xs + 1).clamp(max=w - 1), (xs - 1).clamp(min=0)
-    ys_p, ys_m = (ys + 1).clamp(max=h - 1), (ys - 1).clamp(min=0)
-    flow_c = flow[:, y0:y1, x0:x1]
-    img_crop = image[y0:y1, x0:x1]
-    restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
-
-    # When every moving pixel is wholly foreground (a hard object mask), the background layer is
-    # the still pixels alone, the same in every frame: build and inpaint it once.
-    bg_still = bool((a_s >= 1).all())
-    if bg_still:
-        bg_col0, bg_a0 = _layer(base[None, 5:8], base[None, 8:9], base[None, 9:10])
-        bg_full0 = push_pull(bg_col0, bg_a0) if fill == "inpaint" else None  # (1, 3, hc, wc)
-        keep = [0, 1, 2, 3, 4, 10]
-        base = base[keep]
-    n_ch = base.shape[0]
-
-    chunk = max(1, min(n_frames, CHUNK_BYTES // (4 * (n_ch + 12) * hc * wc)))
+    src = _Sources(image, field, flow, moving, restrict, fill)
+    y0, y1, x0, x1 = src.box
+    chunk = max(1, min(n_frames, CHUNK_BYTES // (4 * (src.base.shape[0] + 12) * (y1 - y0) * (x1 - x0))))
     for k0 in range(0, n_frames, chunk):
         check_interrupt()
         ks = slice(k0, min(k0 + chunk, n_frames))
-        n = ks.stop - ks.start
-        fk = f_src[ks]  # (n, N, 2)
-        mk = mag[ks]
-        ew = torch.exp(METRIC_SCALE * mk / max_mag)  # softmax weights, 1 for still sources
+        out, hole = src.render(ks, fill)
+        frames[ks, y0:y1, x0:x1] = out
+        if holes is not None:
+            holes[ks, y0:y1, x0:x1] = hole
+        if pbar is not None:
+            pbar.update(ks.stop - ks.start)
+    return (frames, holes) if return_holes else frames
+
+
+def _effective_flow(image: torch.Tensor, field: MotionField, mask, loop: bool):
+    """The flow to render (F, H, W, 2) float32 on the image's device: times the restricting
+    ``mask`` (returned as ``restrict`` (H, W) in [0, 1], or None), zero at frame 0, looped."""
+    flow = field.flow.to(device=image.device, dtype=torch.float32)
+    restrict = None
+    if mask is not None:
+        restrict = mask.to(device=image.device, dtype=torch.float32).clamp(0, 1)
+        flow = flow * restrict[..., None]
+    if bool((flow[0] != 0).any()):  # frame 0 is the input whatever the field says: no copy unless needed
+        flow = flow.clone() if restrict is None else flow
+        flow[0] = 0
+    if loop:
+        flow = loop_flow(flow)
+    return flow, restrict
+
+
+def _object_mask(field: MotionField, flow: torch.Tensor, restrict):
+    """The field's object mask when only the object moves (then it is rendered as a cut-out
+    layer), else None: a field that also moves what is around the mask (a falloff band, a
+    brushed region meant to deform) is warped smoothly."""
+    fmask = getattr(field, "mask", None)
+    if fmask is None:
+        return None
+    if restrict is not None:
+        fmask = fmask.to(device=flow.device, dtype=torch.float32) * (restrict > 0)
+    hard = fmask > 0.5
+    if bool(hard.any()) and not bool((flow[:, ~hard.to(flow.device)] != 0).any()):
+        return fmask
+    return None
+
+
+class _Sources:
+    """The moving pixels of a smooth warp, splatted frame batch by frame batch into two layers
+    (foreground, background) over the box that can change (with context for the inpainting)."""
+
+    def __init__(self, image, field, flow, moving, restrict, fill):
+        h, w = image.shape[:2]
+        self.image, self.flow = image, flow
+        ys, xs = torch.nonzero(moving, as_tuple=True)
+        self.ys, self.xs = ys, xs
+        self.f_src = flow[:, ys, xs]  # (F, N, 2)
+        self.mag = self.f_src.norm(dim=-1)  # (F, N)
+        self.max_mag = float(self.mag.max())
+        fg_alpha = self._foreground_alpha(field, restrict, h, w)
+        self.box = y0, y1, x0, x1 = self._change_box(h, w)
+        self.a_s = fg_alpha[ys, xs]  # (N,)
+        self.col_s = image[ys, xs].to(torch.float32).t()  # (3, N)
+        self.pos0 = torch.stack([xs - x0, ys - y0], dim=-1).float()  # (N, 2) crop coordinates
+        self.xs_p, self.xs_m = (xs + 1).clamp(max=w - 1), (xs - 1).clamp(min=0)
+        self.ys_p, self.ys_m = (ys + 1).clamp(max=h - 1), (ys - 1).clamp(min=0)
+        self.img_crop = image[y0:y1, x0:x1]
+        self.restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
+        self.base = self._still_pixels(fg_alpha[y0:y1, x0:x1].unsqueeze(0), moving[y0:y1, x0:x1])
+        # When every moving pixel is wholly foreground (a hard object mask), the background layer
+        # is the still pixels alone, the same in every frame: build and inpaint it once.
+        self.bg_still = bool((self.a_s >= 1).all())
+        if self.bg_still:
+            self.bg_col0, self.bg_a0 = _layer(self.base[None, 5:8], self.base[None, 8:9], self.base[None, 9:10])
+            self.bg_full0 = push_pull(self.bg_col0, self.bg_a0) if fill == "inpaint" else None  # (1, 3, hc, wc)
+            self.base = self.base[[0, 1, 2, 3, 4, 10]]
+
+    def _foreground_alpha(self, field, restrict, h: int, w: int) -> torch.Tensor:
+        """(H, W): the object mask, or without one how fast each pixel moves (full at half the
+        top speed); 0 outside the restricting mask."""
+        fmask = getattr(field, "mask", None)
+        if fmask is not None:
+            fg_alpha = fmask.to(device=self.flow.device, dtype=torch.float32).clamp(0, 1)
+        else:
+            fg_alpha = torch.zeros(h, w, device=self.flow.device)
+            fg_alpha[self.ys, self.xs] = (self.mag.amax(dim=0) / (0.5 * self.max_mag)).clamp(0, 1)
+        if restrict is not None:
+            fg_alpha = fg_alpha * (restrict > 0)
+        return fg_alpha
+
+    def _change_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1): where the sources start and land, plus context for the inpainting."""
+        land = torch.stack([self.xs, self.ys], dim=-1).float().unsqueeze(0) + self.f_src  # (F, N, 2)
+        lx = torch.cat([self.xs.float(), land[..., 0].flatten()]).clamp(0, w - 1)
+        ly = torch.cat([self.ys.float(), land[..., 1].flatten()]).clamp(0, h - 1)
+        x0 = max(int(lx.min().floor()) - INPAINT_MARGIN, 0)
+        x1 = min(int(lx.max().ceil()) + 2 + INPAINT_MARGIN, w)
+        y0 = max(int(ly.min().floor()) - INPAINT_MARGIN, 0)
+        y1 = min(int(ly.max().ceil()) + 2 + INPAINT_MARGIN, h)
+        return y0, y1, x0, x1
+
+    def _still_pixels(self, a_c: torch.Tensor, moving_c: torch.Tensor) -> torch.Tensor:
+        """Accumulators (11, hc, wc) holding the pixels that never move: they contribute to
+        themselves with metric 0 (weight exp(0) = 1). Channels: fg rgb * w, w, coverage |
+        bg rgb * w, w, coverage | moved onto."""
+        img_c = self.img_crop.permute(2, 0, 1).to(torch.float32)  # (3, hc, wc)
+        still = (~moving_c).unsqueeze(0).float()
+        return torch.cat([img_c * a_c, a_c, a_c, img_c * (1 - a_c), 1 - a_c, 1 - a_c,
+                          torch.zeros_like(a_c)], dim=0) * still
+
+    def _splat(self, ks: slice) -> torch.Tensor:
+        """The accumulators (n, channels, hc, wc) of frames ``ks``."""
+        y0, y1, x0, x1 = self.box
+        fk, mk, a_s, col_s = self.f_src[ks], self.mag[ks], self.a_s, self.col_s  # (n, N, 2), (n, N)
+        ew = torch.exp(METRIC_SCALE * mk / self.max_mag)  # softmax weights, 1 for still sources
         wf = a_s * ew  # (n, N)
-        fl = flow[ks]
-        area = _area(fk, fl[:, ys, xs_p], fl[:, ys, xs_m], fl[:, ys_p, xs], fl[:, ys_m, xs])
+        fl = self.flow[ks]
+        ys, xs = self.ys, self.xs
+        area = _area(fk, fl[:, ys, self.xs_p], fl[:, ys, self.xs_m], fl[:, self.ys_p, xs], fl[:, self.ys_m, xs])
         parts = [col_s * wf.unsqueeze(1), wf.unsqueeze(1), (a_s * area).unsqueeze(1)]
-        if not bg_still:
+        if not self.bg_still:
             wb = (1 - a_s) * ew
             parts += [col_s * wb.unsqueeze(1), wb.unsqueeze(1), ((1 - a_s) * area).unsqueeze(1)]
         parts.append((mk > 0).to(col_s.dtype).unsqueeze(1))
         vals = torch.cat(parts, dim=1)  # (n, n_ch, N)
-        acc = base.unsqueeze(0).repeat(n, 1, 1, 1)
-        splat_points(vals, pos0.unsqueeze(0) + fk, (wc, hc), acc)
-        moved_onto = acc[:, -1]
+        acc = self.base.unsqueeze(0).repeat(fk.shape[0], 1, 1, 1)
+        splat_points(vals, self.pos0.unsqueeze(0) + fk, (x1 - x0, y1 - y0), acc)
+        return acc
 
+    def render(self, ks: slice, fill: str):
+        """Frames ``ks`` over the box (n, hc, wc, 3) in the image's dtype, and their holes
+        (n, hc, wc): how much of each pixel had to be filled."""
+        y0, y1, x0, x1 = self.box
+        acc = self._splat(ks)
         fg_col, fg_a = _layer(acc[:, 0:3], acc[:, 3:4], acc[:, 4:5])
-        if bg_still:
-            bg_col, bg_a = bg_col0, bg_a0
+        if self.bg_still:
+            bg_col, bg_a = self.bg_col0, self.bg_a0
         else:
             bg_col, bg_a = _layer(acc[:, 5:8], acc[:, 8:9], acc[:, 9:10])
         # share of what the foreground leaves visible that the background covers: pixels split
@@ -317,35 +360,25 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         bg_a = torch.where(bg_a >= ALPHA_FULL, torch.ones_like(bg_a), bg_a)
         if fill == "inpaint":
             # the background only shows where the foreground does not cover it
-            bg_full = bg_full0 if bg_still else push_pull(bg_col, bg_a, relax_iters=2, need=fg_a < 1)
+            bg_full = self.bg_full0 if self.bg_still else push_pull(bg_col, bg_a, relax_iters=2, need=fg_a < 1)
             out = fg_col * fg_a + bg_full * (1 - fg_a)
         else:
             alpha = fg_a + (1 - fg_a) * bg_a
             premult = fg_col * fg_a + bg_col * bg_a * (1 - fg_a)
-            if fill == "stretch":
-                out = push_pull(premult / alpha.clamp_min(1e-12), alpha)
-            else:
-                out = premult
+            out = push_pull(premult / alpha.clamp_min(1e-12), alpha) if fill == "stretch" else premult
         # bitwise input where nothing moved away and nothing landed
-        untouched = (moved_onto <= 0) & (flow_c[ks] == 0).all(dim=-1)  # (n, hc, wc)
-        out = out.permute(0, 2, 3, 1).clamp(0, 1).to(image.dtype)
+        untouched = (acc[:, -1] <= 0) & (self.flow[ks, y0:y1, x0:x1] == 0).all(dim=-1)  # (n, hc, wc)
+        img_crop, restrict_c = self.img_crop, self.restrict_c
+        out = out.permute(0, 2, 3, 1).clamp(0, 1).to(self.image.dtype)
         out = torch.where(untouched.unsqueeze(-1), img_crop.unsqueeze(0), out)
         if restrict_c is not None:
             out = torch.where(restrict_c > 0, restrict_c * out + (1 - restrict_c) * img_crop, img_crop)
         if ks.start == 0:
             out[0] = img_crop  # frame 0 is the input itself
-        frames[ks, y0:y1, x0:x1] = out
-        if holes is not None:
-            hole = ((1 - fg_a) * (1 - bg_a))[:, 0]
-            if restrict_c is not None:
-                hole = hole * restrict_c[..., 0]
-            holes[ks, y0:y1, x0:x1] = torch.where(untouched, torch.zeros_like(hole), hole)
-        if pbar is not None:
-            pbar.update(n)
-    return (frames, holes) if return_holes else frames
-
-
-# ---------------------------------------------------------------- the layered renderer (a mask)
+        hole = ((1 - fg_a) * (1 - bg_a))[:, 0]
+        if restrict_c is not None:
+            hole = hole * restrict_c[..., 0]
+        return out, torch.where(untouched, torch.zeros_like(hole), hole)
 
 
 def matte_radius(h: int, w: int) -> int:

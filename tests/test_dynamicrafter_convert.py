@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny_dynamicrafter
-from kinema.pipelines.dynamicrafter import convert as C
+from kinema.pipelines.dynamicrafter import convert
 from kinema.pipelines.dynamicrafter.sampler import DiffusionSchedule, ScheduleConfig
 from kinema.runtime import KinemaError
 
@@ -25,7 +25,7 @@ def _meta_sd(man, variant, checkpoint_names=True):
         for ck, mk in (man.get("checkpoint_key_renames (checkpoint name -> model name)") or {}).items():
             sd[ck] = sd.pop(mk)
     base = "512" if variant == "512_interp" else variant
-    sch = DiffusionSchedule(ScheduleConfig.from_dict(C.variants()["variants"][base]["schedule"]))
+    sch = DiffusionSchedule(ScheduleConfig.from_dict(convert.variants()["variants"][base]["schedule"]))
     if "scale_arr" in sd:
         sd["scale_arr"] = sch.scale_arr
     return sd
@@ -35,13 +35,13 @@ def _meta_sd(man, variant, checkpoint_names=True):
 def test_manifest_converts_with_every_key_accounted(fixtures_dir, name):
     man = _manifest(fixtures_dir, name)
     sd = _meta_sd(man, name)
-    model = C.convert(sd, f"key_manifest_{name}")
+    model = convert.convert(sd, f"key_manifest_{name}")
     expect = "512" if name == "512_interp" else name
     assert model.variant == expect
     # every parameter of every part came from the checkpoint (nothing left on meta unset,
     # and load_state_dict raised on any missing key); count elements consumed
     consumed = sum(p.numel() for p in model.parameters())
-    unused = C._unused_patterns(sd)
+    unused = convert._unused_patterns(sd)
     unused_elems = sum(v.numel() for k, v in sd.items() if any(p.match(k) for p in unused))
     assert consumed + unused_elems == man["num_elements"]
     cfg = model.info["unet"]
@@ -61,7 +61,7 @@ def test_manifest_converts_with_every_key_accounted(fixtures_dir, name):
 def test_unused_allow_list_is_exactly_what_is_left(fixtures_dir):
     man = _manifest(fixtures_dir, "512")
     sd = _meta_sd(man, "512")
-    unused = C._unused_patterns(sd)
+    unused = convert._unused_patterns(sd)
     left = sorted(k for k in sd if any(p.match(k) for p in unused))
     assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in left
     assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" not in left
@@ -72,7 +72,7 @@ def test_unused_allow_list_is_exactly_what_is_left(fixtures_dir):
 def test_256_accepts_both_fs_names(fixtures_dir):
     man = _manifest(fixtures_dir, "256")
     for ckpt_names in (True, False):
-        model = C.convert(_meta_sd(man, "256", checkpoint_names=ckpt_names), "m256")
+        model = convert.convert(_meta_sd(man, "256", checkpoint_names=ckpt_names), "m256")
         assert model.variant == "256"
 
 
@@ -80,42 +80,42 @@ def test_missing_key_is_an_error(fixtures_dir):
     sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
     del sd["model.diffusion_model.output_blocks.3.1.proj_out.weight"]
     with pytest.raises(KinemaError, match="video UNet.*missing"):
-        C.convert(sd, "broken.ckpt")
+        convert.convert(sd, "broken.ckpt")
     sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
     sd["model.diffusion_model.extra.weight"] = torch.empty(3, device="meta")
     with pytest.raises(KinemaError, match="unexpected"):
-        C.convert(sd, "broken.ckpt")
+        convert.convert(sd, "broken.ckpt")
     sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
     sd["something_else"] = torch.empty(3, device="meta")
     with pytest.raises(KinemaError, match="unexpected keys"):
-        C.convert(sd, "broken.ckpt")
+        convert.convert(sd, "broken.ckpt")
 
 
 def test_partial_checkpoint_is_named(fixtures_dir):
     sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
     sd = {k: v for k, v in sd.items() if not k.startswith("embedder.")}
     with pytest.raises(KinemaError, match=r"partial.*embedder"):
-        C.convert(sd, "unet_only.safetensors")
+        convert.convert(sd, "unet_only.safetensors")
 
 
 def test_variant_detection_rules(fixtures_dir):
     for name in VARIANTS:
         sd = _meta_sd(_manifest(fixtures_dir, name), name)
-        v, _ = C.detect_variant(sd)
+        v, _ = convert.detect_variant(sd)
         assert v == ("512" if name == "512_interp" else name)
     # pruned copy without buffers: v-model reported as 512, 256 still found by its gates
     sd = {k: v for k, v in _meta_sd(_manifest(fixtures_dir, "1024"), "1024").items() if "." in k}
-    assert C.detect_variant(sd)[0] == "512"
+    assert convert.detect_variant(sd)[0] == "512"
     sd = {k: v for k, v in _meta_sd(_manifest(fixtures_dir, "256"), "256").items() if "." in k}
-    assert C.detect_variant(sd)[0] == "256"
+    assert convert.detect_variant(sd)[0] == "256"
 
 
 def test_forced_variant_mismatch(fixtures_dir):
     sd = _meta_sd(_manifest(fixtures_dir, "256"), "256")
     with pytest.raises(KinemaError, match="256 model"):
-        C.convert(sd, "dc256.ckpt", variant="1024")
+        convert.convert(sd, "dc256.ckpt", variant="1024")
     with pytest.raises(ValueError, match="variant"):
-        C.convert(sd, "dc256.ckpt", variant="2048")
+        convert.convert(sd, "dc256.ckpt", variant="2048")
 
 
 SD15_KEYS = {
@@ -138,20 +138,20 @@ SD15_KEYS = {
 def test_wrong_file_is_named(keys, what):
     sd = {k: torch.empty(s, device="meta") for k, s in keys.items()}
     with pytest.raises(KinemaError, match=f"wrong.ckpt.*not a DynamiCrafter.*{what}"):
-        C.convert(sd, "wrong.ckpt")
+        convert.convert(sd, "wrong.ckpt")
 
 
 def test_unreadable_files(tmp_path):
     p = tmp_path / "garbage.safetensors"
     p.write_bytes(b"not a checkpoint")
     with pytest.raises(KinemaError, match="garbage.safetensors"):
-        C.read_state_dict(p)
+        convert.read_state_dict(p)
     with pytest.raises(KinemaError, match="does not exist"):
-        C.read_state_dict(tmp_path / "missing.ckpt")
+        convert.read_state_dict(tmp_path / "missing.ckpt")
     q = tmp_path / "list.pt"
     torch.save([1, 2, 3], q)
     with pytest.raises(KinemaError, match="list.pt"):
-        C.read_state_dict(q)
+        convert.read_state_dict(q)
 
 
 def test_vae_of_the_released_layout_converts_with_diffusers(fixtures_dir):
@@ -159,15 +159,15 @@ def test_vae_of_the_released_layout_converts_with_diffusers(fixtures_dir):
     builds: every tensor is used, every parameter gets one of the right shape."""
     from diffusers import AutoencoderKL
     man = _manifest(fixtures_dir, "1024")
-    ldm = {k[len(C.VAE):]: torch.zeros(s) for k, s in man["keys"].items() if k.startswith(C.VAE)}
-    cfg = C.vae_config(ldm)
+    ldm = {k[len(convert.VAE):]: torch.zeros(s) for k, s in man["keys"].items() if k.startswith(convert.VAE)}
+    cfg = convert.vae_config(ldm)
     assert cfg["block_out_channels"] == [128, 256, 512, 512]
-    got = C.vae_ldm_to_diffusers(ldm, cfg)
+    got = convert.vae_ldm_to_diffusers(ldm, cfg)
     with torch.device("meta"):
         want = AutoencoderKL(**cfg).state_dict()
     assert sorted(got) == sorted(want) and all(got[k].shape == want[k].shape for k in want)
     with pytest.raises(KinemaError, match="only"):
-        C.vae_ldm_to_diffusers(dict(ldm, **{"encoder.extra.weight": torch.zeros(1)}), cfg, "x.ckpt")
+        convert.vae_ldm_to_diffusers(dict(ldm, **{"encoder.extra.weight": torch.zeros(1)}), cfg, "x.ckpt")
 
 
 def test_vae_written_independently_reads_back_equal():
@@ -178,7 +178,7 @@ def test_vae_written_independently_reads_back_equal():
     vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=32)
     ldm = tiny_dynamicrafter.vae_to_ldm(vae.state_dict())
-    got = C.vae_ldm_to_diffusers(ldm, C.vae_config(ldm))
+    got = convert.vae_ldm_to_diffusers(ldm, convert.vae_config(ldm))
     want = vae.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
@@ -189,7 +189,7 @@ def test_tiny_checkpoints_load_and_detect(tmp_path, variant):
     sd = tiny_dynamicrafter.checkpoint(variant)
     p = tmp_path / "renamed_to_confuse_1024.safetensors"
     save_file(sd, str(p))
-    model = C.load_dynamicrafter(p)
+    model = convert.load_dynamicrafter(p)
     assert model.variant == variant
     assert model.temporal_length == 4
     # weights arrive unchanged
@@ -204,7 +204,7 @@ def test_sd15_file_error(tmp_path):
     p = tmp_path / "v1-5-pruned-emaonly.safetensors"
     save_file({k: torch.zeros(s) for k, s in SD15_KEYS.items()}, str(p))
     with pytest.raises(KinemaError, match="v1-5-pruned-emaonly.safetensors.*Stable Diffusion 1.x"):
-        C.load_dynamicrafter(p)
+        convert.load_dynamicrafter(p)
 
 
 @pytest.mark.parametrize("variant, dtype", [("512", torch.float16), ("256", torch.bfloat16)])
@@ -212,14 +212,14 @@ def test_pruned_half_precision_copy(tmp_path, variant, dtype):
     """Pruned copies: half-precision tensors, no schedule buffers, no unused encoder pieces."""
     from safetensors.torch import save_file
     sd = tiny_dynamicrafter.checkpoint(variant)
-    unused = C._unused_patterns(sd)
+    unused = convert._unused_patterns(sd)
     # keep the text tower's last block: only the full-size ViT-H tower tells a dropped one apart
     pruned = {k: v.to(dtype) for k, v in sd.items()
               if not any(p.match(k) for p in unused) or ".transformer.resblocks." in k}
     assert len(pruned) < len(sd)
     p = tmp_path / "pruned.safetensors"
     save_file(pruned, str(p))
-    model = C.load_dynamicrafter(p, dtype=dtype)
+    model = convert.load_dynamicrafter(p, dtype=dtype)
     assert model.variant == variant and model.unet.dtype == dtype
     assert len(model.text_encoder.transformer.resblocks) == 1
 
@@ -227,7 +227,7 @@ def test_pruned_half_precision_copy(tmp_path, variant, dtype):
 def test_vit_h_text_tower_without_its_last_block(fixtures_dir):
     sd = _meta_sd(_manifest(fixtures_dir, "512"), "512")
     sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.model.transformer.resblocks.23.")}
-    model = C.convert(sd, "pruned_text.safetensors")
+    model = convert.convert(sd, "pruned_text.safetensors")
     assert len(model.text_encoder.transformer.resblocks) == 23
 
 
@@ -235,5 +235,5 @@ def test_lightning_ckpt_with_nested_state_dict(tmp_path):
     sd = tiny_dynamicrafter.checkpoint("1024")
     p = tmp_path / "model.ckpt"
     torch.save({"state_dict": sd, "epoch": 3}, p)
-    model = C.load_dynamicrafter(p)
+    model = convert.load_dynamicrafter(p)
     assert model.variant == "1024" and model.settings()["defaults"]["fs"] == 10

@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 
 import tiny_dynamicrafter
 from kinema import runner
-from kinema.nodes import dynamicrafter as N
-from kinema.pipelines.dynamicrafter import convert as C
+from kinema.nodes import dynamicrafter as dynamicrafter_nodes
 from kinema.runtime import KinemaError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,13 +45,13 @@ def _classes():
     from kinema.nodes import segment
     c = runner.node_classes()
     c.update(segment.NODE_CLASS_MAPPINGS)   # Click to Mask, for the regional workflow
-    c.update(N.NODE_CLASS_MAPPINGS)
+    c.update(dynamicrafter_nodes.NODE_CLASS_MAPPINGS)
     return c
 
 
 def test_node_contract():
-    for name, cls in N.NODE_CLASS_MAPPINGS.items():
-        assert name.startswith("Kinema") and name in N.NODE_DISPLAY_NAME_MAPPINGS
+    for name, cls in dynamicrafter_nodes.NODE_CLASS_MAPPINGS.items():
+        assert name.startswith("Kinema") and name in dynamicrafter_nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
         spec = cls.INPUT_TYPES()
@@ -62,26 +61,26 @@ def test_node_contract():
 
 
 def test_loader_lists_both_folders_and_detects_variant(env):
-    files = N.KinemaDynamiCrafterLoader.INPUT_TYPES()["required"]["ckpt_name"][0]
+    files = dynamicrafter_nodes.KinemaDynamiCrafterLoader.INPUT_TYPES()["required"]["ckpt_name"][0]
     assert "tiny_dc.safetensors" in files and "tiny_dc_other.safetensors" in files
-    (m,) = N.KinemaDynamiCrafterLoader().load("tiny_dc_other.safetensors", "fp32")
+    (m,) = dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("tiny_dc_other.safetensors", "fp32")
     assert m.variant == "256"
-    (m,) = N.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "bf16")
+    (m,) = dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "bf16")
     assert m.variant == "512" and m.unet.dtype == torch.bfloat16
 
 
 def test_loader_errors(env):
     with pytest.raises(KinemaError, match="sd15.safetensors.*Stable Diffusion 1.x"):
-        N.KinemaDynamiCrafterLoader().load("sd15.safetensors", "fp32")
+        dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("sd15.safetensors", "fp32")
     with pytest.raises(KinemaError, match="missing.ckpt"):
-        N.KinemaDynamiCrafterLoader().load("missing.ckpt", "fp32")
+        dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("missing.ckpt", "fp32")
     with pytest.raises(ValueError, match="precision"):
-        N.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "fp8")
+        dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "fp8")
 
 
 def test_animate_node_validates(env):
-    (m,) = N.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "fp32")
-    node = N.KinemaDynamiCrafterAnimate()
+    (m,) = dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("tiny_dc.safetensors", "fp32")
+    node = dynamicrafter_nodes.KinemaDynamiCrafterAnimate()
     img = torch.rand(1, 64, 64, 3)
     with pytest.raises(ValueError, match="model"):
         node.run("not a model", img, "p", "", 4, 0, 1, 7.5, 1.0, 0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tiny_dynamicrafter
-from kinema.pipelines.dynamicrafter import convert as C
-from kinema.pipelines.dynamicrafter import pipeline as P
+from kinema.pipelines.dynamicrafter import convert
+from kinema.pipelines.dynamicrafter import pipeline
 
 CPU = torch.device("cpu")
 
@@ -18,7 +18,7 @@ _MODELS = {}
 
 def tiny(variant):
     if variant not in _MODELS:
-        _MODELS[variant] = C.convert(tiny_dynamicrafter.checkpoint(variant), f"tiny_{variant}")
+        _MODELS[variant] = convert.convert(tiny_dynamicrafter.checkpoint(variant), f"tiny_{variant}")
     return _MODELS[variant]
 
 
@@ -30,18 +30,18 @@ def _image(seed=0, h=64, w=80):
 def _opts(**kw):
     base = dict(prompt="a cat walking", frames=4, steps=3, cfg=7.5, eta=1.0, seed=1, height=64, width=64)
     base.update(kw)
-    return P.AnimateOptions(**base)
+    return pipeline.AnimateOptions(**base)
 
 
 @pytest.mark.parametrize("variant", ["256", "512", "1024"])
 def test_animate_every_variant(variant):
     model = tiny(variant)
-    out = P.animate(model, _image(), _opts())
+    out = pipeline.animate(model, _image(), _opts())
     assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
-    again = P.animate(model, _image(), _opts())
+    again = pipeline.animate(model, _image(), _opts())
     torch.testing.assert_close(out, again, atol=0, rtol=0)
-    other = P.animate(model, _image(), _opts(seed=2))
+    other = pipeline.animate(model, _image(), _opts(seed=2))
     assert (other - out).abs().max() > 1e-4
 
 
@@ -61,7 +61,7 @@ def test_conditioning_layout_and_fs_default():
     model = tiny("512")
     calls, undo = _record_unet(model)
     try:
-        P.animate(model, _image(), _opts(steps=2, fs=0))
+        pipeline.animate(model, _image(), _opts(steps=2, fs=0))
     finally:
         undo()
     c = calls[0]
@@ -77,7 +77,7 @@ def test_interpolation_keyframes_at_ends():
     model = tiny("512")
     calls, undo = _record_unet(model)
     try:
-        out = P.interpolate(model, _image(0), _image(1), _opts(frames=4, steps=2, fs=5))
+        out = pipeline.interpolate(model, _image(0), _image(1), _opts(frames=4, steps=2, fs=5))
     finally:
         undo()
     assert out.shape == (4, 64, 64, 3)
@@ -103,7 +103,7 @@ def test_regional_animation_keeps_outside_fixed(monkeypatch):
     encoded, seen = [], {}
     vae_encode = model.vae_encode
     monkeypatch.setattr(model, "vae_encode", lambda *a, **k: encoded.append(vae_encode(*a, **k)) or encoded[-1])
-    out = P.generate(model, [img], _opts(steps=3), mask=mask,
+    out = pipeline.generate(model, [img], _opts(steps=3), mask=mask,
                      callback=lambda i, info: seen.__setitem__(i, info["x"].clone()))
     outside = mask[0] == 0
 
@@ -123,7 +123,7 @@ def test_regional_animation_keeps_outside_fixed(monkeypatch):
     # with the paste it does, and the inside still animates
     assert (out - img[0])[:, outside].abs().max() <= 1 / 255
     assert (out[1:] - out[:1])[:, ~outside].abs().max() > 1e-3
-    free = P.generate(model, [img], _opts(steps=3))
+    free = pipeline.generate(model, [img], _opts(steps=3))
     assert (free - out).abs().max() > 1e-4
 
 
@@ -132,58 +132,58 @@ def test_temporal_windows_more_frames_than_native():
     assert model.temporal_length == 4
     calls, undo = _record_unet(model)
     try:
-        out = P.animate(model, _image(), _opts(frames=6, steps=1, window_overlap=2))
+        out = pipeline.animate(model, _image(), _opts(frames=6, steps=1, window_overlap=2))
     finally:
         undo()
     assert out.shape == (6, 64, 64, 3)
     assert [c["x"].shape[2] for c in calls] == [4, 4]          # two windows of 4 frames
-    assert P._window_starts(6, 4, 2) == [0, 2] and P._window_starts(16, 16, 4) == [0]
-    assert P._window_starts(10, 4, 1) == [0, 3, 6]
-    w = P._window_weight(4, 2, 6, 2, CPU)
+    assert pipeline._window_starts(6, 4, 2) == [0, 2] and pipeline._window_starts(16, 16, 4) == [0]
+    assert pipeline._window_starts(10, 4, 1) == [0, 3, 6]
+    w = pipeline._window_weight(4, 2, 6, 2, CPU)
     assert w.tolist() == pytest.approx([1 / 3, 2 / 3, 1, 1])
 
 
 def test_bf16_and_no_guidance():
-    model = C.convert(tiny_dynamicrafter.checkpoint("512"), "tiny", dtype=torch.bfloat16)
+    model = convert.convert(tiny_dynamicrafter.checkpoint("512"), "tiny", dtype=torch.bfloat16)
     assert model.unet.dtype == torch.bfloat16
-    out = P.animate(model, _image(), _opts(steps=2, cfg=1.0))
+    out = pipeline.animate(model, _image(), _opts(steps=2, cfg=1.0))
     assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
 
 
 def test_fp16_keeps_vae_in_fp32():
-    model = C.convert(tiny_dynamicrafter.checkpoint("256"), "tiny", dtype=torch.float16)
+    model = convert.convert(tiny_dynamicrafter.checkpoint("256"), "tiny", dtype=torch.float16)
     assert model.unet.dtype == torch.float16 and model.vae.dtype == torch.float32
 
 
 def test_bad_inputs():
     model = tiny("512")
     with pytest.raises(ValueError, match="image"):
-        P.animate(model, torch.rand(64, 64), _opts())
+        pipeline.animate(model, torch.rand(64, 64), _opts())
     with pytest.raises(ValueError, match="mask: the mask is empty"):
-        P.animate(model, _image(), _opts(), mask=torch.zeros(1, 64, 64))
+        pipeline.animate(model, _image(), _opts(), mask=torch.zeros(1, 64, 64))
     with pytest.raises(ValueError, match="width/height"):
-        P.animate(model, _image(), _opts(width=72))
+        pipeline.animate(model, _image(), _opts(width=72))
     with pytest.raises(ValueError, match="cfg"):
-        P.animate(model, _image(), _opts(cfg=0.5))
+        pipeline.animate(model, _image(), _opts(cfg=0.5))
     with pytest.raises(ValueError, match="frames"):
-        P.interpolate(model, _image(), _image(1), _opts(frames=2))
+        pipeline.interpolate(model, _image(), _image(1), _opts(frames=2))
     with pytest.raises(ValueError, match="eta"):
-        P.animate(model, _image(), _opts(eta=3.0))
+        pipeline.animate(model, _image(), _opts(eta=3.0))
 
 
 def test_interp_variant_defaults_and_forced_variant():
-    model = C.convert(tiny_dynamicrafter.checkpoint("512"), "tiny_interp", variant="512_interp")
+    model = convert.convert(tiny_dynamicrafter.checkpoint("512"), "tiny_interp", variant="512_interp")
     assert model.variant == "512_interp" and model.settings()["defaults"]["fs"] == 5
     calls, undo = _record_unet(model)
     try:
-        P.animate(model, _image(), _opts(steps=1))
+        pipeline.animate(model, _image(), _opts(steps=1))
     finally:
         undo()
     assert calls[0]["fs"].tolist() == [5, 5]
 
 
 def test_interrupt_and_progress(monkeypatch):
-    from kinema.pipelines.dynamicrafter import sampler as S
+    from kinema.pipelines.dynamicrafter import sampler
     from kinema.runtime import Interrupted
     model = tiny("512")
     updates = []
@@ -195,8 +195,8 @@ def test_interrupt_and_progress(monkeypatch):
         def update(self, n=1):
             updates.append(("step", n))
 
-    monkeypatch.setattr(S, "ProgressBar", Bar)
-    P.animate(model, _image(), _opts(steps=3))
+    monkeypatch.setattr(sampler, "ProgressBar", Bar)
+    pipeline.animate(model, _image(), _opts(steps=3))
     assert updates == [("total", 3)] + [("step", 1)] * 3
     count = {"n": 0}
 
@@ -205,7 +205,7 @@ def test_interrupt_and_progress(monkeypatch):
         if count["n"] == 2:
             raise Interrupted("stop")
 
-    monkeypatch.setattr(S, "check_interrupt", stop)
+    monkeypatch.setattr(sampler, "check_interrupt", stop)
     with pytest.raises(Interrupted):
-        P.animate(model, _image(), _opts(steps=5))
+        pipeline.animate(model, _image(), _opts(steps=5))
     assert count["n"] == 2

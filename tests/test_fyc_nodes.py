@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from kinema import runtime
-from kinema.kernels import strength as S
+from kinema.kernels import strength as strength_kernel
 from kinema.kernels.field import MotionField
 from kinema.kernels.motion import dense_motion
-from kinema.nodes import follow_your_click as N
+from kinema.nodes import follow_your_click as fyc_nodes
 from kinema.nodes.motion import KinemaMotionStrength
-from kinema.pipelines.follow_your_click import convert, sd15, tiny
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import convert, sd15
 from kinema.pipelines.follow_your_click.pipeline import FYCModel
 from kinema.runtime import KinemaError
 
@@ -28,7 +29,7 @@ def models_dir(tmp_path_factory):
     sd = tiny.save(tiny.sd15_checkpoint(seed=0), root / "checkpoints" / "tiny_sd15.safetensors")
     mm = tiny.save(tiny.motion_module(seed=1), root / "animatediff_models" / "mm_tiny.ckpt")
     model = convert.build_from_sd15(sd, mm)
-    tiny._randomise(model.motion_embedding, torch.Generator().manual_seed(2))
+    tiny.randomise(model.motion_embedding, torch.Generator().manual_seed(2))
     convert.save_unet(model, fyc / "fyc_tiny.safetensors")
     tiny.save(tiny.sd15_checkpoint(seed=0), fyc / "not_fyc.safetensors")
     return root
@@ -51,38 +52,38 @@ def sd_parts(env):
 
 
 def test_node_contract():
-    for name, cls in N.NODE_CLASS_MAPPINGS.items():
-        assert name.startswith("Kinema") and name in N.NODE_DISPLAY_NAME_MAPPINGS
+    for name, cls in fyc_nodes.NODE_CLASS_MAPPINGS.items():
+        assert name.startswith("Kinema") and name in fyc_nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
         for section in ("required", "optional"):
             for inp, value in cls.INPUT_TYPES().get(section, {}).items():
                 assert value[1].get("tooltip"), f"{name}.{inp} has no tooltip"
     from kinema.nodes import NODE_CLASS_MAPPINGS
-    assert set(N.NODE_CLASS_MAPPINGS) <= set(NODE_CLASS_MAPPINGS)
+    assert set(fyc_nodes.NODE_CLASS_MAPPINGS) <= set(NODE_CLASS_MAPPINGS)
 
 
 def test_loader(env):
-    files = N.KinemaFYCLoader.INPUT_TYPES()["required"]["unet_name"][0]
+    files = fyc_nodes.KinemaFYCLoader.INPUT_TYPES()["required"]["unet_name"][0]
     assert files == ["fyc_tiny.safetensors", "not_fyc.safetensors"]
-    (m,) = N.KinemaFYCLoader().load("fyc_tiny.safetensors", "bf16")
+    (m,) = fyc_nodes.KinemaFYCLoader().load("fyc_tiny.safetensors", "bf16")
     assert isinstance(m, FYCModel) and m.unet.dtype == torch.bfloat16 and m.unet.in_channels == 9
     with pytest.raises(KinemaError, match="not_fyc.safetensors: is a Stable Diffusion single-file checkpoint"):
-        N.KinemaFYCLoader().load("not_fyc.safetensors", "fp32")
+        fyc_nodes.KinemaFYCLoader().load("not_fyc.safetensors", "fp32")
     with pytest.raises(KinemaError, match="'gone.ckpt' not found"):
-        N.KinemaFYCLoader().load("gone.ckpt", "fp32")
+        fyc_nodes.KinemaFYCLoader().load("gone.ckpt", "fp32")
     with pytest.raises(ValueError, match="precision"):
-        N.KinemaFYCLoader().load("fyc_tiny.safetensors", "fp8")
+        fyc_nodes.KinemaFYCLoader().load("fyc_tiny.safetensors", "fp8")
 
 
 def _run(sd_parts, **kw):
     vae, cond = sd_parts
-    (model,) = N.KinemaFYCLoader().load("fyc_tiny.safetensors", "fp32")
+    (model,) = fyc_nodes.KinemaFYCLoader().load("fyc_tiny.safetensors", "fp32")
     args = dict(fyc_model=model, vae=vae, positive=cond("the cat turns its head"), negative=cond(""),
                 image=torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(0)), motion_strength=4, fps=2,
                 frames=4, width=64, height=64, steps=2, cfg=7.5, seed=0)
     args.update(kw)
-    return N.KinemaFYCAnimate().run(**args), args
+    return fyc_nodes.KinemaFYCAnimate().run(**args), args
 
 
 def test_animate_node(sd_parts):
@@ -117,20 +118,20 @@ def test_animate_node_errors(sd_parts):
 
 def test_strength_table_matches_dynamicrafter_defaults():
     variants = json.loads((ROOT / "configs" / "dynamicrafter" / "variants.json").read_text())["variants"]
-    for v in S.DYNAMICRAFTER_VARIANTS:
+    for v in strength_kernel.DYNAMICRAFTER_VARIANTS:
         d = variants[v]["defaults"]
-        fs = [S.dynamicrafter_fs(b, v) for b in range(11)]
+        fs = [strength_kernel.dynamicrafter_fs(b, v) for b in range(11)]
         assert fs[4] == d["fs"]                                   # FYC's default strength -> the model's default
         lo, hi = d["fs_range"]
         assert min(fs) == lo and max(fs) == hi
         more_motion = fs if v == "256" else [-x for x in fs]       # 512/1024: lower fs = more motion
         assert more_motion == sorted(more_motion)
-    (fyc, fs, speed), = [N.KinemaStrengthToBackends().map(7, "1024")["result"]]
-    assert (fyc, fs, speed) == (7, S.dynamicrafter_fs(7, "1024"), S.bucket_speed(7))
+    (fyc, fs, speed), = [fyc_nodes.KinemaStrengthToBackends().map(7, "1024")["result"]]
+    assert (fyc, fs, speed) == (7, strength_kernel.dynamicrafter_fs(7, "1024"), strength_kernel.bucket_speed(7))
     with pytest.raises(ValueError, match="bucket: 11"):
-        S.dynamicrafter_fs(11)
+        strength_kernel.dynamicrafter_fs(11)
     with pytest.raises(ValueError, match="variant"):
-        S.dynamicrafter_fs(3, "2048")
+        strength_kernel.dynamicrafter_fs(3, "2048")
 
 
 @pytest.mark.parametrize("bucket", range(1, 11))
@@ -141,7 +142,7 @@ def test_scaled_motion_measures_as_its_bucket(bucket):
     region[30:70, 40:90] = 1.0
     flow = dense_motion([torch.tensor([[60.0, 50.0], [75.0, 58.0]])], (w, h), 16, region=region)
     field = MotionField(flow, region)
-    scaled, k = N.KinemaScaleMotionToStrength().scale(field, bucket)
+    scaled, k = fyc_nodes.KinemaScaleMotionToStrength().scale(field, bucket)
     assert k > 0
     measured = KinemaMotionStrength().measure(90.0, mask=region[None], motion=scaled)["result"]
     assert measured[2] == bucket
@@ -151,12 +152,12 @@ def test_scaled_motion_measures_as_its_bucket(bucket):
 def test_scale_motion_errors():
     flow = torch.zeros(4, 8, 8, 2)
     with pytest.raises(ValueError, match="does not move inside the mask"):
-        N.KinemaScaleMotionToStrength().scale(MotionField(flow), 3)
-    assert N.KinemaScaleMotionToStrength().scale(MotionField(flow), 0)[1] == 0.0
+        fyc_nodes.KinemaScaleMotionToStrength().scale(MotionField(flow), 3)
+    assert fyc_nodes.KinemaScaleMotionToStrength().scale(MotionField(flow), 0)[1] == 0.0
     with pytest.raises(ValueError, match="mask: the mask is 4x4 but the motion is 8x8"):
-        N.KinemaScaleMotionToStrength().scale(MotionField(flow), 3, mask=torch.ones(1, 4, 4))
+        fyc_nodes.KinemaScaleMotionToStrength().scale(MotionField(flow), 3, mask=torch.ones(1, 4, 4))
     with pytest.raises(ValueError, match="motion: expected a Kinema motion field"):
-        N.KinemaScaleMotionToStrength().scale(flow, 3)
+        fyc_nodes.KinemaScaleMotionToStrength().scale(flow, 3)
 
 
 def test_docs_table_is_the_map():
@@ -164,8 +165,8 @@ def test_docs_table_is_the_map():
     import re
     rows = [line for line in (ROOT / "docs" / "motion_strength.md").read_text().splitlines()
             if re.match(r"\| \d+ \|", line)]
-    assert len(rows) == S.BUCKETS
+    assert len(rows) == strength_kernel.BUCKETS
     for b, row in enumerate(rows):
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        assert int(cells[0]) == b and float(cells[2]) == S.bucket_speed(b) and int(cells[3]) == b
-        assert [int(c) for c in cells[4:7]] == [S.dynamicrafter_fs(b, v) for v in ("512", "1024", "256")]
+        assert int(cells[0]) == b and float(cells[2]) == strength_kernel.bucket_speed(b) and int(cells[3]) == b
+        assert [int(c) for c in cells[4:7]] == [strength_kernel.dynamicrafter_fs(b, v) for v in ("512", "1024", "256")]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kinema import runtime
-from kinema.pipelines.follow_your_click import convert, sd15, tiny
-from kinema.pipelines.follow_your_click import pipeline as P
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import convert, sd15
+from kinema.pipelines.follow_your_click import pipeline as fyc_pipeline
 from kinema.pipelines.follow_your_click.unet import LATENT_SCALE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,8 +20,8 @@ def parts(tmp_path_factory):
     sd_path = tiny.save(tiny.sd15_checkpoint(seed=1), d / "sd.safetensors")
     mm = tiny.save(tiny.motion_module(seed=2), d / "mm.ckpt")
     model = convert.build_from_sd15(sd_path, mm)
-    tiny._randomise(model.fps_embedding, torch.Generator().manual_seed(5))     # as if trained: the
-    tiny._randomise(model.motion_embedding, torch.Generator().manual_seed(6))  # conditions act
+    tiny.randomise(model.fps_embedding, torch.Generator().manual_seed(5))     # as if trained: the
+    tiny.randomise(model.motion_embedding, torch.Generator().manual_seed(6))  # conditions act
     unet = runtime.ManagedModel(model, "FYC UNet")
     vae = sd15.DiffusersVAE(sd15.load_vae(sd_path))
     text = sd15.TextEncoder(sd15.load_text_encoder(sd_path))
@@ -34,7 +35,7 @@ def _image(seed=0, h=64, w=64):
 def _opts(**kw):
     base = dict(frames=4, width=64, height=64, steps=3, cfg=7.5, seed=1)
     base.update(kw)
-    return P.FYCOptions(**base)
+    return fyc_pipeline.FYCOptions(**base)
 
 
 def _disc(h, w, cx, cy, r):
@@ -47,7 +48,7 @@ def test_schedule_is_the_official_one(fixtures_dir):
     float64 numpy), v-prediction, leading spacing with offset 1: 2 steps are [501, 1] as in the fixture."""
     from safetensors.torch import load_file
     fx = load_file(str(fixtures_dir / "follow_your_click" / "conditioning.safetensors"))
-    s = P.scheduler()
+    s = fyc_pipeline.scheduler()
     s.set_timesteps(2)
     assert s.timesteps.tolist() == [int(fx["with_mask.timestep_step0"]), int(fx["with_mask.timestep_step1"])] == [501, 1]
     s.set_timesteps(25)
@@ -66,7 +67,7 @@ class _Oracle(torch.nn.Module):
         super().__init__()
         self.x0 = x0
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ac = P.scheduler().alphas_cumprod
+        self.ac = fyc_pipeline.scheduler().alphas_cumprod
         self.seen, self.inputs = [], []
 
     dtype = torch.float32
@@ -86,7 +87,7 @@ class _Oracle(torch.nn.Module):
 def test_v_prediction_ddim_lands_on_the_clean_latent(steps, eta):
     x0 = torch.randn(1, 4, 3, 5, 6)
     oracle = _Oracle(x0)
-    out = P.sample(runtime.ManagedModel(oracle, "oracle"), torch.randn(1, 4, 5, 6), torch.zeros(1, 2, 8), None,
+    out = fyc_pipeline.sample(runtime.ManagedModel(oracle, "oracle"), torch.randn(1, 4, 5, 6), torch.zeros(1, 2, 8), None,
                    _opts(frames=3, steps=steps, eta=eta, fps=3, strength=6))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
     assert oracle.seen[0][0] == (1, 9, 3, 5, 6) and oracle.seen[0][2:] == (3, 6)   # 9-channel input, conditions
@@ -101,7 +102,7 @@ def test_first_noise_is_the_official_draw(fixtures_dir, case, seed):
     fx = load_file(str(fixtures_dir / "follow_your_click" / "conditioning.safetensors"))
     ref = fx[f"{case}.unet_input_step0"]
     oracle = _Oracle(torch.zeros(1, 4, 16, 8, 8))
-    P.sample(runtime.ManagedModel(oracle, "oracle"), fx[f"{case}.first_image_latents"], torch.zeros(1, 2, 8),
+    fyc_pipeline.sample(runtime.ManagedModel(oracle, "oracle"), fx[f"{case}.first_image_latents"], torch.zeros(1, 2, 8),
              torch.zeros(1, 2, 8), _opts(frames=16, steps=2, cfg=8.0), generator=torch.Generator().manual_seed(seed),
              partial=fx.get(f"{case}.partial_mask"), mask=None if case != "with_mask" else
              fx["with_mask.first_images_mask"][:, :, 0])
@@ -113,13 +114,13 @@ def test_noise_inits():
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     shape = (1, 4, 5, 2, 3)
     z = torch.randn(1, 4, 2, 3)
-    plain = P.initial_latents(shape, g())
-    shared = P.initial_latents(shape, g(), shared_noise=True)
+    plain = fyc_pipeline.initial_latents(shape, g())
+    shared = fyc_pipeline.initial_latents(shape, g(), shared_noise=True)
     assert torch.equal(shared, plain[:, :, :1].expand(shape))                 # every frame = frame 0's noise
-    init = P.initial_latents(shape, g(), z, image_init=True)
+    init = fyc_pipeline.initial_latents(shape, g(), z, image_init=True)
     for i, a in enumerate([5 / 5 / 64, 4 / 5 / 64, 3 / 5 / 64, 2 / 5 / 64, 1 / 5 / 64]):
         torch.testing.assert_close(init[:, :, i], a * z + (1 - a) * plain[:, :, i])
-    both = P.initial_latents(shape, g(), z, shared_noise=True, image_init=True)
+    both = fyc_pipeline.initial_latents(shape, g(), z, shared_noise=True, image_init=True)
     torch.testing.assert_close(both[:, :, 4], z / 320 + (1 - 1 / 320) * plain[:, :, 0])
 
 
@@ -127,30 +128,30 @@ def test_animate_whole_picture(parts):
     unet, vae, cond, uncond = parts
     img = _image(0, 64, 96)
     seen = []
-    frames = P.animate(unet, vae, img, cond, uncond, _opts(width=96), callback=lambda i, info: seen.append(info))
+    frames = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(width=96), callback=lambda i, info: seen.append(info))
     assert frames.shape == (4, 64, 96, 3) and frames.dtype == torch.float32
     assert 0 <= float(frames.min()) and float(frames.max()) <= 1
     assert len(seen) == 3 and seen[0]["x"].shape == (1, 4, 4, 8, 12)         # 4 latent channels (noise) ...
     x_in = seen[0]["x_in"]
     assert x_in.shape == (2, 9, 4, 8, 12)                                     # ... 9 into the UNet, CFG batched
     assert torch.equal(x_in[:, 4, 0], torch.ones(2, 8, 12)) and x_in[:, 4, 1:].abs().max() == 0   # no mask: M on frame 0
-    z = vae.encode(P.prepare_image(img, 64, 96)) * LATENT_SCALE
+    z = vae.encode(fyc_pipeline.prepare_image(img, 64, 96)) * LATENT_SCALE
     torch.testing.assert_close(x_in[0, 5:, 0], z[0])                          # C: the image latent on frame 0
     assert x_in[:, 5:, 1:].abs().max() == 0
-    again = P.animate(unet, vae, img, cond, uncond, _opts(width=96))
+    again = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(width=96))
     assert torch.equal(frames, again)                                         # same seed, same video
-    other = P.animate(unet, vae, img, cond, uncond, _opts(width=96, seed=2))
+    other = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(width=96, seed=2))
     assert (other - frames).abs().max() > 1e-3
 
 
 def test_conditions_change_the_video(parts):
     unet, vae, cond, uncond = parts
     img = _image(1)
-    base = P.animate(unet, vae, img, cond, uncond, _opts())
+    base = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts())
     for change in (dict(strength=9), dict(fps=8), dict(cfg=1.0), dict(shared_noise=True), dict(image_init=True),
                    dict(first_frame_dropout=0.5)):
-        assert (P.animate(unet, vae, img, cond, uncond, _opts(**change)) - base).abs().max() > 1e-4, change
-    assert (P.animate(unet, vae, img, uncond, uncond, _opts()) - base).abs().max() > 1e-4
+        assert (fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(**change)) - base).abs().max() > 1e-4, change
+    assert (fyc_pipeline.animate(unet, vae, img, uncond, uncond, _opts()) - base).abs().max() > 1e-4
 
 
 def test_regional_animation_keeps_outside_the_input(parts):
@@ -161,7 +162,7 @@ def test_regional_animation_keeps_outside_the_input(parts):
     img = _image(2)
     mask = _disc(64, 64, 40.0, 30.0, 14.0)
     seen = {}
-    frames = P.animate(unet, vae, img, cond, uncond, _opts(steps=4), mask=mask,
+    frames = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(steps=4), mask=mask,
                        callback=lambda i, info: seen.__setitem__(i, info))
     outside = mask[0] == 0
     assert (frames - img[0])[:, outside].abs().max() <= 1 / 255
@@ -177,7 +178,7 @@ def test_regional_animation_keeps_outside_the_input(parts):
     m = seen[0]["x_in"][0, 4]                                                  # M: the mask on every frame
     assert torch.equal(m, m[:1].expand_as(m)) and 0 < float(m.mean()) < 1
 
-    loose = P.animate(unet, vae, img, cond, uncond, _opts(steps=4, keep_outside=False), mask=mask)
+    loose = fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(steps=4, keep_outside=False), mask=mask)
     assert (loose - img[0])[:, outside].abs().max() > 4 / 255                 # the model alone does not keep it
 
 
@@ -190,17 +191,17 @@ def test_bad_inputs(parts):
                         (_opts(steps=0), "steps: 0"),
                         (_opts(first_frame_dropout=1.0), "first_frame_dropout")):
         with pytest.raises(ValueError, match=match):
-            P.animate(unet, vae, img, cond, uncond, opts)
+            fyc_pipeline.animate(unet, vae, img, cond, uncond, opts)
     with pytest.raises(ValueError, match="mask: the mask is empty"):
-        P.animate(unet, vae, img, cond, uncond, _opts(), mask=torch.zeros(1, 64, 64))
+        fyc_pipeline.animate(unet, vae, img, cond, uncond, _opts(), mask=torch.zeros(1, 64, 64))
     with pytest.raises(ValueError, match="image: expected an IMAGE"):
-        P.animate(unet, vae, img[0], cond, uncond, _opts())
+        fyc_pipeline.animate(unet, vae, img[0], cond, uncond, _opts())
 
     class HalfVAE:
         def encode(self, pixels):
             return torch.zeros(1, 4, 16, 16)
     with pytest.raises(ValueError, match="vae: encoded a 64x64 picture to"):
-        P.animate(unet, HalfVAE(), img, cond, uncond, _opts())
+        fyc_pipeline.animate(unet, HalfVAE(), img, cond, uncond, _opts())
 
 
 def test_interrupt_and_progress(parts, monkeypatch):
@@ -216,7 +217,7 @@ def test_interrupt_and_progress(parts, monkeypatch):
             self.n += n
 
     monkeypatch.setattr(runtime, "ProgressBar", Bar)
-    P.animate(unet, vae, _image(), cond, uncond, _opts(steps=3))
+    fyc_pipeline.animate(unet, vae, _image(), cond, uncond, _opts(steps=3))
     assert [(b.total, b.n) for b in bars] == [(3, 3)]
     calls = []
 
@@ -226,5 +227,5 @@ def test_interrupt_and_progress(parts, monkeypatch):
             raise runtime.Interrupted()
     monkeypatch.setattr(runtime, "check_interrupt", stop)
     with pytest.raises(runtime.Interrupted):
-        P.animate(unet, vae, _image(), cond, uncond, _opts(steps=5))
+        fyc_pipeline.animate(unet, vae, _image(), cond, uncond, _opts(steps=5))
     assert len(calls) == 3

@@ -9,8 +9,9 @@ import torch
 
 from kinema import runtime
 from kinema.pipelines.clips import make_warp_clips
-from kinema.pipelines.follow_your_click import cli, convert, data, sd15, tiny, train
-from kinema.pipelines.follow_your_click import pipeline as P
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import cli, convert, data, sd15, train
+from kinema.pipelines.follow_your_click import pipeline as fyc_pipeline
 from kinema.runtime import KinemaError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,8 +201,8 @@ def test_trained_file_samples_end_to_end(setup):
     img = data.ClipFolder(setup / "clips").window(0, 0, 1, 1, 64, 64)
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 8:40] = 1.0
-    frames = P.animate(runtime.ManagedModel(model, "FYC"), vae, img, text(["the patch slides"]), text([""]),
-                       P.FYCOptions(frames=4, width=64, height=64, steps=3, strength=6), mask=mask)
+    frames = fyc_pipeline.animate(runtime.ManagedModel(model, "FYC"), vae, img, text(["the patch slides"]), text([""]),
+                       fyc_pipeline.FYCOptions(frames=4, width=64, height=64, steps=3, strength=6), mask=mask)
     assert frames.shape == (4, 64, 64, 3)
     outside = mask[0] == 0
     assert (frames - img[0])[:, outside].abs().max() <= 1 / 255

@@ -4,10 +4,11 @@ clear errors for wrong files, and the SD1.5 readers (diffusers' converters) the 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from kinema.pipelines.follow_your_click import convert, sd15, tiny
+import tiny_follow_your_click as tiny
+from kinema.pipelines.follow_your_click import convert, sd15
 from kinema.pipelines.follow_your_click.unet import FYCUNet
 from kinema.runtime import KinemaError
 
@@ -141,11 +142,11 @@ def test_original_layout_round_trips_through_diffusers_converters(tmp_path):
     the file back with those converters gives every tensor back under its diffusers name."""
     g = torch.Generator().manual_seed(0)
     ucfg = tiny.unet2d_config((32, 64, 64), layers=2, cross_attention_dim=32)
-    unet = tiny._randomise(UNet2DConditionModel(**ucfg), g)
+    unet = tiny.randomise(UNet2DConditionModel(**ucfg), g)
     vcfg = dict(sd15._sd15_config("vae"), block_out_channels=[32, 32, 64], layers_per_block=2,
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
-    vae = tiny._randomise(AutoencoderKL(**vcfg), g)
-    text = tiny._randomise(CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    vae = tiny.randomise(AutoencoderKL(**vcfg), g)
+    text = tiny.randomise(CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                         num_attention_heads=1, projection_dim=64)), g)
     sd = {**tiny.unet_to_ldm(unet.state_dict(), 2, 3), **tiny.vae_to_ldm(vae.state_dict(), 3, 2),
           **{"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()

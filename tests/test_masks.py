@@ -1,11 +1,13 @@
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from kinema.kernels.masks import (bounding_box, connected_component, dilate, erode, feather,
-                                  rasterize_strokes, resize, strokes_from_json)
+                                  rasterize_strokes, resize)
 
 
 def _disc(h, w, cx, cy, r):
@@ -128,21 +130,38 @@ def test_rasterize_strokes_validation_names_the_stroke():
         rasterize_strokes([{"radius": 1, "points": [[1, 1], [2, "a"]]}], (8, 8))
     with pytest.raises(ValueError, match="stroke 0 needs"):
         rasterize_strokes([{"radius": 1, "points": []}], (8, 8))
-    with pytest.raises(ValueError, match="not valid JSON"):
-        strokes_from_json("[{")
-    assert strokes_from_json('[{"mode": "erase", "radius": 2, "points": [[3, 4]]}]')[0]["mode"] == "erase"
 
 
-def test_sliding_and_box_max_match_pooling():
-    from kinema.kernels.masks import box_max, box_min, sliding_max
+def test_sliding_max_matches_pooling():
+    from kinema.kernels.masks import sliding_max
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 1, 13, 17, generator=g)
     for half in (1, 2, 3, 5, 9):
         ref = torch.nn.functional.max_pool2d(x, (1, 2 * half + 1), stride=1, padding=(0, half))
         assert torch.equal(sliding_max(x, half, -1), ref)
-    ref = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
-    assert torch.equal(box_max(x, 1), ref)
-    assert torch.equal(box_min(x, 1), -torch.nn.functional.max_pool2d(-x, 3, stride=1, padding=1))
+        ref = torch.nn.functional.max_pool2d(x, (2 * half + 1, 1), stride=1, padding=(half, 0))
+        assert torch.equal(sliding_max(x, half, -2), ref)
+
+
+def test_grey_dilate_erode_match_scipy_with_a_disc_footprint():
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(2, 23, 31, generator=g)
+    for r in (1, 3, 6):
+        ys, xs = np.mgrid[-r:r + 1, -r:r + 1]
+        disc = xs ** 2 + ys ** 2 <= r * r
+        for i in range(2):
+            # outside the image: ignored by dilation, 1 for erosion (a full mask stays full)
+            ref_d = ndimage.grey_dilation(m[i].numpy(), footprint=disc, mode="constant", cval=-1.0)
+            ref_e = ndimage.grey_erosion(m[i].numpy(), footprint=disc, mode="constant", cval=1.0)
+            assert np.array_equal(dilate(m, r)[i].numpy(), ref_d), r
+            assert np.array_equal(erode(m, r)[i].numpy(), ref_e), r
+
+
+def test_feather_is_scipys_gaussian_with_half_the_radius_as_sigma():
+    m = _disc(40, 50, 20, 25, 11)
+    for radius in (3, 4, 8):
+        ref = ndimage.gaussian_filter(m.double().numpy(), radius / 2, mode="nearest", truncate=3.0)
+        assert np.allclose(feather(m, radius).numpy(), ref, atol=1e-6), radius
 
 
 def _bfs(inside, x, y):
@@ -169,6 +188,11 @@ def test_connected_component_matches_flood_fill_on_random_masks():
         k = int(torch.randint(0, ys.numel(), (1,), generator=g))
         x, y = int(xs[k]), int(ys[k])
         assert torch.equal(connected_component(m, (x, y)) > 0, _bfs(m > 0, x, y)), trial
+        labels, _ = ndimage.label(m.numpy() > 0)  # scipy's default structure is 4-connected
+        assert np.array_equal(connected_component(m, (x, y)).numpy() > 0, labels == labels[y, x]), trial
+    batch = torch.stack([m, torch.zeros_like(m)])
+    both = connected_component(batch, (x, y))
+    assert both.shape == batch.shape and torch.equal(both[0], connected_component(m, (x, y))) and both[1].sum() == 0
 
 
 def test_guided_filter_follows_the_guide_edges():

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,23 @@ def test_pchip_matches_motion_i2v_trajectory_interpolation(fixtures_dir):
             assert float(diff) < 1e-9, float(diff)
             n_checked += 1
     assert n_checked >= 2
+
+
+def test_pchip_equals_scipys_pchip_interpolator():
+    from scipy.interpolate import PchipInterpolator
+    g = torch.Generator().manual_seed(3)
+    for n in (2, 3, 4, 9):
+        tr = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 100).round()
+        tr[n // 2] = tr[n // 2 - 1]  # a repeated point: flat piece, zero slopes
+        knots = np.linspace(0.0, 1.0, n)
+        t = np.linspace(0.0, 1.0, 97)
+        ours = sample_track(tr, torch.from_numpy(t), method="pchip").numpy()
+        ref = np.stack([PchipInterpolator(knots, tr[:, i].numpy())(t) for i in range(2)], 1)
+        assert np.allclose(ours, ref, atol=1e-9), n
+        # outside [0, 1] the track goes on straight with the end slopes
+        slope = np.stack([PchipInterpolator(knots, tr[:, i].numpy()).derivative()([0.0, 1.0]) for i in range(2)], 1)
+        out = sample_track(tr, torch.tensor([-0.25, 1.5], dtype=torch.float64), method="pchip").numpy()
+        assert np.allclose(out, [tr[0].numpy() - 0.25 * slope[0], tr[-1].numpy() + 0.5 * slope[1]], atol=1e-9), n
 
 
 def test_pchip_shape_preserving():

@@ -310,11 +310,11 @@ def test_device_option_is_checked(main, monkeypatch):
 def test_weights_free_nodes_compute_on_the_chosen_device(monkeypatch):
     """The motion nodes ask the runtime for the device and hand their work to the kernels
     there; what they return is on the CPU, as ComfyUI expects."""
-    from kinema.nodes import motion as M
+    from kinema.nodes import motion as motion_nodes
     want = torch.device("cpu")
     asked, seen = [], []
     monkeypatch.setattr(runtime, "device", lambda: asked.append(1) or want)
-    dense, anim = M.dense_motion, M.animate
+    dense, anim = motion_nodes.dense_motion, motion_nodes.animate
 
     def spy_dense(*a, **k):
         seen.append(("dense", k["device"], None if k["region"] is None else k["region"].device))
@@ -324,15 +324,15 @@ def test_weights_free_nodes_compute_on_the_chosen_device(monkeypatch):
         seen.append(("animate", image.device, k["mask"].device))
         return anim(image, *a, **k)
 
-    monkeypatch.setattr(M, "dense_motion", spy_dense)
-    monkeypatch.setattr(M, "animate", spy_anim)
+    monkeypatch.setattr(motion_nodes, "dense_motion", spy_dense)
+    monkeypatch.setattr(motion_nodes, "animate", spy_anim)
     image = torch.rand(1, 32, 48, 3)
     mask = torch.zeros(1, 32, 48)
     mask[:, 8:24, 8:24] = 1
     tracks = json.dumps({"tracks": [[{"x": 16, "y": 16}, {"x": 30, "y": 16}]], "anchors": []})
-    field, preview, _ = M.KinemaMotionFromDrags().build(image, tracks, 4, 1.0, "linear", 0, mask=mask)["result"]
-    (frames,) = M.KinemaAnimateWarp().render(image, field, "inpaint", False, mask=mask)["result"]
-    M.KinemaMotionStrength().measure(90.0, mask=mask, motion=field)
+    field, preview, _ = motion_nodes.KinemaMotionFromDrags().build(image, tracks, 4, 1.0, "linear", 0, mask=mask)["result"]
+    (frames,) = motion_nodes.KinemaAnimateWarp().render(image, field, "inpaint", False, mask=mask)["result"]
+    motion_nodes.KinemaMotionStrength().measure(90.0, mask=mask, motion=field)
     assert len(asked) == 3
     assert seen == [("dense", want, want), ("animate", want, want)]
     assert field.flow.device.type == frames.device.type == preview.device.type == "cpu"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kinema.formats import Points, parse_points
-from kinema.pipelines import segment as seg
+from kinema.formats import Points
+from kinema.pipelines import segment
 from kinema.runtime import KinemaError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -79,17 +79,17 @@ def test_variant_detection_on_released_layouts(name, dims):
     with torch.device("meta"):
         official = sam_model_registry[name]()
     sd = official.state_dict()
-    cfg = seg.config_from_state_dict(sd, name)
+    cfg = segment.config_from_state_dict(sd, name)
     assert cfg.variant == name
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.global_attn_indexes) == dims
     assert (cfg.img_size, cfg.window_size, cfg.prompt_dim, cfg.decoder_depth) == (1024, 14, 256, 2)
-    ours = seg.build_sam(cfg, device="meta").state_dict()
+    ours = segment.build_sam(cfg, device="meta").state_dict()
     assert ours.keys() == sd.keys()
     assert all(tuple(ours[k].shape) == tuple(sd[k].shape) for k in sd)
 
 
 def test_tiny_config_read_from_shapes(sam_model):
-    cfg = seg.config_from_state_dict(sam_model.state_dict())
+    cfg = segment.config_from_state_dict(sam_model.state_dict())
     assert cfg.variant == "custom"
     assert (cfg.img_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.window_size) == (64, 32, 2, 2, 2)
     assert cfg.global_attn_indexes == (1,)
@@ -109,7 +109,7 @@ def test_load_round_trip(tmp_path, sam_model, fmt):
         obj = {"model": sd} if fmt == "pth_nested_model" else {"state_dict": sd, "epoch": 3} \
             if fmt == "pth_nested_state_dict" else sd
         torch.save(obj, path)
-    loaded = seg.load_sam(path)
+    loaded = segment.load_sam(path)
     assert loaded.variant == "custom" and loaded.name == path.name
     got = loaded.model.state_dict()
     assert got.keys() == sd.keys()
@@ -121,7 +121,7 @@ def test_load_round_trip(tmp_path, sam_model, fmt):
 def test_half_precision_file_loads_as_float(tmp_path, sam_model):
     path = tmp_path / "sam_fp16.pth"
     torch.save({k: v.half() for k, v in sam_model.state_dict().items()}, path)
-    loaded = seg.load_sam(path)
+    loaded = segment.load_sam(path)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
 
 
@@ -131,7 +131,7 @@ def test_non_sam_checkpoint_is_rejected(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
                "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, str(path))
     with pytest.raises(KinemaError) as e:
-        seg.load_sam(path)
+        segment.load_sam(path)
     msg = str(e.value)
     assert "sd15_unet.safetensors" in msg and "image_encoder.*" in msg and "model.diffusion_model" in msg
 
@@ -146,7 +146,7 @@ def test_other_segmenters_are_named_as_such(tmp_path, keys, found):
     path = tmp_path / "other.pth"
     torch.save({"model": {k: torch.zeros(2, 2) for k in keys}}, path)
     with pytest.raises(KinemaError) as e:
-        seg.load_sam(path)
+        segment.load_sam(path)
     assert "other.pth" in str(e.value) and found in str(e.value) and "ViT-B/L/H" in str(e.value)
 
 
@@ -155,15 +155,15 @@ def test_truncated_and_corrupt_files_are_rejected(tmp_path, sam_file):
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(KinemaError, match=r"cut\.pth.*could not be read.*ViT-B/L/H"):
-        seg.load_sam(cut)
+        segment.load_sam(cut)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00\x01not a safetensors file" * 10)
     with pytest.raises(KinemaError, match=r"junk\.safetensors.*could not be read"):
-        seg.load_sam(junk)
+        segment.load_sam(junk)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(KinemaError, match=r"empty\.pth.*empty"):
-        seg.load_sam(empty)
+        segment.load_sam(empty)
 
 
 def test_pickled_code_is_not_executed(tmp_path):
@@ -174,7 +174,7 @@ def test_pickled_code_is_not_executed(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"image_encoder.x": Boom()}, path)
     with pytest.raises(KinemaError, match="evil.pth"):
-        seg.load_sam(path)
+        segment.load_sam(path)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, sam_model):
@@ -184,7 +184,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, sam_model):
     path = tmp_path / "odd.pth"
     torch.save(sd, path)
     with pytest.raises(KinemaError) as e:
-        seg.load_sam(path)
+        segment.load_sam(path)
     msg = str(e.value)
     assert "odd.pth" in msg and "mask_decoder.iou_token.weight" in msg and "mask_decoder.hf_token.weight" in msg
 
@@ -192,7 +192,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, sam_model):
     sd["prompt_encoder.no_mask_embed.weight"] = torch.zeros(1, 17)
     torch.save(sd, path)
     with pytest.raises(KinemaError, match=r"wrong shape.*no_mask_embed"):
-        seg.load_sam(path)
+        segment.load_sam(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +202,10 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, sam_model):
 def test_prediction_matches_segment_anything_predictor(sam_model, sam_file):
     from segment_anything import SamPredictor
 
-    segmenter = seg.load_sam(sam_file)
+    segmenter = segment.load_sam(sam_file)
     image = small_image()
     ref = SamPredictor(sam_model)
-    ref.set_image(seg.to_uint8(image))
+    ref.set_image(segment.to_uint8(image))
     cases = [pts([[10, 20]]), pts([[10, 20], [30, 5]], [[2, 40]], box=[5, 3, 35, 44]), pts(box=[3, 3, 30, 40])]
     for p in cases:
         for multimask in (True, False):
@@ -226,18 +226,18 @@ def test_prediction_matches_segment_anything_predictor(sam_model, sam_file):
 
 
 def test_multimask_keeps_best_scoring_mask(sam_file):
-    segmenter = seg.load_sam(sam_file)
+    segmenter = segment.load_sam(sam_file)
     image = small_image(3)
     pred = segmenter.predict(image, pts([[12, 30]]), multimask=True)
     assert pred.scores.shape == (3,)
     assert pred.score == pytest.approx(float(pred.scores.max()))
-    mask, score = seg.segment(image, pts([[12, 30]]), segmenter, multimask=True)
+    mask, score = segment.segment(image, pts([[12, 30]]), segmenter, multimask=True)
     assert torch.equal(mask, pred.masks[int(pred.scores.argmax())].float())
     assert score == pytest.approx(pred.score)
 
 
 def test_embedding_cache_reuses_and_is_bounded(sam_file):
-    segmenter = seg.load_sam(sam_file, cache_size=2)
+    segmenter = segment.load_sam(sam_file, cache_size=2)
     calls = []
     segmenter.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     a, b, c = small_image(1), small_image(2), small_image(3)
@@ -259,7 +259,7 @@ def test_embedding_cache_reuses_and_is_bounded(sam_file):
 
 
 def test_prediction_needs_a_positive_click_or_box(sam_file):
-    segmenter = seg.load_sam(sam_file)
+    segmenter = segment.load_sam(sam_file)
     with pytest.raises(ValueError, match="points: there is no positive click"):
         segmenter.predict(small_image(), pts(neg=[[3, 3]]))
 
@@ -271,19 +271,19 @@ def test_prediction_needs_a_positive_click_or_box(sam_file):
 def test_refine_mask_grow_shrink_feather():
     m = torch.zeros(21, 21)
     m[10, 10] = 1
-    grown = seg.refine_mask(m, grow=3)
+    grown = segment.refine_mask(m, grow=3)
     assert grown.sum() == 29  # the digital disc of radius 3
     assert grown[10, 13] == 1 and grown[10, 14] == 0
     square = torch.zeros(21, 21)
     square[5:16, 5:16] = 1
-    shrunk = seg.refine_mask(square, grow=-2)
+    shrunk = segment.refine_mask(square, grow=-2)
     assert shrunk.sum() == 49 and shrunk[7:14, 7:14].min() == 1
     full = torch.ones(8, 8)
-    assert seg.refine_mask(full, grow=-1).sum() == 64  # the image edge is not an object edge
-    soft = seg.refine_mask(square, feather=4)
+    assert segment.refine_mask(full, grow=-1).sum() == 64  # the image edge is not an object edge
+    soft = segment.refine_mask(square, feather=4)
     assert 0 <= float(soft.min()) and float(soft.max()) <= 1
     assert 0 < float(soft[10, 4]) < 1 and float(soft[10, 10]) > 0.9
-    assert torch.equal(seg.refine_mask(square), square)
+    assert torch.equal(segment.refine_mask(square), square)
 
 
 def test_overlay_tints_and_marks():
@@ -291,7 +291,7 @@ def test_overlay_tints_and_marks():
     mask = torch.zeros(60, 80)
     mask[10:40, 10:50] = 1
     p = pts([[20, 20]], [[70, 50]], box=[5, 5, 55, 45])
-    out = seg.overlay(img, mask, p)
+    out = segment.overlay(img, mask, p)
     assert out.shape == (60, 80, 3) and out.dtype == torch.float32
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.allclose(out[20, 20], torch.tensor([0.0, 1.0, 0.0]))  # positive: green
@@ -299,4 +299,4 @@ def test_overlay_tints_and_marks():
     assert torch.allclose(out[30, 30], 0.5 * img[30, 30] + 0.5 * torch.tensor([0.15, 0.45, 1.0]), atol=2e-3)
     assert torch.allclose(out[55, 20], img[55, 20], atol=2e-3)  # untouched outside
     with pytest.raises(ValueError, match="mask"):
-        seg.overlay(img, torch.zeros(10, 10))
+        segment.overlay(img, torch.zeros(10, 10))

@@ -18,7 +18,7 @@ from kinema.nodes import routes
 from kinema.nodes import segment as nodes
 from kinema.nodes._ui import save_temp_png
 from kinema.formats import parse_points
-from kinema.pipelines import segment as seg
+from kinema.pipelines import segment as segmentation
 from kinema.runtime import KinemaError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -103,7 +103,7 @@ def test_loader_lists_and_loads(sam_name):
     combo = nodes.KinemaSAMLoader.INPUT_TYPES()["required"]["sam_name"][0]
     assert combo == [sam_name]
     (sam,) = nodes.KinemaSAMLoader().load(sam_name, device="cpu")
-    assert isinstance(sam, seg.SamSegmenter) and sam.device.type == "cpu" and sam.name == sam_name
+    assert isinstance(sam, segmentation.SamSegmenter) and sam.device.type == "cpu" and sam.name == sam_name
     # one model per file: a second load, and the live-mask route, get the same object
     (again,) = nodes.KinemaSAMLoader().load(sam_name, device="cpu")
     assert again is sam
@@ -129,7 +129,7 @@ def test_click_to_mask_classical(dirs):
     mask, preview = out["result"]
     assert mask.shape == (1, 300, 451) and preview.shape == (1, 300, 451, 3)
     assert mask[0, 150, 230] == 1 and mask[0, 5, 445] == 0
-    expected, _ = seg.segment(batch[0], parse_points(CLICK, (451, 300)))
+    expected, _ = segmentation.segment(batch[0], parse_points(CLICK, (451, 300)))
     assert torch.equal(mask[0], expected)  # frame 0, not frame 1
     assert torch.allclose(preview[0, 150, 230], torch.tensor([0.0, 1.0, 0.0]))
     (bg,) = out["ui"]["kinema_bg"]
@@ -180,7 +180,7 @@ def test_click_to_mask_with_sam(sam_name):
     (sam,) = nodes.KinemaSAMLoader().load(sam_name, device="cpu")
     batch = cat_batch()[:, :120, :160]
     p = '{"positive": [[60, 40]], "negative": [[150, 100]], "box": null}'
-    expected, _ = seg.segment(batch[0], parse_points(p, (160, 120)), sam, multimask=False)
+    expected, _ = segmentation.segment(batch[0], parse_points(p, (160, 120)), sam, multimask=False)
     assert expected.sum() > 0  # this seed's tiny SAM selects something here
     out = nodes.KinemaClickToMask().run(batch, p, multimask=False, sam=sam)
     assert torch.equal(out["result"][0][0], expected)
@@ -227,19 +227,19 @@ def _decode(b64: str) -> np.ndarray:
 
 
 def test_mask_preview_classical(dirs, cat_input):
-    cache = seg.SamStore()
+    cache = segmentation.SamStore()
     body = routes.mask_preview({"image": cat_input, "points": SMALL_CLICK, "sam": "", "multimask": True},
                                dirs / "input", dirs / "temp", cache)
     assert (body["width"], body["height"], body["backend"], body["empty"]) == (226, 150, "classical", False)
     mask = _decode(body["mask"])
     assert mask.shape == (150, 226) and set(np.unique(mask)) == {0, 255}
     rgb = np.asarray(Image.open(dirs / "input" / "sub" / "cat.png"), dtype=np.float32) / 255
-    expected, score = seg.segment(rgb, parse_points(SMALL_CLICK, (226, 150)))
+    expected, score = segmentation.segment(rgb, parse_points(SMALL_CLICK, (226, 150)))
     assert np.array_equal(mask > 0, expected.numpy() > 0) and body["score"] == pytest.approx(score)
 
 
 def test_mask_preview_sam_cached_per_route(sam_name, dirs, cat_input):
-    cache = seg.SamStore(max_files=1)
+    cache = segmentation.SamStore(max_files=1)
     req = {"image": cat_input, "points": SMALL_CLICK, "sam": sam_name, "multimask": True}
     first = routes.mask_preview(req, dirs / "input", dirs / "temp", cache)
     segmenter = cache.get(dirs / "models" / "sams" / sam_name)
@@ -269,7 +269,7 @@ def test_mask_preview_refuses_paths_outside(dirs, cat_input, image, what):
     Image.new("RGB", (16, 16)).save(secret)
     os.symlink(secret, dirs / "input" / "link.png")
     status, body = routes.handle_mask_preview({"image": image, "points": "[[5, 5]]"}, dirs / "input",
-                                              dirs / "temp", seg.SamStore())
+                                              dirs / "temp", segmentation.SamStore())
     assert status == 400 and what in body["error"]
 
 
@@ -286,10 +286,10 @@ def test_mask_preview_refuses_paths_outside(dirs, cat_input, image, what):
 ])
 def test_mask_preview_rejects_bad_requests(dirs, cat_input, change, what):
     payload = dict({"image": cat_input, "points": SMALL_CLICK, "sam": "", "multimask": True}, **change)
-    status, body = routes.handle_mask_preview(payload, dirs / "input", dirs / "temp", seg.SamStore())
+    status, body = routes.handle_mask_preview(payload, dirs / "input", dirs / "temp", segmentation.SamStore())
     assert status == 400 and what in body["error"]
     status, body = routes.handle_mask_preview(["not", "a", "dict"], dirs / "input", dirs / "temp",
-                                              seg.SamStore())
+                                              segmentation.SamStore())
     assert status == 400 and "JSON object" in body["error"]
 
 
@@ -297,7 +297,7 @@ def test_mask_preview_rejects_corrupt_picture(dirs):
     (dirs / "temp" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     status, body = routes.handle_mask_preview(
         {"image": {"filename": "bad.png", "type": "temp"}, "points": "[[1, 1]]"}, dirs / "input", dirs / "temp",
-        seg.SamStore())
+        segmentation.SamStore())
     assert status == 400 and "could not be read" in body["error"]
 
 

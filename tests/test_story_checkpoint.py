@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kinema.pipelines import story as sp
+from kinema.pipelines import story as story_pipeline
 from kinema.pipelines.text_encoding import clip_tokenizer
 from kinema.runtime import KinemaError
 from test_story_pipeline import TINY, tiny_models
@@ -118,7 +118,7 @@ def test_single_file_round_trip(arch, tmp_path):
     models = tiny_models(arch)
     path = tmp_path / f"tiny_{arch}.safetensors"
     save_file(to_single_file(models, arch), str(path))
-    loaded = sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+    loaded = story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
     assert loaded.arch == arch
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(models, part), getattr(loaded, part)
@@ -136,12 +136,12 @@ def test_single_file_round_trip(arch, tmp_path):
     sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(sd, str(path))
     with pytest.raises(KinemaError, match="UNet weights do not match"):
-        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+        story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
     sd.pop("model.diffusion_model.extra.weight")
     sd.pop(next(k for k in sd if k.startswith("first_stage_model.decoder")))
     save_file(sd, str(path))
     with pytest.raises(KinemaError, match="VAE weights do not match.*1 missing"):
-        sp.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
+        story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
 
 
 def test_clip_tokenizer_ids():
@@ -154,3 +154,19 @@ def test_clip_tokenizer_ids():
     pad0 = clip_tokenizer(pad="!")(["a cat"], padding="max_length", max_length=6, return_tensors="pt").input_ids
     assert pad0[0].tolist() == [49406, 320, 2368, 49407, 0, 0]
     assert len(tok.get_vocab()) == 49408
+
+
+def test_clip_tokenizer_ids_equal_open_clips_tokenize():
+    """open_clip's tokenize (what the official SDXL code uses for its second text encoder) runs
+    its own BPE over the same vocabulary: the ids agree, including text the pad token "!" is in."""
+    import open_clip
+
+    prompts = ["a photo of a cat, highly detailed", "A Man's HAT -- 3 dogs & 12 cats!!", "hi! there!",
+               "café naïve déjà vu", "  lots   of   spaces\tand\nlines ", "word " * 100, ""]
+    ref = open_clip.tokenize(prompts, context_length=77)  # pads with id 0
+    ids = clip_tokenizer(pad="!")(prompts, padding="max_length", max_length=77, truncation=True,
+                                  return_tensors="pt").input_ids
+    assert torch.equal(ids, ref)
+    ids = clip_tokenizer()(prompts, padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids
+    assert torch.equal(ids[ref != 0], ref[ref != 0]) and bool((ids[ref == 0] == 49407).all())

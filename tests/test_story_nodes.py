@@ -5,21 +5,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kinema.kernels.consistent_attention import ConsistentSelfAttention, attention
-from kinema.nodes import story as ns
-from kinema.pipelines import story as sp
+from kinema.kernels.consistent_attention import attention
+from kinema.nodes import story as story_nodes
+from kinema.pipelines import story as story_pipeline
 
 STORY = "[A] a knight in red armour\n[A] the knight on a horse\n[NC] a castle\n[A] the knight sleeping"
 
 
 def test_node_declarations():
-    for cls in ns.NODE_CLASS_MAPPINGS.values():
+    for cls in story_nodes.NODE_CLASS_MAPPINGS.values():
         spec = cls.INPUT_TYPES()
         for name, (kind, *opts) in spec["required"].items():
             assert opts and opts[0].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
         assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
-    assert set(ns.NODE_DISPLAY_NAME_MAPPINGS) == set(ns.NODE_CLASS_MAPPINGS)
+    assert set(story_nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(story_nodes.NODE_CLASS_MAPPINGS)
 
 
 # ----------------------------------------------------------------------------- comic layout
@@ -28,7 +28,7 @@ def test_comic_layout_pages():
     panels = torch.zeros(5, 40, 30, 3)
     for i in range(5):
         panels[i, ..., i % 3] = 1.0
-    node = ns.KinemaComicLayout()
+    node = story_nodes.KinemaComicLayout()
     (pages,) = node.layout(panels, "one\ntwo\nthree\nfour\nfive", 2, 2, 4, 20, 10, 1.0)
     assert pages.shape == (2, 2 * 60 + 3 * 4, 2 * 30 + 3 * 4, 3)
     # panel 2 (index 1) sits top right, green; panel 5 (index 4) on page 2 top left, green too
@@ -43,7 +43,7 @@ def test_comic_layout_pages():
 
 
 def test_comic_layout_errors():
-    node = ns.KinemaComicLayout()
+    node = story_nodes.KinemaComicLayout()
     with pytest.raises(ValueError, match="panels: expected an IMAGE batch"):
         node.layout(torch.zeros(2, 8, 8), "", 2, 2, 4, 20, 10, 1.0)
     with pytest.raises(ValueError, match="captions: 3 lines for 2 panels"):
@@ -80,7 +80,7 @@ def _unet(depths):
 def test_patch_registers_every_up_block_self_attention():
     # an SDXL-shaped UNet: output blocks 0-2 with 10 transformer blocks, 3-5 with 2, 6-8 none
     model = _Patcher(_unet([10, 10, 10, 2, 2, 2, 0, 0, 0]))
-    node = ns.KinemaConsistentAttentionPatch()
+    node = story_nodes.KinemaConsistentAttentionPatch()
     (patched,) = node.patch(model, STORY, "", 2, 0.5, 0.5, 3, "lowvram")
     assert model.patches == {}  # the input model is untouched
     assert len(patched.patches) == 36
@@ -96,19 +96,48 @@ def _call(patch, q, k, v, step, sample_sigmas, cond_or_uncond=(1, 0), block=("ou
     return patch(q, k, v, opts)
 
 
+def _softmax_attention(q, k, v, heads):
+    """softmax(q k^T / sqrt(d)) v for each head, written out: q (Nq, D), k and v (Nk, D)."""
+    d = q.shape[-1] // heads
+    out = []
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        weights = torch.softmax(q[:, part] @ k[:, part].T / d ** 0.5, dim=-1)
+        out.append(weights @ v[:, part])
+    return torch.cat(out, dim=-1)
+
+
+def test_patch_is_softmax_attention_over_own_and_shared_reference_tokens():
+    layout = story_pipeline.parse_story(STORY, id_length=2).layout
+    patch = story_pipeline.NativeConsistentAttention(layout, sa32=0.5, sa64=0.5, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(8, 16, 16, generator=gen) for _ in range(3))  # [uncond x4, cond x4]
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+    _call(patch, q, k, v, 1, sigmas)  # the first call starts the run's state
+    # fix the two random draws: which reference tokens are shared, and whether a unit is consistent
+    shared = {0: torch.arange(16) % 2 == 0, 1: torch.arange(16) % 3 == 0}
+    patch.state.mask_sampler = lambda step, n, panels, rate: torch.stack([shared[p] for p in panels])
+    patch.state.gate_sampler = lambda step, layer, unit: True
+    got = _call(patch, q, k, v, 2, sigmas)
+    # panels 0 and 1 are the knight's references and read each other's shared tokens, panel 3
+    # (the knight again) reads both, the [NC] panel 2 only itself; in both guidance halves
+    reads = {0: [1], 1: [0], 2: [], 3: [0, 1]}
+    for half in range(2):
+        for panel, sources in reads.items():
+            row = half * 4 + panel
+            keys = torch.cat([k[row]] + [k[half * 4 + s][shared[s]] for s in sources])
+            values = torch.cat([v[row]] + [v[half * 4 + s][shared[s]] for s in sources])
+            assert torch.allclose(got[row], _softmax_attention(q[row], keys, values, 2), atol=1e-5), row
+
+
 def test_patch_follows_comfy_batches():
-    layout = sp.parse_story(STORY, id_length=2).layout
-    patch = sp.NativeConsistentAttention(layout, sa32=0.5, sa64=0.5, seed=9)
+    layout = story_pipeline.parse_story(STORY, id_length=2).layout
+    patch = story_pipeline.NativeConsistentAttention(layout, sa32=0.5, sa64=0.5, seed=9)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(8, 16, 16, generator=gen) for _ in range(3))  # [uncond x4, cond x4]
     sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
     got = _call(patch, q, k, v, 2, sigmas)
-    ref = ConsistentSelfAttention(layout, sa32=0.5, sa64=0.5, seed=9)
-    ref.latent_hw = (8, 8)
-    ref.set_step(2)
-    ref._layer(("output", 4, 1))
     assert patch.state.step == 2
-    assert torch.allclose(got, ref.attend(q, k, v, 2, ("output", 4, 1), range(4), 2), atol=1e-6)
     # the NC panel is plain attention, the others are not
     plain = attention(q, k, v, 2)
     assert torch.allclose(got[[2, 6]], plain[[2, 6]], atol=1e-6)
@@ -130,7 +159,7 @@ def test_patch_follows_comfy_batches():
 def test_story_batch_node_checks_the_story_first():
     # the story is parsed before any model is touched (the node runs on ComfyUI's models:
     # tests/comfyui/test_story_core.py)
-    node = ns.KinemaStoryBatch()
+    node = story_nodes.KinemaStoryBatch()
     with pytest.raises(ValueError, match="story: it is empty"):
         node.generate(None, None, None, " ", "", 2, "", "", 32, 32, 1, 5.0, 3, 0.5, 0.5, 2, True, "lowvram")
     with pytest.raises(ValueError, match="never appears alone"):
@@ -154,7 +183,7 @@ class _Clip:
 
 def test_story_conditioning_batches_panels():
     story = STORY + "\n[A] the knight rides through a very long and winding valley at dawn"
-    pos, neg, count, captions = ns.KinemaStoryConditioning().encode(_Clip(), story, "", 2, "{prompt}", "ugly")
+    pos, neg, count, captions = story_nodes.KinemaStoryConditioning().encode(_Clip(), story, "", 2, "{prompt}", "ugly")
     assert count == 5 and len(captions.splitlines()) == 5
     cond, meta = pos[0]
     assert cond.shape == (5, 154, 8) and meta["pooled_output"].shape == (5, 4)

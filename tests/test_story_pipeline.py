@@ -3,7 +3,7 @@ the shipped configs; checkpoint loading errors."""
 import pytest
 import torch
 
-from kinema.pipelines import story as sp
+from kinema.pipelines import story as story_pipeline
 from kinema.kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
 from kinema.runtime import KinemaError
 
@@ -40,7 +40,7 @@ STORY = """[Lily] a girl with red hair in a garden #Lily in the garden
 
 def tiny_models(arch):
     torch.manual_seed(0)
-    m = sp.build_models(arch, configs=TINY[arch], device="cpu")
+    m = story_pipeline.build_models(arch, configs=TINY[arch], device="cpu")
     for mod in (m.unet, m.vae, m.text_encoder, m.text_encoder_2):
         if mod is not None:
             mod.eval().requires_grad_(False)
@@ -60,20 +60,20 @@ def sdxl():
 def settings(**kw):
     base = dict(width=16, height=16, steps=2, cfg=5.0, seed=7, id_length=2, batch_size=2)
     base.update(kw)
-    return sp.StorySettings(**base)
+    return story_pipeline.StorySettings(**base)
 
 
 # ----------------------------------------------------------------------------- parsing
 
 def test_parse_story():
-    st = sp.parse_story(STORY, id_length=2, style="comic, {prompt}")
+    st = story_pipeline.parse_story(STORY, id_length=2, style="comic, {prompt}")
     assert len(st.panels) == 5
     assert st.references == {"Lily": [0, 1]}
     assert st.panels[2].characters == ()
     assert st.panels[0].caption == "Lily in the garden"
     assert st.panels[1].caption == "a girl with red hair reading a book"
     assert st.panels[0].prompt == "comic, a girl with red hair in a garden"
-    two = sp.parse_story("[A] x\n[B] y\n[A] [B] together\n[NC] sky", id_length=1,
+    two = story_pipeline.parse_story("[A] x\n[B] y\n[A] [B] together\n[NC] sky", id_length=1,
                          characters="[A] a tall man\n[B] a small dog")
     assert two.references == {"A": [0], "B": [1]}
     assert two.panels[2].characters == ("A", "B")
@@ -93,7 +93,7 @@ def test_parse_story():
 ])
 def test_parse_errors(text, kw, match):
     with pytest.raises(ValueError, match=match):
-        sp.parse_story(text, **kw)
+        story_pipeline.parse_story(text, **kw)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -101,17 +101,17 @@ def test_parse_errors(text, kw, match):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_story_batch(arch, request):
     models = request.getfixturevalue(arch)
-    story = sp.parse_story(STORY, id_length=2)
+    story = story_pipeline.parse_story(STORY, id_length=2)
     saved = dict(models.unet.attn_processors)
-    out = sp.generate_story(models, story, settings())
+    out = story_pipeline.generate_story(models, story, settings())
     assert out.shape == (5, 16, 16, 3) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     # the model is left as it was: processors restored, FreeU off
     assert {k: type(v) for k, v in models.unet.attn_processors.items()} == {k: type(v) for k, v in saved.items()}
-    again = sp.generate_story(models, story, settings())
+    again = story_pipeline.generate_story(models, story, settings())
     assert torch.equal(out, again)
     # another size and another number of panels on the same models just work
-    small = sp.generate_story(models, sp.parse_story("[A] x\n[A] y\n[A] z", id_length=1),
+    small = story_pipeline.generate_story(models, story_pipeline.parse_story("[A] x\n[A] y\n[A] z", id_length=1),
                               settings(width=24, height=16, freeu=False, steps=1))
     assert small.shape == (3, 16, 24, 3)
 
@@ -119,9 +119,9 @@ def test_story_batch(arch, request):
 def test_window_size_does_not_change_panels(sd15):
     """Later panels read the bank: denoising them one at a time or together gives the same
     images (the memory-bounded route equals one big batch)."""
-    story = sp.parse_story(STORY, id_length=2)
-    one = sp.generate_story(sd15, story, settings(batch_size=1, sa32=1.0, sa64=1.0))
-    three = sp.generate_story(sd15, story, settings(batch_size=3, sa32=1.0, sa64=1.0))
+    story = story_pipeline.parse_story(STORY, id_length=2)
+    one = story_pipeline.generate_story(sd15, story, settings(batch_size=1, sa32=1.0, sa64=1.0))
+    three = story_pipeline.generate_story(sd15, story, settings(batch_size=3, sa32=1.0, sa64=1.0))
     assert torch.allclose(one, three, atol=1e-4)
 
 
@@ -140,11 +140,11 @@ def test_processor_in_the_unet(sd15):
             state = ConsistentSelfAttention(layout, sa32=rate, sa64=rate, gate_sampler=lambda *a: True)
             state.latent_hw = (8, 8)
             state.set_step(3)
-            batch = sp._Batch()
+            batch = story_pipeline._Batch()
             batch.panels, batch.groups = [0, 1, 2, 3], 1
             procs = dict(saved)
-            for name in sp.up_block_self_attention_names(unet):
-                procs[name] = sp.StoryAttnProcessor(name, state, batch)
+            for name in story_pipeline.up_block_self_attention_names(unet):
+                procs[name] = story_pipeline.StoryAttnProcessor(name, state, batch)
             unet.set_attn_processor(procs)
             outs.append(unet(x, 500, encoder_hidden_states=ctx).sample)
     finally:
@@ -157,9 +157,9 @@ def test_processor_in_the_unet(sd15):
 
 
 def test_bad_settings(sd15):
-    story = sp.parse_story(STORY, id_length=2)
+    story = story_pipeline.parse_story(STORY, id_length=2)
     with pytest.raises(ValueError, match="width: 30 is not a positive multiple of 4"):
-        sp.generate_story(sd15, story, settings(width=30))
+        story_pipeline.generate_story(sd15, story, settings(width=30))
 
 
 # ----------------------------------------------------------------------------- configs and files
@@ -170,25 +170,25 @@ def test_bad_settings(sd15):
               "text_encoder_2": 694_659_840}),
 ])
 def test_shipped_configs_match_released_models(arch, expected):
-    m = sp.build_models(arch, device="meta")
+    m = story_pipeline.build_models(arch, device="meta")
     for part, count in expected.items():
         assert sum(p.numel() for p in getattr(m, part).parameters()) == count, part
     assert up_attn(m) == {"sd15": 9, "sdxl": 36}[arch]
 
 
 def up_attn(m):
-    return len(sp.up_block_self_attention_names(m.unet))
+    return len(story_pipeline.up_block_self_attention_names(m.unet))
 
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(KinemaError, match="file not found"):
-        sp.load_checkpoint(tmp_path / "none.safetensors")
+        story_pipeline.load_checkpoint(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(KinemaError, match="bad.safetensors: could not be read as safetensors"):
-        sp.load_checkpoint(bad)
+        story_pipeline.load_checkpoint(bad)
     from safetensors.torch import save_file
     other = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2)}, str(other))
     with pytest.raises(KinemaError, match="not an SD1.5 or SDXL single-file checkpoint"):
-        sp.load_checkpoint(other)
+        story_pipeline.load_checkpoint(other)

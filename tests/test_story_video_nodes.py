@@ -9,10 +9,9 @@ from safetensors.torch import save_file
 
 import tiny_dynamicrafter
 from kinema import runner, runtime
-from kinema.nodes import dynamicrafter as ND
-from kinema.nodes import story_video as N
-from kinema.pipelines.dynamicrafter import convert as C
-from kinema.pipelines.story_video import predictor as SP
+from kinema.nodes import dynamicrafter as dynamicrafter_nodes
+from kinema.nodes import story_video as story_video_nodes
+from kinema.pipelines.story_video import predictor as story_predictor
 from kinema.pipelines.story_video.transitions import SemanticMotion
 from kinema.runtime import KinemaError
 
@@ -27,9 +26,9 @@ def models_dir(tmp_path_factory):
     (root / "kinema" / "dynamicrafter").mkdir(parents=True)
     save_file(tiny_dynamicrafter.checkpoint("512"), str(root / "kinema" / "dynamicrafter" / "tiny_interp.safetensors"))
     torch.manual_seed(0)
-    pred = SP.SemanticMotionPredictor(SP.default_config("tiny"))
+    pred = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
     torch.nn.init.normal_(pred.proj_out.weight, std=0.5)
-    SP.save_predictor(pred, root / "kinema" / "story_diffusion" / "tiny_predictor.safetensors")
+    story_predictor.save_predictor(pred, root / "kinema" / "story_diffusion" / "tiny_predictor.safetensors")
     save_file({"x": torch.zeros(2)}, str(root / "kinema" / "story_diffusion" / "other.safetensors"))
     return root
 
@@ -48,11 +47,11 @@ def _panels(n=3, h=64, w=64):
 
 
 def test_node_contract():
-    assert set(N.NODE_CLASS_MAPPINGS) == {"KinemaMotionPredictorLoader", "KinemaSemanticMotionPredictor",
+    assert set(story_video_nodes.NODE_CLASS_MAPPINGS) == {"KinemaMotionPredictorLoader", "KinemaSemanticMotionPredictor",
                                           "KinemaStoryTransitions"}
     from kinema.nodes import NODE_CLASS_MAPPINGS
-    for name, cls in N.NODE_CLASS_MAPPINGS.items():
-        assert NODE_CLASS_MAPPINGS[name] is cls and name in N.NODE_DISPLAY_NAME_MAPPINGS
+    for name, cls in story_video_nodes.NODE_CLASS_MAPPINGS.items():
+        assert NODE_CLASS_MAPPINGS[name] is cls and name in story_video_nodes.NODE_DISPLAY_NAME_MAPPINGS
         assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
         for section in ("required", "optional"):
@@ -61,21 +60,21 @@ def test_node_contract():
 
 
 def test_loader(env):
-    files = N.KinemaMotionPredictorLoader.INPUT_TYPES()["required"]["predictor_name"][0]
+    files = story_video_nodes.KinemaMotionPredictorLoader.INPUT_TYPES()["required"]["predictor_name"][0]
     assert files == ["other.safetensors", "tiny_predictor.safetensors"]
-    (pred,) = N.KinemaMotionPredictorLoader().load("tiny_predictor.safetensors")
-    assert isinstance(pred, runtime.ManagedModel) and isinstance(pred.module, SP.SemanticMotionPredictor)
+    (pred,) = story_video_nodes.KinemaMotionPredictorLoader().load("tiny_predictor.safetensors")
+    assert isinstance(pred, runtime.ManagedModel) and isinstance(pred.module, story_predictor.SemanticMotionPredictor)
     with pytest.raises(KinemaError, match="other.safetensors.*not a semantic motion predictor"):
-        N.KinemaMotionPredictorLoader().load("other.safetensors")
+        story_video_nodes.KinemaMotionPredictorLoader().load("other.safetensors")
     with pytest.raises(KinemaError, match="missing.safetensors"):
-        N.KinemaMotionPredictorLoader().load("missing.safetensors")
+        story_video_nodes.KinemaMotionPredictorLoader().load("missing.safetensors")
 
 
 def test_predictor_and_transitions_nodes(env):
-    (dc,) = ND.KinemaDynamiCrafterLoader().load("tiny_interp.safetensors", "fp32", "512_interp")
-    (pred,) = N.KinemaMotionPredictorLoader().load("tiny_predictor.safetensors")
+    (dc,) = dynamicrafter_nodes.KinemaDynamiCrafterLoader().load("tiny_interp.safetensors", "fp32", "512_interp")
+    (pred,) = story_video_nodes.KinemaMotionPredictorLoader().load("tiny_predictor.safetensors")
     panels = _panels()
-    node = N.KinemaSemanticMotionPredictor()
+    node = story_video_nodes.KinemaSemanticMotionPredictor()
     motion, chart = node.run(dc, panels, 4, width=64, height=64)
     assert isinstance(motion, SemanticMotion) and motion.mode == "interpolation"
     assert motion.tokens.shape == (2, 4, 5, 64)
@@ -90,7 +89,7 @@ def test_predictor_and_transitions_nodes(env):
     assert learned.mode.startswith("learned") and (learned.tokens - motion.tokens).abs().max() > 1e-3
     assert torch.equal(learned.tokens[:, [0, 3]], motion.tokens[:, [0, 3]])
 
-    (video,) = N.KinemaStoryTransitions().run(dc, panels, learned, "walks\nruns", "", 0, 2, 7.5, 1.0, 3, 1)
+    (video,) = story_video_nodes.KinemaStoryTransitions().run(dc, panels, learned, "walks\nruns", "", 0, 2, 7.5, 1.0, 3, 1)
     assert video.shape == (3 * 2 + 2 * 2, 64, 64, 3)
     torch.testing.assert_close(video[0], panels[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(video[-1], panels[2], atol=1e-6, rtol=0)
@@ -100,7 +99,7 @@ def test_predictor_and_transitions_nodes(env):
     with pytest.raises(ValueError, match="predictor"):
         node.run(dc, panels, 4, predictor="x")
     with pytest.raises(ValueError, match="motion"):
-        N.KinemaStoryTransitions().run(dc, panels, motion.tokens, "", "", 0, 2, 7.5, 1.0, 3, 1)
+        story_video_nodes.KinemaStoryTransitions().run(dc, panels, motion.tokens, "", "", 0, 2, 7.5, 1.0, 3, 1)
     with pytest.raises(ValueError, match="width/height"):
         node.run(dc, panels, 4, width=70, height=64)
 

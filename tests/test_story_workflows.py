@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kinema.nodes import story as ns
+from kinema.nodes import story as story_nodes
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 NAMES = ["story_panels_sd15", "story_comic_sdxl", "story_native_ksampler"]
@@ -33,9 +33,9 @@ def test_workflow_is_well_formed(name):
     wf = load(name)
     nodes = {n["id"]: n for n in wf["nodes"]}
     for n in wf["nodes"]:
-        assert n["type"] in ns.NODE_CLASS_MAPPINGS or n["type"] in CORE, n["type"]
-        if n["type"] in ns.NODE_CLASS_MAPPINGS:
-            assert len(n["widgets_values"]) == len(widget_names(ns.NODE_CLASS_MAPPINGS[n["type"]])), n["type"]
+        assert n["type"] in story_nodes.NODE_CLASS_MAPPINGS or n["type"] in CORE, n["type"]
+        if n["type"] in story_nodes.NODE_CLASS_MAPPINGS:
+            assert len(n["widgets_values"]) == len(widget_names(story_nodes.NODE_CLASS_MAPPINGS[n["type"]])), n["type"]
     for link_id, src, sslot, dst, dslot, typ in wf["links"]:
         assert nodes[src]["outputs"][sslot]["type"] == typ
         assert link_id in nodes[src]["outputs"][sslot]["links"]

@@ -27,20 +27,20 @@ def test_headless_with_comfyui_vae_and_clip(model_files, models_dir):
     import nodes as comfy_nodes
 
     from kinema.kernels.regional import cover_crop, fit_mask
-    from kinema.nodes import follow_your_click as N
+    from kinema.nodes import follow_your_click as fyc_nodes
     from kinema.nodes.core_io import LoadImage
     from kinema.nodes.segment import KinemaClickToMask
 
     server_files.link_into(model_files, models_dir)
     _, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(SD)[:3]
-    (fyc,) = N.KinemaFYCLoader().load(FYC, "auto")
-    assert fyc.managed()[0] is N.KinemaFYCModel().convert(fyc)[0]  # one patcher: the MODEL's
+    (fyc,) = fyc_nodes.KinemaFYCLoader().load(FYC, "auto")
+    assert fyc.managed()[0] is fyc_nodes.KinemaFYCModel().convert(fyc)[0]  # one patcher: the MODEL's
     cond = lambda text: comfy_nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
     image, _ = LoadImage().load_image("chelsea.jpg")
     mask, _ = KinemaClickToMask().run(image, json.dumps({"positive": [[230, 140]], "negative": [], "box": None}),
                                       True, 8, 0)["result"]
     with torch.inference_mode():
-        out = N.KinemaFYCAnimate().run(fyc, vae, cond("the cat turns its head"), cond(""), image, 6, 2, 4, 96, 64, 2,
+        out = fyc_nodes.KinemaFYCAnimate().run(fyc, vae, cond("the cat turns its head"), cond(""), image, 6, 2, 4, 96, 64, 2,
                                        7.5, 0, mask=mask)["result"][0]
     assert out.shape == (4, 64, 96, 3)
     img = cover_crop(image.permute(0, 3, 1, 2), 64, 96).permute(0, 2, 3, 1)[0].clamp(0, 1)

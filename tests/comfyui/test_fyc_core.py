@@ -6,9 +6,9 @@ import torch
 
 import server_files
 from kinema import runtime
-from kinema.nodes import follow_your_click as N
-from kinema.pipelines.follow_your_click import pipeline as P
-from kinema.pipelines.follow_your_click import tiny
+from kinema.nodes import follow_your_click as fyc_nodes
+from kinema.pipelines.follow_your_click import pipeline as fyc_pipeline
+import tiny_follow_your_click as tiny
 
 FYC = "fyc_sd15.safetensors"
 SD = "v1-5-pruned-emaonly.safetensors"
@@ -24,10 +24,10 @@ def parts(model_files, models_dir):
 
 
 def _model():
-    (fyc,) = N.KinemaFYCLoader().load(FYC, "fp32")
+    (fyc,) = fyc_nodes.KinemaFYCLoader().load(FYC, "fp32")
     # the tiny file is trained two steps only: give the fps and strength terms signal, as if trained
-    tiny._randomise(fyc.unet.fps_embedding, torch.Generator().manual_seed(5))
-    tiny._randomise(fyc.unet.motion_embedding, torch.Generator().manual_seed(6))
+    tiny.randomise(fyc.unet.fps_embedding, torch.Generator().manual_seed(5))
+    tiny.randomise(fyc.unet.motion_embedding, torch.Generator().manual_seed(6))
     return fyc
 
 
@@ -45,7 +45,7 @@ def test_ksampler_agrees_with_the_released_ddim(parts):
 
     vae, pos, neg = parts
     fyc = _model()
-    pos_c, neg_c, latent, picture, keep = N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 6, 3, 4, 64, 64)
+    pos_c, neg_c, latent, picture, keep = fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 6, 3, 4, 64, 64)
     assert latent["samples"].shape == (4, 4, 8, 8) and picture.shape == (1, 64, 64, 3) and float(keep.max()) == 0
     z = vae.encode(picture).float()[:1] * 0.18215
     concat = pos_c[0][1]["fyc_concat"]
@@ -53,7 +53,7 @@ def test_ksampler_agrees_with_the_released_ddim(parts):
     assert concat[0, 0].eq(1).all() and float(concat[1:, 0].abs().max()) == 0             # no mask: M = frame 0
     assert neg_c[0][1]["fyc_concat"] is concat                                             # both halves: M and C
 
-    (model,) = N.KinemaFYCModel().convert(fyc)
+    (model,) = fyc_nodes.KinemaFYCModel().convert(fyc)
     sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", 4)
     assert sampling.timestep(sigmas[:-1]).tolist() == [751, 501, 251, 1] and float(sigmas[-1]) == 0
@@ -63,8 +63,8 @@ def test_ksampler_agrees_with_the_released_ddim(parts):
     # KSampler's x_T is noise * s0 in ComfyUI's variables: noise * s0 / sqrt(1 + s0^2) in DDIM's
     s0 = float(sigmas[0])
     start = comfy.sample.prepare_noise(latent["samples"], 21) * (s0 / (1 + s0 * s0) ** 0.5)
-    opts = P.FYCOptions(frames=4, width=64, height=64, steps=4, cfg=5.0, fps=3, strength=6)
-    want = P.sample(fyc, z, pos[0][0], neg[0][0], opts, noise=start.transpose(0, 1)[None])[0].transpose(0, 1)
+    opts = fyc_pipeline.FYCOptions(frames=4, width=64, height=64, steps=4, cfg=5.0, fps=3, strength=6)
+    want = fyc_pipeline.sample(fyc, z, pos[0][0], neg[0][0], opts, noise=start.transpose(0, 1)[None])[0].transpose(0, 1)
     # float32 throughout: what differs is the order of operations (DDIM's alpha form, ComfyUI's sigma
     # form) on latents of size ~1
     err = float((got - want).abs().max())
@@ -84,11 +84,11 @@ def test_ksampler_keeps_the_picture_outside_the_region(parts):
     fyc = _model()
     mask = torch.zeros(1, 48, 80)
     mask[:, 8:40, 24:56] = 1.0
-    pos_c, neg_c, latent, picture, keep = N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64,
+    pos_c, neg_c, latent, picture, keep = fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64,
                                                                           mask=mask)
     inside = pos_c[0][1]["fyc_concat"][:, 0]
     assert inside.shape == (4, 8, 8) and torch.equal(inside[0], inside[3]) and 0 < float(inside.mean()) < 1
-    (model,) = N.KinemaFYCModel().convert(fyc)
+    (model,) = fyc_nodes.KinemaFYCModel().convert(fyc)
     (out,) = comfy_nodes.common_ksampler(model, 5, 2, 7.5, "ddim", "ddim_uniform", pos_c, neg_c, latent)
     outside_cells = latent["noise_mask"][0, 0] == 0
     assert bool(outside_cells.any())
@@ -105,10 +105,10 @@ def test_ksampler_keeps_the_picture_outside_the_region(parts):
 def test_one_patcher_for_both_routes(parts):
     """The MODEL's patcher is what the Animate node loads: one entry in ComfyUI's loaded list."""
     vae, pos, neg = parts
-    (fyc,) = N.KinemaFYCLoader().load(FYC, "fp32")
-    (model,) = N.KinemaFYCModel().convert(fyc)
-    assert N.KinemaFYCModel().convert(fyc)[0] is model and fyc.managed()[0] is model
-    N.KinemaFYCAnimate().run(fyc, vae, pos, neg, _picture(), 4, 2, 2, 64, 64, 1, 1.0, 0)
+    (fyc,) = fyc_nodes.KinemaFYCLoader().load(FYC, "fp32")
+    (model,) = fyc_nodes.KinemaFYCModel().convert(fyc)
+    assert fyc_nodes.KinemaFYCModel().convert(fyc)[0] is model and fyc.managed()[0] is model
+    fyc_nodes.KinemaFYCAnimate().run(fyc, vae, pos, neg, _picture(), 4, 2, 2, 64, 64, 1, 1.0, 0)
     assert runtime.loaded_model_names().count(fyc.name) == 1
 
 
@@ -117,21 +117,21 @@ def test_wrong_inputs_are_named(parts):
 
     vae, pos, neg = parts
     fyc = _model()
-    (model,) = N.KinemaFYCModel().convert(fyc)
+    (model,) = fyc_nodes.KinemaFYCModel().convert(fyc)
     empty = {"samples": torch.zeros(4, 4, 8, 8)}
     with pytest.raises(ValueError, match="make it with 'Follow-Your-Click conditioning'"):
         comfy_nodes.common_ksampler(model, 0, 1, 1.0, "ddim", "ddim_uniform", pos, neg, empty)
-    pos_c, neg_c, _, _, _ = N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64)
+    pos_c, neg_c, _, _, _ = fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64)
     with pytest.raises(ValueError, match="latent batch: 6 frames is not a whole number of 4-frame videos"):
         comfy_nodes.common_ksampler(model, 0, 1, 1.0, "ddim", "ddim_uniform", pos_c, neg_c,
                                     {"samples": torch.zeros(6, 4, 8, 8)})
     with pytest.raises(ValueError, match="fyc_model: expected a model from Load Follow-Your-Click Model"):
-        N.KinemaFYCModel().convert(model)
+        fyc_nodes.KinemaFYCModel().convert(model)
     with pytest.raises(ValueError, match="frames: 30"):
-        N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 30, 64, 64)
+        fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 30, 64, 64)
     with pytest.raises(ValueError, match="width: 100 must be a multiple of 8"):
-        N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 100, 64)
+        fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 100, 64)
     with pytest.raises(ValueError, match="mask: the mask is empty"):
-        N.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64, mask=torch.zeros(1, 48, 80))
+        fyc_nodes.KinemaFYCConditioning().encode(vae, pos, neg, _picture(), 4, 2, 4, 64, 64, mask=torch.zeros(1, 48, 80))
     with pytest.raises(ValueError, match="positive: expected a CONDITIONING"):
-        N.KinemaFYCConditioning().encode(vae, [], neg, _picture(), 4, 2, 4, 64, 64)
+        fyc_nodes.KinemaFYCConditioning().encode(vae, [], neg, _picture(), 4, 2, 4, 64, 64)

@@ -11,7 +11,7 @@ import gc
 import pytest
 import torch
 
-import comfy.model_management as mm
+from comfy import model_management
 import nodes as comfy_nodes
 import tiny_motion_i2v
 import tiny_models
@@ -74,13 +74,13 @@ def test_workflow_models_are_managed_by_comfyui(files, monkeypatch):
     # sampled inside ComfyUI's model management: the flow predictor's parts and the motion
     # modules loaded next to ComfyUI's own SD1.5 UNet
     assert {"Motion-I2V flow UNet", "Motion-I2V flow VAE", "Motion-I2V motion modules"} <= during, during
-    held = [lm.model for lm in mm.current_loaded_models]
+    held = [lm.model for lm in model_management.current_loaded_models]
     assert any(type(p.model).__name__ == "BaseModel" for p in held)  # ComfyUI's SD1.5 model, sampled too
 
     # what ComfyUI's prompt worker does for POST /free {"unload_models": true, "free_memory": true}
-    mm.unload_all_models()
+    model_management.unload_all_models()
     gc.collect()
-    mm.soft_empty_cache()
+    model_management.soft_empty_cache()
     assert runtime.loaded_model_names() == []
 
 
@@ -98,19 +98,19 @@ def test_comfyui_unloads_one_kinema_model_to_load_another(monkeypatch):
     """Two Kinema models on a device with room for one: loading the second makes ComfyUI unload
     the first. (CPU memory is never budgeted by ComfyUI, so the models load to ``cpu:0``, a
     distinct device to ComfyUI, and its free-memory figure is patched to a small budget.)"""
-    mm.unload_all_models()
+    model_management.unload_all_models()
     dev = torch.device("cpu", 0)
     small = runtime.ManagedModel(_module(16, 0), "Kinema small", load_device=dev, offload_device="cpu")
     large = runtime.ManagedModel(_module(32, 1), "Kinema large", load_device=dev, offload_device="cpu")
-    need = lambda m: 1.1 * m.patcher.model_size() + mm.minimum_inference_memory()  # noqa: E731
+    need = lambda m: 1.1 * m.patcher.model_size() + model_management.minimum_inference_memory()  # noqa: E731
     budget = need(large) - 1024 * 1024   # room for the large one, or the small one, not both
 
     def free(device=None, torch_free_too=False):
-        used = sum(lm.model_loaded_memory() for lm in mm.current_loaded_models if lm.device == dev)
+        used = sum(lm.model_loaded_memory() for lm in model_management.current_loaded_models if lm.device == dev)
         left = max(budget - used, 0)
         return (left, left) if torch_free_too else left
 
-    monkeypatch.setattr(mm, "get_free_memory", free)
+    monkeypatch.setattr(model_management, "get_free_memory", free)
     runtime.load_models(small)
     assert runtime.loaded_model_names() == ["Kinema small"]
     runtime.load_models(large)
@@ -128,5 +128,5 @@ def test_comfyui_unloads_one_kinema_model_to_load_another(monkeypatch):
         want.load_state_dict({k: v.to("cpu") for k, v in large.module.state_dict().items()})
         assert torch.allclose(large.module(x), want(x))
     monkeypatch.undo()
-    mm.free_memory(1e30, dev)   # unload_all_models() clears only ComfyUI's main device
+    model_management.free_memory(1e30, dev)   # unload_all_models() clears only ComfyUI's main device
     assert runtime.loaded_model_names() == []

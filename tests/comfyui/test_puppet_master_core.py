@@ -73,7 +73,7 @@ def test_native_route_agrees_with_the_released_sampler(svd_parts, unet_file):
     from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
 
     import nodes as comfy_nodes
-    from kinema.pipelines import puppet_master as P
+    from kinema.pipelines import puppet_master as puppet_master_pipeline
 
     vae, cv = svd_parts
     (pm,) = pm_nodes.KinemaPuppetMasterLoader().load(unet_file, "fp32")
@@ -86,10 +86,10 @@ def test_native_route_agrees_with_the_released_sampler(svd_parts, unet_file):
     (out,) = comfy_nodes.common_ksampler(guided, 11, 3, 4.0, "euler", "karras", pos, neg, latent)
     got = out["samples"] * 0.18215                       # ComfyUI's latents are in the VAE's scale
 
-    codec = P.ComfyCodec(vae, cv)
+    codec = puppet_master_pipeline.ComfyCodec(vae, cv)
     lat, emb = codec.encode(crop[0])
     drags, valid = pos[0][1]["pm_drags"][None], pos[0][1]["pm_valid"][None].bool()
-    want = P.denoise(pm.unet, lat, emb, drags, 3, 4.0, torch.Generator().manual_seed(11), pm.sampler, valid,
+    want = puppet_master_pipeline.denoise(pm.unet, lat, emb, drags, 3, 4.0, torch.Generator().manual_seed(11), pm.sampler, valid,
                      progress=False)[0]
     # float32 throughout; the start is noise x 700 (sigma_max), whose rounding in two orders of
     # operations carries through to about 1e-4 on latents of size ~1

@@ -2,7 +2,7 @@
 import torch
 
 from kinema.kernels.consistent_attention import attention
-from kinema.nodes import story as ns
+from kinema.nodes import story as story_nodes
 
 STORY = "[A] a knight in red armour\n[A] the knight on a horse\n[NC] a castle\n[A] the knight sleeping"
 
@@ -22,7 +22,7 @@ def test_patch_in_real_comfyui():
     unet.eval()
     model = comfy.model_patcher.ModelPatcher(torch.nn.Module(), torch.device("cpu"), torch.device("cpu"))
     model.model.diffusion_model = unet
-    (patched,) = ns.KinemaConsistentAttentionPatch().patch(model, STORY, "", 2, 1.0, 1.0, 0, "lowvram")
+    (patched,) = story_nodes.KinemaConsistentAttentionPatch().patch(model, STORY, "", 2, 1.0, 1.0, 0, "lowvram")
     to = patched.model_options["transformer_options"]
     replace = to["patches_replace"]["attn1"]
     assert len(replace) == 4  # two output blocks with two transformer blocks each

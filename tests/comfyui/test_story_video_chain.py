@@ -15,8 +15,7 @@ import harness
 import tiny_models
 import tiny_dynamicrafter
 from kinema import runner
-from kinema.pipelines.dynamicrafter import convert as C
-from kinema.pipelines.story_video import predictor as SP
+from kinema.pipelines.story_video import predictor as story_predictor
 
 WORKFLOW = harness.ROOT / "workflows" / "story_to_video.json"
 ARTIFACTS = harness.ROOT / "test-artifacts" / "story_video"
@@ -34,9 +33,9 @@ def _tiny_files(models: Path) -> None:
     if not pred.exists():
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            m = SP.SemanticMotionPredictor(SP.default_config("tiny"))
+            m = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
             torch.nn.init.normal_(m.proj_out.weight, std=0.5)
-        SP.save_predictor(m, pred)
+        story_predictor.save_predictor(m, pred)
 
 
 def _tiny_api(api: dict, learned: bool) -> dict:

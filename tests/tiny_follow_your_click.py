@@ -1,5 +1,5 @@
 """Small random SD1.5 single-file checkpoints and AnimateDiff motion modules in the released
-layouts, for tests, benchmarks and headless smoke runs (no weights are downloaded).
+layouts, for the Follow-Your-Click tests (no weights are downloaded).
 
 :func:`sd15_checkpoint` writes the original (LDM) key layout of ``v1-5-pruned*.safetensors``:
 diffusers models with random weights, renamed to the original names (the inverse of diffusers'
@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..motion_i2v.modules import MotionModule
-from .sd15 import LDM_TEXT, LDM_VAE, _sd15_config
-from .unet import SD_HEADS
+from kinema.pipelines.follow_your_click.sd15 import LDM_TEXT, LDM_VAE, _sd15_config
+from kinema.pipelines.follow_your_click.unet import SD_HEADS
+from kinema.pipelines.motion_i2v.modules import MotionModule
 
 LDM_UNET = "model.diffusion_model."
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32}
@@ -26,7 +26,7 @@ TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "projection_dim": 32}
 
 
-def _randomise(module: torch.nn.Module, generator: torch.Generator, zero_too: bool = True) -> torch.nn.Module:
+def randomise(module: torch.nn.Module, generator: torch.Generator, zero_too: bool = True) -> torch.nn.Module:
     """Draw every floating tensor again, so zero-initialised layers carry signal as trained ones do."""
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -142,19 +142,18 @@ def sd15_checkpoint(seed: int = 0, unet: dict | None = None) -> dict[str, torch.
     g = torch.Generator().manual_seed(seed)
     u = dict(TINY_UNET, **(unet or {}))
     ucfg = unet2d_config(u["block_out_channels"], u["layers_per_block"], u["cross_attention_dim"])
-    torch.manual_seed(seed)
-    sd = unet_to_ldm(_randomise(UNet2DConditionModel(**ucfg), g).state_dict(), ucfg["layers_per_block"],
+    sd = unet_to_ldm(randomise(UNet2DConditionModel(**ucfg), g).state_dict(), ucfg["layers_per_block"],
                      len(ucfg["block_out_channels"]))
     vcfg = _sd15_config("vae")
     n = len(TINY_VAE["block_out_channels"])
     vcfg.update(TINY_VAE, down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
-    vmodel = _randomise(AutoencoderKL(**vcfg), g)
+    vmodel = randomise(AutoencoderKL(**vcfg), g)
     sd.update(vae_to_ldm(vmodel.state_dict(), len(vcfg["block_out_channels"]), vcfg["layers_per_block"]))
     tcfg = _sd15_config("text_encoder")
     tcfg.pop("architectures", None)
     tcfg.pop("model_type", None)
     tcfg.update(TINY_TEXT, hidden_size=ucfg["cross_attention_dim"], projection_dim=ucfg["cross_attention_dim"])
-    tmodel = _randomise(CLIPTextModel(CLIPTextConfig(**tcfg)), g)
+    tmodel = randomise(CLIPTextModel(CLIPTextConfig(**tcfg)), g)
     sd.update({LDM_TEXT + (k if k.startswith("text_model.") else "text_model." + k): v   # the files' names
                for k, v in tmodel.state_dict().items() if not k.endswith("position_ids")})
     return sd
@@ -172,7 +171,7 @@ def motion_module(channels=(32, 64), layers: int = 1, version: int = 1, seed: in
     sd = {}
 
     def add(prefix, ch):
-        mm = _randomise(MotionModule(ch, SD_HEADS, pe), g, zero_too=True)
+        mm = randomise(MotionModule(ch, SD_HEADS, pe), g, zero_too=True)
         sd.update({f"{prefix}.{k}": v for k, v in mm.state_dict().items()})
 
     n = len(channels)
