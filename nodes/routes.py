@@ -61,28 +61,35 @@ class PreviewBusy(Exception):
 
 
 class PreviewPool:
-    """A bounded pool of daemon threads: ``workers`` jobs run at once and ``waiting`` more wait;
-    :meth:`submit` refuses further ones with :class:`PreviewBusy`. Daemon threads, so that
-    work still running never holds up the server's exit."""
+    """A bounded pool of daemon threads: ``workers`` jobs run at once and ``waiting`` more wait
+    in line; :meth:`submit` refuses further ones with :class:`PreviewBusy`. A job given up while
+    it waits leaves the line at once. Daemon threads, so that work still running never holds up
+    the server's exit."""
 
     def __init__(self, workers: int = WORKERS, waiting: int = WAITING):
-        self.workers = int(workers)
-        self._jobs: queue.Queue = queue.Queue(maxsize=int(waiting))
+        self.workers, self.waiting = int(workers), int(waiting)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._admitted = 0  # jobs running or waiting, not yet done or given up
         self._lock = threading.Lock()
+
+    def _done(self, _fut) -> None:
+        with self._lock:
+            self._admitted -= 1
 
     def submit(self, fn, *args) -> Future:
         fut: Future = Future()
-        try:
-            self._jobs.put_nowait((fut, fn, args))
-        except queue.Full:
-            raise PreviewBusy(f"the live mask is busy with {self.workers + self._jobs.maxsize} earlier requests; "
-                              "it answers again in a moment") from None
         with self._lock:
-            if len(self._threads) < self.workers:
+            if self._admitted >= self.workers + self.waiting:
+                raise PreviewBusy(f"the live mask is busy with {self._admitted} earlier requests; it answers again "
+                                  "in a moment")
+            self._admitted += 1
+            if len(self._threads) < min(self.workers, self._admitted):
                 t = threading.Thread(target=self._work, name=f"kinema-preview-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()
+        fut.add_done_callback(self._done)
+        self._jobs.put((fut, fn, args))
         return fut
 
     def _work(self) -> None:
@@ -125,11 +132,17 @@ def resolve_image(ref, input_dir, temp_dir) -> Path:
     name = _safe_relative(filename, "image filename")
     sub = _safe_relative(ref.get("subfolder", "") or "", "image subfolder")
     root = Path(input_dir if kind == "input" else temp_dir).resolve()
-    full = (root / Path(*sub.parts) / Path(*name.parts)).resolve()
-    if root not in full.parents:
-        raise ValueError(f"image: {filename!r} lies outside the {kind} folder")
-    if not full.is_file():
-        raise ValueError(f"image: {str(PurePosixPath(*sub.parts, *name.parts))!r} not found in the {kind} folder")
+    shown = str(PurePosixPath(*sub.parts, *name.parts))
+    shown = shown if len(shown) <= 120 else shown[:100] + "..."
+    try:
+        full = (root / Path(*sub.parts) / Path(*name.parts)).resolve()
+        if root not in full.parents:
+            raise ValueError(f"image: {shown!r} lies outside the {kind} folder")
+        found = full.is_file()
+    except OSError as e:  # a name too long for the file system, a loop of links, ...
+        raise ValueError(f"image: {shown!r} cannot be opened in the {kind} folder ({e.strerror or e})") from None
+    if not found:
+        raise ValueError(f"image: {shown!r} not found in the {kind} folder")
     return full
 
 

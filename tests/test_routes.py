@@ -137,8 +137,9 @@ def test_waiting_work_past_its_time_is_not_run(in_dirs, monkeypatch):
                                     pool=routes.PreviewPool(workers=1, waiting=2), time_limit=0.3)
     out = asyncio.run(call_all(route, [request({"points": "a"}), request({"points": "b"})]))
     assert [s for s, _ in out] == [503, 503]
+    assert route.pool._admitted == 1  # "b" left the line when it was given up; "a" still runs
     time.sleep(0.8)
-    assert ran == ["a"]  # "b" waited past its time and never started
+    assert ran == ["a"] and route.pool._admitted == 0  # "b" never started
 
 
 def test_server_http_errors_pass_through(in_dirs):

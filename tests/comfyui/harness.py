@@ -238,8 +238,9 @@ class ComfyServer:
             raise AssertionError(f"/prompt refused the workflow ({status}): {json.dumps(body)[:3000]}")
         return body["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
-        """History entry of a finished prompt (raises on timeout)."""
+    def wait(self, prompt_id: str, timeout: float = 600.0, poll: float = 1.0) -> dict:
+        """History entry of a finished prompt (raises on timeout); /history is asked every
+        ``poll`` seconds."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             hist = self.get(f"/history/{prompt_id}")
@@ -247,7 +248,7 @@ class ComfyServer:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
                     return entry
-            time.sleep(1.0)
+            time.sleep(poll)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
 
