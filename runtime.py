@@ -86,7 +86,8 @@ class Interrupted(Exception):
 
 
 def register_model_folders() -> None:
-    """Register ``models/kinema/<system>`` with ComfyUI (no-op outside ComfyUI)."""
+    """Register ``models/kinema/<system>``, and ``models/sams`` and ``models/animatediff_models``
+    unless another pack did, with ComfyUI (no-op outside ComfyUI)."""
     if _fp() is None:
         return
     base = Path(_fp().models_dir) / "kinema"
@@ -99,9 +100,10 @@ def register_model_folders() -> None:
                 paths.append(path)
         else:
             _fp().folder_names_and_paths[key] = ([path], set(MODEL_EXTENSIONS))
-    if "sams" not in _fp().folder_names_and_paths:
-        _fp().folder_names_and_paths["sams"] = (
-            [str(Path(_fp().models_dir) / "sams")], set(MODEL_EXTENSIONS))
+    for shared in ("sams", "animatediff_models"):  # also read by other packs, which may register them first
+        if shared not in _fp().folder_names_and_paths:
+            _fp().folder_names_and_paths[shared] = (
+                [str(Path(_fp().models_dir) / shared)], set(MODEL_EXTENSIONS))
 
 
 def models_dir() -> Path:

@@ -164,6 +164,20 @@ class ComfyServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def limit_memory(self, headroom: int) -> int:
+        """Cap the server's address space (``RLIMIT_AS``) at what it maps now plus ``headroom``
+        bytes: a stand-in for a machine with that much memory left, where an allocation over
+        it fails in the process (as it would under a container's limit, without the kernel
+        killing the server). Returns the limit."""
+        import resource
+        vm = 0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                vm = int(line.split()[1]) * 1024
+        limit = vm + int(headroom)
+        resource.prlimit(self.proc.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        return limit
+
     def rss(self) -> int:
         """Resident memory of the server process, in bytes (Linux /proc)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
