@@ -102,7 +102,7 @@ class KinemaDynamiCrafterLoader:
                    "fp16/bf16 .safetensors) from models/kinema/dynamicrafter or models/checkpoints. The file holds "
                    "everything (UNet, OpenCLIP text and image encoders, resampler, VAE); the variant is read from "
                    "its keys. The 512-interp model has the same keys as 512: pick 512_interp to use its defaults.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
@@ -140,7 +140,7 @@ class KinemaDynamiCrafterLoader:
 class KinemaDynamiCrafterAnimate:
     DESCRIPTION = ("Animates a picture from a text prompt with DynamiCrafter (dual-stream image injection). "
                    "With a mask, only the masked region moves and the rest stays as in the picture.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
@@ -168,7 +168,7 @@ class KinemaDynamiCrafterAnimate:
 class KinemaDynamiCrafterInterpolate:
     DESCRIPTION = ("Generates the frames between two keyframes with the DynamiCrafter 512-interp model: the first "
                    "frame is the start image, the last the end image.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)

@@ -270,6 +270,6 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaMotionI2VFlowLoader": "Motion-I2V stage-1 loader (motion predictor)",
     "KinemaMotionI2VRenderLoader": "Motion-I2V stage-2 loader (video renderer)",
-    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion (drags, brush, text)",
+    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion (drags, brush or text)",
     "KinemaMotionI2VRender": "Motion-I2V render video",
 }

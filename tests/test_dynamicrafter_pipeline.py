@@ -3,6 +3,7 @@ animation, temporal windows, precisions, and input errors."""
 import pytest
 import torch
 
+import tiny_dynamicrafter
 from kinema.pipelines.dynamicrafter import convert as C
 from kinema.pipelines.dynamicrafter import pipeline as P
 
@@ -17,7 +18,7 @@ _MODELS = {}
 
 def tiny(variant):
     if variant not in _MODELS:
-        _MODELS[variant] = C.convert(C.tiny_checkpoint(variant), f"tiny_{variant}")
+        _MODELS[variant] = C.convert(tiny_dynamicrafter.checkpoint(variant), f"tiny_{variant}")
     return _MODELS[variant]
 
 
@@ -125,14 +126,14 @@ def test_temporal_windows_more_frames_than_native():
 
 
 def test_bf16_and_no_guidance():
-    model = C.convert(C.tiny_checkpoint("512"), "tiny", dtype=torch.bfloat16)
+    model = C.convert(tiny_dynamicrafter.checkpoint("512"), "tiny", dtype=torch.bfloat16)
     assert model.unet.dtype == torch.bfloat16
     out = P.animate(model, _image(), _opts(steps=2, cfg=1.0))
     assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
 
 
 def test_fp16_keeps_vae_in_fp32():
-    model = C.convert(C.tiny_checkpoint("256"), "tiny", dtype=torch.float16)
+    model = C.convert(tiny_dynamicrafter.checkpoint("256"), "tiny", dtype=torch.float16)
     assert model.unet.dtype == torch.float16 and model.vae.dtype == torch.float32
 
 
@@ -153,7 +154,7 @@ def test_bad_inputs():
 
 
 def test_interp_variant_defaults_and_forced_variant():
-    model = C.convert(C.tiny_checkpoint("512"), "tiny_interp", variant="512_interp")
+    model = C.convert(tiny_dynamicrafter.checkpoint("512"), "tiny_interp", variant="512_interp")
     assert model.variant == "512_interp" and model.settings()["defaults"]["fs"] == 5
     calls, undo = _record_unet(model)
     try:
