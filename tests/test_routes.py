@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,7 +19,7 @@ from kinema.pipelines import segment as seg
 sys.path.insert(0, str(Path(__file__).resolve().parent / "comfyui"))
 import harness  # noqa: E402  (png_header_only; nothing of ComfyUI)
 
-CLICK = '{"positive": [[8, 8]], "negative": [], "box": null}'
+CLICK = '{"positive": [[16, 12]], "negative": [], "box": null}'
 
 
 class FakeWeb:
@@ -44,7 +45,9 @@ class FakeRequest:
 def dirs(tmp_path):
     for kind in ("input", "temp"):
         (tmp_path / kind).mkdir()
-    Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / "input" / "pic.png")
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    rgb[6:18, 8:24] = (200, 30, 30)  # a red square on black
+    Image.fromarray(rgb).save(tmp_path / "input" / "pic.png")
     return tmp_path
 
 
@@ -93,6 +96,7 @@ def test_over_time_answers_503_and_the_work_stops(in_dirs, monkeypatch):
         time.sleep(0.01)
     assert ended and ended[0] - t0 < 1.0
     monkeypatch.setattr(routes, "mask_preview", real)  # the worker is free: a real preview answers
+    route.time_limit = 60.0
     status, body = asyncio.run(route(request()))
     assert status == 200 and (body["width"], body["height"]) == (32, 24)
 

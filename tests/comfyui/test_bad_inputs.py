@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import harness
-import tiny_models
+import server_files
 
 ARTIFACTS = harness.ROOT / "test-artifacts" / "bad_inputs"
 HEADROOM = 6 * 2**30
@@ -233,22 +233,20 @@ UNREADABLE = {"empty", "text", "truncated", "zip_not_torch", "zip_payload_exec",
 
 
 @pytest.fixture(scope="module")
-def models(server, sd15_core, models_dir, tiny_sd15):
-    """Tiny working files in the server's model folders (the graphs around a bad loader need
-    them), plus one bad file of every kind in every loader folder."""
-    from kinema.pipelines.dynamicrafter import convert as dc
-    root = server.base / "models"
-    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy(models_dir / "checkpoints" / tiny_sd15, root / "checkpoints" / "tiny_sd15.safetensors")
-    (root / "kinema" / "dynamicrafter").mkdir(parents=True, exist_ok=True)
-    save_file(dc.tiny_checkpoint("512"), str(root / "kinema" / "dynamicrafter" / "tiny_dc.safetensors"))
-    tiny_models.motion_block(root / "kinema" / "motion_i2v" / "tiny_block.safetensors",
-                             sd15_core[0].get_model_object("diffusion_model"))
+def models(server, model_files):
+    """The tiny files the example workflows use (server_files.py) in the server's model folders
+    (the graphs around a bad loader need them), plus one bad file of every kind in every loader
+    folder."""
+    server_files.link_into(model_files, server.base / "models")
     files = {}
     for folder in ("sams", "kinema/dynamicrafter", "checkpoints", "kinema/motion_i2v", "animatediff_models",
                    "kinema/puppet_master", "kinema/story_diffusion"):
-        files[folder] = {k: bad_file(k, root / folder, server.base / "markers") for k in KINDS}
+        files[folder] = {k: bad_file(k, server.base / "models" / folder, server.base / "markers") for k in KINDS}
     return files
+
+
+SD15, DC, DC_INTERP, BLOCK, SVD = ("tiny_sd15.safetensors", "dynamicrafter_512.ckpt", "dynamicrafter_512_interp.ckpt",
+                                  "motion_block.bin", "svd.safetensors")
 
 
 def load(name="small.png", nid="img"):
@@ -260,7 +258,7 @@ def preview_of(src) -> dict:
 
 
 def sd15_nodes() -> dict:
-    return {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+    return {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
             "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ck", 1], "text": "a boat"}},
             "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ck", 1], "text": ""}}}
 
@@ -294,14 +292,14 @@ def graph_dc(bad):
             **dc_animate(["dc", 0]), **preview_of(["anim", 0])}
 
 
-def graph_flow(bad):
+def graph_flow(bad, controlnet=None, flow_vae=None, steps=2):
     return {**load(), **sd15_nodes(),
             "flow": {"class_type": "KinemaMotionI2VFlowLoader", "inputs": {
-                "flow_unet": bad, "controlnet": bad, "flow_vae": bad, "dtype": "fp32"}},
+                "flow_unet": bad, "controlnet": controlnet or bad, "flow_vae": flow_vae or bad, "dtype": "fp32"}},
             "predict": {"class_type": "KinemaMotionI2VPredictMotion", "inputs": {
                 "flow_model": ["flow", 0], "vae": ["ck", 2], "positive": ["pos", 0], "negative": ["neg", 0],
                 "image": ["img", 0], "tracks": "[[[30, 10], [40, 20]]]", "width": 64, "height": 64,
-                "flow_unit": 4, "steps": 2, "guidance": 2.0, "control_scale": 1.0, "seed": 0}},
+                "flow_unit": 8, "steps": steps, "guidance": 2.0, "control_scale": 1.0, "seed": 0}},
             **warp_node(motion="predict"),
             **preview_of(["warp", 0])}
 
@@ -317,18 +315,18 @@ def graph_render(block, animatediff="none", frames=4, steps=2):
             **preview_of(["render", 0])}
 
 
-def graph_pm(bad):
-    return {**load(), "un": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+def graph_pm(bad, steps=2):
+    return {**load(), "svd": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": SVD}},
             "pm": {"class_type": "KinemaPuppetMasterLoader", "inputs": {"unet_name": bad, "dtype": "fp32"}},
             "anim": {"class_type": "KinemaPuppetMasterAnimate", "inputs": {
-                "puppet_master": ["pm", 0], "vae": ["un", 2], "clip_vision": ["un", 3], "image": ["img", 0],
-                "tracks": DRAG, "steps": 2, "cfg": 3.0, "seed": 0, "paste_back": True}},
+                "puppet_master": ["pm", 0], "vae": ["svd", 2], "clip_vision": ["svd", 1], "image": ["img", 0],
+                "tracks": DRAG, "steps": steps, "cfg": 3.0, "seed": 0, "paste_back": True, "crop_size": 64}},
             **preview_of(["anim", 0])}
 
 
 def graph_predictor(bad):
     return {**load(), **load("chelsea.jpg", "img2"),
-            "dc": {"class_type": "KinemaDynamiCrafterLoader", "inputs": {"ckpt_name": "tiny_dc.safetensors",
+            "dc": {"class_type": "KinemaDynamiCrafterLoader", "inputs": {"ckpt_name": DC,
                                                                          "precision": "fp32"}},
             "scale": {"class_type": "ImageScale", "inputs": {"image": ["img2", 0], "upscale_method": "bilinear",
                                                              "width": 64, "height": 48, "crop": "disabled"}},
@@ -347,7 +345,7 @@ LOADERS = {
     "dynamicrafter_in_checkpoints": ("checkpoints", graph_dc),
     "motion_i2v_flow": ("kinema/motion_i2v", graph_flow),
     "motion_i2v_block": ("kinema/motion_i2v", lambda bad: graph_render(bad)),
-    "animatediff_module": ("animatediff_models", lambda bad: graph_render("tiny_block.safetensors", bad)),
+    "animatediff_module": ("animatediff_models", lambda bad: graph_render(BLOCK, bad)),
     "puppet_master": ("kinema/puppet_master", graph_pm),
     "story_predictor": ("kinema/story_diffusion", graph_predictor),
 }
@@ -613,9 +611,9 @@ def test_node_inputs_give_clear_errors(server, pictures, case):
 
 MODEL_NODE_CASES = {
     "dc_width_not_multiple_of_64": (lambda: {**load(), "dc": {"class_type": "KinemaDynamiCrafterLoader", "inputs": {
-        "ckpt_name": "tiny_dc.safetensors", "precision": "fp32"}}, **dc_animate(["dc", 0]), **preview_of(["anim", 0])},
+        "ckpt_name": DC, "precision": "fp32"}}, **dc_animate(["dc", 0]), **preview_of(["anim", 0])},
         {"anim": {"width": 100}}, ["width"]),
-    "render_too_many_frames": (lambda: graph_render("tiny_block.safetensors", frames=17), {}, ["motion", "16"]),
+    "render_too_many_frames": (lambda: graph_render(BLOCK, frames=17), {}, ["motion", "16"]),
     "story_empty": (lambda: {**sd15_nodes(), "story": {"class_type": "KinemaStoryBatch", "inputs": dict(
         model=["ck", 0], clip=["ck", 1], vae=["ck", 2], story="   ", characters="", id_length=1, style="{prompt}",
         negative="", width=64, height=64, steps=1, cfg=5.0, seed=0, sa32=0.5, sa64=0.5, batch_size=1, freeu=False,
@@ -720,7 +718,7 @@ def test_interrupt_motion_strength(server, pictures):
 
 def test_interrupt_dynamicrafter_animate(server, models, pictures):
     api = {**load(), "dc": {"class_type": "KinemaDynamiCrafterLoader", "inputs": {
-        "ckpt_name": "tiny_dc.safetensors", "precision": "fp32"}}, **dc_animate(["dc", 0], steps=1000, frames=4),
+        "ckpt_name": DC, "precision": "fp32"}}, **dc_animate(["dc", 0], steps=1000, frames=4),
         **preview_of(["anim", 0])}
     assert_interrupted("dynamicrafter_animate", interrupt_case(server, api, "anim"))
     alive(server)
@@ -729,7 +727,7 @@ def test_interrupt_dynamicrafter_animate(server, models, pictures):
 def test_interrupt_dynamicrafter_interpolate(server, models, pictures):
     api = {**load(), **load("small.png", "img2"),
            "dc": {"class_type": "KinemaDynamiCrafterLoader", "inputs": {
-               "ckpt_name": "tiny_dc.safetensors", "precision": "fp32", "variant": "512_interp"}},
+               "ckpt_name": DC_INTERP, "precision": "fp32", "variant": "512_interp"}},
            "interp": {"class_type": "KinemaDynamiCrafterInterpolate", "inputs": {
                "model": ["dc", 0], "start_image": ["img", 0], "end_image": ["img2", 0], "prompt": "",
                "negative_prompt": "", "frames": 4, "fs": 0, "steps": 1000, "cfg": 7.5, "eta": 1.0, "seed": 1,
@@ -759,69 +757,21 @@ def test_interrupt_story_batch(server, models, pictures):
 
 
 def test_interrupt_motion_i2v_render(server, models, pictures):
-    api = graph_render("tiny_block.safetensors", frames=4, steps=200)
+    api = graph_render(BLOCK, frames=4, steps=200)
     assert_interrupted("motion_i2v_render", interrupt_case(server, api, "render"))
     alive(server)
 
 
-def _interrupt_in_process(run, after: int = 1) -> dict:
-    """Run ``run()`` in this process (ComfyUI imported) and raise ComfyUI's interrupt flag, as
-    POST /interrupt does, when its progress bar reaches ``after``; the time until it stops (the
-    flag is raised between two steps here, so this shows that no further step runs)."""
-    import comfy.model_management as mm
-    import comfy.utils
-    marks: dict = {"step": 0.0}
-
-    def hook(value, total, preview, node_id=None):
-        now = time.monotonic()
-        if "last" in marks and "sent" not in marks:
-            marks["step"] = max(marks["step"], now - marks["last"])
-        marks["last"] = now
-        if value >= after and "sent" not in marks:
-            marks["sent"] = now
-            mm.interrupt_current_processing(True)
-
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
-    marks["t0"] = time.monotonic()
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            run()
-        stopped = time.monotonic()
-    finally:
-        comfy.utils.set_progress_bar_global_hook(old)
-        mm.interrupt_current_processing(False)
-    # with one step seen, the time to it (setup included) stands in for a step
-    return {"end": "execution_interrupted", "latency": stopped - marks["sent"],
-            "step": marks["step"] or marks["sent"] - marks["t0"]}
+def test_interrupt_puppet_master_animate(server, models, pictures):
+    api = graph_pm("model.safetensors", steps=200)
+    assert_interrupted("puppet_master_animate", interrupt_case(server, api, "anim"))
+    alive(server)
 
 
-def test_interrupt_puppet_master_animate(svd_parts, unet_file):
-    """In this process: ComfyUI's loaders cannot build a CLIP vision model smaller than the
-    released ones, so no tiny Puppet-Master graph can run in a server."""
-    from kinema.nodes import puppet_master as pm_nodes
-    vae, cv = svd_parts
-    (pm,) = pm_nodes.KinemaPuppetMasterLoader().load(unet_file, "fp32")
-    img = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(0))
-    res = _interrupt_in_process(lambda: pm_nodes.KinemaPuppetMasterAnimate().animate(
-        pm, vae, cv, img, DRAG, 200, 3.0, 7, paste_back=True))
-    assert_interrupted("puppet_master_animate", res)
-
-
-def test_interrupt_motion_i2v_predict(sd15_core, tmp_path):
-    """In this process: the tiny flow network attends to 32-wide text, which no ComfyUI text
-    encoder of a loadable file gives."""
-    import tiny_motion_i2v as tiny
-    from kinema.nodes import motion_i2v as mnodes
-    from kinema.pipelines.motion_i2v import build
-    files = tiny.save_flow_files(tiny.flow_model(0, text=False), tmp_path)
-    flow_model = build.load_flow_model(files["flow_unet"], files["controlnet"], files["flow_vae"], "fp32")
-    pos = [[torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)), {}]]
-    neg = [[torch.zeros(1, 77, 32), {}]]
-    image = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(2))
-    res = _interrupt_in_process(lambda: mnodes.KinemaMotionI2VPredictMotion().predict(
-        flow_model, sd15_core[2], pos, neg, image, "[[[30, 10], [40, 20]]]", 48, 32, 4, 200, 2.0, 1.0, 7))
-    assert_interrupted("motion_i2v_predict", res)
+def test_interrupt_motion_i2v_predict(server, models, pictures):
+    api = graph_flow("flow_unet.bin", "controlnet.bin", "vae_flow.bin", steps=200)
+    assert_interrupted("motion_i2v_predict", interrupt_case(server, api, "predict"))
+    alive(server)
 
 
 # ------------------------------------------------------------------------------------ soak
@@ -935,6 +885,3 @@ def test_interrupt_click_to_mask(server, pictures):
         assert res["data"]["exception_type"].split(".")[-1] in CLEAR, res
     alive(server)
 
-
-# reuse the in-process fixtures of the Puppet-Master suite (tiny SVD VAE, CLIP vision, UNet file)
-from test_puppet_master_core import svd_parts, unet_file  # noqa: E402,F401
