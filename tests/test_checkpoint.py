@@ -1,10 +1,6 @@
 """The one model-file reader (pipelines/checkpoint.py) and every loader that goes through it:
 unreadable files give a message in the pack's words (the file, its folder, what is wrong, what
 was expected, what to do), never torch's own text, and no code from a file ever runs."""
-import os
-import pickle
-import zipfile
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -17,67 +13,15 @@ from kinema.pipelines.motion_i2v import loading as mi2v
 from kinema.pipelines.story_video import predictor as sv
 from kinema.runtime import KinemaError
 
+import bad_files
+
 # torch's own phrases, which must never reach a user
 TORCH_TEXT = ("weights_only", "file an issue", "Re-running", "torch.load", "PytorchStreamReader", "miniz",
               "inline_container", "Unsupported operand", "WeightsUnpickler", "UnpicklingError", "Traceback")
 
 
-class Payload:
-    """Pickles to a call that writes ``marker`` when the pickle is loaded unsafely."""
+UNREADABLE = [k for k, says in bad_files.KINDS.items() if says and k != "list_pickle"]
 
-    def __init__(self, marker, how="exec"):
-        self.marker, self.how = str(marker), how
-
-    def __reduce__(self):
-        if self.how == "system":
-            return (os.system, (f"touch {self.marker}",))
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
-def bad_files(folder, marker, suffix=".pth") -> dict:
-    """name -> (path, what the message must say) for every kind of unreadable file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    good = folder / f"good{suffix}"
-    torch.save({"w": torch.zeros(4, 4)}, good)
-    data = good.read_bytes()
-    files = {
-        "empty": (b"", "is empty (0 bytes)"),
-        "text": (b"hello, this is not a checkpoint\n" * 4, "neither a torch checkpoint"),
-        "truncated": (data[: len(data) // 2], "ends too early"),
-        "half_zip": (b"PK\x03\x04 half a zip", "contents are damaged"),
-    }
-    out = {}
-    for name, (raw, what) in files.items():
-        p = folder / f"{name}{suffix}"
-        p.write_bytes(raw)
-        out[name] = (p, what)
-    p = folder / f"plain_zip{suffix}"
-    with zipfile.ZipFile(p, "w") as z:
-        z.writestr("readme.txt", "a zip, not a checkpoint")
-    out["plain_zip"] = (p, "contents are damaged")
-    p = folder / f"zip_payload{suffix}"
-    torch.save({"w": torch.zeros(2), "x": Payload(marker)}, p)
-    out["zip_payload"] = (p, "holds a Python object (exec)")
-    p = folder / f"zip_payload_system{suffix}"
-    torch.save({"state_dict": {"w": Payload(marker, "system")}}, p)
-    out["zip_payload_system"] = (p, "holds a Python object (posix.system)")
-    p = folder / f"raw_pickle_p2{suffix}"
-    p.write_bytes(pickle.dumps({"w": Payload(marker)}, protocol=2))
-    out["raw_pickle_p2"] = (p, "holds a Python object (exec)")
-    p = folder / f"raw_pickle_p5{suffix}"
-    p.write_bytes(pickle.dumps({"w": Payload(marker, "system")}, protocol=5))
-    out["raw_pickle_p5"] = (p, "Python pickle that is not a plain torch checkpoint")
-    p = folder / "garbage.safetensors"
-    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    out["garbage_safetensors"] = (p, "not a valid safetensors file")
-    p = folder / "huge_header.safetensors"
-    p.write_bytes(b"\xff" * 8 + b"{}")
-    out["huge_header_safetensors"] = (p, "not a valid safetensors file")
-    return out
-
-
-KINDS = ["empty", "text", "truncated", "half_zip", "plain_zip", "zip_payload", "zip_payload_system",
-         "raw_pickle_p2", "raw_pickle_p5", "garbage_safetensors", "huge_header_safetensors"]
 
 # every reader a loader uses, with what its message must say the file should be
 READERS = {
@@ -91,18 +35,17 @@ READERS = {
 
 
 @pytest.mark.parametrize("reader", list(READERS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", UNREADABLE)
 def test_unreadable_files_are_named_and_explained(tmp_path, reader, kind):
     marker = tmp_path / "payload-ran"
-    files = bad_files(tmp_path / "models" / "sams", marker)
-    path, what = files[kind]
+    path = bad_files.write(kind, tmp_path / "models" / "sams", marker)
     read, expected = READERS[reader]
     with pytest.raises(KinemaError) as e:
         read(path)
     msg = str(e.value)
     assert f"'{path.name}'" in msg and str(path.parent) in msg, msg      # the file and its folder
-    assert what in msg and expected in msg, msg                          # what is wrong, what was expected
-    assert "download it again" in msg or "remove this one" in msg or "empty" in msg, msg   # what to do
+    assert bad_files.KINDS[kind] in msg and expected in msg, msg         # what is wrong, what was expected
+    assert "download it again" in msg or "remove this one" in msg, msg   # what to do
     assert not any(t in msg for t in TORCH_TEXT), msg
     assert "\n" not in msg and len(msg) < 600, msg
     assert not marker.exists(), "code from a model file ran"
@@ -110,10 +53,9 @@ def test_unreadable_files_are_named_and_explained(tmp_path, reader, kind):
 
 def test_no_torch_warning_escapes(tmp_path, recwarn):
     marker = tmp_path / "payload-ran"
-    files = bad_files(tmp_path, marker)
-    for name in ("raw_pickle_p2", "raw_pickle_p5", "zip_payload"):
+    for kind in ("raw_pickle_exec", "raw_pickle_system", "zip_payload_exec"):
         with pytest.raises(KinemaError):
-            ck.read_state_dict(files[name][0])
+            ck.read_state_dict(bad_files.write(kind, tmp_path, marker))
     assert not [w for w in recwarn if "file an issue" in str(w.message) or "weights_only" in str(w.message)]
     assert not marker.exists()
 

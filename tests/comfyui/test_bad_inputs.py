@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
 import threading
 import time
 import uuid
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+import bad_files
 import harness
 import server_files
 
@@ -155,81 +150,10 @@ def pictures(server):
 
 # ------------------------------------------------------------------------------------ model files
 
-class Payload:
-    """Pickles to a call that writes a marker file when the pickle is loaded unsafely."""
-
-    def __init__(self, marker: Path, how: str = "exec"):
-        self.marker, self.how = str(marker), how
-
-    def __reduce__(self):
-        if self.how == "system":
-            return (os.system, (f"touch {self.marker}",))
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
-
-
-def bad_file(kind: str, folder: Path, markers: Path) -> str:
-    """Write one bad model file of ``kind`` into ``folder``; returns its name (the folder's own,
-    so that a loader reading two folders cannot find it in the other)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = markers / f"{folder.name}-{kind}"
-    name = _bad_file(kind, folder, marker)
-    own = f"{folder.name}_{name}"
-    (folder / name).rename(folder / own)
-    return own
-
-
-def _bad_file(kind: str, folder: Path, marker: Path) -> str:
-    if kind == "empty":
-        name, raw = "empty.pth", b""
-    elif kind == "text":
-        name, raw = "text.pth", b"<html>404 Not Found</html>\n"
-    elif kind == "truncated":
-        tmp = folder / "_whole.pth"
-        torch.save({"w": torch.zeros(64, 64)}, tmp)
-        name, raw = "truncated.pth", tmp.read_bytes()[:3000]
-        tmp.unlink()
-    elif kind == "zip_not_torch":
-        name = "zip_not_torch.pth"
-        with zipfile.ZipFile(folder / name, "w") as z:
-            z.writestr("readme.txt", "a zip file, not a checkpoint")
-        return name
-    elif kind == "zip_payload_exec":
-        name = "zip_payload_exec.pth"
-        torch.save({"w": torch.zeros(2), "x": Payload(marker)}, folder / name)
-        return name
-    elif kind == "zip_payload_system":
-        name = "zip_payload_system.ckpt"
-        torch.save({"state_dict": {"w": Payload(marker, "system")}}, folder / name)
-        return name
-    elif kind == "raw_pickle_exec":
-        name, raw = "raw_pickle_exec.bin", pickle.dumps({"w": Payload(marker)}, protocol=2)
-    elif kind == "raw_pickle_system":
-        name, raw = "raw_pickle_system.pt", pickle.dumps({"w": Payload(marker, "system")}, protocol=5)
-    elif kind == "safetensors_garbage":
-        name, raw = "garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"
-    elif kind == "safetensors_huge_header":
-        name, raw = "huge_header.safetensors", b"\xff" * 8 + b"{}"
-    elif kind == "wrong_model":
-        name = "wrong_model.safetensors"
-        save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "decoder.conv_out.bias": torch.zeros(3)},
-                  str(folder / name))
-        return name
-    elif kind == "list_pickle":
-        name = "list.pth"
-        torch.save([torch.zeros(2), 3], folder / name)
-        return name
-    else:
-        raise KeyError(kind)
-    (folder / name).write_bytes(raw)
-    return name
-
-
-KINDS = ["empty", "text", "truncated", "zip_not_torch", "zip_payload_exec", "zip_payload_system", "raw_pickle_exec",
-         "raw_pickle_system", "safetensors_garbage", "safetensors_huge_header", "wrong_model", "list_pickle"]
+KINDS = list(bad_files.KINDS)
 # kinds the reader itself refuses (its message names the folder too); the others are read and
 # then refused by the loader's own checks
-UNREADABLE = {"empty", "text", "truncated", "zip_not_torch", "zip_payload_exec", "zip_payload_system",
-              "raw_pickle_exec", "raw_pickle_system", "safetensors_garbage", "safetensors_huge_header"}
+UNREADABLE = {k for k, says in bad_files.KINDS.items() if says and k != "list_pickle"}
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +165,10 @@ def models(server, model_files):
     files = {}
     for folder in ("sams", "kinema/dynamicrafter", "checkpoints", "kinema/motion_i2v", "animatediff_models",
                    "kinema/puppet_master", "kinema/story_diffusion"):
-        files[folder] = {k: bad_file(k, server.base / "models" / folder, server.base / "markers") for k in KINDS}
+        # named after their folder, so that a loader reading two folders cannot find one in the other
+        prefix = folder.rsplit("/", 1)[-1] + "_"
+        files[folder] = {k: bad_files.write(k, server.base / "models" / folder, server.base / "markers" /
+                                            (prefix + k), prefix).name for k in KINDS}
     return files
 
 
@@ -870,18 +797,15 @@ def test_flat_picture_click_to_mask(server, pictures, name):
 
 
 def test_interrupt_click_to_mask(server, pictures):
-    """A near-flat picture at full size: the classical segmentation answers, refuses, or stops
-    within the bound after /interrupt."""
-    name = "near_flat_3000.png"
-    noise = np.random.default_rng(1).integers(126, 131, (2000, 3000, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(pictures / name, compress_level=1)
-    res = server.run_and_interrupt(click_graph("[[1500, 1000]]", name), "mask", after_progress=0, delay=0.3,
+    """The classical segmentation of a large photo: it answers or stops within the bound after
+    /interrupt (its work is bounded, so it may also finish first)."""
+    name = "cat_3000.png"
+    Image.open(harness.ROOT / "assets" / "chelsea.jpg").resize((3000, 1996), Image.BICUBIC).save(
+        pictures / name, compress_level=1)
+    res = server.run_and_interrupt(click_graph("[[1460, 1590]]", name), "mask", after_progress=0, delay=0.3,
                                    timeout=60)
     record("interrupt_click_to_mask", {k: v for k, v in res.items() if k != "data"})
-    assert res["end"] in ("execution_interrupted", "execution_success", "execution_error"), res
+    assert res["end"] in ("execution_interrupted", "execution_success"), res
     if res["end"] == "execution_interrupted":
         assert res["latency"] < INTERRUPT_BOUND, res
-    if res["end"] == "execution_error":
-        assert res["data"]["exception_type"].split(".")[-1] in CLEAR, res
     alive(server)
-
