@@ -476,13 +476,9 @@ def sample(model, noise: torch.Tensor, positive, negative, sigmas: torch.Tensor,
                                       disable_pbar=not _cu().PROGRESS_BAR_ENABLED, seed=int(seed))
 
 
-def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
-                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
-    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
-    another schedule than the one ComfyUI assumes for its base (set it with
-    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
-    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
-    ``prediction``: "eps" or "v". Needs ComfyUI."""
+def _model_sampling(base: str, prediction: str, settings: dict):
+    """An instance of ComfyUI's ``comfy.model_sampling.<base>`` schedule for ``prediction``
+    ("eps" or "v") built from ``settings`` (its ``sampling_settings``)."""
     if _mm() is None:
         raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
     import comfy.model_sampling as ms  # type: ignore
@@ -490,13 +486,20 @@ def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linea
     kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
     if prediction not in kinds:
         raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+    config = type("Settings", (), {"sampling_settings": dict(settings)})()
+    return type(f"Kinema{base}", (getattr(ms, base), kinds[prediction]), {})(config)
 
-    class Settings:
-        sampling_settings = dict(beta_schedule=beta_schedule, linear_start=float(linear_start),
-                                 linear_end=float(linear_end), timesteps=int(timesteps), zsnr=bool(zero_snr))
 
-    sampling = type("KinemaModelSampling", (ms.ModelSamplingDiscrete, kinds[prediction]), {})
-    return sampling(Settings())
+def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
+                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
+    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
+    another schedule than the one ComfyUI assumes for its base (set it with
+    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
+    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
+    ``prediction``: "eps" or "v". Needs ComfyUI."""
+    return _model_sampling("ModelSamplingDiscrete", prediction, dict(
+        beta_schedule=beta_schedule, linear_start=float(linear_start), linear_end=float(linear_end),
+        timesteps=int(timesteps), zsnr=bool(zero_snr)))
 
 
 class ComfyConds:
@@ -579,18 +582,8 @@ def continuous_edm_sampling(prediction: str = "v", sigma_min: float = 0.002, sig
                             sigma_data: float = 1.0):
     """ComfyUI's continuous EDM noise schedule (``model_sampling``; SVD's): timestep 0.25 ln sigma,
     input x / sqrt(sigma^2 + sigma_data^2). ``prediction``: "v" or "eps". Needs ComfyUI."""
-    if _mm() is None:
-        raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
-    import comfy.model_sampling as ms  # type: ignore
-
-    kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
-    if prediction not in kinds:
-        raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
-
-    class Settings:
-        sampling_settings = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data))
-
-    return type("KinemaEDMSampling", (ms.ModelSamplingContinuousEDM, kinds[prediction]), {})(Settings())
+    return _model_sampling("ModelSamplingContinuousEDM", prediction, dict(
+        sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data)))
 
 
 def add_injection(patcher, key: str, inject, eject) -> None:

@@ -45,6 +45,7 @@ def make(cache: Path) -> Path:
         pm.parent.mkdir(parents=True, exist_ok=True)
         unet = tiny_puppet_master.unet(0, cross_attention_dim=768)  # the ViT-L image embedding's width
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(pm))
+    tiny_models.fyc_unet(cache / "kinema" / "follow_your_click" / "fyc_sd15.safetensors", sd15)
     dc = cache / "kinema" / "dynamicrafter"
     dc.mkdir(parents=True, exist_ok=True)
     for name in ("dynamicrafter_512.ckpt", "dynamicrafter_512_interp.ckpt"):
@@ -77,6 +78,7 @@ SMALL = {
     "KinemaPuppetMasterAnimate": {"steps": 2, "crop_size": 64},
     "KinemaPuppetMasterConditioning": {"crop_size": 64},
     "KinemaDynamiCrafterAnimate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
+    "KinemaFYCAnimate": {"steps": 2, "frames": 4, "width": 96, "height": 64},
     "KinemaDynamiCrafterInterpolate": {"steps": 2, "frames": 4, "width": 64, "height": 64},
     "KinemaStoryTransitions": {"steps": 2, "width": 64, "height": 64},
 }

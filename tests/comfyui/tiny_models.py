@@ -190,3 +190,29 @@ def svd_checkpoint(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
+
+
+def fyc_unet(path: Path, sd15: Path, train_steps: int = 2, seed: int = 8) -> Path:
+    """Write a Follow-Your-Click UNet to ``path``: built from the tiny SD1.5 file and an
+    AnimateDiff-v2-layout motion module sized for it (as ``follow_your_click.py build`` does with
+    the released files), then trained ``train_steps`` steps on clips made by the warp animator."""
+    import tempfile
+
+    from kinema.pipelines.clips import make_warp_clips
+    from kinema.pipelines.follow_your_click import convert, train
+
+    path = Path(path)
+    if path.exists():
+        return path
+    with tempfile.TemporaryDirectory(prefix="kinema-fyc-") as tmp:
+        work = Path(tmp)
+        mm = motion_block(work / "mm_sd_v15_v2.safetensors", sd15_unet_module(seed), seed=seed + 1)
+        convert.save_unet(convert.build_from_sd15(sd15, mm), work / "init.safetensors")
+        make_warp_clips(work / "clips", count=2, size=64, frames=8, seed=seed, video=True)
+        cfg = train.TrainConfig(model=str(work / "init.safetensors"), sd15=str(sd15), clips=str(work / "clips"),
+                                out=str(work / "run"), steps=train_steps, frames=4, width=64, height=64,
+                                strides=[1, 2], lr=1e-4, save_every=train_steps, device="cpu", seed=seed)
+        final = train.Trainer(cfg, log=lambda s: None).run(progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(final.read_bytes())
+    return path
