@@ -164,7 +164,7 @@ def models(server, model_files):
     server_files.link_into(model_files, server.base / "models")
     files = {}
     for folder in ("sams", "kinema/dynamicrafter", "checkpoints", "kinema/motion_i2v", "animatediff_models",
-                   "kinema/puppet_master", "kinema/story_diffusion"):
+                   "kinema/puppet_master", "kinema/story_diffusion", "kinema/follow_your_click"):
         # named after their folder, so that a loader reading two folders cannot find one in the other
         prefix = folder.rsplit("/", 1)[-1] + "_"
         files[folder] = {k: bad_files.write(k, server.base / "models" / folder, server.base / "markers" /
@@ -265,6 +265,16 @@ def graph_predictor(bad):
             **preview_of(["smp", 1])}
 
 
+def graph_fyc(bad, steps=2):
+    return {**load(), **sd15_nodes(),
+            "fyc": {"class_type": "KinemaFYCLoader", "inputs": {"unet_name": bad, "precision": "fp32"}},
+            "anim": {"class_type": "KinemaFYCAnimate", "inputs": {
+                "fyc_model": ["fyc", 0], "vae": ["ck", 2], "positive": ["pos", 0], "negative": ["neg", 0],
+                "image": ["img", 0], "motion_strength": 4, "fps": 2, "frames": 4, "width": 64, "height": 64,
+                "steps": steps, "cfg": 7.5, "seed": 0}},
+            **preview_of(["anim", 0])}
+
+
 # loader input -> (model folder, graph around the bad file)
 LOADERS = {
     "sam": ("sams", graph_sam),
@@ -275,6 +285,7 @@ LOADERS = {
     "animatediff_module": ("animatediff_models", lambda bad: graph_render(BLOCK, bad)),
     "puppet_master": ("kinema/puppet_master", graph_pm),
     "story_predictor": ("kinema/story_diffusion", graph_predictor),
+    "follow_your_click": ("kinema/follow_your_click", graph_fyc),
 }
 
 
@@ -590,9 +601,11 @@ def test_click_on_a_huge_picture(server, pictures):
 
 # ------------------------------------------------------------------------------------ interrupt
 
-# From POST /interrupt to the node stopping: within one step. The bound is generous: one and a
-# half of the longest step measured in the same run (the gap between the node's progress reports
-# before the interrupt) plus 3 s for the messages; 10 s for nodes that report no steps.
+# Every long node runs with its steps input at the largest value the node offers (an edge value
+# too), and is interrupted after two steps. From POST /interrupt to the node stopping: within one
+# step. The bound is generous: one and a half of the longest step measured in the same run (the
+# gap between the node's progress reports before the interrupt) plus 3 s for the messages; 10 s
+# for nodes that report no steps.
 INTERRUPT_BOUND = 10.0
 
 
@@ -692,6 +705,12 @@ def test_interrupt_motion_i2v_render(server, models, pictures):
 def test_interrupt_puppet_master_animate(server, models, pictures):
     api = graph_pm("model.safetensors", steps=200)
     assert_interrupted("puppet_master_animate", interrupt_case(server, api, "anim"))
+    alive(server)
+
+
+def test_interrupt_follow_your_click(server, models, pictures):
+    api = graph_fyc("fyc_sd15.safetensors", steps=1000)
+    assert_interrupted("follow_your_click_animate", interrupt_case(server, api, "anim"))
     alive(server)
 
 
