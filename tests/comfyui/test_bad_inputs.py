@@ -148,6 +148,50 @@ def pictures(server):
     return inp
 
 
+# ------------------------------------------------------------------------------------ soak
+# First in the module, on a fresh server: later cases leave freed but resident memory behind, in
+# which a leak could hide without raising RSS.
+
+SOAK_RUNS = 50
+SOAK_FRAMES = 8
+# RSS may grow by at most this much from the settled start to the end (see the test)
+SOAK_GROWTH_BOUND = 96 * 2**20
+
+
+def test_soak_weights_free_workflow(server, pictures):
+    """50 runs of workflows/click_drag_animate.json on the bundled cat photo (the README's own
+    click and drag) with 8 frames, each run a little different so that no node's result comes
+    from ComfyUI's cache.
+
+    Leak bound: RSS (the mean of the last five runs against the mean of runs 5-9, after the
+    allocator's pools and ComfyUI's caches settled) may grow by at most 96 MiB. One run's motion
+    field is 8 x 300 x 451 x 2 float32 = 8.3 MiB and its video 12.4 MiB: keeping either of them
+    per run would add 370-560 MiB over the 45 runs after the start, four to six times the bound
+    (a node made to keep its video grew RSS by 558 MiB here); without a leak RSS moved by 6 MiB
+    (test-artifacts/bad_inputs/measurements.json keeps every run's RSS and time)."""
+    api = harness.ui_to_api(json.loads(WORKFLOW.read_text()), server.get("/object_info", timeout=120))
+    api["1"]["inputs"]["image"] = "chelsea.jpg"
+    api["3"]["inputs"]["frames"] = SOAK_FRAMES
+    api["5"]["inputs"]["filename_prefix"] = "soak/animation"
+    api["6"]["inputs"]["filename_prefix"] = "soak/motion"
+    rss, times = [], []
+    for i in range(SOAK_RUNS):
+        api["2"]["inputs"]["points"] = json.dumps({"positive": [[262 + i % 3, 240]], "negative": [], "box": None})
+        api["3"]["inputs"]["tracks"] = json.dumps(
+            {"tracks": [[{"x": 262, "y": 240}, {"x": 262, "y": 220 - i % 7}]], "anchors": []})
+        t0 = time.monotonic()
+        outcome, msg, _ = run_prompt(server, api, timeout=300)
+        times.append(round(time.monotonic() - t0, 2))
+        assert outcome == "success", (i, msg)
+        rss.append(server.rss())
+    growth = float(np.mean(rss[-5:]) - np.mean(rss[4:9]))
+    record("soak", {"runs": SOAK_RUNS, "frames": SOAK_FRAMES, "seconds_total": round(sum(times), 1),
+                    "seconds": times, "rss_mib": [round(r / 2**20, 1) for r in rss],
+                    "growth_mib": round(growth / 2**20, 1), "bound_mib": SOAK_GROWTH_BOUND / 2**20})
+    assert growth < SOAK_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB over {SOAK_RUNS} runs"
+    alive(server)
+
+
 # ------------------------------------------------------------------------------------ model files
 
 KINDS = list(bad_files.KINDS)
@@ -717,48 +761,6 @@ def test_interrupt_follow_your_click(server, models, pictures):
 def test_interrupt_motion_i2v_predict(server, models, pictures):
     api = graph_flow("flow_unet.bin", "controlnet.bin", "vae_flow.bin", steps=200)
     assert_interrupted("motion_i2v_predict", interrupt_case(server, api, "predict"))
-    alive(server)
-
-
-# ------------------------------------------------------------------------------------ soak
-
-SOAK_RUNS = 50
-SOAK_FRAMES = 8
-# RSS may grow by at most this much from the settled start to the end (see the test)
-SOAK_GROWTH_BOUND = 96 * 2**20
-
-
-def test_soak_weights_free_workflow(server, pictures):
-    """50 runs of workflows/click_drag_animate.json on the bundled cat photo (the README's own
-    click and drag) with 8 frames, each run a little different so that no node's result comes
-    from ComfyUI's cache.
-
-    Leak bound: RSS (the mean of the last five runs against the mean of runs 5-9, after the
-    allocator's pools and ComfyUI's caches settled) may grow by at most 96 MiB. One run's motion
-    field is 8 x 300 x 451 x 2 float32 = 8.3 MiB and its video 12.4 MiB: keeping either of them
-    per run would add 370-560 MiB over the 45 runs after the start, four to six times the bound;
-    the allocator's own drift over such runs is a few tens of MiB (test-artifacts/bad_inputs/
-    measurements.json keeps every run's RSS and time)."""
-    api = harness.ui_to_api(json.loads(WORKFLOW.read_text()), server.get("/object_info", timeout=120))
-    api["1"]["inputs"]["image"] = "chelsea.jpg"
-    api["3"]["inputs"]["frames"] = SOAK_FRAMES
-    api["5"]["inputs"]["filename_prefix"] = "soak/animation"
-    api["6"]["inputs"]["filename_prefix"] = "soak/motion"
-    rss, times = [], []
-    for i in range(SOAK_RUNS):
-        api["2"]["inputs"]["points"] = json.dumps({"positive": [[262 + i % 3, 240]], "negative": [], "box": None})
-        api["3"]["inputs"]["tracks"] = json.dumps(
-            {"tracks": [[{"x": 262, "y": 240}, {"x": 262, "y": 220 - i % 7}]], "anchors": []})
-        t0 = time.monotonic()
-        outcome, msg, _ = run_prompt(server, api, timeout=300)
-        times.append(round(time.monotonic() - t0, 2))
-        assert outcome == "success", (i, msg)
-        rss.append(server.rss())
-    growth = float(np.mean(rss[-5:]) - np.mean(rss[4:9]))
-    record("soak", {"runs": SOAK_RUNS, "frames": SOAK_FRAMES, "seconds_total": round(sum(times), 1),
-                    "seconds": times, "rss_mib": [round(r / 2**20, 1) for r in rss],
-                    "growth_mib": round(growth / 2**20, 1), "bound_mib": SOAK_GROWTH_BOUND / 2**20})
-    assert growth < SOAK_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB over {SOAK_RUNS} runs"
     alive(server)
 
 
