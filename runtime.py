@@ -25,6 +25,8 @@ Every other module imports from here, never from ComfyUI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -85,7 +87,8 @@ class Interrupted(Exception):
 
 
 def register_model_folders() -> None:
-    """Register ``models/kinema/<system>`` with ComfyUI (no-op outside ComfyUI)."""
+    """Register ``models/kinema/<system>``, and ``models/sams`` and ``models/animatediff_models``
+    unless another pack did, with ComfyUI (no-op outside ComfyUI)."""
     if _fp() is None:
         return
     base = Path(_fp().models_dir) / "kinema"
@@ -98,9 +101,10 @@ def register_model_folders() -> None:
                 paths.append(path)
         else:
             _fp().folder_names_and_paths[key] = ([path], set(MODEL_EXTENSIONS))
-    if "sams" not in _fp().folder_names_and_paths:
-        _fp().folder_names_and_paths["sams"] = (
-            [str(Path(_fp().models_dir) / "sams")], set(MODEL_EXTENSIONS))
+    for shared in ("sams", "animatediff_models"):  # also read by other packs, which may register them first
+        if shared not in _fp().folder_names_and_paths:
+            _fp().folder_names_and_paths[shared] = (
+                [str(Path(_fp().models_dir) / shared)], set(MODEL_EXTENSIONS))
 
 
 def models_dir() -> Path:
@@ -661,8 +665,35 @@ def default_dtype(load_device=None, supported=(torch.float16, torch.bfloat16, to
     return torch.float32
 
 
+class OverTime(Exception):
+    """Raised by :func:`check_interrupt` in work run under :func:`time_limit` once its time is up."""
+
+
+# the deadline (time.monotonic()) of the work running in this thread or task, if it has one
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("kinema_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_limit(deadline: float):
+    """Run the enclosed work against a deadline (a ``time.monotonic()`` value): from then on
+    :func:`check_interrupt` raises :class:`OverTime`. Such work is not part of a prompt (a live
+    preview answering an HTTP request), so there ComfyUI's interrupt flag, which belongs to the
+    running prompt, is neither read nor cleared."""
+    token = _DEADLINE.set(float(deadline))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def check_interrupt() -> None:
-    """Raise if the user asked to stop. Call between steps of long work."""
+    """Raise if the user asked to stop (or, under :func:`time_limit`, if the time is up). Call
+    between steps of long work."""
+    deadline = _DEADLINE.get()
+    if deadline is not None:
+        if time.monotonic() > deadline:
+            raise OverTime("the time for this work is up")
+        return
     if _mm() is not None:
         _mm().throw_exception_if_processing_interrupted()
 

@@ -159,7 +159,9 @@ class KinemaMotionI2VRenderLoader:
         unet = model.get_model_object("diffusion_model")
         if not hasattr(unet, "input_blocks"):
             raise ValueError("model: Motion-I2V renders with an SD1.5 model; this MODEL has another architecture")
-        modules = build_motion_modules(unet, [(p.name, read_state_dict(p)) for p in files], model.model_dtype())
+        expected = "a motion module (Motion-I2V's motion_block.bin, or AnimateDiff v2's mm_sd_v15_v2.ckpt)"
+        modules = build_motion_modules(unet, [(p.name, read_state_dict(p, expected=expected)) for p in files],
+                                       model.model_dtype())
         return (render_model(model, runtime.ManagedModel(modules, "Motion-I2V motion modules")),)
 
 

@@ -51,7 +51,7 @@ from ..kernels.drag import (
 )
 from .. import runtime
 from ..runtime import KinemaError, ProgressBar, check_interrupt
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -404,18 +404,21 @@ def unet_config(shapes: dict, name: str = "checkpoint") -> dict:
     return cfg
 
 
+EXPECTED = "the Puppet-Master UNet (ckpts/model.safetensors of the release)"
+
+
 def _shapes(path) -> dict:
     """Tensor name -> shape of a checkpoint: from a safetensors header without reading the
     tensors, else from the loaded state dict."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size:
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as fh:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        except Exception as e:
-            raise KinemaError(f"{path.name}: could not be read as a checkpoint ({type(e).__name__}: {e})") from None
-    return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+            raise unreadable(path, e, EXPECTED) from None
+    return {k: tuple(v.shape) for k, v in read_state_dict(path, expected=EXPECTED).items()}
 
 
 def load_unet(path, dtype=torch.float32, device="cpu", config: dict | None = None) -> PuppetMasterUNet:
@@ -430,7 +433,7 @@ def load_unet(path, dtype=torch.float32, device="cpu", config: dict | None = Non
     expected = unet.state_dict()
     check_keys(name, expected, {k: SimpleNamespace(shape=s) for k, s in shapes.items()},
                "Puppet-Master UNet checkpoint")
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, expected=EXPECTED)
     check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return unet.eval()

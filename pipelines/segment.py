@@ -101,62 +101,12 @@ class SamConfig:
         return "custom"
 
 
-def _summarize_keys(keys, limit: int = 6) -> str:
-    groups: dict[str, int] = {}
-    for k in keys:
-        parts = str(k).split(".")
-        prefix = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
-        groups[prefix] = groups.get(prefix, 0) + 1
-    items = sorted(groups.items(), key=lambda kv: -kv[1])
-    text = ", ".join(f"{p}.* ({n})" for p, n in items[:limit])
-    if len(items) > limit:
-        text += f", and {len(items) - limit} more groups"
-    return text or "no keys"
-
-
 def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``name -> tensor`` dict without running code from it.
-
-    ``.safetensors`` through safetensors, anything else through
-    ``torch.load(weights_only=True)``. A state dict nested under ``model`` or ``state_dict``
-    (and a ``module.`` prefix) is unwrapped. Unreadable files raise :class:`KinemaError`.
-    """
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise KinemaError(f"SAM checkpoint '{name}': file not found at {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise KinemaError(f"SAM checkpoint '{name}': the file is empty (0 bytes); expected {EXPECTED_SAM}. "
-                          f"Download it again.")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            data = load_file(str(path), device="cpu")
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every reader error means the same thing here
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise KinemaError(
-            f"SAM checkpoint '{name}' ({size} bytes) could not be read ({type(e).__name__}: {msg}). "
-            f"Expected {EXPECTED_SAM}; the file is probably truncated, corrupt, or not a weights file. "
-            f"Download it again.") from None
-    for _ in range(3):
-        if isinstance(data, dict) and not any(str(k).startswith("image_encoder.") for k in data):
-            inner = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), dict)), None)
-            if inner is None:
-                break
-            data = inner
-    if not isinstance(data, dict):
-        raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}, found a {type(data).__name__} "
-                          f"instead of a dict of tensors")
-    if data and all(str(k).startswith("module.") for k in data):
-        data = {str(k)[len("module."):]: v for k, v in data.items()}
-    tensors = {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}, found no tensors "
-                          f"(keys: {_summarize_keys(data.keys())})")
-    return tensors
+    """A SAM checkpoint's tensors, read by the pack's one model-file reader
+    (:func:`.checkpoint.read_state_dict`: nothing from the file runs; unreadable files raise
+    :class:`KinemaError` saying what a SAM file should be)."""
+    from .checkpoint import read_state_dict as read_model_file
+    return read_model_file(path, expected=EXPECTED_SAM)
 
 
 def config_from_state_dict(sd: dict, name: str = "checkpoint") -> SamConfig:
@@ -166,18 +116,19 @@ def config_from_state_dict(sd: dict, name: str = "checkpoint") -> SamConfig:
     relative-position tables (their width is the head size), global-attention blocks from
     the tables that span the whole token grid, decoder sizes from its layers.
     """
+    from .checkpoint import summarize_keys
     missing_parts = [p for p in ("image_encoder.", "prompt_encoder.", "mask_decoder.")
                      if not any(k.startswith(p) for k in sd)]
     if missing_parts:
         raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}; found no "
                           f"{', '.join(p + '*' for p in missing_parts)} keys. The file holds "
-                          f"{_summarize_keys(sd.keys())}. Is it a SAM model (not e.g. an SD UNet or "
+                          f"{summarize_keys(sd.keys())}. Is it a SAM model (not e.g. an SD UNet or "
                           f"a SAM 2 / HQ-SAM / MobileSAM file)?")
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
             raise KinemaError(f"SAM checkpoint '{name}': expected {EXPECTED_SAM}; key '{key}' is missing "
-                              f"(this is not a ViT SAM layout: found {_summarize_keys(sd.keys())})")
+                              f"(this is not a ViT SAM layout: found {summarize_keys(sd.keys())})")
         return tuple(sd[key].shape)
 
     def count(prefix: str) -> int:

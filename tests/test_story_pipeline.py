@@ -185,7 +185,7 @@ def test_checkpoint_errors(tmp_path):
         story_pipeline.load_checkpoint(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(KinemaError, match="bad.safetensors: could not be read as safetensors"):
+    with pytest.raises(KinemaError, match="bad.safetensors.*could not be read: it is not a valid safetensors file"):
         story_pipeline.load_checkpoint(bad)
     from safetensors.torch import save_file
     other = tmp_path / "other.safetensors"

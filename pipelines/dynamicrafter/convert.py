@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ...runtime import KinemaError
+from .. import checkpoint
 from .encoders import TextEncoder, VisionEncoder
 from .resampler import Resampler
 from .unet import DynamiCrafterUNet, UNetConfig
@@ -68,28 +69,14 @@ def variants() -> dict:
 
 # ----------------------------------------------------------------------------- reading
 
+EXPECTED = ("a DynamiCrafter checkpoint: model.ckpt of the 256, 512, 1024 or 512-interp release, or a pruned "
+            ".safetensors copy of one")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (safetensors, or a pickle loaded with ``weights_only``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"DynamiCrafter checkpoint '{path}' does not exist")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            try:  # memory-map the (zip-format) pickle so a 10 GB file is not read twice
-                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or not a checkpoint
-        raise KinemaError(f"'{path.name}' could not be read as a checkpoint "
-                          f"(expected a DynamiCrafter model.ckpt or .safetensors): {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise KinemaError(f"'{path.name}' holds no flat tensor state dict (expected a DynamiCrafter checkpoint)")
-    return sd
+    """Tensors of a DynamiCrafter checkpoint, by the pack's one model-file reader (a zip-format
+    pickle is memory-mapped, so a 10 GB file is not read into memory before conversion)."""
+    return checkpoint.read_state_dict(path, expected=EXPECTED, mmap=True)
 
 
 def identify(keys) -> str | None:

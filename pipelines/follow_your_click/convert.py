@@ -109,7 +109,8 @@ def _describe_wrong(sd: dict, name: str) -> str | None:
 def load_unet(path, dtype: torch.dtype = torch.float32) -> FYCUNet:
     """An FYC-format checkpoint (.ckpt / .pt / .pth / .bin / .safetensors) -> FYCUNet in ``dtype``."""
     path = Path(path)
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, expected="a Follow-Your-Click UNet (an FYC-format checkpoint made by "
+                                        "'python follow_your_click.py build' or its trainer)")
     wrong = _describe_wrong(sd, path.name)
     if wrong:
         raise KinemaError(wrong)

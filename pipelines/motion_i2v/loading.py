@@ -190,8 +190,10 @@ def load_flow_unet(unet_path, controlnet_path=None) -> MotionUNet3D:
     """The stage-1 flow UNet with its ControlNet, sized by the files (the released sizes, or
     any smaller network of the same structure)."""
     unet_path = Path(unet_path)
-    usd = read_state_dict(unet_path)
-    csd = read_state_dict(controlnet_path) if controlnet_path else None
+    usd = read_state_dict(unet_path, expected="Motion-I2V's stage-1 flow UNet (unet/diffusion_pytorch_model.bin "
+                                              "of the release)")
+    csd = read_state_dict(controlnet_path, expected="Motion-I2V's stage-1 ControlNet (controlnet/controlnet.bin of "
+                                                    "the release)") if controlnet_path else None
     sd = flow_unet_state_dict(usd, csd, unet_path.name, Path(controlnet_path).name if controlnet_path else "")
     label = f"{unet_path.name} + {Path(controlnet_path).name if controlnet_path else ''}".rstrip(" +")
     cfg = unet_config(sd, "stage1_flow_unet", label)
@@ -208,7 +210,8 @@ def load_flow_unet(unet_path, controlnet_path=None) -> MotionUNet3D:
 def load_flow_vae(path) -> AutoencoderKL:
     """The 2-channel flow VAE, sized by the file."""
     path = Path(path)
-    sd = flow_vae_state_dict(read_state_dict(path))
+    sd = flow_vae_state_dict(read_state_dict(path, expected="Motion-I2V's flow VAE (vae_flow/"
+                                                            "diffusion_pytorch_model.bin of the release)"))
     cfg = vae_config(sd, "flow_vae", path.name)
     if cfg["in_channels"] != 2:
         raise KinemaError(f"{path.name}: a VAE for {cfg['in_channels']}-channel pictures; Motion-I2V's flow VAE "

@@ -253,8 +253,10 @@ def read_metadata(path) -> tuple[dict, list[str]]:
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {}), list(fh.keys())
-    except Exception as e:
-        raise KinemaError(f"'{path.name}' could not be read as safetensors ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        from ..checkpoint import unreadable
+        raise unreadable(path, e, "a semantic motion predictor (.safetensors written by "
+                                  "train_motion_predictor.py)") from None
 
 
 def _looks_like(keys: list[str]) -> str:

@@ -102,10 +102,7 @@ def load_image_encoder(path, dtype: torch.dtype = torch.float32) -> VisionEncode
     from ..dynamicrafter import convert as dc
     path = Path(path)
     prefixes = (dc.VISION + "visual.", "visual.")
-    if path.suffix.lower() == ".safetensors":
-        sd = read_state_dict(path, prefixes=prefixes)
-    else:
-        sd = {k: v for k, v in dc.read_state_dict(path).items() if k.startswith(prefixes)}
+    sd = read_state_dict(path, prefixes=prefixes, expected=f"{dc.EXPECTED}, or an OpenCLIP ViT-H file", mmap=True)
     for prefix in prefixes:
         vis = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if "conv1.weight" in vis:

@@ -6,6 +6,7 @@ in-memory database.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,6 +139,107 @@ class ComfyServer:
         except (ValueError, UnicodeDecodeError):
             return status, raw
 
+    def post_raw(self, path: str, body: bytes, content_type: str = "application/json", timeout: float = 60.0):
+        """POST ``body`` as it is (not JSON-encoded): (status, parsed JSON or raw bytes)."""
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        except (ConnectionError, urllib.error.URLError) as e:  # the server closed a body it refused
+            return 0, str(e).encode()
+        try:
+            return status, json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return status, raw
+
+    def alive(self) -> bool:
+        """The process runs and answers a plain request."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            self.get("/object_info/LoadImage", timeout=30)
+            return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def limit_memory(self, headroom: int) -> int:
+        """Cap the server's address space (``RLIMIT_AS``) at what it maps now plus ``headroom``
+        bytes: a stand-in for a machine with that much memory left, where an allocation over
+        it fails in the process (as it would under a container's limit, without the kernel
+        killing the server). Returns the limit."""
+        import resource
+        vm = 0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                vm = int(line.split()[1]) * 1024
+        limit = vm + int(headroom)
+        resource.prlimit(self.proc.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        return limit
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def run_and_interrupt(self, api: dict, node_id: str, after_progress: int = 1, delay: float = 0.0,
+                          timeout: float = 600.0) -> dict:
+        """Queue ``api``, and once node ``node_id`` runs (and has reported ``after_progress``
+        steps, if > 0; then ``delay`` seconds more) POST /interrupt. Returns the times, read from
+        the server's messages (websocket): ``latency`` (s from the interrupt request to the
+        server's execution_interrupted), ``step`` (the longest gap between the node's progress
+        reports before it), ``steps_seen``, ``end`` (the last event: execution_interrupted, or
+        what ended the prompt instead) and its ``data``."""
+        return asyncio.run(self._run_and_interrupt(api, node_id, after_progress, delay, timeout))
+
+    async def _run_and_interrupt(self, api, node_id, after_progress, delay, timeout) -> dict:
+        import aiohttp
+
+        cid = uuid.uuid4().hex
+        out = {"steps_seen": 0, "step": 0.0, "latency": None, "end": None, "data": None}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{self.url}/ws?clientId={cid}", max_msg_size=0) as ws:
+                async with session.post(f"{self.url}/prompt", json={"prompt": api, "client_id": cid}) as r:
+                    body = await r.json()
+                    if r.status != 200:
+                        raise AssertionError(f"/prompt refused the workflow ({r.status}): {body}")
+                    pid = body["prompt_id"]
+                t_sent, last_step = None, None
+                t_end = time.monotonic() + timeout
+                while time.monotonic() < t_end:
+                    msg = await ws.receive(timeout=max(t_end - time.monotonic(), 0.1))
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+                        continue  # preview images
+                    m = json.loads(msg.data)
+                    kind, data = m.get("type"), m.get("data", {})
+                    if data.get("prompt_id") not in (None, pid):
+                        continue
+                    now = time.time()
+                    started = kind == "executing" and data.get("node") == node_id and after_progress <= 0
+                    if kind == "progress" and data.get("node") == node_id and t_sent is None:
+                        out["steps_seen"] = int(data.get("value", 0))
+                        if last_step is not None:
+                            out["step"] = max(out["step"], now - last_step)
+                        last_step = now
+                        started = out["steps_seen"] >= after_progress
+                    if started and t_sent is None:
+                        await asyncio.sleep(delay)
+                        t_sent = time.time()
+                        async with session.post(f"{self.url}/interrupt", json={}) as r:
+                            assert r.status == 200
+                    if kind in ("execution_interrupted", "execution_error", "execution_success"):
+                        out["end"], out["data"] = kind, data
+                        if t_sent is not None and "timestamp" in data:
+                            out["latency"] = data["timestamp"] / 1000.0 - t_sent
+                        out["interrupt_sent"] = t_sent is not None
+                        return out
+        raise TimeoutError(f"prompt {pid} did not end within {timeout:.0f} s: {out}")
+
     def get(self, path: str, timeout: float = 30.0):
         status, body = self.request(path, timeout=timeout)
         if status != 200:
@@ -149,8 +252,9 @@ class ComfyServer:
             raise AssertionError(f"/prompt refused the workflow ({status}): {json.dumps(body)[:3000]}")
         return body["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
-        """History entry of a finished prompt (raises on timeout)."""
+    def wait(self, prompt_id: str, timeout: float = 600.0, poll: float = 1.0) -> dict:
+        """History entry of a finished prompt (raises on timeout); /history is asked every
+        ``poll`` seconds."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             hist = self.get(f"/history/{prompt_id}")
@@ -158,7 +262,7 @@ class ComfyServer:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
                     return entry
-            time.sleep(1.0)
+            time.sleep(poll)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
 
@@ -198,3 +302,13 @@ def missing_choices(api: dict, object_info: dict) -> list[str]:
             if choices is not None and value not in choices:
                 out.append(f"{node['class_type']}.{name}={value}")
     return out
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG file that declares ``width`` x ``height`` pixels but holds one tiny, broken image
+    stream: what a picture bomb looks like to a reader that trusts the header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
