@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ... import runtime
 from ...kernels.field import MotionField
-from ...kernels.motion_attention import MAX_FRAMES
+from ...kernels.motion_attention import MAX_FRAMES, FlowSplats
 from ..ddim import ddim_sigmas
 from .loading import load_config, motion_block_state_dict
 from .modules import MOTION_AUGMENTED, MotionModule
@@ -186,7 +186,7 @@ def _run_motion_module(layer, x, emb, context, transformer_options, *_rest):
         raise runtime.KinemaError("Motion-I2V motion modules ran without a motion field: sample this model "
                                   "through 'Motion-I2V render video' (or 'Motion-I2V apply motion')")
     p = next(layer.parameters())
-    out = layer(x.to(p.dtype), info["frames"], info["flow"].to(x.device))
+    out = layer(x.to(p.dtype), info["frames"], info["flow"], info.get("splats"))
     return out.to(x.dtype)
 
 
@@ -270,12 +270,18 @@ def render_video_comfy(model, vae, positive, negative, image: torch.Tensor, moti
         mask[1:] = mask[1:] * (1.0 - s)
     clip_model = model.clone()
     to = clip_model.model_options.setdefault("transformer_options", {})
-    to[OPTIONS_KEY] = {"frames": frames, "flow": flow[None].float()}
+    # the flow's splat per token grid is built by the first motion module that needs it and kept
+    # for the whole run (every module and step); it goes with these options, and is cleared below
+    splats = FlowSplats()
+    to[OPTIONS_KEY] = {"frames": frames, "flow": flow[None].float(), "splats": splats}
     clip_model.set_model_unet_function_wrapper(_clean_first_frame(frames, z_model, float(ms.sigmas[1])))
     clip_model.set_model_denoise_mask_function(_first_step_mask(float(sigmas[0]), frame0_mask))
     noise = torch.randn((1, 4, frames, h, w), generator=torch.Generator().manual_seed(int(seed)))[0].transpose(0, 1)
     latent = z.expand(frames, -1, -1, -1).contiguous()
-    out = runtime.sample(clip_model, noise.contiguous(), positive, negative, sigmas, guidance, latent=latent,
-                         denoise_mask=mask, seed=seed)
+    try:
+        out = runtime.sample(clip_model, noise.contiguous(), positive, negative, sigmas, guidance, latent=latent,
+                             denoise_mask=mask, seed=seed)
+    finally:
+        splats.clear()
     video = vae.decode(out)
     return video.reshape(-1, *video.shape[-3:]).float().cpu().clamp(0, 1), out.float().cpu()
