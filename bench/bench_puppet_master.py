@@ -4,9 +4,11 @@
 (diffusers' ``CrossAttnDownBlockSpatioTemporal``, same weights, same spatial attention), over a
 whole sampling of ``--steps`` steps as the sampler runs it: one drag condition for the video,
 so the drag embeddings are computed at the first step and reused. The two blocks run
-interleaved step by step in one process; times are CPU seconds of this thread (1 torch thread
-by default), which a busy machine disturbs less than wall time. Prints the ratio per precision
-and the load average before and after.
+interleaved step by step in one process: the first step, then ``--repeats`` later steps; the
+sampling's time is the first step plus ``steps - 1`` times the median later step (the stock
+block: ``steps`` times its median). Times are CPU seconds of this thread (1 torch thread by
+default), which a busy machine disturbs less than wall time. Prints the ratio per precision and
+the load average before and after.
 
 ``--part step``: one whole UNet step with all-to-first vs stock spatial self-attention, and the
 share of the step spent in the drag modules (wall-clock, median over ``--repeats``).
@@ -119,7 +121,8 @@ def bench_block(args) -> None:
     temb0 = torch.randn(b * f, 4 * ch, generator=g)
     ehs0 = torch.randn(b * f, 1, ctx_dim, generator=g)
     print(f"Puppet-Master drag down block vs stock SVD down block: {ch} channels at {r}x{r}, "
-          f"{b} videos x {f} frames, {args.steps} steps, {torch.get_num_threads()} thread(s), CPU time")
+          f"{b} videos x {f} frames, {torch.get_num_threads()} thread(s), CPU time; a {args.steps}-step "
+          f"sampling = the first step + {args.steps - 1} x the median of {args.repeats} later steps")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'dtype':<6} {'stock s':>9} {'drag s':>9} {'ratio':>7} {'first step':>11} {'later steps':>12}")
     for name in args.dtypes:
@@ -133,7 +136,7 @@ def bench_block(args) -> None:
             drag_block(h, temb, ehs, ind, pm.DragCondition.build(drags))
             drag = pm.DragCondition.build(drags)  # one per video, as the sampler builds it
             t_stock, t_drag = [], []
-            for _ in range(args.steps):  # interleaved, so a change in load hits both
+            for _ in range(1 + args.repeats):  # interleaved, so a change in load hits both
                 t0 = time.thread_time()
                 stock(h, temb, ehs, ind)
                 t1 = time.thread_time()
@@ -141,9 +144,12 @@ def bench_block(args) -> None:
                 t2 = time.thread_time()
                 t_stock.append(t1 - t0)
                 t_drag.append(t2 - t1)
-        ts, td = sum(t_stock), sum(t_drag)
-        later = sum(t_drag[1:]) / max(sum(t_stock[1:]), 1e-9)
-        print(f"{name:<6} {ts:>9.2f} {td:>9.2f} {td / ts:>7.3f} {t_drag[0] / t_stock[0]:>11.3f} {later:>12.3f}")
+        # the first step embeds the drags; every later step reuses them
+        stock_step, later = statistics.median(t_stock), statistics.median(t_drag[1:])
+        ts = args.steps * stock_step
+        td = t_drag[0] + (args.steps - 1) * later
+        print(f"{name:<6} {ts:>9.2f} {td:>9.2f} {td / ts:>7.3f} {t_drag[0] / stock_step:>11.3f} "
+              f"{later / stock_step:>12.3f}")
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -153,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=25, help="sampling steps of the block comparison")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--batch", type=int, default=2, help="videos per call (2 = the CFG batch)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="later steps timed (block); step repeats (step)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: 1 for the block, torch's default "
                                                             "for the step)")
