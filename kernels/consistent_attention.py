@@ -94,18 +94,21 @@ def _merge_in_place(q: torch.Tensor) -> bool:
 
 
 def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                              extras: Sequence[Sequence[Block]], query_chunk: Optional[int] = None) -> torch.Tensor:
+                              extras: Sequence[Sequence], query_chunk: Optional[int] = None) -> torch.Tensor:
     """Self-attention where row ``b`` also attends to extra key/value blocks.
 
-    q, k, v: (B, N, D); extras: length B, ``extras[b]`` a list of ``(K (M, D), V (M, D))`` blocks
-    (on q's device and dtype; empty blocks are skipped). Row b's queries take one softmax over
-    its own N keys and every block's keys. Returns (B, N, D).
+    q, k, v: (B, N, D); extras: length B, ``extras[b]`` a list of blocks, each ``(K (M, D),
+    V (M, D))`` on q's device and dtype, or a function making that pair (called once, when
+    the block is first needed, and dropped after its last row; rows share a block by listing
+    the same object). Row b's queries take one softmax over its own N keys and every block's
+    keys. Returns (B, N, D).
 
     On the CPU: the own-token attention of all rows in one call (plain attention, plus its
-    log-sum-exp), then for each row and block, ``query_chunk`` queries at a time (default: about
-    2^17 numbers of output), attention to the block merged into the output with the log-sum-exps.
-    No keys are concatenated: the memory beyond plain attention is one chunk and the (B, N, heads)
-    log-sum-exps. Elsewhere each row with blocks attends to its keys concatenated.
+    log-sum-exp), then block by block, for each row listing it, ``query_chunk`` queries at a
+    time (default: 512, or more for narrow tokens: about 2^18 numbers of output), attention to
+    the block merged into the output with the log-sum-exps. No keys are concatenated: the memory
+    beyond plain attention is one block, one chunk and the (B, N, heads) log-sum-exps. Elsewhere
+    each row with blocks attends to its keys concatenated.
     """
     _check_qkv(q, k, v)
     b_total, n, d = q.shape
@@ -113,20 +116,32 @@ def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"extras: {len(extras)} entries for a batch of {b_total} rows")
     if d % heads:
         raise ValueError(f"heads: inner dim {d} is not divisible by {heads} heads")
-    extras = [[(kx, vx) for kx, vx in blocks if kx.shape[0]] for blocks in extras]
+    order: dict = {}  # id(block) -> (block, rows reading it), in first-use order
+    for r, blocks in enumerate(extras):
+        for block in blocks:
+            order.setdefault(id(block), (block, []))[1].append(r)
+
+    def made(block) -> Block:
+        return block() if callable(block) else block
+
     if not _merge_in_place(q):
         out = attention(q, k, v, heads)
+        built = {key: made(block) for key, (block, _rows) in order.items()}
         for r, blocks in enumerate(extras):
-            if blocks:
-                keys = torch.cat([kx for kx, _ in blocks] + [k[r]])[None]
-                values = torch.cat([vx for _, vx in blocks] + [v[r]])[None]
+            pairs = [built[id(b)] for b in blocks]
+            if any(kx.shape[0] for kx, _ in pairs):
+                keys = torch.cat([kx for kx, _ in pairs] + [k[r]])[None]
+                values = torch.cat([vx for _, vx in pairs] + [v[r]])[None]
                 out[r] = attention(q[r:r + 1], keys, values, heads)[0]
         return out
     out, lse = _with_lse(q, k, v, heads)  # (B, N, D), (B, N, heads): plain attention
-    chunk = max(1, int(query_chunk or (1 << 17) // d))
+    chunk = max(1, int(query_chunk or max(512, (1 << 18) // d)))
     hd = d // heads
-    for r, blocks in enumerate(extras):
-        for kx, vx in blocks:
+    for block, rows in order.values():
+        kx, vx = made(block)
+        if not kx.shape[0]:
+            continue
+        for r in rows:
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 ox, lx = _with_lse(q[r:r + 1, start:stop], kx[None], vx[None], heads)
@@ -136,6 +151,7 @@ def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 o.mul_(torch.exp(lo - total)[..., None])
                 o.addcmul_(ox[0].view(stop - start, heads, hd), torch.exp(lx[0] - total)[..., None])
                 lo.copy_(total)
+        del kx, vx
     return out
 
 
@@ -154,7 +170,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
 
     Row ``b`` attends to ``cat[bank_b, shared tokens of sources[b] (in order), own tokens]``
     (one softmax; see :func:`attention_with_extra_keys`). A source's shared tokens are gathered
-    once, however many rows read them. Returns (B, N, D).
+    once, however many rows read them, and only while they are read. Returns (B, N, D).
     """
     _check_qkv(q, k, v)
     b_total, n, d = q.shape
@@ -164,13 +180,19 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         raise ValueError(f"bank: {len(bank)} entries for a batch of {b_total} rows")
     if token_masks is not None and tuple(token_masks.shape) != (b_total, n):
         raise ValueError(f"token_masks: expected ({b_total}, {n}), got {tuple(token_masks.shape)}")
-    shared: dict[int, Block] = {}
+    shared: dict = {}
     moved: dict[int, torch.Tensor] = {}
 
     def here(t: torch.Tensor) -> torch.Tensor:  # a bank tensor on q's device and dtype, moved once
         if id(t) not in moved:
             moved[id(t)] = t.to(q.device, q.dtype)
         return moved[id(t)]
+
+    def source(j: int):
+        if token_masks is None:
+            return k[j], v[j]
+        idx = token_masks[j].nonzero().squeeze(1).to(q.device)
+        return lambda: (k[j].index_select(0, idx), v[j].index_select(0, idx))  # gathered when needed
 
     extras = []
     for r in range(b_total):
@@ -183,8 +205,7 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
             if j == r or not 0 <= j < b_total:
                 raise ValueError(f"sources: row {r} lists invalid source row {j}")
             if j not in shared:
-                idx = None if token_masks is None else token_masks[j].nonzero().squeeze(1).to(q.device)
-                shared[j] = (k[j], v[j]) if idx is None else (k[j].index_select(0, idx), v[j].index_select(0, idx))
+                shared[j] = source(j)
             blocks.append(shared[j])
         extras.append(blocks)
     return attention_with_extra_keys(q, k, v, heads, extras)
@@ -406,7 +427,8 @@ class ConsistentSelfAttention:
 
         def refs_of(name: str, g: int) -> tuple:
             """(K, V, offsets): the shared tokens of ``name``'s reference panels in group g,
-            in reference order; offsets[i] is where reference i starts (plus the total)."""
+            in reference order, gathered into one pair (the bank entry); offsets[i] is where
+            reference i starts (plus the total)."""
             if (name, g) not in gathered:
                 rows = [g * per_panel + pos[r] for r in layout.references[name]]
                 idx = [None if everything else masks[r].nonzero().squeeze(1).to(k.device)
@@ -427,7 +449,36 @@ class ConsistentSelfAttention:
                 gathered[(name, g)] = (kk, vv, offsets)
             return gathered[(name, g)]
 
-        moved: dict = {}
+        blocks: dict = {}  # one object per distinct block: the rows reading it share it
+
+        def block(key, make):
+            if key not in blocks:
+                blocks[key] = make()
+            return blocks[key]
+
+        def reference(r: int, g: int):
+            """The shared tokens of reference panel r in group g: a slice of the bank entry when
+            the bank keeps them, else gathered only while read (or the panel's own tokens)."""
+            def make():
+                name = layout.reference_of[r]
+                if self.keep_bank:
+                    kk, vv, off = refs_of(name, g)
+                    i = layout.references[name].index(r)
+                    return kk[off[i]:off[i + 1]], vv[off[i]:off[i + 1]]
+                row = g * per_panel + pos[r]
+                if everything:
+                    return k[row], v[row]
+                idx = masks[r].nonzero().squeeze(1).to(k.device)
+                return lambda: (k[row].index_select(0, idx), v[row].index_select(0, idx))
+            return block(("reference", r, g), make)
+
+        def character(name: str, g: int, panel: int) -> list:
+            """The blocks of everything a later panel reads of ``name`` in group g."""
+            if layout.references[name][0] not in pos:
+                return [block(("bank", name, g), lambda: banked(name, g, panel))]
+            if self.keep_bank:
+                return [block(("character", name, g), lambda: refs_of(name, g)[:2])]
+            return [reference(r, g) for r in layout.references[name]]
 
         def banked(name: str, g: int, panel: int) -> Block:
             stored = self.bank.get((self.step, li, name, chunks[g]))
@@ -437,10 +488,7 @@ class ConsistentSelfAttention:
                     f"nor their bank for step {self.step} (guidance half {chunks[g]}) are "
                     f"available; run the reference panels first with keep_bank=True and the "
                     f"same guidance")
-            key = (name, g)
-            if key not in moved:
-                moved[key] = (stored[0].to(q.device, q.dtype), stored[1].to(q.device, q.dtype))
-            return moved[key]
+            return stored[0].to(q.device, q.dtype), stored[1].to(q.device, q.dtype)
 
         extras: list = [[] for _ in range(n_rows)]
         for i, p in enumerate(panels):
@@ -448,18 +496,14 @@ class ConsistentSelfAttention:
                 name = layout.reference_of[p]
                 on, _ = self._modes(li, ("ref", name), write=True)
                 if on:
-                    own = layout.references[name].index(p)
                     for g in range(groups):
-                        kk, vv, off = refs_of(name, g)
-                        extras[g * per_panel + i] = [(kk[:off[own]], vv[:off[own]]),
-                                                     (kk[off[own + 1]:], vv[off[own + 1]:])]
+                        extras[g * per_panel + i] = [reference(r, g) for r in layout.references[name] if r != p]
                 continue
             chars = layout.panel_characters[p]
             if not chars or not self._modes(li, ("panel", p), write=False)[0]:
                 continue
             for g in range(groups):
-                extras[g * per_panel + i] = [refs_of(name, g)[:2] if layout.references[name][0] in pos
-                                             else banked(name, g, p) for name in chars]
+                extras[g * per_panel + i] = [b for name in chars for b in character(name, g, p)]
 
         if self.keep_bank:
             dev = self.bank_device or k.device
