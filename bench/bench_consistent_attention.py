@@ -12,7 +12,8 @@ Routes, each a sequence of batches as the sampler sends them to one layer at one
 - ``one batch``: the whole story as one latent batch under ComfyUI's KSampler (the
   Consistent Attention Patch: ``NativeConsistentAttention`` without a shared state).
 
-For each batch the plain reference is ``scaled_dot_product_attention`` on the same q, k, v (what
+Each batch runs ``--repeats`` times (median time, largest memory). For each batch the plain
+reference is ``scaled_dot_product_attention`` on the same q, k, v (what
 diffusers' processor runs; ComfyUI's default CPU attention, sub-quadratic, is slower and takes
 more memory). The two run interleaved in one process. Time: CPU seconds of this thread. Working
 memory: the peak resident set during the call above the one before it (the output included; the
@@ -24,7 +25,7 @@ its working memory. Every consistent unit runs (gates on): the costliest step. O
 ``1 + 0.77 * (ratio - 1)`` times plain; that figure is printed too.
 
     python bench/bench_consistent_attention.py [--panels 16] [--id-length 2] [--batch-size 2]
-        [--flat 4 8 16] [--heads-frac 1.0] [--dtype bf16] [--threads 1]
+        [--flat 4 8 16] [--heads-frac 1.0] [--dtype bf16] [--threads 1] [--repeats 3]
 
 ``--flat`` repeats the one-batch route at these panel counts: the working memory beyond plain
 attention's must not grow with them. ``--heads-frac`` < 1 keeps the token count and head size
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--heads-frac", type=float, default=1.0)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each batch (median time, largest memory)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_pack()
@@ -141,14 +144,19 @@ def main() -> None:
                 "block": ("output", 3), "block_index": 0}
 
     def compare(route, what, patch, q, k, v, bank_before=None):
-        plain = _measure(lambda: attention(q, k, v, heads))
-        cons = _measure(lambda: patch(q, k, v, options(q.shape[0])))
+        """Plain and consistent attention on one batch, interleaved ``--repeats`` times: the median
+        time and the largest working memory of each (a repeat rewrites the same bank entries)."""
+        runs = {"plain": [], "consistent": []}
+        for _ in range(args.repeats):
+            runs["plain"].append(_measure(lambda: attention(q, k, v, heads)))
+            runs["consistent"].append(_measure(lambda: patch(q, k, v, options(q.shape[0]))))
         bank = 0.0
         if bank_before is not None:
             bank = _bank_mib(patch.state) - bank_before
-        err = float((cons[0].float() - plain[0].float()).abs().max())
+        err = float((runs["consistent"][0][0].float() - runs["plain"][0][0].float()).abs().max())
         assert err > 0, "consistent attention changed nothing"
-        route.add(what, q.shape[0], plain[1:], cons[1:], bank)
+        summary = {key: (statistics.median(r[1] for r in rs), max(r[2] for r in rs)) for key, rs in runs.items()}
+        route.add(what, q.shape[0], summary["plain"], summary["consistent"], bank)
 
     print(f"consistent attention vs plain attention: {N_TOKENS} tokens, {d} channels, {heads} heads, "
           f"{args.dtype}, {torch.get_num_threads()} thread(s), {args.id_length} reference panels, rate 0.5, "
@@ -175,6 +183,9 @@ def main() -> None:
             what = "references (write)" if panels == refs else f"panels {panels[0] + 1}-{panels[-1] + 1} (read)"
             compare(phases, what, patch, q, k, v, bank_before=_bank_mib(state))
         phases.print()
+        if not args.flat:
+            print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            return
         # the whole story in one batch (KSampler with the patch), at several panel counts
         flat = Route("one batch: the whole story in one latent batch (Consistent Attention Patch)")
         for p in args.flat:

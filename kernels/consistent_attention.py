@@ -148,8 +148,9 @@ def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 lo = lse[r, start:stop]                                   # (c, heads) float32
                 total = torch.logaddexp(lo, lx[0])
                 o = out[r, start:stop].view(stop - start, heads, hd)
-                o.mul_(torch.exp(lo - total)[..., None])
-                o.addcmul_(ox[0].view(stop - start, heads, hd), torch.exp(lx[0] - total)[..., None])
+                # weights in the output's dtype: no float32 copies of the slice
+                o.mul_(torch.exp(lo - total).to(o.dtype)[..., None])
+                o.addcmul_(ox[0].view(stop - start, heads, hd), torch.exp(lx[0] - total).to(o.dtype)[..., None])
                 lo.copy_(total)
         del kx, vx
     return out
