@@ -164,9 +164,10 @@ def test_affine_projections_with_bias_match_the_interleaved_form():
         inter = {}
         motion_augmented_attention(x, flow, (h, w), f, *lin, 2, pe, intermediates=inter)
         seq = inter["seq_pe"]                                    # (B*N, 2F-1, C), official order
-        want = lin[3](F.scaled_dot_product_attention(
-            *(t.view(b * h * w, -1, 2, c // 2).transpose(1, 2) for t in (lin[0](seq[:, 0::2]), lin[1](seq), lin[2](seq)))
-        ).transpose(1, 2).reshape(b, h * w, f, c).transpose(1, 2).reshape(b * f, h * w, c))
+        heads = [t.view(b * h * w, -1, 2, c // 2).transpose(1, 2)
+                 for t in (lin[0](seq[:, 0::2]), lin[1](seq), lin[2](seq))]
+        att = F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(b, h * w, f, c)
+        want = lin[3](att.transpose(1, 2).reshape(b * f, h * w, c))
     assert (inter["warped"] == 0).any()  # some holes
     assert torch.allclose(got, want, atol=1e-5)
 
