@@ -15,6 +15,9 @@ Command line (see ``run_workflow.py``)::
     python run_workflow.py workflows/click_drag_animate.json --inputs    # node ids and inputs
     python run_workflow.py workflows/click_drag_animate.json --output-dir out \
         --set 1.image=assets/chelsea.jpg --set 3.frames=24
+    python run_workflow.py workflows/click_drag_animate.json --batch jobs.jsonl [--ray [ADDRESS]]
+
+Batches (many jobs of one workflow, in this process or on a Ray cluster) are in ``batch.py``.
 """
 from __future__ import annotations
 
@@ -259,19 +262,19 @@ def _check_value(where: str, name: str, value, typ, opts) -> None:
         fail(f"is outside {lo}..{hi}")
 
 
-def _apply_overrides(api: dict, classes: dict, overrides: dict) -> None:
+def _apply_overrides(api: dict, classes: dict, overrides: dict, source: str = "--set") -> None:
     """Put ``--set`` values into the prompt; unknown nodes, inputs and bad values are refused
-    with the node's real inputs named."""
+    with the node's real inputs named. ``source`` says where the values came from."""
     for nid, values in (overrides or {}).items():
         nid = str(nid)
         if nid not in api:
             listing = ", ".join(f"{k} ({_label(v)})" for k, v in sorted(api.items(), key=lambda kv: _id_key(kv[0])))
-            raise WorkflowError(f"--set: no node with id {nid} in the workflow (nodes: {listing})")
+            raise WorkflowError(f"{source}: no node with id {nid} in the workflow (nodes: {listing})")
         node = api[nid]
         cls = classes.get(node["class_type"])
         spec = _input_spec(cls) if cls is not None else {}
         for name, value in values.items():
-            where = f"--set {nid}.{name}"
+            where = f"--set {nid}.{name}" if source == "--set" else f"{source}, {nid}.{name}"
             if cls is not None and name not in spec:
                 close = difflib.get_close_matches(name, list(spec), n=1)
                 raise WorkflowError(f"{where}: node {nid} ({_label(node)}, {node['class_type']}) has no input "
@@ -338,29 +341,59 @@ def _is_link(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _hint(nid: str, node: dict, spec: dict, message: str, overridden: set) -> str:
+def _hint(nid: str, node: dict, spec: dict, message: str, overridden: set, source: str = "--set") -> str:
     """For an error whose message starts with one of the node's widget inputs ("points: ..."):
-    how to give that input another value."""
+    how to give that input another value (with ``--set``, or in ``source``, a batch file's line)."""
     head = message.split(":", 1)[0].split()
     name = head[0] if head else ""
     if name in spec and _is_widget(*spec[name]) and not _is_link(node["inputs"].get(name)):
-        given = "the value given with --set" if name in overridden else "the workflow's value"
-        return (f"input '{name}' of node {nid} is {given}; change it with --set {nid}.{name}=VALUE "
-                f"(--inputs lists every node's inputs)")
+        if source == "--set":
+            given = "the value given with --set" if name in overridden else "the workflow's value"
+            change = f"change it with --set {nid}.{name}=VALUE"
+        else:
+            given = f"the value given in {source}" if name in overridden else "the workflow's value"
+            change = f"change {nid}.{name} in {source}"
+        return f"input '{name}' of node {nid} is {given}; {change} (--inputs lists every node's inputs)"
     return ""
 
 
-def run(api: dict, classes: dict | None = None, overrides: dict | None = None, log=None) -> dict:
-    """Execute an API-format workflow. ``overrides``: {node_id: {input: value}}.
+def prepare(api: dict, classes: dict, overrides: dict | None = None, source: str = "--set") -> dict:
+    """A private copy of an API workflow with ``overrides`` ({node_id: {input: value}}) put in,
+    checked as :func:`run` checks it before running: unknown nodes and inputs, values of the
+    wrong type or out of range, links to missing nodes, required inputs not given. Errors
+    about an override name ``source`` (``--set``, ``jobs.csv line 3``)."""
+    api = json.loads(json.dumps(api))
+    _apply_overrides(api, classes, overrides, source)
+    _check_graph(api, classes)
+    return api
+
+
+def output_prefixes(api: dict, classes: dict) -> dict:
+    """{node id: its filename_prefix} of the output nodes that name their files by a prefix
+    (SaveImage, SaveAnimatedWEBP, ...): the workflow's value, else the input's default. A
+    prefix that comes from another node is given as the link ``[node id, slot]``."""
+    out = {}
+    for nid, node in api.items():
+        cls = classes.get(node["class_type"])
+        if cls is None or not getattr(cls, "OUTPUT_NODE", False):
+            continue
+        spec = _input_spec(cls)
+        if "filename_prefix" in spec:
+            out[nid] = node["inputs"].get("filename_prefix", spec["filename_prefix"][1].get("default", ""))
+    return out
+
+
+def run(api: dict, classes: dict | None = None, overrides: dict | None = None, log=None,
+        source: str = "--set") -> dict:
+    """Execute an API-format workflow. ``overrides``: {node_id: {input: value}}, given by
+    ``source`` (``--set``, or a batch file's line: errors say where to change a value).
 
     Returns {node_id: ui dict} for every output node that produced UI data. Nodes whose
     errors are clear (ValueError, KinemaError) raise :class:`NodeFailed`, naming the node."""
-    api = json.loads(json.dumps(api))  # private copy
     if classes is None:
         classes = node_classes(workflow_types(api), log=log)
-    _apply_overrides(api, classes, overrides)
+    api = prepare(api, classes, overrides, source)
     overridden = {(str(k), n) for k, v in (overrides or {}).items() for n in v}
-    _check_graph(api, classes)
     outputs = [nid for nid, node in api.items() if getattr(classes[node["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
         raise WorkflowError("workflow: no output node (SaveImage, PreviewImage, SaveAnimatedWEBP, ...)")
@@ -372,7 +405,7 @@ def run(api: dict, classes: dict | None = None, overrides: dict | None = None, l
             node = api.get(nid, {"class_type": error.get("node_type") or "?", "inputs": {}})
             cls = classes.get(node["class_type"])
             hint = _hint(nid, node, _input_spec(cls) if cls else {}, error["message"],
-                         {n for k, n in overridden if k == nid})
+                         {n for k, n in overridden if k == nid}, source)
             raise NodeFailed(nid, _label(node), error["message"], hint)
         return ui
 
@@ -409,7 +442,7 @@ def run(api: dict, classes: dict | None = None, overrides: dict | None = None, l
             if isinstance(e, WorkflowError):
                 raise
             raise NodeFailed(nid, _label(node), str(e),
-                             _hint(nid, node, spec, str(e), {n for k, n in overridden if k == nid})) from e
+                             _hint(nid, node, spec, str(e), {n for k, n in overridden if k == nid}, source)) from e
         if isinstance(out, dict):
             if out.get("ui"):
                 ui[nid] = out["ui"]
@@ -425,18 +458,29 @@ def run(api: dict, classes: dict | None = None, overrides: dict | None = None, l
     return ui
 
 
+def parse_value(text: str):
+    """A value given as text (``--set``, a CSV cell): JSON when it parses, else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def add_override(out: dict, key: str, value, where: str) -> None:
+    """Put ``value`` for ``key`` (``NODE_ID.INPUT``) into ``out`` ({node_id: {input: value}})."""
+    nid, dot, name = str(key).partition(".")
+    if not dot or not nid or not name:
+        raise WorkflowError(f"{where}: '{key}' must look like NODE_ID.INPUT")
+    out.setdefault(nid, {})[name] = value
+
+
 def _parse_set(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
-        nid, dot, name = key.partition(".")
-        if not sep or not dot:
+        if not sep or "." not in key:
             raise WorkflowError(f"--set: '{item}' must look like NODE_ID.INPUT=VALUE")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(nid, {})[name] = parsed
+        add_override(out, key, parse_value(value), "--set")
     return out
 
 
@@ -466,9 +510,9 @@ def describe_inputs(api: dict, classes: dict) -> str:
 
 def output_files(ui: dict) -> list[Path]:
     """Files the output nodes wrote, from their UI data (the stand-ins give a path,
-    ComfyUI's savers a name in the output folder)."""
+    ComfyUI's savers a name in the output folder), in the order of the node ids."""
     out = []
-    for data in ui.values():
+    for data in (ui[nid] for nid in sorted(ui, key=_id_key)):
         for key in ("images", "gifs", "videos", "audio", "3d"):
             for item in data.get(key) or []:
                 if not isinstance(item, dict):
@@ -514,7 +558,31 @@ def main(argv=None) -> int:
                    help="override an input (VALUE is read as JSON when it parses, else as text)")
     p.add_argument("--inputs", action="store_true", help="list the nodes and their inputs, then stop")
     p.add_argument("--quiet", action="store_true")
+    b = p.add_argument_group("batches", "one workflow, many jobs (see README, 'Batches')")
+    b.add_argument("--batch", metavar="JOBS", help="run one job per line of JOBS (.jsonl or .csv): each sets inputs "
+                   "in the NODE_ID.INPUT form of --set, on top of the --set values; outputs go to "
+                   "<output-dir>/<job id>/, a manifest to <output-dir>/<JOBS name>_manifest.json")
+    b.add_argument("--model-cache", type=int, default=4, metavar="N",
+                   help="loader results (checkpoints, VAEs, ...) kept across jobs, the least recently used going "
+                        "first (default 4; 0 loads them for every job)")
+    b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the batch on a Ray cluster (pip install -r requirements-ray.txt): without ADDRESS a "
+                        "private one on this machine (127.0.0.1 only), 'auto' the one 'ray start' runs here, "
+                        "HOST:PORT or ray://HOST:PORT another")
+    b.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: as many as the cluster's GPUs or "
+                                                            "CPUs hold at --gpus-per-worker / --cpus-per-worker)")
+    b.add_argument("--gpus-per-worker", type=float, metavar="G",
+                   help="GPUs each Ray worker holds (default 1 on a cluster with GPUs, else 0; 0.5 puts two "
+                        "workers on each GPU)")
+    b.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                   help="CPUs each Ray worker holds, and its torch threads (default 1)")
+    b.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="times a job is run again, on another worker, when its Ray worker dies (default 2)")
     args = p.parse_args(argv)
+    if not args.batch and args.ray is not None:
+        p.error("--ray runs a batch: give the jobs with --batch JOBS")
+    if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
+        p.error("--workers and --gpus-per-worker go with --ray")
     if args.device:
         try:
             runtime.parse_device(args.device, "--device")
@@ -527,6 +595,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
+    if args.batch and not args.inputs:
+        from . import batch
+        return batch.main(args, log)
     try:
         workflow = load_workflow(args.workflow)
         overrides = _parse_set(args.set)

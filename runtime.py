@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 import uuid
 from pathlib import Path
 
@@ -228,6 +229,61 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def available_memory() -> int | None:
+    """Bytes of CPU memory this process can still take: the least of the system's available
+    memory (``MemAvailable``), the cgroup's limit less its usage, and the address-space limit
+    (``RLIMIT_AS``) less what the process has mapped. None where none of them can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            mapped = 0
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmSize:"):
+                    mapped = int(line.split()[1]) * 1024
+            found.append(soft - mapped)
+    except (ImportError, OSError, ValueError):
+        pass
+    return max(min(found), 0) if found else None
+
+
+def check_memory(need: int, what: str, lower: str) -> None:
+    """Refuse work that needs more memory than is free, before allocating it: a ValueError
+    that names ``what`` (the inputs), the figure, and ``lower`` (what to reduce)."""
+    free = available_memory()
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise ValueError(f"{what} needs about {need / gib:.1f} GB of memory, but only {free / gib:.1f} GB is "
+                         f"free; {lower}")
+
+
+@contextmanager
+def one_thread():
+    """Run the enclosed work on one torch thread, then restore the thread count. For the
+    weights-free nodes: their many small tensor operations gain nothing from more threads, and
+    on a busy machine waiting threads make them several times slower."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 # ------------------------------------------------------------------------------------------
 # models under ComfyUI's model management
 
@@ -367,6 +423,13 @@ def on_unload(model: ManagedModel, callback) -> None:
     model.patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_args: callback())
 
 
+def on_sampling_end(model, callback) -> None:
+    """Call ``callback()`` whenever a sampling of the MODEL ``model`` (a ComfyUI ModelPatcher) or
+    of a clone of it ends, however it ends: to release what one run kept."""
+    from comfy.patcher_extension import CallbacksMP  # type: ignore
+    model.add_callback(CallbacksMP.ON_CLEANUP, lambda *_args: callback())
+
+
 def queue_busy() -> bool:
     """True while ComfyUI is executing a prompt (False outside a ComfyUI server)."""
     found = prompt_server()
@@ -416,13 +479,9 @@ def sample(model, noise: torch.Tensor, positive, negative, sigmas: torch.Tensor,
                                       disable_pbar=not _cu().PROGRESS_BAR_ENABLED, seed=int(seed))
 
 
-def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
-                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
-    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
-    another schedule than the one ComfyUI assumes for its base (set it with
-    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
-    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
-    ``prediction``: "eps" or "v". Needs ComfyUI."""
+def _model_sampling(base: str, prediction: str, settings: dict):
+    """An instance of ComfyUI's ``comfy.model_sampling.<base>`` schedule for ``prediction``
+    ("eps" or "v") built from ``settings`` (its ``sampling_settings``)."""
     if _mm() is None:
         raise KinemaError("a ComfyUI noise schedule was asked for outside ComfyUI")
     import comfy.model_sampling as ms  # type: ignore
@@ -430,13 +489,104 @@ def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linea
     kinds = {"eps": ms.EPS, "v": ms.V_PREDICTION}
     if prediction not in kinds:
         raise ValueError(f"prediction: {prediction!r} is not one of {', '.join(kinds)}")
+    config = type("Settings", (), {"sampling_settings": dict(settings)})()
+    return type(f"Kinema{base}", (getattr(ms, base), kinds[prediction]), {})(config)
 
-    class Settings:
-        sampling_settings = dict(beta_schedule=beta_schedule, linear_start=float(linear_start),
-                                 linear_end=float(linear_end), timesteps=int(timesteps), zsnr=bool(zero_snr))
 
-    sampling = type("KinemaModelSampling", (ms.ModelSamplingDiscrete, kinds[prediction]), {})
-    return sampling(Settings())
+def discrete_model_sampling(prediction: str = "eps", beta_schedule: str = "linear", linear_start: float = 0.00085,
+                            linear_end: float = 0.012, zero_snr: bool = False, timesteps: int = 1000):
+    """ComfyUI's discrete noise schedule object (``model_sampling``) for a model trained with
+    another schedule than the one ComfyUI assumes for its base (set it with
+    ``clone.add_object_patch("model_sampling", ...)``). ``beta_schedule`` uses ComfyUI's names:
+    "linear" is diffusers' "scaled_linear", "sqrt_linear" is diffusers' "linear".
+    ``prediction``: "eps" or "v". Needs ComfyUI."""
+    return _model_sampling("ModelSamplingDiscrete", prediction, dict(
+        beta_schedule=beta_schedule, linear_start=float(linear_start), linear_end=float(linear_end),
+        timesteps=int(timesteps), zsnr=bool(zero_snr)))
+
+
+class ComfyConds:
+    """What a model's conditioning hook builds ComfyUI's per-sample conditions with (see
+    :func:`comfy_model`): ``cross_attn`` for cross-attention context (batched and padded by
+    ComfyUI), ``noise_shape`` for tensors laid out like the latent (cropped with areas),
+    ``constant`` for anything passed as it is."""
+
+    def __init__(self):
+        import comfy.conds  # type: ignore
+        self._c = comfy.conds
+
+    def cross_attn(self, t):
+        return self._c.CONDCrossAttn(t)
+
+    def noise_shape(self, t):
+        return self._c.CONDNoiseShape(t)
+
+    def constant(self, value):
+        return self._c.CONDConstant(value)
+
+    def regular(self, t):
+        """A tensor with one row per latent (repeated to the batch, concatenated across conds)."""
+        return self._c.CONDRegular(t)
+
+
+def comfy_model(diffusion_model: torch.nn.Module, name: str, model_sampling, *, conds=None,
+                latent_format: str = "SD15", memory_usage_factor: float = 2.0, load_device=None,
+                offload_device=None):
+    """A ComfyUI MODEL (a ``ModelPatcher`` over a ``BaseModel``) around one of the pack's
+    networks, so that ComfyUI's KSampler, SamplerCustomAdvanced, model patches, previews and
+    model management work on it.
+
+    ``diffusion_model`` is called as ComfyUI calls its UNets: ``(x, t, context=..., control=...,
+    transformer_options=..., **extra)`` with x the model input (the noisy latent scaled for the
+    noise level, with any ``c_concat`` channels appended), t the timestep, and ``extra`` what
+    ``conds`` made; it must have a ``dtype`` attribute. ``model_sampling``: the noise schedule
+    (e.g. :func:`discrete_model_sampling`). ``conds(kwargs, ComfyConds()) -> dict``: turns a
+    CONDITIONING entry's dict (``kwargs``: its keys, plus ``cross_attn``, ``noise``, ``device``)
+    into the model's inputs, e.g. ``{"c_crossattn": c.cross_attn(kwargs["cross_attn"])}``.
+    ``latent_format``: the name of ComfyUI's latent format (previews, VAE scaling). Needs ComfyUI.
+    """
+    if _mm() is None:
+        raise KinemaError("a ComfyUI MODEL was asked for outside ComfyUI")
+    import comfy.latent_formats as lf  # type: ignore
+    import comfy.model_base as mb  # type: ignore
+    import comfy.model_patcher as mp  # type: ignore
+    import comfy.supported_models_base as smb  # type: ignore
+
+    class Config(smb.BASE):
+        unet_config = {}
+        unet_extra_config = {}
+
+    config = Config({"disable_unet_model_creation": True})
+    config.latent_format = getattr(lf, latent_format)()
+    config.memory_usage_factor = memory_usage_factor
+    kind = mb.ModelType.V_PREDICTION if "V_PREDICTION" in [b.__name__ for b in type(model_sampling).__mro__] \
+        else mb.ModelType.EPS
+
+    class KinemaModel(mb.BaseModel):
+        def extra_conds(self, **kwargs):
+            out = conds(kwargs, ComfyConds()) if conds is not None else {}
+            if "c_crossattn" not in out and kwargs.get("cross_attn") is not None:
+                out["c_crossattn"] = ComfyConds().cross_attn(kwargs["cross_attn"])
+            return out
+
+    _castable_layers(diffusion_model)
+    base = KinemaModel(config, model_type=kind)
+    base.diffusion_model = diffusion_model.eval().requires_grad_(False)
+    base.model_sampling = model_sampling
+    base.kinema_name = name
+    patcher = mp.ModelPatcher(
+        base, load_device=torch.device(load_device) if load_device is not None else _mm().get_torch_device(),
+        offload_device=torch.device(offload_device) if offload_device is not None else _mm().unet_offload_device())
+    patcher.add_callback(mp.CallbacksMP.ON_LOAD, _place_uncast)
+    return patcher
+
+
+def continuous_edm_sampling(prediction: str = "v", sigma_min: float = 0.002, sigma_max: float = 700.0,
+                            sigma_data: float = 1.0):
+    """ComfyUI's continuous EDM noise schedule (``model_sampling``; SVD's): timestep 0.25 ln sigma,
+    input x / sqrt(sigma^2 + sigma_data^2). ``prediction``: "v" or "eps". Needs ComfyUI."""
+    return _model_sampling("ModelSamplingContinuousEDM", prediction, dict(
+        sigma_min=float(sigma_min), sigma_max=float(sigma_max), sigma_data=float(sigma_data)))
 
 
 def add_injection(patcher, key: str, inject, eject) -> None:
@@ -646,6 +796,9 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           if where else "ComfyUI is not importable: set COMFYUI_DIR to a ComfyUI checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    # this process's folders, read before ComfyUI is imported (afterwards these functions answer
+    # with ComfyUI's folders, which are then pointed at them)
+    folders = (models_dir(), input_dir(), output_dir(), temp_dir())
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # ComfyUI's import chatter (optional packages it lacks)
     sys.dont_write_bytecode = True  # no __pycache__ in the checkout, now or on later imports
@@ -661,7 +814,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                                               and torch.backends.mps.is_available()))
         if "folder_paths" not in sys.modules and not getattr(cli.args, "base_directory", None):
             # ComfyUI makes its folders under the base folder when imported: ours, not the checkout
-            cli.args.base_directory = str(temp_dir() / "comfyui-base")
+            cli.args.base_directory = str(folders[3] / "comfyui-base")
         import utils.extra_config  # noqa: F401  ComfyUI's `utils` package, before nodes.py shadows it
         import folder_paths
         import nodes
@@ -675,7 +828,7 @@ def load_comfyui_nodes(device_name: str | None = None, log=None) -> dict:
                           f"{root / 'requirements.txt'}") from e
     finally:
         logging.disable(quiet)
-    _point_folders(folder_paths, models_dir(), input_dir(), output_dir(), temp_dir())
+    _point_folders(folder_paths, *folders)
     if log:
         version = ""
         try:

@@ -19,3 +19,18 @@ def peak_rss_mib() -> float:
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_weights(module, seed: int = 0):
+    """Fill every parameter of ``module`` (e.g. materialised with ``to_empty``) from a seeded
+    generator: norm-like vectors ~ 1 + N(0, 0.02^2) for weights, N(0, 0.02^2) otherwise,
+    matrices ~ N(0, 1 / fan_in). Returns the module in eval mode."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() <= 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=g)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+    return module.eval()

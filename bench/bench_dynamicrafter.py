@@ -18,7 +18,7 @@ import sys
 import time
 
 import torch
-from _pack import load_pack as _load_pack
+from _pack import load_pack as _load_pack, random_weights
 
 
 
@@ -33,15 +33,7 @@ def build_unet(dtype: torch.dtype, variant: str = "512"):
     d.update(variants()["variants"][variant]["unet"])
     with torch.device("meta"):
         unet = DynamiCrafterUNet(UNetConfig.from_dict(d))
-    unet = unet.to_empty(device="cpu").to(dtype)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() <= 1:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.02, generator=g)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-    return unet.eval()
+    return random_weights(unet.to_empty(device="cpu").to(dtype))
 
 
 class ImageStreamTimer:

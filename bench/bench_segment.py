@@ -2,7 +2,7 @@
 
     python bench/bench_segment.py [--sam tiny|vit_b|vit_l|vit_h] [--device cpu|cuda] [--repeat N] [--threads N]
 
-Rows: the classical backend (watershed + GrabCut) on the 512x512 astronaut photo and on a
+Rows: the classical backend (superpixel hierarchies + objectness) on the 512x512 astronaut photo and on a
 1024x1024 upscale of it (worked at 512), and SAM predictions with random weights of the chosen
 architecture: a first click on a new picture (image encoder + decoder) and further clicks on the
 same picture (embedding from the cache, decoder only), with the mask decoder in fp32 (what

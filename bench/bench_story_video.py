@@ -25,6 +25,15 @@ import torch
 from _pack import ROOT, load_pack, peak_rss_mib
 
 
+def _tiny():
+    """The tests' tiny DynamiCrafter factory (tests/tiny_dynamicrafter.py)."""
+    import sys
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_dynamicrafter
+    return tiny_dynamicrafter
+
+
 def _photo(name: str) -> torch.Tensor:
     import numpy as np
     from PIL import Image
@@ -35,7 +44,7 @@ def continuity(frames: int) -> dict:
     from kinema.pipelines.dynamicrafter import convert as C
     from kinema.pipelines.dynamicrafter.pipeline import prepare_image
     from kinema.pipelines.story_video import transitions as T
-    model = C.convert(C.tiny_checkpoint("512"), "tiny", variant="512_interp")
+    model = C.convert(_tiny().checkpoint("512"), "tiny", variant="512_interp")
     keys = torch.cat([prepare_image(_photo(n), 64, 64).permute(0, 2, 3, 1) * 0.5 + 0.5
                       for n in ("astronaut.jpg", "chelsea.jpg")])
     motion = T.predict_motion(model, keys, frames, height=64, width=64)
@@ -87,7 +96,7 @@ def trainer_speed() -> dict:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         TR.make_warp_clips(d / "clips", count=8, size=64, frames=12)
-        save_file(C.tiny_checkpoint("512"), str(d / "dc.safetensors"))
+        save_file(_tiny().checkpoint("512"), str(d / "dc.safetensors"))
         opts = TR.TrainOptions(data=[str(d / "clips")], encoder=str(d / "dc.safetensors"), out=str(d / "p.safetensors"),
                                work_dir=str(d / "run"), config=SP.default_config("tiny").to_dict(), frames=6,
                                height=64, width=64, steps=1500, batch=8, lr=3e-3, warmup=10, log_every=100,

@@ -375,3 +375,70 @@ def strokes_from_json(text: str):
         raise ValueError(f"brush: strokes are not valid JSON ({e.msg} at character {e.pos})") from None
     _validate_strokes(data)
     return data
+
+
+# ---------------------------------------------------------------- soft edges
+
+
+def _box_sum1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Sum over the window [i - r, i + r] along ``dim`` (clipped at the ends), by a running sum."""
+    n = x.shape[dim]
+    c = torch.cumsum(x, dim=dim)
+    c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim=dim)  # c[i] = sum of x[:i]
+    idx = torch.arange(n, device=x.device)
+    hi = (idx + r + 1).clamp(max=n)
+    lo = (idx - r).clamp(min=0)
+    return c.index_select(dim, hi) - c.index_select(dim, lo)
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the (2r+1)^2 window of (N, C, H, W); at the border, of the pixels that exist.
+    Running sums: the cost does not grow with the window."""
+    h, w = x.shape[-2:]
+    ones_h = _box_sum1d(torch.ones(h, dtype=x.dtype, device=x.device), r, 0)
+    ones_w = _box_sum1d(torch.ones(w, dtype=x.dtype, device=x.device), r, 0)
+    s = _box_sum1d(_box_sum1d(x, r, -1), r, -2)
+    return s / (ones_h[:, None] * ones_w[None, :])
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """He, Sun & Tang's guided filter: ``src`` (H, W) smoothed so that its edges follow those
+    of a colour ``guide`` (H, W, 3) 0-1. Locally ``out = a . guide + b`` with (a, b) the ridge
+    regression of ``src`` on the guide over each (2r+1)^2 window (``eps`` the ridge weight),
+    averaged over the windows covering each pixel. Returns (H, W) float32."""
+    g = guide.permute(2, 0, 1)[None].to(torch.float32)  # (1, 3, H, W)
+    p = src[None, None].to(torch.float32)
+    r = int(radius)
+    mean_g = _box_mean(g, r)
+    mean_p = _box_mean(p, r)
+    cov_gp = _box_mean(g * p, r) - mean_g * mean_p  # (1, 3, H, W)
+    prod = torch.stack([g[:, a] * g[:, b] for a in range(3) for b in range(3)], 1)
+    var = _box_mean(prod, r) - torch.stack([mean_g[:, a] * mean_g[:, b] for a in range(3) for b in range(3)], 1)
+    h, w = src.shape
+    sigma = var[0].permute(1, 2, 0).reshape(h, w, 3, 3) + eps * torch.eye(3, dtype=var.dtype, device=var.device)
+    a = torch.linalg.solve(sigma, cov_gp[0].permute(1, 2, 0)[..., None])[..., 0]  # (H, W, 3)
+    a = a.permute(2, 0, 1)[None]
+    b = mean_p - (a * mean_g).sum(1, keepdim=True)
+    return ((_box_mean(a, r) * g).sum(1, keepdim=True) + _box_mean(b, r))[0, 0]
+
+
+MATTE_SNAP = 0.02  # matte values this close to 0 or 1 are taken as 0 or 1
+
+
+def matte(image: torch.Tensor, mask: torch.Tensor, radius: int, eps: float = 1e-3) -> torch.Tensor:
+    """Alpha matte of a hard object mask in a narrow band at its edge.
+
+    image (H, W, 3) 0-1; mask (H, W) in [0, 1] (thresholded at 0.5). Within ``radius`` px of the
+    mask's outline the alpha is the mask guided-filtered by the picture (so it follows the
+    picture's own edge and is soft where the edge is soft, e.g. hair or blur), snapped to 0 or 1
+    within ``MATTE_SNAP``; farther inside it is 1 and farther outside 0. Returns (H, W) float32
+    in [0, 1]."""
+    hard = (mask > 0.5).to(torch.float32)
+    r = int(radius)
+    if r <= 0:
+        return hard
+    band = (dilate(hard, r) > 0) & (erode(hard, r) < 1)
+    soft = guided_filter(image, hard, r, eps).clamp(0, 1)
+    soft = torch.where(soft >= 1 - MATTE_SNAP, torch.ones_like(soft), soft)
+    soft = torch.where(soft <= MATTE_SNAP, torch.zeros_like(soft), soft)
+    return torch.where(band, soft, hard)

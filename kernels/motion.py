@@ -61,6 +61,7 @@ TRACK_INTERPOLATIONS = ("linear", "pchip")
 
 _BACK = 1.70158  # overshoot constant of the classic "back" easing (about 10 % overshoot)
 _PIXEL_CHUNK = 65536  # pixels per block when evaluating the interpolant
+START_SNAP = 4.0  # px: a drag starting this close to the region still moves it
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,10 +389,17 @@ def _interpolator(centres: torch.Tensor, k: int, method: str, side: float, devic
     return weights
 
 
+def motion_bytes(size, frames: int) -> int:
+    """Memory in bytes :func:`dense_motion` needs at most for a ``size`` = (W, H) picture: the
+    field (F, H, W, 2) float32, per-pixel envelopes, and one block of interpolation weights."""
+    w, h = size
+    return frames * h * w * 2 * 4 + h * w * 4 * 8 + _PIXEL_CHUNK * (16 + frames * 2) * 8
+
+
 def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None, strength: float = 1.0,
                  easing: str = "ease_in_out", falloff: float | None = None,
                  track_interpolation: str = "linear", interpolation: str = "shepard",
-                 device=None) -> torch.Tensor:
+                 device=None, step=None) -> torch.Tensor:
     """Turn drags into a dense motion field.
 
     tracks: list of (N_i, 2) pixel tracks (x, y), N_i >= 2, point j at time j / (N_i - 1); each
@@ -412,6 +420,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     track_interpolation: ``linear`` (default) or ``pchip``, see :func:`sample_track`.
     interpolation: ``shepard`` (default) or ``rbf``, the spatial scheme (module docstring).
     device: where to compute; default the device of the first track.
+    step: called once per block of pixels (e.g. an interrupt check), or None.
 
     Guarantees (pixel (x, y) sits at integer coordinates x, y):
 
@@ -423,8 +432,9 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     - Without a region, pixels farther than ``L_i + falloff`` from every drag start ``s_i``
       (``L_i`` = the drag's reach) have flow exactly 0; with a region, pixels farther than
       ``falloff`` from the region have flow exactly 0.
-    - With a region, drags that start farther than ``falloff`` from it cannot move anything and
-      are ignored (an error if that leaves none); anchors where the flow is 0 anyway are too.
+    - With a region, drags that start farther than ``falloff`` (at least ``START_SNAP`` px) from
+      it cannot move anything and are ignored (an error if that leaves none); anchors where the
+      flow is 0 anyway are too.
 
     Returns (F, H, W, 2) float32, pixels, displacement from frame 0.
     """
@@ -498,7 +508,7 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         # only the region's bounding box grown by the falloff can be non-zero
         rows = torch.nonzero(reg.any(dim=1)).reshape(-1)
         cols = torch.nonzero(reg.any(dim=0)).reshape(-1)
-        grow = int(math.ceil(width)) + 1
+        grow = int(math.ceil(max(width, START_SNAP))) + 1
         y0, y1 = max(0, int(rows[0]) - grow), min(h - 1, int(rows[-1]) + grow)
         x0, x1 = max(0, int(cols[0]) - grow), min(w - 1, int(cols[-1]) + grow)
         crop = reg[y0:y1 + 1, x0:x1 + 1]
@@ -507,6 +517,11 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         env2 = torch.zeros(h, w, device=device)
         env2[y0:y1 + 1, x0:x1 + 1] = torch.where(crop, torch.ones_like(part), part)
         env = env2.reshape(-1)
+        # a drag started just off the region's edge still means the region (clicks are not exact)
+        near2 = torch.zeros(h, w, dtype=torch.bool, device=device)
+        snap = max(width, START_SNAP)
+        near2[y0:y1 + 1, x0:x1 + 1] = (dist if snap == width else distance_to_region(crop, snap)) <= snap
+        near = near2.reshape(-1)
     else:
         width = max(4.0, min(w, h) / 8.0) if falloff is None else falloff
         radius = (reach + width).clamp(min=1.0)                               # (K,)
@@ -526,16 +541,18 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
         env2 = torch.zeros(h, w, device=device)
         env2[y0:y1 + 1, x0:x1 + 1] = 1.0 - keep
         env = env2.reshape(-1)
+        near = env > 0
 
     def env_at(p: torch.Tensor) -> torch.Tensor:
         q = torch.round(p).long()
         return env[(q[:, 1] * w + q[:, 0]).to(device)].cpu()
 
     # drags/anchors that can matter
-    active = env_at(starts) > 0
+    q_starts = torch.round(starts).long()
+    active = near[(q_starts[:, 1] * w + q_starts[:, 0]).to(device)].cpu()
     if not bool(active.any()):
-        raise ValueError(f"tracks: no drag starts on or within {width:g} px of the region mask, so nothing "
-                         f"can move; start a drag on the region (or widen the falloff)")
+        raise ValueError(f"tracks: no drag starts on or within {max(width, START_SNAP):g} px of the region mask, "
+                         f"so nothing can move; start a drag on the region (or widen the falloff)")
     if anc.shape[0]:
         anc_used = anc[env_at(anc) > 0]
     else:
@@ -567,16 +584,19 @@ def dense_motion(tracks: Sequence, size, frames: int, anchors=None, region=None,
     # 3. interpolation weights (per pixel, one column per drag), evaluated where E > 0
     weights = _interpolator(centres, k, interpolation, float(min(w, h)), device, work)
     dflat = d_drag.reshape(k, frames * 2).to(device=device, dtype=work)      # (K', F*2)
-    out = torch.zeros(h * w, frames * 2, device=device, dtype=torch.float32)
+    # written straight into the (F, H*W, 2) layout: no second copy of the field
+    flow = torch.zeros(frames, h * w, 2, device=device, dtype=torch.float32)
     sel = torch.nonzero(env > 0).reshape(-1)
     for a in range(0, sel.shape[0], _PIXEL_CHUNK):
+        if step is not None:
+            step()
         ids = sel[a:a + _PIXEL_CHUNK]
         pix = torch.stack([ids % w, torch.div(ids, w, rounding_mode="floor")], dim=-1).to(work)
         wts = weights(pix) * env[ids, None].to(work)                         # (c, K')
-        out[ids] = (wts @ dflat).to(torch.float32)
+        flow[:, ids] = (wts @ dflat).to(torch.float32).view(-1, frames, 2).transpose(0, 1)
     if anc.shape[0]:
         q = torch.round(anc).long().to(device)
-        out[q[:, 1] * w + q[:, 0]] = 0.0
-    flow = out.reshape(h, w, frames, 2).permute(2, 0, 1, 3).contiguous()
+        flow[:, q[:, 1] * w + q[:, 0]] = 0.0
+    flow = flow.view(frames, h, w, 2)
     flow[0] = 0.0
     return flow

@@ -162,3 +162,95 @@ def splat_operator(flow: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     vals = vals / (norm[rows] + eps)
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (b * hw, b * hw),
                                    check_invariants=False).coalesce()
+
+
+# ---------------------------------------------------------------- sharp resampling
+
+LANCZOS_SHIFT = 6  # lobes of the separable kernel for translations (12 taps)
+LANCZOS_SAMPLE = 3  # lobes of the 2-D kernel for general maps (6 x 6 taps)
+
+
+def lanczos_weights(frac: torch.Tensor, a: int) -> torch.Tensor:
+    """Normalised Lanczos-``a`` weights (..., 2a) for sampling at ``i + frac`` (frac in [0, 1))
+    from the samples ``i - a + 1 .. i + a``."""
+    wide = torch.float64 if frac.device.type != "mps" else torch.float32  # MPS has no float64
+    offs = torch.arange(-a + 1, a + 1, dtype=wide, device=frac.device)
+    d = frac.to(wide)[..., None] - offs
+    pd = torch.pi * d
+    w = torch.where(d.abs() < 1e-9, torch.ones_like(d), a * torch.sin(pd) * torch.sin(pd / a) / (pd * pd).clamp_min(1e-18))
+    w = torch.where(d.abs() < a, w, torch.zeros_like(w))
+    w = torch.where(d == d.round(), (d == 0).to(w.dtype), w)  # exactly a copy at whole pixels
+    return (w / w.sum(-1, keepdim=True)).to(torch.float32)
+
+
+def translate(x: torch.Tensor, shifts: torch.Tensor, a: int = LANCZOS_SHIFT) -> torch.Tensor:
+    """Move the content of each image by a sub-pixel shift, sharply: ``out[n](p) = x(p - d_n)``.
+
+    x (C, H, W) one image; shifts (N, 2) pixels, x then y. Separable Lanczos-``a``
+    resampling (exact for whole-pixel shifts); what comes in from beyond the edge is 0.
+    Returns (N, C, H, W)."""
+    c, h, w = x.shape
+    n = shifts.shape[0]
+    sh = shifts.to(torch.float64).cpu()
+    ix, iy = torch.floor(sh[:, 0]), torch.floor(sh[:, 1])
+    fx, fy = sh[:, 0] - ix, sh[:, 1] - iy
+    # out(p) = x(p - d): sampled at p - d = (p - i - 1) + (1 - f): integer base p - i - 1, fraction 1 - f
+    wx = lanczos_weights(torch.where(fx > 0, 1 - fx, torch.zeros_like(fx)), a).to(x.device)  # (N, 2a)
+    wy = lanczos_weights(torch.where(fy > 0, 1 - fy, torch.zeros_like(fy)), a).to(x.device)
+    bx = torch.where(fx > 0, ix + 1, ix).long()
+    by = torch.where(fy > 0, iy + 1, iy).long()
+    pad = a + int(max(bx.abs().max(), by.abs().max()))
+    xp = F.pad(x, (pad, pad, pad, pad))
+    crops = []
+    for k in range(n):  # whole-pixel part: a view per frame
+        y0 = pad - int(by[k]) - a + 1
+        x0 = pad - int(bx[k]) - a + 1
+        crops.append(xp[:, y0:y0 + h + 2 * a - 1, x0:x0 + w + 2 * a - 1])
+    stack = torch.stack(crops).reshape(1, n * c, h + 2 * a - 1, w + 2 * a - 1)
+    kx = wx.repeat_interleave(c, 0).view(n * c, 1, 1, 2 * a)
+    ky = wy.repeat_interleave(c, 0).view(n * c, 1, 2 * a, 1)
+    out = F.conv2d(F.conv2d(stack, kx, groups=n * c), ky, groups=n * c)
+    return out.view(n, c, h, w)
+
+
+def sample_lanczos(x: torch.Tensor, pos: torch.Tensor, a: int = LANCZOS_SAMPLE) -> torch.Tensor:
+    """Sample (C, H, W) at pixel positions ``pos`` (..., 2), x then y, with a 2-D Lanczos-``a``
+    kernel; positions beyond the edge read 0. Returns (C, ...)."""
+    c, h, w = x.shape
+    shape = pos.shape[:-1]
+    p = pos.reshape(-1, 2).to(torch.float32)
+    x0, y0 = torch.floor(p[:, 0]), torch.floor(p[:, 1])
+    wx = lanczos_weights(p[:, 0] - x0, a)  # (M, 2a)
+    wy = lanczos_weights(p[:, 1] - y0, a)
+    offs = torch.arange(-a + 1, a + 1, device=x.device)
+    xi = x0.long()[:, None] + offs
+    yi = y0.long()[:, None] + offs
+    okx = (xi >= 0) & (xi < w)
+    oky = (yi >= 0) & (yi < h)
+    wx = wx * okx
+    wy = wy * oky
+    xi, yi = xi.clamp(0, w - 1), yi.clamp(0, h - 1)
+    flat = x.reshape(c, -1)
+    out = torch.zeros(c, p.shape[0], dtype=x.dtype, device=x.device)
+    for j in range(2 * a):
+        rows = flat[:, yi[:, j:j + 1] * w + xi]  # (C, M, 2a)
+        out += wy[:, j] * (rows * wx).sum(-1)
+    return out.view(c, *shape)
+
+
+def invert_flow(flow: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Backward map of a smooth forward flow: for every pixel q the source p with
+    ``p + flow(p) = q``, by the fixed-point iteration ``p <- q - flow(p)`` (flow sampled
+    bilinearly; converges where the flow's gradient is below 1). flow (N, H, W, 2) ->
+    positions (N, H, W, 2) in pixels, x then y."""
+    n, h, w, _ = flow.shape
+    q = base_grid(h, w, flow.device, flow.dtype).unsqueeze(0)
+    src = flow.permute(0, 3, 1, 2)
+    p = q - flow
+    for _ in range(iters):
+        gx = p[..., 0] * (2.0 / max(w - 1, 1)) - 1.0
+        gy = p[..., 1] * (2.0 / max(h - 1, 1)) - 1.0
+        f = F.grid_sample(src, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+                          align_corners=True).permute(0, 2, 3, 1)
+        p = q - f
+    return p

@@ -2,7 +2,7 @@
 NODE_DISPLAY_NAME_MAPPINGS; this package merges them."""
 from importlib import import_module
 
-_MODULES = ("segment", "motion", "motion_i2v", "story", "puppet_master", "dynamicrafter", "story_video")
+_MODULES = ("segment", "motion", "motion_i2v", "story", "puppet_master", "dynamicrafter", "story_video", "follow_your_click")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

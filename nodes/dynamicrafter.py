@@ -50,7 +50,8 @@ _COMMON_HELP = {
     "negative_prompt": "What to avoid; empty uses the unconditional text the models were trained with.",
     "frames": "Number of frames. The models are trained on 16; more frames run in overlapping 16-frame windows.",
     "fs": "Motion control: frames per second for the 512/1024 models (lower = more motion; 512: 15-30, "
-          "1024: 5-15), frame stride for the 256 model (1-6, higher = more motion). 0 uses the model's default.",
+          "1024: 5-15), frame stride for the 256 model (1-6, higher = more motion). 0 uses the model's default. "
+          "To use a measured motion strength, connect 'Motion strength to backends' (docs/motion_strength.md).",
     "steps": "DDIM steps (50 in the official scripts).",
     "cfg": "Classifier-free guidance scale (7.5 in the official scripts; 1.0 turns guidance off and halves the time).",
     "eta": "DDIM eta: 1.0 as in the official scripts (stochastic), 0.0 deterministic DDIM.",
@@ -102,7 +103,7 @@ class KinemaDynamiCrafterLoader:
                    "fp16/bf16 .safetensors) from models/kinema/dynamicrafter or models/checkpoints. The file holds "
                    "everything (UNet, OpenCLIP text and image encoders, resampler, VAE); the variant is read from "
                    "its keys. The 512-interp model has the same keys as 512: pick 512_interp to use its defaults.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
@@ -141,7 +142,7 @@ class KinemaDynamiCrafterLoader:
 class KinemaDynamiCrafterAnimate:
     DESCRIPTION = ("Animates a picture from a text prompt with DynamiCrafter (dual-stream image injection). "
                    "With a mask, only the masked region moves and the rest stays as in the picture.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
@@ -153,8 +154,9 @@ class KinemaDynamiCrafterAnimate:
                "image": ("IMAGE", {"tooltip": "The picture to animate (the first of a batch); it is scaled "
                                               "and centre-cropped to the output size."})}
         req.update(_common_inputs())
-        opt = {"mask": ("MASK", {"tooltip": "Optional: 1 where the picture may move; outside it every frame "
-                                            "keeps the input (e.g. from Click to Mask)."})}
+        opt = {"mask": ("MASK", {"tooltip": "Optional: 1 where the picture may move (e.g. from Click to Mask); outside "
+                                            "it every frame is the input (latent blending at every step and a "
+                                            "feathered paste inside the mask's edge)."})}
         opt.update(_optional_inputs())
         return {"required": req, "optional": opt}
 
@@ -169,7 +171,7 @@ class KinemaDynamiCrafterAnimate:
 class KinemaDynamiCrafterInterpolate:
     DESCRIPTION = ("Generates the frames between two keyframes with the DynamiCrafter 512-interp model: the first "
                    "frame is the start image, the last the end image.")
-    CATEGORY = "Kinema/dynamicrafter"
+    CATEGORY = "Kinema/DynamiCrafter"
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)

@@ -2,7 +2,6 @@
 motion strength. Thin: validate, call ``kernels`` / ``pipelines``, return ComfyUI types."""
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -10,13 +9,14 @@ from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.flow import flow_magnitude_stats, flow_to_color, pair_motion, strength_bucket
 from ..kernels.masks import rasterize_strokes
-from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion, resample_track
+from ..kernels.motion import EASINGS, MAX_FRAMES, dense_motion, motion_bytes, resample_track
 from ..pipelines.optical_flow import flow_from_first
 from ..pipelines.segment import overlay
-from ..pipelines.warp_animator import FILL_MODES, animate
+from ..pipelines.warp_animator import FILL_MODES, animate, animate_bytes
 from ._ui import save_temp_png, save_temp_webp
 
 MOTION = "KINEMA_MOTION"
+STROKES_EXAMPLE = '{"strokes": [{"mode": "paint", "radius": 20, "points": [[100, 80], [140, 90]]}]}'
 CATEGORY = "Kinema/Motion"
 
 
@@ -73,7 +73,9 @@ class KinemaMotionFromDrags:
                                            "tooltip": "Timing of the motion along each drag. 'loop' goes out and comes back."}),
                 "falloff": ("INT", {"default": 0, "min": 0, "max": 2048,
                                     "tooltip": "Width in pixels over which motion fades to zero around the moving "
-                                               "region. 0 = automatic (from the image size and drag lengths)."}),
+                                               "region. Without a mask 0 = automatic (from the image size and drag "
+                                               "lengths). With a mask 0 = none: only the masked object moves and the "
+                                               "background stays put; a width warps a band of background with it."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Region that moves (e.g. from 'Click to mask' or the motion brush). "
@@ -89,16 +91,30 @@ class KinemaMotionFromDrags:
 
     def build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None,
               wan_width=832, wan_height=480):
+        with runtime.one_thread():
+            return self._build(image, tracks, frames, strength, easing, falloff, mask, anchors, wan_width,
+                               wan_height)
+
+    def _build(self, image, tracks, frames, strength, easing, falloff, mask=None, anchors=None,
+               wan_width=832, wan_height=480):
         img = first_image(image)
         h, w = img.shape[:2]
         tr = formats.parse_tracks(tracks, size=(w, h), anchors_text=anchors)
         if len(tr) == 0:
             raise ValueError("tracks: no drags given — draw at least one drag (a start and an end point)")
         region = single_mask(mask, (w, h))
+        if region is not None and not bool((region > 0.5).any()):
+            raise ValueError("mask: the mask is empty (no pixel above 0.5) — select the object that should move, "
+                             "or disconnect the mask to move by distance from the drags")
+        runtime.check_memory(motion_bytes((w, h), int(frames)) + 2 * img.numel() * 4,
+                             f"Motion from drags: a {w}x{h} picture with {int(frames)} frames",
+                             "lower frames, or make the picture smaller (e.g. ImageScale to half) and "
+                             "upscale the video afterwards")
         dev = runtime.device()
         flow = dense_motion(tr.tracks, size=(w, h), frames=int(frames), anchors=tr.anchors,
                             region=None if region is None else region.to(dev), strength=float(strength),
-                            easing=easing, falloff=(int(falloff) or None), device=dev).cpu()
+                            easing=easing, falloff=float(falloff) if (falloff or region is not None) else None,
+                            device=dev, step=runtime.check_interrupt).cpu()
         field = MotionField(flow, region)
         preview = flow_to_color(flow[-1]).unsqueeze(0)
         wan = formats.wan_tracks_json(
@@ -132,7 +148,11 @@ class KinemaMotionBrush:
     def paint(self, image, strokes):
         img = first_image(image)
         h, w = img.shape[:2]
-        data = formats.load_json(strokes, "strokes")
+        try:
+            data = formats.load_json(strokes, "strokes")
+        except ValueError as e:
+            reason = str(e).split(";")[0]
+            raise ValueError(f"{reason}; expected e.g. {STROKES_EXAMPLE}") from None
         if isinstance(data, dict):
             data = data.get("strokes", [])
         mask = rasterize_strokes(data, (w, h))
@@ -144,9 +164,10 @@ class KinemaMotionBrush:
 
 
 class KinemaAnimateWarp:
-    DESCRIPTION = ("Animate a picture by moving its pixels along a motion field, no model needed. The moving "
-                   "object is drawn in front; holes it leaves are filled from the surrounding background. "
-                   "Frame 0 is the input, unchanged.")
+    DESCRIPTION = ("Animate a picture by moving its pixels along a motion field, no model needed. With an "
+                   "object mask in the motion (from 'Motion from drags' with a mask) the object is cut out with a "
+                   "soft edge, resampled sharply at every position and drawn in front of a still background; the "
+                   "place it leaves is filled once with texture from around it. Frame 0 is the input, unchanged.")
     CATEGORY = CATEGORY
     FUNCTION = "render"
     RETURN_TYPES = ("IMAGE",)
@@ -159,9 +180,10 @@ class KinemaAnimateWarp:
             "image": ("IMAGE", {"tooltip": "The picture to animate (the first frame of a batch is used)."}),
             "motion": (MOTION, {"tooltip": "Motion field, e.g. from 'Motion from drags' or a motion predictor."}),
             "fill": (list(FILL_MODES), {"default": "inpaint",
-                                        "tooltip": "How holes opened by motion are filled: 'inpaint' from the "
-                                                   "surrounding background, 'stretch' by sampling backwards, "
-                                                   "'none' leaves them black (for debugging)."}),
+                                        "tooltip": "How the background the object leaves is filled: 'inpaint' "
+                                                   "with texture copied from the surrounding background, "
+                                                   "'stretch' with smooth colour from around it, 'none' leaves "
+                                                   "it black (for a later generative pass)."}),
             "loop": ("BOOLEAN", {"default": False,
                                  "tooltip": "Make a seamless loop: the motion goes out and comes back."}),
             "preview_fps": ("FLOAT", {"default": 8.0, "min": 1.0, "max": 60.0, "step": 1.0,
@@ -171,6 +193,10 @@ class KinemaAnimateWarp:
         }}
 
     def render(self, image, motion, fill, loop, preview_fps=8.0, mask=None):
+        with runtime.one_thread():
+            return self._render(image, motion, fill, loop, preview_fps, mask)
+
+    def _render(self, image, motion, fill, loop, preview_fps=8.0, mask=None):
         img = first_image(image)
         h, w = img.shape[:2]
         if not isinstance(motion, MotionField):
@@ -178,9 +204,16 @@ class KinemaAnimateWarp:
         if motion.size != (w, h):
             raise ValueError(f"motion: the motion field is {motion.size[0]}x{motion.size[1]} but the image is "
                              f"{w}x{h}; build the motion from this image")
+        limit = single_mask(mask, (w, h))
+        if limit is not None and not bool((limit > 0).any()):
+            raise ValueError("mask: the mask is empty, so nothing could move — connect the region that may "
+                             "move, or disconnect the mask to animate the whole motion field")
+        runtime.check_memory(animate_bytes((w, h), motion.frames, limit is not None, bool(loop)),
+                             f"Animate by warping: a {w}x{h} picture with {motion.frames} frames",
+                             "lower the frame count in 'Motion from drags', or make the picture smaller "
+                             "(e.g. ImageScale to half) and upscale the video afterwards")
         dev = runtime.device()
-        region = single_mask(mask, (w, h))
-        frames = animate(img.to(dev), motion, mask=None if region is None else region.to(dev), loop=bool(loop),
+        frames = animate(img.to(dev), motion, mask=None if limit is None else limit.to(dev), loop=bool(loop),
                          fill=fill).cpu()
         return {"ui": {"images": [save_temp_webp(frames, fps=float(preview_fps), prefix="kinema_anim")],
                        "animated": (True,)},

@@ -78,6 +78,28 @@ def _check_size(width: int, height: int) -> None:
         raise ValueError(f"width/height: {width}x{height} must be multiples of 8 (the latent grid is 1/8 of it)")
 
 
+def _render_inputs(image, motion, brush, keep_still):
+    """(picture (H, W, 3), still region (h, w) at the motion's size or None) for stage 2, each
+    problem named by its input."""
+    if not isinstance(motion, MotionField):
+        raise ValueError(f"motion: expected a Kinema motion field, got {type(motion).__name__}")
+    img = _first_image(image)
+    ih, iw = img.shape[:2]
+    fw, fh = motion.size
+    if motion.frames > MAX_FRAMES:
+        raise ValueError(f"motion: {motion.frames} frames; Motion-I2V renders at most {MAX_FRAMES}. "
+                         f"Make a motion field with 16 frames or fewer")
+    if abs(iw / ih - fw / fh) > 0.15 * (fw / fh):  # small differences are resized away, as in stage 1
+        raise ValueError(f"image: {iw}x{ih} does not have the shape of the motion field {fw}x{fh}; "
+                         f"crop the image or make the motion at a matching size")
+    static = _brush(brush, (ih, iw), (fh, fw))
+    if static is None and keep_still and motion.mask is not None:
+        static = (motion.mask < 0.5).float()
+        if static.sum() == 0:
+            static = None
+    return img, static
+
+
 class KinemaMotionI2VFlowLoader:
     DESCRIPTION = ("Load Motion-I2V stage 1 (the motion-field predictor): the flow UNet, its trajectory / "
                    "motion-brush ControlNet and the flow VAE of the release, from models/kinema/motion_i2v.")
@@ -239,25 +261,35 @@ class KinemaMotionI2VRender:
     def render(self, render_model, vae, positive, negative, image, motion, steps, guidance, seed,
                keep_still_outside_motion_mask, brush=None):
         from ..pipelines.motion_i2v.native import render_video_comfy
-        if not isinstance(motion, MotionField):
-            raise ValueError(f"motion: expected a Kinema motion field, got {type(motion).__name__}")
-        img = _first_image(image)
-        ih, iw = img.shape[:2]
-        fw, fh = motion.size
-        if motion.frames > MAX_FRAMES:
-            raise ValueError(f"motion: {motion.frames} frames; Motion-I2V renders at most {MAX_FRAMES}. "
-                             f"Make a motion field with 16 frames or fewer")
-        if abs(iw / ih - fw / fh) > 0.15 * (fw / fh):  # small differences are resized away, as in stage 1
-            raise ValueError(f"image: {iw}x{ih} does not have the shape of the motion field {fw}x{fh}; "
-                             f"crop the image or make the motion at a matching size")
-        static = _brush(brush, (ih, iw), (fh, fw))
-        if static is None and keep_still_outside_motion_mask and motion.mask is not None:
-            static = (motion.mask < 0.5).float()
-            if static.sum() == 0:
-                static = None
+        img, static = _render_inputs(image, motion, brush, keep_still_outside_motion_mask)
         frames, latents = render_video_comfy(render_model, vae, positive, negative, img, motion, static, steps=steps,
                                              guidance=guidance, seed=seed % (1 << 63))
         return (frames, {"samples": latents})
+
+
+class KinemaMotionI2VMotionConditioning:
+    DESCRIPTION = ("Motion-I2V stage 2 for ComfyUI's own samplers: the render model with the motion field put into "
+                   "it, and the video latent (the picture's latent in every frame, frame 0 and still regions held "
+                   "by its noise mask). Sample with KSampler (euler + ddim_uniform is the released DDIM; 25 steps, "
+                   "cfg 7) using CLIP Text Encode conditioning, then VAE Decode.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "LATENT")
+    RETURN_NAMES = ("model", "latent")
+    OUTPUT_TOOLTIPS = ("The render model following this motion field.",
+                       "The video latent (one frame latent per frame) with its noise mask.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = KinemaMotionI2VRender.INPUT_TYPES()
+        req = {k: spec["required"][k] for k in ("render_model", "vae", "image", "motion",
+                                                 "keep_still_outside_motion_mask")}
+        return {"required": req, "optional": dict(spec["optional"])}
+
+    def apply(self, render_model, vae, image, motion, keep_still_outside_motion_mask, brush=None):
+        from ..pipelines.motion_i2v.native import prepare_render
+        img, static = _render_inputs(image, motion, brush, keep_still_outside_motion_mask)
+        return prepare_render(render_model, vae, img, motion, static)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -265,10 +297,12 @@ NODE_CLASS_MAPPINGS = {
     "KinemaMotionI2VRenderLoader": KinemaMotionI2VRenderLoader,
     "KinemaMotionI2VPredictMotion": KinemaMotionI2VPredictMotion,
     "KinemaMotionI2VRender": KinemaMotionI2VRender,
+    "KinemaMotionI2VMotionConditioning": KinemaMotionI2VMotionConditioning,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KinemaMotionI2VFlowLoader": "Motion-I2V stage-1 loader (motion predictor)",
     "KinemaMotionI2VRenderLoader": "Motion-I2V stage-2 loader (video renderer)",
-    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion (drags, brush, text)",
+    "KinemaMotionI2VPredictMotion": "Motion-I2V predict motion (drags, brush or text)",
     "KinemaMotionI2VRender": "Motion-I2V render video",
+    "KinemaMotionI2VMotionConditioning": "Motion-I2V motion conditioning (for KSampler)",
 }

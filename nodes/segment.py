@@ -9,6 +9,7 @@ from ..pipelines.segment import SamStore, overlay, refine_mask, segment
 from ._ui import save_temp_png
 
 SAM_TYPE = "KINEMA_SAM"
+MAX_CLICKS = 256  # as many as the live preview route takes
 DEFAULT_POINTS = '{"positive": [], "negative": [], "box": null}'
 
 # The pack's one bounded set of loaded SAMs, shared by the loader node and the live-mask route
@@ -20,7 +21,7 @@ class KinemaSAMLoader:
     DESCRIPTION = ("Loads a segment-anything model (ViT-B, ViT-L or ViT-H; .pth or .safetensors) from "
                    "models/sams. The kind is read from the file. Image encodings are cached, so more clicks "
                    "on the same picture are fast. The live mask in Click to Mask's editor uses the same loaded model.")
-    CATEGORY = "Kinema/segment"
+    CATEGORY = "Kinema/Segment"
     FUNCTION = "load"
     RETURN_TYPES = (SAM_TYPE,)
     RETURN_NAMES = ("sam",)
@@ -48,10 +49,11 @@ class KinemaSAMLoader:
 
 class KinemaClickToMask:
     DESCRIPTION = ("Clicks -> object mask. With a SAM connected, segment-anything predicts the mask; without "
-                   "one a classical interactive segmentation (watershed + GrabCut seeded by the clicks) does. "
+                   "one a classical segmentation does (superpixels grouped into whole objects, the one under the "
+                   "click chosen by how object-like it is: a closed outline, colours unlike its surroundings). "
                    "Positive clicks mark the object, negative clicks what is not the object, an optional box "
                    "bounds it. For a batch of images the first frame is segmented.")
-    CATEGORY = "Kinema/segment"
+    CATEGORY = "Kinema/Segment"
     FUNCTION = "run"
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("mask", "preview")
@@ -101,7 +103,14 @@ class KinemaClickToMask:
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise ValueError(f"{name}: {value!r} must be a whole number of pixels in {lo}..{hi}")
         pts = parse_points(points, (w, h), negative_points if negative_points else None)
-        mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
+        if pts.count > MAX_CLICKS:
+            raise ValueError(f"points: {pts.count} clicks is more than the {MAX_CLICKS} this node takes; "
+                             f"a few positive clicks (and a box) are enough for one object")
+        if sam is None:  # the classical path: many small operations, fastest on one thread
+            with runtime.one_thread():
+                mask, _score = segment(frame, pts, None)
+        else:
+            mask, _score = segment(frame, pts, sam, multimask=bool(multimask))
         if float(mask.sum()) == 0:
             raise ValueError("points: nothing was selected (the mask is empty). Click inside the object, add "
                              "more positive clicks or a box around it, remove negative clicks that sit on it"

@@ -6,7 +6,7 @@ import torch
 
 from ..pipelines import story as sp
 
-CATEGORY = "Kinema/story"
+CATEGORY = "Kinema/StoryDiffusion"
 
 _STORY_TIP = ("One panel per line: '[Name] what happens', '[Name] [Other] ...' for several characters, "
               "'[NC] ...' for a panel without characters; text after '#' is the panel's caption. "

@@ -12,7 +12,7 @@ from .dynamicrafter import _check_model, _common_inputs, _options
 PREDICTOR_TYPE = "KINEMA_MOTION_PREDICTOR"
 MOTION_TYPE = "KINEMA_SEMANTIC_MOTION"
 FOLDER = "kinema/story_diffusion"
-CATEGORY = "Kinema/story"
+CATEGORY = "Kinema/StoryDiffusion"
 
 
 class KinemaMotionPredictorLoader:

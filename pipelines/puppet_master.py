@@ -711,11 +711,18 @@ class PuppetMaster:
     sampler: EDMEuler
     dtype: torch.dtype = torch.float32
     _managed: object = field(default=None, repr=False)
+    _comfy: object = field(default=None, repr=False)
 
     def managed(self):
+        """The UNet under model management: inside ComfyUI the patcher of its ComfyUI MODEL (one
+        per loaded model, whichever route samples it), outside a ManagedModel. Returns
+        (what :func:`runtime.load_models` takes, the device inputs go to)."""
+        if runtime.in_comfyui():
+            patcher = comfy_model(self)
+            return patcher, patcher.load_device
         if self._managed is None:
             self._managed = runtime.ManagedModel(self.unet, "Puppet-Master UNet")
-        return self._managed
+        return self._managed, self._managed.device
 
     def animate(self, image: torch.Tensor, tracks, codec, mask: torch.Tensor | None = None, steps: int = 50,
                 cfg: float = 5.0, seed: int = 0, paste: bool = False, size: int | None = None,
@@ -732,12 +739,12 @@ class PuppetMaster:
         crop_img, crop = subject_crop(image, mask, size)
         drags, valid = tracks_to_drags(tracks, crop, frames, anchors=anchors)
         latent, embed = codec.encode(crop_img)
-        part = self.managed()
+        part, device = self.managed()
         h, w = latent.shape[-2:]
         runtime.load_models(part, memory_required=runtime.inference_memory((2 * frames, 4, h, w), self.dtype, 2.0))
         gen = torch.Generator().manual_seed(int(seed))
         lat = denoise(self.unet, latent, embed, drags, steps, cfg, gen, self.sampler, valid, progress,
-                      device=part.device)
+                      device=device)
         out = codec.decode(lat)
         if paste:
             out = paste_back(out, image.float().cpu(), crop, None if mask is None else mask.cpu())
@@ -748,3 +755,85 @@ def load_puppet_master(unet_path, dtype=torch.float32) -> PuppetMaster:
     """The Puppet-Master UNet from its file (sized by it) and the sampler setup."""
     unet = load_unet(unet_path, dtype)
     return PuppetMaster(unet, EDMEuler.from_config(load_json("svd/scheduler.json")), dtype)
+
+
+# ============================================================================ as a ComfyUI MODEL
+class ComfyUNet(nn.Module):
+    """The Puppet-Master UNet called as ComfyUI calls its UNets.
+
+    ComfyUI's video latents are a batch of frame latents: rows come in groups of ``frames`` (one
+    video per CFG half). Per row the conditions carry the image latent (``pm_latent``), the drags
+    of that frame (``pm_drags`` / ``pm_valid``) and, as context, the CLIP image embedding; the
+    first row of each video holds what the video shares.
+    """
+
+    def __init__(self, unet: PuppetMasterUNet):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    def forward(self, x, t, context=None, control=None, transformer_options=None, pm_latent=None, pm_drags=None,
+                pm_valid=None, pm_frames=None, **kwargs):
+        if pm_latent is None or pm_drags is None or pm_frames is None:
+            raise ValueError("Puppet-Master: the conditioning carries no drags or image; make it with "
+                             "'Puppet-Master conditioning'")
+        f = int(pm_frames)
+        rows = x.shape[0]
+        if rows % f:
+            raise ValueError(f"latent batch: {rows} frames is not a whole number of {f}-frame videos; use the "
+                             f"latent of 'Puppet-Master conditioning'")
+        b = rows // f
+        sample = x.reshape(b, f, *x.shape[1:])
+        firsts = torch.arange(0, rows, f, device=x.device)
+        out = self.unet(sample, t.reshape(b, f)[:, 0], pm_latent[firsts], context[firsts, :1],
+                        pm_drags.float().reshape(b, f, *pm_drags.shape[1:]),
+                        None if pm_valid is None else pm_valid.reshape(b, f, *pm_valid.shape[1:]).bool())
+        return out.reshape(rows, *out.shape[2:])
+
+
+def _pm_conds(kwargs, c):
+    out = {}
+    for key in ("pm_latent", "pm_drags", "pm_valid"):
+        if kwargs.get(key) is not None:
+            out[key] = c.regular(kwargs[key])
+    if kwargs.get("pm_frames") is not None:
+        out["pm_frames"] = c.constant(int(kwargs["pm_frames"]))
+    return out
+
+
+def comfy_model(pm: "PuppetMaster"):
+    """Puppet-Master as a ComfyUI MODEL (made once per loaded model): SVD's continuous EDM
+    v-prediction schedule, so KSampler's euler with the karras scheduler is the released
+    sampler; the per-frame guidance ramp is core VideoLinearCFGGuidance (min_cfg 1)."""
+    if pm._comfy is None:
+        s = pm.sampler
+        pm._comfy = runtime.comfy_model(ComfyUNet(pm.unet), "Puppet-Master UNet",
+                                        runtime.continuous_edm_sampling("v", s.sigma_min, s.sigma_max),
+                                        conds=_pm_conds, latent_format="SD15")
+    return pm._comfy
+
+
+@torch.no_grad()
+def comfy_conditioning(pm: "PuppetMaster", image: torch.Tensor, tracks, codec, mask: torch.Tensor | None = None,
+                       size: int | None = None, frames: int = NUM_FRAMES, anchors=None):
+    """(positive, negative, latent, crop image (s, s, 3)) for sampling :func:`comfy_model` with
+    ComfyUI: the subject crop's VAE latent and CLIP embedding with the drags as the positive
+    conditioning, all zero as the negative (the released unconditional branch), and an empty
+    latent of ``frames`` frames."""
+    if size is None:
+        size = 8 * int(pm.unet.config.sample_size or CROP_SIZE // 8)
+    crop_img, crop = subject_crop(image, mask, size)
+    drags, valid = tracks_to_drags(tracks, crop, frames, anchors=anchors)
+    latent, embed = codec.encode(crop_img)
+    per_frame = latent.expand(frames, -1, -1, -1).contiguous()
+    common = {"pm_frames": frames}
+    positive = [[embed.float(), dict(common, pm_latent=per_frame, pm_drags=drags[0].float(),
+                                     pm_valid=valid[0].float())]]
+    negative = [[torch.zeros_like(embed).float(), dict(common, pm_latent=torch.zeros_like(per_frame),
+                                                       pm_drags=torch.zeros_like(drags[0]).float(),
+                                                       pm_valid=torch.zeros_like(valid[0]).float())]]
+    h, w = latent.shape[-2:]
+    return positive, negative, {"samples": torch.zeros(frames, latent.shape[1], h, w)}, crop_img

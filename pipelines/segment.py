@@ -8,9 +8,9 @@ Two backends behind :func:`segment`:
   :class:`SamSegmenter` encodes an image once and predicts many prompts; image embeddings are
   kept in a small LRU keyed by a hash of the image content, so further clicks on the same
   picture only run the prompt encoder and the mask decoder.
-- **classical interactive segmentation** without weights (:func:`grabcut_segment`): a marker
-  watershed seeded by the clicks gives a first object region, OpenCV GrabCut refines it inside a
-  band around that region, and only the connected pieces under the positive clicks are kept.
+- **classical interactive segmentation** without weights
+  (:func:`~.classical_segment.classical_segment`): superpixels grouped into hierarchies, the
+  object chosen among the regions under the clicks by an objectness score.
 
 Conventions: image (H, W, 3) float 0-1 (torch or numpy); mask (H, W) float32 in {0, 1};
 points in pixels, x then y (:class:`~..formats.Points`).
@@ -32,7 +32,8 @@ import torch
 
 from .. import runtime
 from ..formats import Points
-from ..runtime import KinemaError
+from ..runtime import KinemaError, check_interrupt
+from .classical_segment import _check_prompt, classical_segment, to_uint8
 
 EXPECTED_SAM = ("a segment-anything ViT-B/L/H checkpoint with keys image_encoder.*, "
                 "prompt_encoder.*, mask_decoder.*")
@@ -46,26 +47,10 @@ SAM_VARIANTS = {
 # The mask decoder's transformer uses 8 heads in every released model; head count is the one
 # setting that tensor shapes do not reveal.
 DECODER_HEADS = 8
-# The classical backend falls back on its watershed region when GrabCut keeps less than this
-# share of it.
-COLLAPSE_RATIO = 0.3
 
 
 # ----------------------------------------------------------------------------------------------
 # image helpers
-
-
-def to_uint8(image) -> np.ndarray:
-    """(H, W, 3) float 0-1 (torch or numpy) -> (H, W, 3) uint8 RGB, contiguous."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu", torch.float32).numpy()
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise ValueError(f"image: expected (H, W, 3) values, got shape {tuple(arr.shape)}")
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr[..., :3])
-    arr = np.nan_to_num(arr[..., :3].astype(np.float32), nan=0.0)
-    return np.ascontiguousarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
 
 
 def image_key(image_u8: np.ndarray) -> str:
@@ -76,186 +61,11 @@ def image_key(image_u8: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _disc(shape: tuple[int, int], center, radius: int) -> np.ndarray:
-    out = np.zeros(shape, np.uint8)
-    cv2.circle(out, (int(round(center[0])), int(round(center[1]))), int(radius), 1, -1)
-    return out.astype(bool)
-
-
 def _ellipse(radius: int) -> np.ndarray:
     """Structuring element: the pixels within Euclidean distance ``radius`` of the centre."""
     r = max(int(radius), 0)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     return (xx * xx + yy * yy <= r * r).astype(np.uint8)
-
-
-def _pixel(p, w: int, h: int) -> tuple[int, int]:
-    x = min(max(int(round(float(p[0]))), 0), w - 1)
-    y = min(max(int(round(float(p[1]))), 0), h - 1)
-    return x, y
-
-
-def keep_components_at(mask: np.ndarray, seeds) -> np.ndarray:
-    """Keep the 8-connected pieces of a binary (H, W) mask that contain one of ``seeds``
-    (pixel (x, y) pairs); with no seeds keep the largest piece."""
-    m = (mask > 0).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    if n <= 1:
-        return m
-    h, w = m.shape
-    keep = set()
-    for p in seeds:
-        x, y = _pixel(p, w, h)
-        if labels[y, x] > 0:
-            keep.add(int(labels[y, x]))
-    if not seeds:
-        keep.add(int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1)
-    if not keep:
-        return np.zeros_like(m)
-    return np.isin(labels, sorted(keep)).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# classical backend
-
-
-def _check_prompt(points: Points) -> None:
-    if points.positive.shape[0] == 0 and points.box is None:
-        raise ValueError("points: there is no positive click and no box; click at least once on the "
-                         "object (negative clicks alone only say what is not the object)")
-
-
-def grabcut_segment(image, points: Points, *, max_side: int = 512, iterations: int = 5,
-                    band: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Weights-free interactive segmentation seeded by clicks.
-
-    1. A marker watershed on the (slightly smoothed) picture grows the positive clicks against
-       background markers (negative clicks and the frame of the box, or of the image) and gives
-       a first object region.
-    2. GrabCut starts from it: that region (slightly dilated) is probably-foreground, a band of
-       ``band`` x the long side around it is probably-background, everything further away,
-       outside the box and under negative clicks is background; discs under positive clicks
-       are foreground. With only a box, the box is the usual GrabCut rectangle.
-       If GrabCut keeps less than ``COLLAPSE_RATIO`` of the watershed region (the colours of
-       object and surroundings do not separate), the watershed region is used instead.
-    3. The result is cleaned with a small opening and closing, and only the connected pieces
-       under the positive clicks are kept (the largest piece for a box alone).
-
-    The work runs at most at ``max_side`` pixels on the long side; the mask is scaled back.
-    OpenCV's random generator is seeded with ``seed`` so results repeat exactly.
-
-    Returns ``(mask (H, W) float32 {0, 1}, score)`` where ``score`` in [0, 1] is the overlap
-    (IoU) between the last two GrabCut iterations: 1 means it had settled.
-    """
-    _check_prompt(points)
-    if iterations < 2:
-        raise ValueError(f"iterations: need at least 2, got {iterations}")
-    rgb = to_uint8(image)
-    H, W = rgb.shape[:2]
-    if H < 8 or W < 8:
-        raise ValueError(f"image: {W}x{H} is too small to segment (need at least 8x8)")
-    scale = min(1.0, max_side / max(H, W))
-    w, h = max(int(round(W * scale)), 8), max(int(round(H * scale)), 8)
-    sx, sy = w / W, h / H
-    work = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-    bgr = np.ascontiguousarray(work[..., ::-1])
-
-    def to_work(p):
-        return _pixel((float(p[0]) * sx, float(p[1]) * sy), w, h)
-
-    pos = [to_work(p) for p in points.positive.tolist()]
-    neg = [to_work(p) for p in points.negative.tolist()]
-    inside = np.ones((h, w), bool)
-    if points.box is not None:
-        x0, y0, x1, y1 = points.box.tolist()
-        bx0, by0 = to_work((x0, y0))
-        bx1, by1 = to_work((x1, y1))
-        if bx1 - bx0 < 2 or by1 - by0 < 2:
-            raise ValueError(f"points box: {points.box.tolist()} is too small to segment inside")
-        inside[:] = False
-        inside[by0:by1 + 1, bx0:bx1 + 1] = True
-        for (px, py), (x, y) in zip(pos, points.positive.tolist()):
-            if not inside[py, px]:
-                raise ValueError(f"points: the positive click ({x:g}, {y:g}) lies outside the box "
-                                 f"{[round(v, 1) for v in points.box.tolist()]}; the box must contain the object")
-    else:
-        bx0, by0, bx1, by1 = 0, 0, w - 1, h - 1
-
-    long_side = max(w, h)
-    r_click = max(2, int(round(0.012 * long_side)))
-    gc = np.full((h, w), cv2.GC_BGD, np.uint8)
-    if pos:
-        markers = np.zeros((h, w), np.int32)
-        # OpenCV's watershed owns the outermost pixel ring, so the frame markers sit one inside.
-        fx0, fy0 = min(bx0 + 1, bx1), min(by0 + 1, by1)
-        fx1, fy1 = max(bx1 - 1, bx0), max(by1 - 1, by0)
-        cv2.rectangle(markers, (fx0, fy0), (fx1, fy1), 1, 1)
-        for p in neg:
-            cv2.circle(markers, p, r_click, 1, -1)
-        for p in pos:
-            cv2.circle(markers, p, r_click, 2, -1)
-        cv2.watershed(cv2.GaussianBlur(bgr, (0, 0), 1.5), markers)
-        region = (markers == 2).astype(np.uint8)
-        r_band = max(3, int(round(band * long_side)))
-        gc[(cv2.dilate(region, _ellipse(r_band)) > 0) & inside] = cv2.GC_PR_BGD
-        gc[(cv2.dilate(region, _ellipse(max(2, r_click))) > 0) & inside] = cv2.GC_PR_FGD
-    else:
-        gc[inside] = cv2.GC_PR_FGD
-    for p in pos:
-        gc[_disc((h, w), p, r_click)] = cv2.GC_FGD
-    neg_discs = np.zeros((h, w), bool)
-    for p in neg:
-        neg_discs |= _disc((h, w), p, r_click)
-    gc[neg_discs] = cv2.GC_BGD
-    if not np.isin(gc, (cv2.GC_BGD, cv2.GC_PR_BGD)).any():
-        # The box (or the object region) covers the whole picture: let the outer ring be
-        # probable background so that GrabCut has a background sample to start from.
-        ring = np.ones((h, w), bool)
-        ring[1:-1, 1:-1] = False
-        gc[ring & (gc != cv2.GC_FGD)] = cv2.GC_PR_BGD
-
-    bgd_model = np.zeros((1, 65), np.float64)
-    fgd_model = np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(int(seed))
-    cv2.grabCut(bgr, gc, None, bgd_model, fgd_model, iterations - 1, cv2.GC_INIT_WITH_MASK)
-    before = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
-    cv2.grabCut(bgr, gc, None, bgd_model, fgd_model, 1, cv2.GC_EVAL)
-    fg = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD))
-    union = int((fg | before).sum())
-    score = float((fg & before).sum() / union) if union else 0.0
-
-    raw = fg.astype(np.uint8)
-    r_clean = max(1, int(round(0.004 * long_side)))
-    clean = cv2.morphologyEx(raw, cv2.MORPH_OPEN, _ellipse(r_clean))
-    clean = cv2.morphologyEx(clean, cv2.MORPH_CLOSE, _ellipse(2 * r_clean))
-    clean[neg_discs | ~inside] = 0
-    kept = keep_components_at(clean, pos)
-    for p in pos:  # a click the clean-up took away keeps its raw piece
-        if not kept[p[1], p[0]]:
-            kept |= keep_components_at(raw, [p])
-    if pos:
-        seeded = region.astype(bool) & inside & ~neg_discs
-        if kept.sum() < COLLAPSE_RATIO * seeded.sum():
-            # GrabCut found no colour difference between the object and its surroundings
-            # and shrank to the clicked discs; the watershed's edge-bounded region is the
-            # better answer then.
-            kept = keep_components_at((seeded | kept.astype(bool)).astype(np.uint8), pos)
-
-    if (w, h) != (W, H):
-        work_kept = kept
-        up = cv2.resize(kept.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
-        kept = (up >= 0.5).astype(np.uint8)
-        if points.box is not None:  # no spill over the box edge from the scaling
-            x0, y0, x1, y1 = points.box.tolist()
-            box_full = np.zeros((H, W), bool)
-            box_full[int(math.ceil(y0)):int(math.floor(y1)) + 1, int(math.ceil(x0)):int(math.floor(x1)) + 1] = True
-            kept[~box_full] = 0
-        full_pos = [_pixel(p, W, H) for p in points.positive.tolist()]
-        for p, q in zip(full_pos, pos):
-            if work_kept[q[1], q[0]]:
-                kept[p[1], p[0]] = 1
-        kept = keep_components_at(kept, full_pos)
-    return torch.from_numpy(kept.astype(np.float32)), score
 
 
 # ----------------------------------------------------------------------------------------------
@@ -745,13 +555,14 @@ def segment(image, points: Points, segmenter: SamSegmenter | None = None,
     """Object mask for clicks on ``image`` (H, W, 3) float 0-1.
 
     With ``segmenter`` (a loaded SAM) SAM predicts; without it the classical backend
-    (:func:`grabcut_segment`) does. Returns ``(mask (H, W) float32 {0, 1}, score)``; the score
-    is SAM's predicted IoU, or GrabCut's convergence for the classical backend.
+    (:func:`~.classical_segment.classical_segment`) does. Returns ``(mask (H, W) float32 {0, 1},
+    score)``; the score is SAM's predicted IoU, or the objectness of the chosen region for the
+    classical backend.
     """
     if len(tuple(np.shape(image))) != 3:
         raise ValueError(f"image: expected one (H, W, 3) picture, got shape {tuple(np.shape(image))}")
     if segmenter is None:
-        return grabcut_segment(image, points)
+        return classical_segment(image, points, check=check_interrupt)
     pred = segmenter.predict(image, points, multimask=multimask)
     return pred.mask, pred.score
 

@@ -1,36 +1,48 @@
 """Animate a still image by a motion field, without any model weights.
 
-Each output frame forward-splats the pixels of the input by that frame's flow (the flow says
-where every pixel of frame 0 is in frame k) and composites two layers, so a moving object
-passes in front of what it moves over and the place it leaves is filled with background:
+Two renderers behind :func:`animate`; frame 0 is always the input itself, and pixels that
+nothing reaches are bitwise the input in every frame.
 
-- the **foreground layer** holds the pixels of the motion field's mask (``field.mask``) or,
-  without one, the pixels that move at least half as far as the fastest one (a soft ramp below
-  that); the **background layer** holds the rest (the two share partly-foreground pixels);
+**An object and a still background** (the field carries an object mask, ``field.mask``, and
+moves nothing outside it, e.g. a drag on a clicked object):
+
+- *soft edge*: a hard mask gets an alpha matte in a narrow band at its outline (guided filter of
+  the mask by the picture, ``matte_radius`` px: 3 at 512), so the edge follows the picture's own
+  edge and no halo of background travels with the object; a soft mask is used as given. In the
+  band the object's own colour is separated from the background's (``I = a F + (1 - a) B``);
+- *sharp motion*: the object layer (premultiplied colour and alpha) is resampled from the input
+  at every frame's sub-pixel position by backward mapping with a sharp kernel: a separable
+  Lanczos-6 shift when the object moves rigidly (a translation per frame), a 2-D Lanczos-3
+  sample of the inverted field otherwise; whole-pixel moves are exact copies;
+- *still background*: pixels outside the object do not move; the object is drawn in front of
+  them. (A field that also moves pixels outside the mask, e.g. a falloff band asked for in
+  "Motion from drags" or a brushed region meant to bend, goes to the smooth renderer below.)
+- *one fill*: the place the object covers in frame 0 is filled once (``fill="inpaint"``:
+  exemplar-based, PatchMatch-style texture from around it, see ``kernels/inpaint.py``;
+  ``"stretch"``: smooth push-pull colour; ``"none"``: black, for a later generative pass) and
+  each frame shows the part the object has uncovered, so the fill is revealed progressively and
+  never changes from frame to frame.
+
+**A smooth field** (no mask, or motion beyond the mask: drags without a mask, a falloff band, a
+predicted motion): each frame
+forward-splats the pixels by that frame's flow and composites two layers, so fast pixels pass
+in front of slow ones and the place they leave is filled:
+
+- the foreground layer holds the pixels that move at least half as far as the fastest one (a
+  soft ramp below that); the background layer holds the rest;
 - within a layer, sources landing on the same pixel are blended by a softmax splat whose metric
-  grows with the motion magnitude (faster pixels are in front); a layer's alpha is twice the
-  3x3 mean of the splatted area, clamped to 1: each source carries the area it covers after the
-  motion, ``det(I + grad flow)`` (one-sided "minmod" differences, so a flow discontinuity at an
-  object's edge does not count as stretch), so stretched and compressed parts still cover
-  their pixels fully, and cracks of up to about two pixels close (their colour comes from the
-  3x3 neighbourhood);
-- ``fill="inpaint"``: background holes (where nothing of the background landed, e.g. the
-  object's old place) are filled by a push-pull inpainting of the background layer from the
-  surrounding background only (see ``kernels/inpaint.py``), then the foreground is laid over
-  it with its coverage as alpha (anti-aliased edges); ``"stretch"``: holes of the composite are
-  filled from everything around them, foreground included (the object seems to smear into its
-  trail); ``"none"``: holes stay black (for a later generative pass; ``return_holes`` gives
-  their mask).
+  grows with the motion magnitude; a layer's alpha is twice the 3x3 mean of the splatted area,
+  clamped to 1: each source carries the area it covers after the motion, ``det(I + grad flow)``
+  (one-sided "minmod" differences), so stretched and compressed parts still cover their pixels,
+  and cracks of up to about two pixels close;
+- holes are filled by push-pull from the surrounding background (``"inpaint"``), from
+  everything around them (``"stretch"``), or left black (``"none"``).
 
-Only the pixels that move are splatted (a sparse scatter), and only inside the bounding box of
-where they start and land (plus a margin for the inpainting); every other pixel of every frame
-is copied from the input, so pixels with zero flow that nothing lands on are bitwise the input,
-and frame 0 is the input itself. With ``loop=True`` the field is traversed out and back with
+Only the region that can change is worked on (a crop around where pixels start and land).
+Frames are rendered in batches (bounded by ``CHUNK_BYTES``); the progress bar advances and
+interrupts are checked between batches. :func:`animate_bytes` estimates the memory a run needs
+before anything large is allocated. With ``loop=True`` the field is traversed out and back with
 cosine timing so the video plays seamlessly when repeated (see :func:`loop_flow`).
-
-Frames are rendered in batches (their accumulators bounded by ``CHUNK_BYTES``: several frames
-at 512x512, fewer at larger sizes; smaller batches stay in cache and are faster than whole-video
-batches); the progress bar advances and interrupts are checked between batches.
 """
 from __future__ import annotations
 
@@ -40,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.field import MotionField
-from ..kernels.inpaint import push_pull
-from ..kernels.warp import splat_points
+from ..kernels.inpaint import exemplar_fill, push_pull
+from ..kernels.masks import matte
+from ..kernels.warp import LANCZOS_SHIFT, invert_flow, sample_lanczos, splat_points, translate
 from ..runtime import ProgressBar, check_interrupt
 
 FILL_MODES = ("inpaint", "stretch", "none")
@@ -52,6 +65,17 @@ COVERAGE_GAIN = 2.0  # alpha = gain * 3x3 mean coverage: the splat lattice of a 
 # beats against the pixel grid (local coverage 0.6-1.4 where the mean is 1)
 ALPHA_FULL = 254.5 / 255  # layer alpha at or above this counts as fully covered
 CHUNK_BYTES = 48 * 2 ** 20  # bound on the accumulators of one batch of frames (cache-friendly)
+WORK_FLOATS = 48  # float32 values per pixel of the changing region (layers, matte, fill, masks)
+RIGID_TOLERANCE = 1e-3  # px: an object whose pixels all move alike within this is translated
+
+
+def animate_bytes(size, frames: int, restricted: bool = False, loop: bool = False) -> int:
+    """Memory in bytes :func:`animate` needs at most for a ``size`` = (W, H) picture: the output
+    frames (F, H, W, 3), a copy of the field where a mask or ``loop`` changes it, and the working
+    set over the region that changes (bounded by the whole picture)."""
+    w, h = size
+    field = frames * h * w * 2 * 4 * (int(restricted) + int(loop))
+    return frames * h * w * 3 * 4 + field + h * w * 4 * WORK_FLOATS + CHUNK_BYTES
 
 
 def loop_flow(flow: torch.Tensor) -> torch.Tensor:
@@ -183,8 +207,9 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     if mask is not None:
         restrict = mask.to(device=dev, dtype=torch.float32).clamp(0, 1)
         flow = flow * restrict[..., None]
-    flow = flow.clone()
-    flow[0] = 0
+    if bool((flow[0] != 0).any()):  # frame 0 is the input whatever the field says: no copy unless needed
+        flow = flow.clone() if restrict is None else flow
+        flow[0] = 0
     if loop:
         flow = loop_flow(flow)
 
@@ -197,6 +222,16 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         if pbar is not None:
             pbar.update(n_frames)
         return (frames, holes) if return_holes else frames
+    fmask = getattr(field, "mask", None)
+    if fmask is not None:
+        if restrict is not None:
+            fmask = fmask.to(device=dev, dtype=torch.float32) * (restrict > 0)
+        hard = fmask > 0.5
+        # an object cut-out when only the object moves; a field that also moves what is around
+        # the mask (a falloff band, a brushed region meant to deform) is warped smoothly
+        if bool(hard.any()) and not bool((flow[:, ~hard.to(dev)] != 0).any()):
+            _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
+            return (frames, holes) if return_holes else frames
 
     # -- sources: positions, colours, layer weights ---------------------------------------------
     ys, xs = torch.nonzero(moving, as_tuple=True)
@@ -308,3 +343,140 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
         if pbar is not None:
             pbar.update(n)
     return (frames, holes) if return_holes else frames
+
+
+# ---------------------------------------------------------------- the layered renderer (a mask)
+
+
+def matte_radius(h: int, w: int) -> int:
+    """Half-width in pixels of the soft band a hard object mask gets: 3 px at 512."""
+    return max(2, int(round(min(h, w) / 170)))
+
+
+def _crop_box(support: torch.Tensor, flow: torch.Tensor, moving: torch.Tensor, margin: int):
+    """Bounding box (y0, y1, x0, x1) of ``support`` (H, W) bool and of where the pixels of
+    ``moving`` (H, W) bool land under ``flow`` (F, H, W, 2), grown by ``margin``."""
+    h, w = support.shape
+    ys, xs = torch.nonzero(support | moving, as_tuple=True)
+    my, mx = torch.nonzero(moving, as_tuple=True)
+    lo_x, hi_x = float(xs.min()), float(xs.max())
+    lo_y, hi_y = float(ys.min()), float(ys.max())
+    if my.numel():
+        f = flow[:, my, mx]  # (F, N, 2)
+        lx, ly = mx.float() + f[..., 0], my.float() + f[..., 1]
+        lo_x, hi_x = min(lo_x, float(lx.min())), max(hi_x, float(lx.max()))
+        lo_y, hi_y = min(lo_y, float(ly.min())), max(hi_y, float(ly.max()))
+    y0 = max(int(math.floor(lo_y)) - margin, 0)
+    y1 = min(int(math.ceil(hi_y)) + margin + 1, h)
+    x0 = max(int(math.floor(lo_x)) - margin, 0)
+    x1 = min(int(math.ceil(hi_x)) + margin + 1, w)
+    return y0, y1, x0, x1
+
+
+def _foreground_colour(img: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Colour of the object itself (3, h, w) in a soft edge, where the picture mixes it with
+    the background: ``I = a F + (1 - a) B``. B and the object's inner colour are smooth fills
+    (push-pull) from the pure background and the pure object; F is solved where the alpha is
+    large enough and blends towards the inner colour where it is not. Exactly the picture
+    where alpha is 1."""
+    a = alpha[None, None]
+    back = push_pull(img[None], (a <= 0).to(img.dtype), relax_iters=0)[0]
+    inner = push_pull(img[None], (a >= 1).to(img.dtype), relax_iters=0)[0]
+    a = a[0]
+    solved = ((img - (1 - a) * back) / a.clamp_min(1e-3)).clamp(0, 1)
+    weight = ((a - 0.1) / 0.4).clamp(0, 1)
+    return torch.where(a >= 1, img, weight * solved + (1 - weight) * inner)
+
+
+def _background_plate(image: torch.Tensor, hole: torch.Tensor, fill: str, box, check) -> torch.Tensor:
+    """The picture without the object (3, h, w) over the crop ``box``: ``hole`` (H, W) bool is
+    filled once for all frames ("inpaint": exemplar-based texture, "stretch": smooth push-pull,
+    "none": black)."""
+    y0, y1, x0, x1 = box
+    chw = image.permute(2, 0, 1).to(torch.float32)
+    if fill == "inpaint":
+        full = exemplar_fill(chw, hole, check=check)
+        return full[:, y0:y1, x0:x1]
+    crop = chw[:, y0:y1, x0:x1]
+    hc = hole[y0:y1, x0:x1]
+    if fill == "stretch":
+        return push_pull(crop[None], (~hc).to(crop.dtype)[None, None])[0]
+    return crop * (~hc)
+
+
+def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check):
+    """Object layer over a still background (see the module doc). Writes ``frames`` (and
+    ``holes``) in place."""
+    h, w = image.shape[:2]
+    n_frames = flow.shape[0]
+    dev = image.device
+    m = fmask.to(device=dev, dtype=torch.float32).clamp(0, 1)
+    hard = m > 0.5
+    soft_given = bool(((m > 0) & (m < 1)).any())
+    r = matte_radius(h, w)
+    if soft_given:
+        support = m > 0
+    else:  # the matte's band reaches r px beyond the mask
+        support = F.max_pool2d(hard[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0
+    moving = (flow != 0).any(dim=-1).any(dim=0)
+    margin = LANCZOS_SHIFT + r + 2
+    box = _crop_box(support, flow, moving | support, margin)
+    y0, y1, x0, x1 = box
+    img_c = image[y0:y1, x0:x1].permute(2, 0, 1).to(torch.float32)  # (3, hc, wc)
+    hard_c = hard[y0:y1, x0:x1]
+    if soft_given:
+        alpha0 = m[y0:y1, x0:x1]
+    else:
+        alpha0 = matte(img_c.permute(1, 2, 0), hard_c.float(), r)
+    hole = torch.zeros(h, w, dtype=torch.bool, device=dev)
+    hole[y0:y1, x0:x1] = alpha0 > 0
+    fg = _foreground_colour(img_c, alpha0)
+    layer0 = torch.cat([fg * alpha0, alpha0[None]], 0)  # premultiplied (4, hc, wc)
+    plate = _background_plate(image, hole, fill, box, check)
+    hole_c = hole[y0:y1, x0:x1]
+    check()
+
+    # the object's motion: one translation per frame where the mask moves rigidly
+    fo = flow[:, hard]  # (F, N, 2)
+    shift = fo.mean(dim=1)  # (F, 2)
+    rigid = float((fo - shift[:, None]).abs().max()) <= RIGID_TOLERANCE
+    flow_c = flow[:, y0:y1, x0:x1]
+    hc, wc = y1 - y0, x1 - x0
+    img_crop = image[y0:y1, x0:x1]
+    restrict_c = restrict[y0:y1, x0:x1, None] if restrict is not None else None
+    chunk = max(1, min(n_frames, CHUNK_BYTES // (4 * 24 * hc * wc)))
+    for k0 in range(0, n_frames, chunk):
+        check()
+        ks = slice(k0, min(k0 + chunk, n_frames))
+        n = ks.stop - ks.start
+        support0 = (alpha0 > 0).to(torch.float32)[None]
+        if rigid:
+            layer = translate(layer0, shift[ks])
+            # where the object's pixels are (within a pixel): the kernel's ringing stays inside
+            reach = translate(support0, shift[ks], a=1)[:, 0] > 0
+        else:
+            ext = push_pull(flow_c[ks].permute(0, 3, 1, 2), hard_c.to(torch.float32)[None, None].expand(n, 1, hc, wc))
+            src = invert_flow(ext.permute(0, 2, 3, 1))  # (n, hc, wc, 2)
+            layer = sample_lanczos(layer0, src).permute(1, 0, 2, 3)  # (n, 4, hc, wc)
+            reach = sample_lanczos(support0, src, a=1)[0] > 0
+        a = layer[:, 3:4].clamp(0, 1)
+        a = torch.where((a < 1e-3) | ~reach[:, None], torch.zeros_like(a), a)
+        rgb = torch.minimum(layer[:, :3].clamp_min(0), a)
+        out = rgb + (1 - a) * plate.unsqueeze(0)
+        out = out.permute(0, 2, 3, 1).to(image.dtype)
+        untouched = (a[:, 0] == 0) & ~hole_c[None]
+        out = torch.where(untouched[..., None], img_crop.unsqueeze(0), out)
+        if restrict_c is not None:
+            out = torch.where(restrict_c > 0, restrict_c * out + (1 - restrict_c) * img_crop, img_crop)
+        if ks.start == 0:
+            out[0] = img_crop
+        frames[ks, y0:y1, x0:x1] = out
+        if holes is not None:
+            hole_k = (1 - a[:, 0]) * hole_c[None]
+            if restrict_c is not None:
+                hole_k = hole_k * restrict_c[..., 0]
+            if ks.start == 0:
+                hole_k[0] = 0
+            holes[ks, y0:y1, x0:x1] = hole_k
+        if pbar is not None:
+            pbar.update(n)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import tiny_dynamicrafter
 from kinema.pipelines.dynamicrafter import convert as C
 from kinema.pipelines.dynamicrafter.sampler import DiffusionSchedule, ScheduleConfig
 from kinema.runtime import KinemaError
@@ -153,19 +154,39 @@ def test_unreadable_files(tmp_path):
         C.read_state_dict(q)
 
 
-def test_vae_key_mapping_round_trip(fixtures_dir):
+def test_vae_of_the_released_layout_converts_with_diffusers(fixtures_dir):
+    """The released VAE keys go through diffusers' own converter onto the model our loader
+    builds: every tensor is used, every parameter gets one of the right shape."""
+    from diffusers import AutoencoderKL
     man = _manifest(fixtures_dir, "1024")
-    ldm = {k[len(C.VAE):]: torch.empty(s, device="meta") for k, s in man["keys"].items() if k.startswith(C.VAE)}
-    back = C.vae_diffusers_to_ldm(C.vae_ldm_to_diffusers(ldm))
-    assert sorted(back) == sorted(ldm)
-    assert all(back[k].shape == ldm[k].shape for k in ldm)
-    assert C.vae_config(ldm)["block_out_channels"] == [128, 256, 512, 512]
+    ldm = {k[len(C.VAE):]: torch.zeros(s) for k, s in man["keys"].items() if k.startswith(C.VAE)}
+    cfg = C.vae_config(ldm)
+    assert cfg["block_out_channels"] == [128, 256, 512, 512]
+    got = C.vae_ldm_to_diffusers(ldm, cfg)
+    with torch.device("meta"):
+        want = AutoencoderKL(**cfg).state_dict()
+    assert sorted(got) == sorted(want) and all(got[k].shape == want[k].shape for k in want)
+    with pytest.raises(KinemaError, match="only"):
+        C.vae_ldm_to_diffusers(dict(ldm, **{"encoder.extra.weight": torch.zeros(1)}), cfg, "x.ckpt")
+
+
+def test_vae_written_independently_reads_back_equal():
+    """A VAE written in the LDM layout by the tests' own writer and read by the loader (diffusers'
+    converter): two implementations of the mapping agree tensor for tensor."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=32)
+    ldm = tiny_dynamicrafter.vae_to_ldm(vae.state_dict())
+    got = C.vae_ldm_to_diffusers(ldm, C.vae_config(ldm))
+    want = vae.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("variant", ["256", "512", "1024"])
 def test_tiny_checkpoints_load_and_detect(tmp_path, variant):
     from safetensors.torch import save_file
-    sd = C.tiny_checkpoint(variant)
+    sd = tiny_dynamicrafter.checkpoint(variant)
     p = tmp_path / "renamed_to_confuse_1024.safetensors"
     save_file(sd, str(p))
     model = C.load_dynamicrafter(p)
@@ -190,7 +211,7 @@ def test_sd15_file_error(tmp_path):
 def test_pruned_half_precision_copy(tmp_path, variant, dtype):
     """Pruned copies: half-precision tensors, no schedule buffers, no unused encoder pieces."""
     from safetensors.torch import save_file
-    sd = C.tiny_checkpoint(variant)
+    sd = tiny_dynamicrafter.checkpoint(variant)
     unused = C._unused_patterns(sd)
     # keep the text tower's last block: only the full-size ViT-H tower tells a dropped one apart
     pruned = {k: v.to(dtype) for k, v in sd.items()
@@ -211,7 +232,7 @@ def test_vit_h_text_tower_without_its_last_block(fixtures_dir):
 
 
 def test_lightning_ckpt_with_nested_state_dict(tmp_path):
-    sd = C.tiny_checkpoint("1024")
+    sd = tiny_dynamicrafter.checkpoint("1024")
     p = tmp_path / "model.ckpt"
     torch.save({"state_dict": sd, "epoch": 3}, p)
     model = C.load_dynamicrafter(p)

@@ -169,3 +169,32 @@ def test_connected_component_matches_flood_fill_on_random_masks():
         k = int(torch.randint(0, ys.numel(), (1,), generator=g))
         x, y = int(xs[k]), int(ys[k])
         assert torch.equal(connected_component(m, (x, y)) > 0, _bfs(m > 0, x, y)), trial
+
+
+def test_guided_filter_follows_the_guide_edges():
+    from kinema.kernels.masks import guided_filter
+    # a step edge in the guide at x = 20; a blurry source edge around x = 23 snaps towards x = 20
+    guide = torch.zeros(16, 40, 3)
+    guide[:, 20:] = 1.0
+    src = ((torch.arange(40.0) - 18) / 10).clamp(0, 1)[None].expand(16, 40).contiguous()
+    out = guided_filter(guide, src, 4, 1e-4)
+    assert out[8, 17] < 0.15 and out[8, 22] > 0.45 and abs(float(out[8, 35]) - 1) < 0.05
+    # a flat guide carries no edge: the filter is then the mean of window means (a box blur twice)
+    flat = guided_filter(torch.full((16, 40, 3), 0.5), src, 4, 1e-4)
+    box = torch.nn.functional.avg_pool2d
+    twice = box(box(src[None, None], 9, 1, 4, count_include_pad=False), 9, 1, 4, count_include_pad=False)[0, 0]
+    assert torch.allclose(flat, twice, atol=1e-4)
+
+
+def test_matte_is_soft_only_in_a_band_and_follows_the_picture():
+    from kinema.kernels.masks import matte
+    # the picture's edge is at x = 30 with a 4 px ramp; the mask's edge is 2 px off at x = 32
+    ramp = ((torch.arange(64.0) - 28) / 4).clamp(0, 1)
+    image = (1 - ramp)[None, :, None].expand(32, 64, 3).contiguous()  # object bright on the left
+    mask = torch.zeros(32, 64)
+    mask[:, :32] = 1
+    a = matte(image, mask, 3)
+    assert torch.equal(a[:, :28], torch.ones(32, 28)) and torch.equal(a[:, 36:], torch.zeros(32, 28))
+    row = a[16]
+    assert row[29] > 0.5 > row[33] and 0.05 < row[31] < 0.95  # the soft edge sits on the picture's edge
+    assert float(a.min()) >= 0 and float(a.max()) <= 1

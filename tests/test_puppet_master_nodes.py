@@ -15,7 +15,7 @@ def test_node_declarations():
         for section in ("required", "optional"):
             for name, value in spec.get(section, {}).items():
                 assert "tooltip" in value[1], f"{cls.__name__}.{name} has no tooltip"
-        assert cls.CATEGORY == "Kinema/Puppet-Master" and cls.DESCRIPTION
+        assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
     assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -265,90 +265,6 @@ def test_prediction_needs_a_positive_click_or_box(sam_file):
 
 
 # ---------------------------------------------------------------------------------------------
-# classical backend on real photos
-
-
-def _one_blob(mask: torch.Tensor) -> bool:
-    n, _ = cv2.connectedComponents(mask.numpy().astype(np.uint8), connectivity=8)
-    return n == 2
-
-
-def test_classical_cat_head():
-    cat = load_photo("chelsea.jpg")  # 451x300, the face in the middle, background on the right
-    p = parse_points('{"positive": [[230, 150]], "negative": [], "box": null}', (451, 300))
-    mask, score = seg.segment(cat, p)
-    assert mask.shape == (300, 451) and mask.dtype == torch.float32
-    assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
-    assert mask[120:180, 205:255].mean() > 0.95  # the middle of the face
-    assert mask[230:250, 245:265].mean() > 0.9  # the nose, below the click
-    for x, y in [(445, 5), (445, 295), (430, 200), (5, 5)]:  # far background corners
-        assert mask[y, x] == 0
-    assert 0.05 < mask.mean() < 0.6
-    assert _one_blob(mask)
-    assert 0.0 <= score <= 1.0
-
-
-def test_classical_astronaut_face_and_negative_click():
-    img = load_photo("astronaut.jpg")
-    face, _ = seg.segment(img, parse_points({"positive": [[225, 120]]}, (512, 512)))
-    assert face[100:140, 205:245].mean() > 0.95
-    assert face[40, 225] == 1  # the hair belongs to the head
-    for x, y in [(100, 350), (300, 60), (410, 150), (5, 5), (480, 480)]:  # suit, wall, shuttle, corners
-        assert face[y, x] == 0
-    assert _one_blob(face)
-    trimmed, _ = seg.segment(img, parse_points({"positive": [[225, 120]], "negative": [[225, 40]]}, (512, 512)))
-    assert trimmed[36:45, 221:230].sum() == 0  # around the negative click
-    assert trimmed[100:140, 205:245].mean() > 0.95
-    assert trimmed.sum() < face.sum()
-
-
-def test_classical_box_restricts_and_box_alone_works():
-    img = load_photo("astronaut.jpg")
-    run = partial(seg.grabcut_segment, img, max_side=320)
-    free, _ = run(parse_points({"positive": [[225, 120]]}, (512, 512)))
-    boxed, _ = run(parse_points({"positive": [[225, 120]], "box": [140, 60, 310, 200]}, (512, 512)))
-    assert free[:60].sum() > 1000  # the hair above y = 60 belongs to the head ...
-    outside = torch.ones(512, 512, dtype=torch.bool)
-    outside[60:201, 140:311] = False
-    assert boxed[outside].sum() == 0  # ... but the box keeps the mask inside it
-    assert boxed[100:140, 205:245].mean() == 1 and _one_blob(boxed)
-    head, _ = run(parse_points({"box": [140, 10, 310, 170]}, (512, 512)))
-    assert head[100:140, 205:245].mean() > 0.95 and head[5, 5] == 0 and _one_blob(head)
-
-
-def test_classical_is_deterministic_and_downscales():
-    cat = load_photo("chelsea.jpg")
-    p = parse_points({"positive": [[230, 150]]}, (451, 300))
-    a, sa = seg.grabcut_segment(cat, p, max_side=200)  # work at 200x133, mask back at 451x300
-    b, sb = seg.grabcut_segment(cat, p, max_side=200)
-    assert torch.equal(a, b) and sa == sb
-    assert a.shape == (300, 451) and _one_blob(a)
-    assert a[140:160, 220:240].mean() > 0.95 and 0.03 < a.mean() < 0.6 and a[5, 445] == 0 and a[295, 445] == 0
-
-
-def test_classical_rejects_no_clicks_and_tiny_box():
-    img = load_photo("chelsea.jpg")
-    with pytest.raises(ValueError, match="points: there is no positive click and no box"):
-        seg.segment(img, pts(neg=[[10, 10]]))
-    with pytest.raises(ValueError, match="box"):
-        seg.segment(img, pts(box=[10, 10, 11, 11]))
-    with pytest.raises(ValueError, match="image"):
-        seg.segment(img[None], pts([[10, 10]]))
-    with pytest.raises(ValueError, match=r"points: the positive click \(5, 5\) lies outside the box"):
-        seg.segment(img, pts([[100, 100], [5, 5]], box=[50, 50, 200, 200]))
-
-
-def test_keep_components_at():
-    m = np.zeros((10, 10), np.uint8)
-    m[1:3, 1:3] = 1
-    m[6:9, 6:9] = 1
-    assert seg.keep_components_at(m, [(1, 1)]).sum() == 4
-    assert seg.keep_components_at(m, [(7, 7), (2, 2)]).sum() == 13
-    assert seg.keep_components_at(m, []).sum() == 9  # largest
-    assert seg.keep_components_at(m, [(5, 0)]).sum() == 0
-
-
-# ---------------------------------------------------------------------------------------------
 # after segmentation
 
 
@@ -384,13 +300,3 @@ def test_overlay_tints_and_marks():
     assert torch.allclose(out[55, 20], img[55, 20], atol=2e-3)  # untouched outside
     with pytest.raises(ValueError, match="mask"):
         seg.overlay(img, torch.zeros(10, 10))
-
-
-def test_classical_two_objects_two_clicks():
-    img = load_photo("astronaut.jpg")
-    both, _ = seg.segment(img, parse_points({"positive": [[225, 120], [410, 150]]}, (512, 512)))
-    n, labels = cv2.connectedComponents(both.numpy().astype(np.uint8), connectivity=8)
-    assert both[100:140, 205:245].mean() > 0.95 and both[150, 410] == 1
-    assert labels[120, 225] != labels[150, 410] and n == 3  # face and shuttle, nothing else
-    for x, y in [(100, 350), (300, 60), (5, 5), (480, 480)]:
-        assert both[y, x] == 0

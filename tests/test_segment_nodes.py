@@ -2,6 +2,7 @@
 import asyncio
 import base64
 import io
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_node_definitions(cls, dirs):
         for name, (kind, *opts) in group.items():
             assert opts and opts[0].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
-    assert cls.CATEGORY == "Kinema/segment" and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
+    assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION and hasattr(cls, cls.FUNCTION)
     assert nodes.NODE_CLASS_MAPPINGS[cls.__name__] is cls and cls.__name__.startswith("Kinema")
 
 
@@ -337,3 +338,9 @@ def test_route_registration_and_handler(dirs, cat_input):
     assert status == 400 and "not valid JSON" in body["error"]
     status, body = asyncio.run(route.handler(_FakeRequest({"image": {"filename": "../x.png"}, "points": SMALL_CLICK})))
     assert status == 400 and ".." in body["error"]
+
+
+def test_click_to_mask_caps_the_click_count(dirs):
+    many = json.dumps({"positive": [[10 + i % 100, 10 + i // 100] for i in range(257)]})
+    with pytest.raises(ValueError, match="points: 257 clicks is more than the 256"):
+        nodes.KinemaClickToMask().run(cat_batch(), many)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_dynamicrafter
 from kinema import runtime
 from kinema.kernels.dual_attention import per_frame_context
 from kinema.pipelines.dynamicrafter import convert as C
@@ -22,7 +23,7 @@ _MODELS = {}
 
 def tiny(variant="512"):
     if variant not in _MODELS:
-        _MODELS[variant] = C.convert(C.tiny_checkpoint(variant), f"tiny_{variant}", variant="512_interp")
+        _MODELS[variant] = C.convert(tiny_dynamicrafter.checkpoint(variant), f"tiny_{variant}", variant="512_interp")
     return _MODELS[variant]
 
 
@@ -251,7 +252,7 @@ def test_loader_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(KinemaError, match="junk.safetensors.*could not be read"):
         SP.load_predictor(tmp_path / "junk.safetensors")
-    dc = write("dc.safetensors", {k: v for k, v in list(C.tiny_checkpoint("512").items())[:400]}, None)
+    dc = write("dc.safetensors", {k: v for k, v in list(tiny_dynamicrafter.checkpoint("512").items())[:400]}, None)
     with pytest.raises(KinemaError, match="dc.safetensors.*not a semantic motion predictor.*DynamiCrafter"):
         SP.load_predictor(dc)
     with pytest.raises(KinemaError, match="version"):

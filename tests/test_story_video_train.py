@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_dynamicrafter
 from kinema.pipelines.dynamicrafter import convert as C
 from kinema.pipelines.dynamicrafter import pipeline as P
 from kinema.pipelines.story_video import predictor as SP
@@ -25,7 +26,7 @@ def tiny_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("predictor_data")
     folders = TR.make_warp_clips(root / "clips", count=8, size=64, frames=12, seed=0)
     videos = TR.make_warp_clips(root / "videos", count=2, size=64, frames=12, seed=1, video=True)
-    save_file(C.tiny_checkpoint("512"), str(root / "dc.safetensors"))
+    save_file(tiny_dynamicrafter.checkpoint("512"), str(root / "dc.safetensors"))
     return {"root": root, "folders": folders, "videos": videos, "encoder": root / "dc.safetensors"}
 
 
@@ -56,12 +57,12 @@ def test_practice_clips_are_real_animations(tiny_set):
 
 def test_encoder_from_a_dynamicrafter_checkpoint_matches_the_models(tiny_set):
     enc = TR.load_image_encoder(tiny_set["encoder"])
-    model = C.convert(C.tiny_checkpoint("512"), "tiny")
+    model = C.convert(tiny_dynamicrafter.checkpoint("512"), "tiny")
     x = P.prepare_image(torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)), 64, 64)
     with torch.no_grad():
         assert torch.equal(enc(x), model.encode_image_tokens(x))
     # an OpenCLIP-style file (visual.*) works too
-    sd = C.tiny_checkpoint("512")
+    sd = tiny_dynamicrafter.checkpoint("512")
     plain = {k[len(C.VISION):]: v for k, v in sd.items() if k.startswith(C.VISION + "visual.")}
     save_file(plain, str(tiny_set["root"] / "openclip.safetensors"))
     with torch.no_grad():

@@ -51,7 +51,7 @@ def test_weights_free_workflow_runs(name, tmp_path, monkeypatch):
 TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
 EDITOR_MIN = (420, 460)  # web/js/kinema_editors.js gives editor nodes at least this size
 EDITOR_TYPES = {"KinemaClickToMask", "KinemaMotionFromDrags", "KinemaMotionBrush", "KinemaMotionI2VPredictMotion",
-                "KinemaPuppetMasterAnimate"}
+                "KinemaPuppetMasterAnimate", "KinemaPuppetMasterConditioning"}
 
 
 def _box(node):

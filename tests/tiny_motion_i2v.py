@@ -38,8 +38,12 @@ def text_encoder(seed: int = 0) -> TextEncoder:
     return TextEncoder(cfg, model.state_dict(), "random")
 
 
-def flow_model(seed: int = 0, dtype=torch.float32, text: bool = True) -> FlowModel:
-    unet = randomise(loading.build_flow_unet(config("stage1_flow_unet"), "cpu"), seed)
+def flow_model(seed: int = 0, dtype=torch.float32, text: bool = True, cross_attention_dim: int | None = None) -> FlowModel:
+    """``cross_attention_dim``: the text width the flow UNet attends to (768 for SD1.5's CLIP)."""
+    cfg = config("stage1_flow_unet")
+    if cross_attention_dim:
+        cfg["cross_attention_dim"] = cross_attention_dim
+    unet = randomise(loading.build_flow_unet(cfg, "cpu"), seed)
     fvae = randomise(loading.build_vae(config("flow_vae"), "cpu"), seed + 1)
     ivae = randomise(loading.build_vae(config("image_vae"), "cpu"), seed + 2)
     return FlowModel(unet, fvae, ivae, text_encoder(seed) if text else None, dtype)

@@ -20,9 +20,13 @@ def configs() -> dict:
             "image_encoder": json.loads((CONFIGS / "svd_tiny" / "image_encoder.json").read_text())}
 
 
-def unet(seed: int = 0):
+def unet(seed: int = 0, cross_attention_dim: int | None = None):
+    """``cross_attention_dim``: the image-embedding width (1024 for ViT-H, 768 for ViT-L)."""
     torch.manual_seed(seed)
-    u = build_unet(configs()["unet"])
+    cfg = configs()["unet"]
+    if cross_attention_dim:
+        cfg["cross_attention_dim"] = cross_attention_dim
+    u = build_unet(cfg)
     with torch.no_grad():  # zero-initialised layers get small values so every path matters
         for name, p in u.named_parameters():
             if (".conv_out." in name and ".flow_convs." in name) or name.endswith("mix_factor"):

@@ -253,33 +253,16 @@ def vae_config(sd: dict) -> dict:
     return cfg
 
 
-def vae_ldm_to_diffusers(sd: dict) -> dict:
-    """Rename LDM VAE keys (``encoder.down.i.block.j`` ...) to diffusers AutoencoderKL keys."""
-    n_up = _count(sd, r"decoder\.up\.(\d+)\.")
-    out = {}
-    for k, v in sd.items():
-        nk = k
-        nk = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", nk)
-        nk = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", nk)
-        m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", nk)
-        if m:
-            j = n_up - 1 - int(m.group(1))
-            rest = m.group(3)
-            if m.group(2) == "block":
-                nk = f"decoder.up_blocks.{j}.resnets.{rest}"
-            else:
-                nk = f"decoder.up_blocks.{j}.upsamplers.0.{rest}"
-        nk = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.",
-                    lambda mm: f"{mm.group(1)}.mid_block.resnets.{int(mm.group(2)) - 1}.", nk)
-        mm = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", nk)
-        if mm:
-            name = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[mm.group(2)]
-            nk = f"{mm.group(1)}.mid_block.attentions.0.{name}.{mm.group(3)}"
-            if mm.group(2) != "norm" and v.dim() == 4:
-                v = v[:, :, 0, 0]
-        nk = nk.replace(".nin_shortcut.", ".conv_shortcut.")
-        nk = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", nk)
-        out[nk] = v
+def vae_ldm_to_diffusers(sd: dict, config: dict, fname: str = "checkpoint") -> dict:
+    """LDM VAE keys (``encoder.down.i.block.j`` ...) -> diffusers AutoencoderKL keys, with
+    diffusers' own converter; its 1x1-convolution attention weights become linear ones. Every
+    tensor must be used (the converter drops what it does not know)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    out = convert_ldm_vae_checkpoint(sd, config)
+    out = {k: (v[:, :, 0, 0] if v.dim() == 4 and ".attentions." in k and "to_" in k else v) for k, v in out.items()}
+    if len(out) != len(sd):
+        raise KinemaError(f"'{fname}': the VAE (first_stage_model.*) has {len(sd)} tensors, of which only {len(out)} "
+                          f"belong to a KL VAE; not the DynamiCrafter (SD) VAE")
     return out
 
 
@@ -359,9 +342,10 @@ def convert(sd: dict[str, torch.Tensor], fname: str = "checkpoint", dtype: torch
     vae = None
     if load_vae:
         vae_sd = _split(sd, VAE)
+        vae_cfg = vae_config(vae_sd)
         with torch.device("meta"):
-            vae = AutoencoderKL(**vae_config(vae_sd))
-        _load_into(vae, vae_ldm_to_diffusers(vae_sd), "VAE (first_stage_model.*)", fname)
+            vae = AutoencoderKL(**vae_cfg)
+        _load_into(vae, vae_ldm_to_diffusers(vae_sd, vae_cfg, fname), "VAE (first_stage_model.*)", fname)
     info = {"variant": variant, "detected": detected, "reason": reason, "unet": asdict(ucfg), "resampler": pcfg,
             "text": tcfg, "vision": vcfg}
     model = DynamiCrafter(unet, proj, text, vision, vae, variant, info)
@@ -378,91 +362,3 @@ def load_dynamicrafter(path: str | Path, dtype: torch.dtype = torch.float32, var
 
 
 # ----------------------------------------------------------------------------- writing
-
-def vae_diffusers_to_ldm(sd: dict) -> dict:
-    """Inverse of :func:`vae_ldm_to_diffusers` (attention weights back to 1x1 convolutions)."""
-    n_up = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
-    out = {}
-    for k, v in sd.items():
-        nk = k
-        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", nk)
-        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", nk)
-        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", nk)
-        if m:
-            i = n_up - 1 - int(m.group(1))
-            nk = f"decoder.up.{i}.block.{m.group(3)}" if m.group(2) == "resnets" else f"decoder.up.{i}.upsample.{m.group(3)}"
-        nk = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
-                    lambda mm: f"{mm.group(1)}.mid.block_{int(mm.group(2)) + 1}.", nk)
-        mm = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", nk)
-        if mm:
-            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[mm.group(2)]
-            nk = f"{mm.group(1)}.mid.attn_1.{name}.{mm.group(3)}"
-            if name != "norm" and v.dim() == 2:
-                v = v[:, :, None, None]
-        nk = nk.replace(".conv_shortcut.", ".nin_shortcut.")
-        nk = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", nk)
-        out[nk] = v
-    return out
-
-
-def tiny_checkpoint(variant: str = "512", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random tiny DynamiCrafter state dict in the released layout (``configs/dynamicrafter/tiny.json``),
-    with the variant's distinguishing keys and buffers and the keys the models never read."""
-    from diffusers import AutoencoderKL
-
-    from .sampler import DiffusionSchedule, ScheduleConfig
-
-    if variant not in variants()["variants"]:
-        raise ValueError(f"variant: '{variant}' is not one of {', '.join(variants()['variants'])}")
-    with open(CONFIG_DIR / "tiny.json") as f:
-        tiny = json.load(f)
-    torch.manual_seed(seed)
-    settings = variants()["variants"][variant]
-    ud = dict(variants()["common_unet"])
-    ud.update(settings["unet"])
-    ud.update(tiny["unet"])
-    unet = DynamiCrafterUNet(UNetConfig.from_dict(ud))
-    sd = {}
-    g = torch.Generator().manual_seed(seed)
-    for k, v in unet.state_dict().items():
-        # re-randomise everything (zero-initialised output layers included) so all paths matter
-        sd[UNET + k] = (torch.randn(v.shape, generator=g) * 0.2 + (1.0 if k.endswith("norm.weight") else 0.0)
-                        if v.dim() <= 1 else torch.randn(v.shape, generator=g) / max(1, v[0].numel()) ** 0.5)
-    if variant == "256":  # released 256 naming of the fs MLP
-        for k in [k for k in sd if ".fps_embedding." in k]:
-            sd[k.replace(".fps_embedding.", ".framestride_embed.")] = sd.pop(k)
-    for k, v in Resampler(**tiny["resampler"]).state_dict().items():
-        sd[PROJ + k] = v
-    tc = tiny["text"]
-    text = TextEncoder(**tc, skip_last=0)
-    for k, v in text.state_dict().items():
-        sd[TEXT + k] = v
-    sd[TEXT + "text_projection"] = torch.randn(tc["width"], tc["width"], generator=g)
-    sd[TEXT + "logit_scale"] = torch.tensor(4.6052)
-    vision = VisionEncoder(**tiny["vision"])
-    for k, v in vision.state_dict().items():
-        sd[VISION + "visual." + k] = v
-    vw = tiny["vision"]["width"]
-    sd[VISION + "visual.ln_post.weight"], sd[VISION + "visual.ln_post.bias"] = torch.ones(vw), torch.zeros(vw)
-    sd[VISION + "visual.proj"] = torch.randn(vw, tc["width"], generator=g)
-    for k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection"):
-        sd[VISION + k] = sd[TEXT + k].clone()
-    sd[VISION + "logit_scale"] = torch.tensor(4.6052)
-    vc = dict(tiny["vae"])
-    n = len(vc["block_out_channels"])
-    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                        norm_num_groups=32, **vc)
-    for k, v in vae_diffusers_to_ldm(vae.state_dict()).items():
-        sd[VAE + k] = v
-    sch = DiffusionSchedule(ScheduleConfig.from_dict(settings["schedule"]))
-    sd["betas"], sd["alphas_cumprod"] = sch.betas, sch.alphas_cumprod
-    sd["alphas_cumprod_prev"] = sch.alphas_cumprod_prev
-    sd["sqrt_alphas_cumprod"] = sch.sqrt_alphas_cumprod
-    sd["sqrt_one_minus_alphas_cumprod"] = sch.sqrt_one_minus_alphas_cumprod
-    eps = sch.cfg.parameterization == "eps"
-    ac = sch.alphas_cumprod64
-    sd["sqrt_recip_alphas_cumprod"] = (1.0 / ac).sqrt().float() if eps else torch.zeros(len(ac))
-    sd["sqrt_recipm1_alphas_cumprod"] = (1.0 / ac - 1).sqrt().float() if eps else torch.zeros(len(ac))
-    if sch.scale_arr is not None:
-        sd["scale_arr"] = sch.scale_arr
-    return {k: v.contiguous() for k, v in sd.items()}

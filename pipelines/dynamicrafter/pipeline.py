@@ -10,8 +10,9 @@ Conditioning (as the released models were trained):
 - ``fs``: frames per second (512/1024) or frame stride (256).
 
 Sampling is DDIM with the variant's schedule. Optional: a region mask (only the masked part
-moves; elsewhere the latent is reset to the input each step) and temporal windows for more
-frames than the model's native length. Each part is loaded right before it is used, under
+moves: outside it the latent is reset to the noised input latent after each step and the
+decoded frames are pasted over the input with a feathered alpha, see ``kernels/regional.py``)
+and temporal windows for more frames than the model's native length. Each part is loaded right before it is used, under
 ComfyUI's model management (which may unload the others to make room).
 """
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ... import runtime
 from ...kernels.dual_attention import per_frame_context
+from ...kernels.regional import cover_crop, default_feather, fit_mask, latent_keep, paste, paste_alpha
 from .model import DynamiCrafter
 from .sampler import DDIMSampler, DiffusionSchedule
 
@@ -59,17 +60,6 @@ def _check_size(model: DynamiCrafter, height: int, width: int) -> tuple[int, int
     return height, width
 
 
-def _cover_crop(x: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, height, width): scale to cover, centre crop."""
-    h, w = x.shape[-2:]
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    x = F.interpolate(x, size=(nh, nw), mode=mode, **kw)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[..., top:top + height, left:left + width]
-
-
 def prepare_image(image: torch.Tensor, height: int, width: int, name: str = "image") -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) or (H, W, 3) in [0, 1] -> (1, 3, height, width) in [-1, 1] (first image)."""
     if not torch.is_tensor(image) or image.dim() not in (3, 4) or image.shape[-1] not in (3, 4):
@@ -78,22 +68,7 @@ def prepare_image(image: torch.Tensor, height: int, width: int, name: str = "ima
     if image.dim() == 3:
         image = image[None]
     x = image[:1, ..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
-    return _cover_crop(x, height, width) * 2.0 - 1.0
-
-
-def prepare_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """MASK (B, H, W) or (H, W), 1 = animate -> (1, 1, height, width) in [0, 1] (first mask)."""
-    if not torch.is_tensor(mask) or mask.dim() not in (2, 3):
-        raise ValueError(f"mask: expected a MASK of shape (B, H, W), got "
-                         f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
-    if mask.dim() == 3:
-        mask = mask[:1]
-    else:
-        mask = mask[None]
-    m = _cover_crop(mask[:, None].float(), height, width, mode="nearest").clamp(0, 1)
-    if float(m.max()) <= 0:
-        raise ValueError("mask: the mask is empty; paint the region that should move (or leave the mask unconnected)")
-    return m
+    return cover_crop(x, height, width) * 2.0 - 1.0
 
 
 def _window_starts(frames: int, length: int, overlap: int) -> list[int]:
@@ -271,9 +246,8 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     if mask is not None:
         if len(imgs) != 1:
             raise ValueError("mask: regional animation works with one image, not with interpolation")
-        pix_mask = prepare_mask(mask, height, width).to(device)
-        lat_mask = F.interpolate(pix_mask, size=(h, w), mode="area")
-        keep_mask = (1.0 - lat_mask)[:, :, None]                            # (1, 1, 1, h, w)
+        pix_mask = fit_mask(mask, height, width).to(device)
+        keep_mask = latent_keep(pix_mask, (h, w))                          # (1, 1, 1, h, w)
         keep_latent = c_concat.float()
 
     # sampling
@@ -297,11 +271,11 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
 
     # decode
     video = model.vae_decode(latents[0].transpose(0, 1))                    # (T, 3, H, W) in [-1, 1]
-    video = (video.float() + 1.0) / 2.0
-    if pix_mask is not None:
-        src = (imgs[0].to(video.device) + 1.0) / 2.0
-        video = pix_mask.to(video.device) * video + (1.0 - pix_mask.to(video.device)) * src
-    return video.clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    video = ((video.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    if pix_mask is not None:   # the VAE does not reproduce the input exactly: paste it back outside
+        src = ((imgs[0][0] + 1.0) / 2.0).clamp(0, 1).permute(1, 2, 0).cpu()
+        video = paste(video, src, paste_alpha(pix_mask.cpu(), default_feather(height, width)))
+    return video
 
 
 def _check_frame_tokens(model: DynamiCrafter, tokens, frames: int) -> None:

@@ -1,5 +1,10 @@
 """Motion-I2V networks: an AnimateDiff-style 3D UNet on diffusers building blocks.
 
+The blocks are shared with Follow-Your-Click (``pipelines/follow_your_click``), whose AnimateDiff-v1
+layout differs in two settings read from the config: no mid-block motion module, and ResNet /
+output group norms taken over all frames of a clip (``"joint_frame_norm": true``; AnimateDiff v1
+applies ``nn.GroupNorm`` to the 5-D video, v2 normalises each frame).
+
 Both stages share one module tree whose ``state_dict`` keys and shapes are those of the
 released files (see ``configs/motion_i2v`` and the key manifests):
 
@@ -127,15 +132,48 @@ class MotionModule(nn.Module):
 
 # ------------------------------------------------------------------------ UNet blocks
 
+def joint_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """GroupNorm of (B*F, C, H, W) with statistics over all F frames of each clip (the norm
+    applied to the (B, C, F, H, W) video). ``frames == 1`` is the per-frame norm."""
+    if frames == 1:
+        return norm(x)
+    bf, c, h, w = x.shape
+    video = x.reshape(bf // frames, frames, c, h, w).transpose(1, 2)
+    return norm(video).transpose(1, 2).reshape(bf, c, h, w)
+
+
+class ResnetBlock(ResnetBlock2D):
+    """diffusers' ``ResnetBlock2D`` (same parameters) run per frame on (B*F, C, H, W).
+
+    ``joint_frames``: its two group norms take their statistics over all frames of a clip
+    (:func:`joint_group_norm`); otherwise each frame is normalised on its own (the 2-D block).
+    """
+
+    def __init__(self, *args, joint_frames: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.joint_frames = joint_frames
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int = 1) -> torch.Tensor:
+        if not self.joint_frames or frames == 1:
+            return super().forward(x, temb)
+        h = self.conv1(self.nonlinearity(joint_group_norm(self.norm1, x, frames)))
+        h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(self.nonlinearity(joint_group_norm(self.norm2, h, frames))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return (x + h) / self.output_scale_factor
+
+
 def _spatial(ch: int, cfg: dict, heads: int) -> Transformer2DModel:
     return Transformer2DModel(num_attention_heads=heads, attention_head_dim=ch // heads, in_channels=ch,
                               num_layers=1, cross_attention_dim=cfg["cross_attention_dim"],
                               norm_num_groups=cfg["norm_num_groups"], use_linear_projection=False)
 
 
-def _resnet(cin: int, cout: int, cfg: dict, scale: float = 1.0) -> ResnetBlock2D:
-    return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=cfg["block_out_channels"][0] * 4,
-                         groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], output_scale_factor=scale)
+def _resnet(cin: int, cout: int, cfg: dict, scale: float = 1.0) -> ResnetBlock:
+    return ResnetBlock(in_channels=cin, out_channels=cout, temb_channels=cfg["block_out_channels"][0] * 4,
+                       groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], output_scale_factor=scale,
+                       joint_frames=bool(cfg.get("joint_frame_norm", False)))
 
 
 def _motion(ch: int, cfg: dict, processor: str) -> MotionModule:
@@ -162,7 +200,7 @@ class DownBlock(nn.Module):
     def forward(self, x, temb, ctx, frames, flow, splats=None):
         outs = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = resnet(x, temb, frames)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, encoder_hidden_states=ctx, return_dict=False)[0]
             if hasattr(self, "motion_modules"):
@@ -183,11 +221,11 @@ class MidBlock(nn.Module):
             self.motion_modules = nn.ModuleList([_motion(ch, cfg, processor)])
 
     def forward(self, x, temb, ctx, frames, flow, splats=None):
-        x = self.resnets[0](x, temb)
+        x = self.resnets[0](x, temb, frames)
         x = self.attentions[0](x, encoder_hidden_states=ctx, return_dict=False)[0]
         if hasattr(self, "motion_modules"):
             x = self.motion_modules[0](x, frames, flow, splats)
-        return self.resnets[1](x, temb)
+        return self.resnets[1](x, temb, frames)
 
 
 class UpBlock(nn.Module):
@@ -205,7 +243,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x, skips, temb, ctx, frames, flow, size=None, splats=None):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb, frames)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, encoder_hidden_states=ctx, return_dict=False)[0]
             if hasattr(self, "motion_modules"):
@@ -227,6 +265,22 @@ def _encoder(cfg: dict, processor: str):
                               i < len(ch) - 1, processor))
     mid = MidBlock(ch[-1], cfg, heads[-1], cfg["motion_module_mid_block"], processor)
     return down, mid
+
+
+def _decoder(cfg: dict, processor: str) -> nn.ModuleList:
+    ch = cfg["block_out_channels"]
+    heads = _heads(cfg)[::-1]
+    rch = ch[::-1]
+    res_set = set(cfg["motion_module_resolutions"])
+    up = nn.ModuleList()
+    cout = rch[0]
+    n = len(ch)
+    for i, kind in enumerate(cfg["up_block_types"]):
+        cprev, cout = cout, rch[i]
+        cin = rch[min(i + 1, n - 1)]
+        up.append(UpBlock(cin, cprev, cout, cfg, kind.startswith("CrossAttn"), heads[i],
+                          (2 ** (n - 1 - i)) in res_set, i < n - 1, processor))
+    return up
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -333,17 +387,7 @@ class MotionUNet3D(nn.Module):
         self.stride_embedding = TimestepEmbedding(ch[0], ch[0] * 4) if cfg.get("stride_embedding") else None
         self.first_frame_clean = bool(cfg.get("first_frame_clean", False))
         self.down_blocks, self.mid_block = _encoder(cfg, processor)
-        heads = _heads(cfg)[::-1]
-        rch = ch[::-1]
-        res_set = set(cfg["motion_module_resolutions"])
-        self.up_blocks = nn.ModuleList()
-        cout = rch[0]
-        n = len(ch)
-        for i, kind in enumerate(cfg["up_block_types"]):
-            cprev, cout = cout, rch[i]
-            cin = rch[min(i + 1, n - 1)]
-            self.up_blocks.append(UpBlock(cin, cprev, cout, cfg, kind.startswith("CrossAttn"), heads[i],
-                                          (2 ** (n - 1 - i)) in res_set, i < n - 1, processor))
+        self.up_blocks = _decoder(cfg, processor)
         self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg["norm_eps"])
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
@@ -371,8 +415,6 @@ class MotionUNet3D(nn.Module):
         splats: a :class:`FlowSplats` the sampler keeps for the run (default: one per call), so the
         flow's splat at each token grid is built once."""
         b, _, f, h, w = sample.shape
-        if flow is not None and splats is None:
-            splats = FlowSplats()
         if self.config.get("temporal_attention") == MOTION_AUGMENTED and f > MAX_FRAMES:
             raise ValueError(f"frames: {f} frames; Motion-I2V renders at most {MAX_FRAMES}")
         dtype = self.dtype
@@ -382,20 +424,32 @@ class MotionUNet3D(nn.Module):
             down_res, mid_res = self.controlnet(sample, timestep, stride, ctx, control, control_scale)
         temb = _embed_frames(self, timestep, b, f, sample.device, dtype, stride)
         x = self.conv_in(_flat(sample).to(dtype))
+        return _unflat(self.body(x, temb, ctx, f, flow, down_res, mid_res, splats), b)
+
+    def body(self, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor | None, frames: int,
+             flow: torch.Tensor | None = None, down_res=None, mid_res=None,
+             splats: FlowSplats | None = None) -> torch.Tensor:
+        """Everything after ``conv_in``: x (B*F, C0, h, w) features, temb (B*F, E) per-frame
+        embedding, ctx (B*F, L, D) -> (B*F, C_out, h, w) output. ``splats``: as in :meth:`forward`."""
+        if flow is not None and splats is None:
+            splats = FlowSplats()
         skips = [x]
         for blk in self.down_blocks:
-            x, outs = blk(x, temb, ctx, f, flow, splats)
+            x, outs = blk(x, temb, ctx, frames, flow, splats)
             skips += outs
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
-        x = self.mid_block(x, temb, ctx, f, flow, splats)
+        x = self.mid_block(x, temb, ctx, frames, flow, splats)
         if mid_res is not None:
             x = x + mid_res
-        for i, blk in enumerate(self.up_blocks):
+        for blk in self.up_blocks:
             size = skips[-len(blk.resnets) - 1].shape[-2:] if hasattr(blk, "upsamplers") else None
-            x = blk(x, skips, temb, ctx, f, flow, size, splats)
-        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
-        return _unflat(x, b)
+            x = blk(x, skips, temb, ctx, frames, flow, size, splats)
+        if self.config.get("joint_frame_norm"):
+            x = joint_group_norm(self.conv_norm_out, x, frames)
+        else:
+            x = self.conv_norm_out(x)
+        return self.conv_out(self.conv_act(x))
 
 
 def _repeat_ctx(ctx: torch.Tensor | None, frames: int, dtype) -> torch.Tensor | None:

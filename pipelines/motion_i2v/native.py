@@ -224,27 +224,28 @@ def _clean_first_frame(frames: int, z_img: torch.Tensor, sigma_clean: float):
     return wrapper
 
 
-def _first_step_mask(first_sigma: float, frame0_mask: torch.Tensor):
-    """``denoise_mask_function``: at the first step only frame 0 is held (the official loop
-    blends the still regions after each step, i.e. from the second step on)."""
+def _first_step_mask(frame0_mask: torch.Tensor):
+    """``denoise_mask_function``: at the first step (the run's largest sigma) only frame 0 is
+    held; the official loop blends the still regions after each step, i.e. from the second on."""
     def fn(sigma, denoise_mask, extra_options):
-        if float(sigma.max()) >= first_sigma * (1 - 1e-6):
-            return frame0_mask.to(denoise_mask.device, denoise_mask.dtype).expand_as(denoise_mask)
+        sigmas = extra_options.get("sigmas")
+        first = float(sigmas[0]) if sigmas is not None else float("inf")
+        if float(sigma.max()) >= first * (1 - 1e-6):
+            return frame0_mask.to(denoise_mask.device, denoise_mask.dtype).reshape(-1, 1, *denoise_mask.shape[2:]) \
+                .expand_as(denoise_mask)
         return denoise_mask
     return fn
 
 
 @torch.no_grad()
-def render_video_comfy(model, vae, positive, negative, image: torch.Tensor, motion: MotionField,
-                       static: torch.Tensor | None = None, *, steps: int = 25, guidance: float = 7.0,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2 with ComfyUI's sampler: (frames (F, H, W, 3) in [0, 1], latents (F, 4, h, w) in
-    the VAE's space).
+def prepare_render(model, vae, image: torch.Tensor, motion: MotionField, static: torch.Tensor | None = None):
+    """What ComfyUI's samplers need to render a video: (a clone of ``model`` carrying the motion
+    field, frame 0's clean image latent and the first-step mask, the LATENT: F frames of the image
+    latent with a ``noise_mask`` that holds frame 0 and the still region). Sample it with any
+    sampler; ``ddim_uniform`` (or :func:`ddim_sigmas`) gives the released timesteps.
 
-    model: from :func:`render_model`; vae: the SD1.5 VAE; positive / negative: CONDITIONING;
-    image (H, W, 3) in [0, 1]; motion: flow (F, H, W, 2) pixels at the render size;
-    static (H, W), 1 = keep still (those latents follow the re-noised image latent from the
-    second step on and equal it at the end).
+    model: from :func:`render_model`; vae: the SD1.5 VAE; image (H, W, 3) in [0, 1]; motion:
+    flow (F, H, W, 2) pixels at the render size; static (H, W), 1 = keep still.
     """
     from .pipeline import _check_image
     flow = motion.flow
@@ -255,33 +256,43 @@ def render_video_comfy(model, vae, positive, negative, image: torch.Tensor, moti
         raise ValueError(f"motion field: size {width}x{height} must be a multiple of 8")
     if static is not None and tuple(static.shape) != (height, width):
         raise ValueError(f"brush: mask {tuple(static.shape)[::-1]} does not match the motion field {width}x{height}")
+    if INJECTION_KEY not in getattr(model, "injections", {}):
+        raise ValueError("model: connect the MODEL of 'Motion-I2V stage-2 loader' (it carries the motion modules)")
     img = _check_image(image, width, height)                                   # (1, 3, H, W) in [0, 1]
     z = vae.encode(img.permute(0, 2, 3, 1)).float().cpu()                      # (1, 4, h, w), VAE space
     h, w = z.shape[-2:]
-    latent_format = model.get_model_object("latent_format")
-    z_model = latent_format.process_in(z)
     ms = model.get_model_object("model_sampling")
-    sigmas = ddim_sigmas(ms.sigmas, steps, load_config("scheduler"))
     mask = torch.ones(frames, 1, h, w)
     mask[0] = 0.0
     frame0_mask = mask.clone()
     if static is not None:
         s = static.float()[::8, ::8][:h, :w]
         mask[1:] = mask[1:] * (1.0 - s)
-    clip_model = model.clone()
-    to = clip_model.model_options.setdefault("transformer_options", {})
-    # the flow's splat per token grid is built by the first motion module that needs it and kept
-    # for the whole run (every module and step); it goes with these options, and is cleared below
+    clone = model.clone()
+    to = clone.model_options.setdefault("transformer_options", {})
+    # the flow's splat per token grid: built by the first motion module that needs it, reused by
+    # every module and step of a sampling, emptied when the sampling ends
     splats = FlowSplats()
     to[OPTIONS_KEY] = {"frames": frames, "flow": flow[None].float(), "splats": splats}
-    clip_model.set_model_unet_function_wrapper(_clean_first_frame(frames, z_model, float(ms.sigmas[1])))
-    clip_model.set_model_denoise_mask_function(_first_step_mask(float(sigmas[0]), frame0_mask))
+    runtime.on_sampling_end(clone, splats.clear)
+    z_model = model.get_model_object("latent_format").process_in(z)
+    clone.set_model_unet_function_wrapper(_clean_first_frame(frames, z_model, float(ms.sigmas[1])))
+    clone.set_model_denoise_mask_function(_first_step_mask(frame0_mask))
+    return clone, {"samples": z.expand(frames, -1, -1, -1).contiguous(), "noise_mask": mask}
+
+
+@torch.no_grad()
+def render_video_comfy(model, vae, positive, negative, image: torch.Tensor, motion: MotionField,
+                       static: torch.Tensor | None = None, *, steps: int = 25, guidance: float = 7.0,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2 with ComfyUI's sampler on the released DDIM timesteps: (frames (F, H, W, 3) in
+    [0, 1], latents (F, 4, h, w) in the VAE's space). See :func:`prepare_render`."""
+    clone, latent = prepare_render(model, vae, image, motion, static)
+    frames = latent["samples"].shape[0]
+    h, w = latent["samples"].shape[-2:]
+    sigmas = ddim_sigmas(clone.get_model_object("model_sampling").sigmas, steps, load_config("scheduler"))
     noise = torch.randn((1, 4, frames, h, w), generator=torch.Generator().manual_seed(int(seed)))[0].transpose(0, 1)
-    latent = z.expand(frames, -1, -1, -1).contiguous()
-    try:
-        out = runtime.sample(clip_model, noise.contiguous(), positive, negative, sigmas, guidance, latent=latent,
-                             denoise_mask=mask, seed=seed)
-    finally:
-        splats.clear()
+    out = runtime.sample(clone, noise.contiguous(), positive, negative, sigmas, guidance, latent=latent["samples"],
+                         denoise_mask=latent["noise_mask"], seed=seed)
     video = vae.decode(out)
     return video.reshape(-1, *video.shape[-3:]).float().cpu().clamp(0, 1), out.float().cpu()

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import server_files  # noqa: E402
 
 IN_COMFYUI = os.environ.get("KINEMA_IN_COMFYUI") == "1"
 
@@ -31,7 +32,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def model_files(tmp_path_factory):
+    """A models folder with a tiny file under every name the example workflows use."""
+    return server_files.make(tmp_path_factory.mktemp("model-files"))
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, model_files):
     cdir = harness.comfyui_dir()
     if cdir is None:
         pytest.skip("COMFYUI_DIR is not set (see docs/testing.md, 'Against a real ComfyUI')")
@@ -39,6 +46,7 @@ def comfy(tmp_path_factory):
         pytest.skip(f"COMFYUI_DIR={cdir} holds no main.py")
     py = harness.comfyui_python(cdir)
     server = harness.ComfyServer(cdir, py, tmp_path_factory.mktemp("comfyui-base"))
+    server_files.link_into(model_files, server.base / "models")
     server.start()
     yield server
     server.stop()

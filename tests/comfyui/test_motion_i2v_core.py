@@ -161,3 +161,28 @@ def test_predict_node_with_comfy_vae_and_conditioning(sd15_core, conds, tmp_path
 def _sparse():
     from kinema.kernels.motion_attention import rasterise_tracks_motion_i2v
     return rasterise_tracks_motion_i2v([torch.tensor([[30.0, 10.0], [40.0, 20.0]])], 32, 48, 4, 16)
+
+
+def test_ksampler_route_agrees_with_the_reference(sd15_core, conds, motion_file, models_dir, tiny_sd15):
+    """'Motion-I2V motion conditioning' + core KSampler (euler, ddim_uniform: the released DDIM
+    timesteps for 4 steps, 1 251 501 751, ending at 0) equals the reference loop fed ComfyUI's
+    noise (KSampler's seed) and ComfyUI's masked start."""
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, static = _scene()
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    brush = (1 - static)[None]
+    m, latent = mnodes.KinemaMotionI2VMotionConditioning().apply(render, vae, image[None], motion, True, brush)
+    assert latent["samples"].shape == (F, 4, H // 8, W // 8) and latent["noise_mask"][0].max() == 0
+    (out,) = comfy_nodes.common_ksampler(m, 9, 4, 3.0, "euler", "ddim_uniform", positive, negative, latent)
+    got = out["samples"]
+
+    ref = build.load_reference_render_model(models_dir / "checkpoints" / tiny_sd15, [motion_file], "fp32")
+    z = vae.encode(image[None]).float()
+    torch.manual_seed(9)  # ComfyUI's noise for seed 9: one draw for the (F, 4, h, w) latent
+    noise = torch.randn(F, 4, H // 8, W // 8).transpose(0, 1)[None]
+    s0 = float(m.get_model_object("model_sampling").sigmas[751])
+    start = ((z * 0.18215)[:, :, None] + s0 * noise) / math.sqrt(1 + s0 * s0)
+    want = render_video(ref, image, motion, static, cond=positive[0][0], uncond=negative[0][0], steps=4,
+                        guidance=3.0, image_latent=z, latents=start, noise=noise)
+    assert (got - want.latents[0].transpose(0, 1) / 0.18215).abs().max() < 2e-3

@@ -64,3 +64,34 @@ def test_animate_node_with_comfy_parts(svd_parts, unet_file):
     assert "Puppet-Master UNet" in runtime.loaded_model_names()
     again = node.animate(pm, vae, cv, img, tracks, 2, 3.0, 7, paste_back=True, mask=mask)["result"][0]
     assert torch.equal(frames, again)
+
+
+def test_native_route_agrees_with_the_released_sampler(svd_parts, unet_file):
+    """Puppet-Master as a MODEL, sampled by ComfyUI's KSampler (euler, karras) behind core
+    VideoLinearCFGGuidance, equals the pack's EDM Euler loop with per-frame guidance: same noise
+    (ComfyUI's seed), same sigmas, same v-prediction maths."""
+    from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
+
+    import nodes as comfy_nodes
+    from kinema.pipelines import puppet_master as P
+
+    vae, cv = svd_parts
+    (pm,) = pm_nodes.KinemaPuppetMasterLoader().load(unet_file, "fp32")
+    img, mask, tracks = _inputs()
+    pos, neg, latent, crop = pm_nodes.KinemaPuppetMasterConditioning().encode(pm, vae, cv, img, tracks, mask,
+                                                                              crop_size=64)
+    assert crop.shape == (1, 64, 64, 3) and latent["samples"].shape == (14, 4, 8, 8)
+    (model,) = pm_nodes.KinemaPuppetMasterModel().convert(pm)
+    (guided,) = VideoLinearCFGGuidance().patch(model, 1.0)
+    (out,) = comfy_nodes.common_ksampler(guided, 11, 3, 4.0, "euler", "karras", pos, neg, latent)
+    got = out["samples"] * 0.18215                       # ComfyUI's latents are in the VAE's scale
+
+    codec = P.ComfyCodec(vae, cv)
+    lat, emb = codec.encode(crop[0])
+    drags, valid = pos[0][1]["pm_drags"][None], pos[0][1]["pm_valid"][None].bool()
+    want = P.denoise(pm.unet, lat, emb, drags, 3, 4.0, torch.Generator().manual_seed(11), pm.sampler, valid,
+                     progress=False)[0]
+    # float32 throughout; the start is noise x 700 (sigma_max), whose rounding in two orders of
+    # operations carries through to about 1e-4 on latents of size ~1
+    assert (got - want).abs().max() < 5e-4, (got - want).abs().max()
+    assert (want[-1] - want[0]).abs().max() > 1e-3       # the frames differ (the drags move)

@@ -43,3 +43,29 @@ def test_story_batch_node(sd15_core):
     assert torch.equal(images, again)
     with pytest.raises(ValueError, match="width: 40 is not a positive multiple of 16"):
         node.generate(model, clip, vae, STORY, "", 2, "{prompt}", "", 40, 32, 2, 5.0, 3, 0.5, 0.5, 2, True, "lowvram")
+
+
+def test_ksampler_patch_route_agrees_with_the_story_batch(sd15_core):
+    """The whole story as one latent batch under ComfyUI's sampler with 'Consistent Attention
+    Patch' (the KSampler route) gives the same panels as the Story Batch node's phases (references
+    first, banked; the others read the bank): same noise, sigmas and conditioning."""
+    import comfy.sample
+    import comfy.samplers
+    from kinema.pipelines.ddim import ddim_sigmas
+
+    model, clip, vae = sd15_core
+    story = sp.parse_story(STORY, id_length=2)
+    settings = sp.StorySettings(width=32, height=32, steps=3, cfg=4.0, seed=5, id_length=2, batch_size=1,
+                                freeu=False, negative="blurry")
+    phased = sp.generate_story_comfy(model, clip, vae, story, settings, "sd15")
+
+    (patched,) = ns.KinemaConsistentAttentionPatch().patch(model, STORY, "", 2, 0.5, 0.5, 5, "lowvram")
+    positive, negative = sp.encode_story_prompts(clip, [p.prompt for p in story.panels], "blurry")
+    sigmas = ddim_sigmas(model.get_model_object("model_sampling").sigmas, 3, sp.read_config("sd15", "scheduler"))
+    s0 = float(sigmas[0])
+    noise = torch.cat([torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5 + p)) for p in range(4)])
+    noise = noise * (1 + s0 * s0) ** 0.5 / s0   # DDIM's start, as the Story Batch node makes it
+    latent = comfy.sample.sample_custom(patched, noise, 4.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                        positive, negative, torch.zeros_like(noise), disable_pbar=True, seed=5)
+    whole = vae.decode(latent / (1 + float(sigmas[-1]) ** 2) ** 0.5).float().clamp(0, 1)
+    assert (whole - phased).abs().max() < 2e-3

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import harness
 import tiny_models
+import tiny_dynamicrafter
 from kinema import runner
 from kinema.pipelines.dynamicrafter import convert as C
 from kinema.pipelines.story_video import predictor as SP
@@ -28,7 +29,7 @@ def _tiny_files(models: Path) -> None:
     dc = models / "kinema" / "dynamicrafter" / "tiny_dc_interp.safetensors"
     if not dc.exists():
         dc.parent.mkdir(parents=True, exist_ok=True)
-        save_file(C.tiny_checkpoint("512"), str(dc))
+        save_file(tiny_dynamicrafter.checkpoint("512"), str(dc))
     pred = models / "kinema" / "story_diffusion" / "tiny_predictor.safetensors"
     if not pred.exists():
         with torch.random.fork_rng():

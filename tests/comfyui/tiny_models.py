@@ -148,3 +148,71 @@ def clip_vision(config: dict, seed: int = 5):
     Path(fh.name).unlink()
     randomise(cv.model, seed)
     return cv
+
+
+def svd_unet_module(seed: int = 6) -> torch.nn.Module:
+    """The smallest UNet ComfyUI still recognises as SVD img2vid (320 base channels, four levels
+    of two res blocks, attention on the first three, 1024-wide context, 768-wide vector
+    conditioning), every level kept at 320 channels."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(image_size=32, in_channels=8, out_channels=4, model_channels=320, num_res_blocks=2,
+                     channel_mult=(1, 1, 1, 1), num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+                     transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                     transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                     context_dim=1024, use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential",
+                     use_temporal_attention=True, use_temporal_resblock=True, extra_ff_mix_layer=True,
+                     use_spatial_context=True, merge_strategy="learned_with_images", merge_factor=0.0,
+                     video_kernel_size=[3, 1, 1], disable_temporal_crossattention=False,
+                     max_ddpm_temb_period=10000, operations=comfy.ops.disable_weight_init)
+    return randomise(unet, seed)
+
+
+def vit_l_visual_module(seed: int = 7) -> torch.nn.Module:
+    """OpenCLIP's ViT-L/14 image tower (the smallest CLIP vision ComfyUI's loaders recognise)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model("ViT-L-14", pretrained=None).visual.eval()
+
+
+def svd_checkpoint(path: Path) -> Path:
+    """Write a tiny single-file SVD img2vid checkpoint (UNet, temporal VAE, CLIP image encoder in
+    the sgm / OpenCLIP layout) that ComfyUI's Image Only Checkpoint Loader accepts."""
+    path = Path(path)
+    if path.exists():
+        return path
+    sd = {}
+    sd.update(_prefixed("model.diffusion_model.", svd_unet_module()))
+    sd.update(_prefixed("first_stage_model.", svd_vae_module()))
+    sd.update(_prefixed("conditioner.embedders.0.open_clip.model.visual.", vit_l_visual_module()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def fyc_unet(path: Path, sd15: Path, train_steps: int = 2, seed: int = 8) -> Path:
+    """Write a Follow-Your-Click UNet to ``path``: built from the tiny SD1.5 file and an
+    AnimateDiff-v2-layout motion module sized for it (as ``follow_your_click.py build`` does with
+    the released files), then trained ``train_steps`` steps on clips made by the warp animator."""
+    import tempfile
+
+    from kinema.pipelines.clips import make_warp_clips
+    from kinema.pipelines.follow_your_click import convert, train
+
+    path = Path(path)
+    if path.exists():
+        return path
+    with tempfile.TemporaryDirectory(prefix="kinema-fyc-") as tmp:
+        work = Path(tmp)
+        mm = motion_block(work / "mm_sd_v15_v2.safetensors", sd15_unet_module(seed), seed=seed + 1)
+        convert.save_unet(convert.build_from_sd15(sd15, mm), work / "init.safetensors")
+        make_warp_clips(work / "clips", count=2, size=64, frames=8, seed=seed, video=True)
+        cfg = train.TrainConfig(model=str(work / "init.safetensors"), sd15=str(sd15), clips=str(work / "clips"),
+                                out=str(work / "run"), steps=train_steps, frames=4, width=64, height=64,
+                                strides=[1, 2], lr=1e-4, save_every=train_steps, device="cpu", seed=seed)
+        final = train.Trainer(cfg, log=lambda s: None).run(progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(final.read_bytes())
+    return path

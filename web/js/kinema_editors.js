@@ -47,6 +47,11 @@ const SPECS = {
     fixedFrames: 14,
     make: () => new DragsEditor(),
   },
+  KinemaPuppetMasterConditioning: {
+    widget: "tracks",
+    fixedFrames: 14,
+    make: () => new DragsEditor(),
+  },
 };
 // Nodes whose text results (ui.text) are shown in the node.
 const TEXT_RESULTS = new Set(["KinemaMotionStrength"]);
