@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_dynamicrafter
 import tiny_motion_i2v
 import tiny_puppet_master
 from kinema import runtime
@@ -123,12 +124,12 @@ def test_dynamicrafter_auto_is_bf16_and_close_to_fp32(native_bf16, tmp_path, mon
 
     monkeypatch.setenv("KINEMA_MODELS_DIR", str(tmp_path))
     (tmp_path / "kinema" / "dynamicrafter").mkdir(parents=True)
-    save_file(convert.tiny_checkpoint("512"), str(tmp_path / "kinema" / "dynamicrafter" / "tiny.safetensors"))
+    save_file(tiny_dynamicrafter.checkpoint("512"), str(tmp_path / "kinema" / "dynamicrafter" / "tiny.safetensors"))
     (model,) = dc_nodes.KinemaDynamiCrafterLoader().load("tiny.safetensors", "auto")
     assert model.unet.dtype == BF16
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
     opts = pipeline.AnimateOptions(prompt="a cat", frames=4, height=64, width=64, steps=2, cfg=3.0, seed=5)
-    ref = pipeline.animate(convert.convert(convert.tiny_checkpoint("512"), "tiny", dtype=FP32), image, opts)
+    ref = pipeline.animate(convert.convert(tiny_dynamicrafter.checkpoint("512"), "tiny", dtype=FP32), image, opts)
     low = pipeline.animate(model, image, opts)
     assert float((low - ref).abs().mean()) < 0.01
 
