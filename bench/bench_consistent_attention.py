@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from _pack import load_pack
+from _pack import load_average, load_pack
 
 N_TOKENS, CHANNELS, HEADS = 4096, 640, 10  # SDXL's 64x64 up level at 1024 px
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -161,7 +161,7 @@ def main() -> None:
     print(f"consistent attention vs plain attention: {N_TOKENS} tokens, {d} channels, {heads} heads, "
           f"{args.dtype}, {torch.get_num_threads()} thread(s), {args.id_length} reference panels, rate 0.5, "
           f"CFG; CPU seconds, working memory in MiB")
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average before: {load_average()}")
     with torch.no_grad():
         lay = layout(args.panels)
         # warm-up: every kernel both forms use runs once (their code paged in, thread buffers made)
@@ -184,7 +184,7 @@ def main() -> None:
             compare(phases, what, patch, q, k, v, bank_before=_bank_mib(state))
         phases.print()
         if not args.flat:
-            print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            print(f"load average after:  {load_average()}")
             return
         # the whole story in one batch (KSampler with the patch), at several panel counts
         flat = Route("one batch: the whole story in one latent batch (Consistent Attention Patch)")
@@ -196,7 +196,7 @@ def main() -> None:
         extra = [(m_c - m_p) for _, _, (_, m_p), (_, m_c), _ in flat.rows]
         print(f"   memory beyond plain attention's at {', '.join(map(str, args.flat))} panels: "
               f"{', '.join(f'{e:.0f}' for e in extra)} MiB")
-    print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after:  {load_average()}")
 
 
 if __name__ == "__main__":

@@ -21,19 +21,14 @@ Timings depend on the machine and on other load; the load average is printed bef
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections import defaultdict
 
 import torch
-from _pack import load_pack as _load_pack
+from _pack import load_average, load_pack as _load_pack, random_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def smooth_flow(frames: int, height: int, width: int, device) -> torch.Tensor:
@@ -49,12 +44,6 @@ def smooth_flow(frames: int, height: int, width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
-def _random(module: torch.nn.Module, g: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim >= 2 else 0.1))
-
-
 def bench_modules(args, device) -> None:
     """Motion-I2V's motion module vs diffusers' stock AnimateDiff motion module, per precision."""
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
@@ -68,7 +57,7 @@ def bench_modules(args, device) -> None:
     print(f"Motion-I2V motion modules vs diffusers' AnimateDiff motion modules: 21 modules at real widths and grids, "
           f"{b} clips x {f} frames at {args.width}x{args.height}, {args.steps}-step sampling, "
           f"{torch.get_num_threads()} thread(s), CPU time, median of {args.repeats}")
-    print(f"load average before: {_load()}")
+    print(f"load average before: {load_average()}")
     print(f"{'dtype':<6} {'grid':>7} {'ch':>5} {'stock s':>9} {'motion s':>9} {'ratio':>7} {'splat build s':>14}")
     for name in args.dtypes:
         dt = DTYPES[name]
@@ -78,8 +67,8 @@ def bench_modules(args, device) -> None:
             stock = AnimateDiffTransformer3D(num_attention_heads=8, attention_head_dim=ch // 8, in_channels=ch,
                                              norm_num_groups=32, activation_fn="geglu",
                                              positional_embeddings="sinusoidal", num_positional_embeddings=32)
-            _random(ours, g)
-            _random(stock, g)
+            random_weights(ours, 2 * ch)
+            random_weights(stock, 2 * ch + 1)
             ours, stock = ours.to(device, dt).eval(), stock.to(device, dt).eval()
             x = torch.randn(b * f, ch, hh, ww, generator=g).to(device, dt)
             with torch.no_grad():
@@ -104,7 +93,7 @@ def bench_modules(args, device) -> None:
             print(f"{name:<6} {f'{ww}x{hh}':>7} {ch:>5} {s:>9.3f} {o:>9.3f} {o / s:>7.3f} {build:>14.3f}")
         print(f"{name:<6} {'all':>7} {'':>5} {total_stock:>9.1f} {total_ours:>9.1f} {total_ours / total_stock:>7.3f}"
               f"   (one {args.steps}-step sampling, 21 modules, splats built once)")
-    print(f"load average after:  {_load()}")
+    print(f"load average after:  {load_average()}")
 
 
 def bench_step(args, device) -> None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections import defaultdict
 
 import torch
-from _pack import load_pack as _pack
+from _pack import load_average, load_pack as _pack, random_weights
 
 
 
@@ -80,18 +79,6 @@ class Timers:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _randomise(module, seed: int) -> None:
-    """Every parameter random (the drag embedders' zero output convs too, so the modulation is real)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5 * (0.1 if p.ndim == 1 else 1.0))
-
-
 def bench_block(args) -> None:
     """Drag down block vs the stock SVD down block over one sampling (see the module docstring)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -104,10 +91,10 @@ def bench_block(args) -> None:
     stock = CrossAttnDownBlockSpatioTemporal(ch, ch, 4 * ch, num_layers=cfg["layers_per_block"],
                                              transformer_layers_per_block=1, num_attention_heads=heads,
                                              cross_attention_dim=ctx_dim, add_downsample=True)
-    _randomise(stock, 0)
+    random_weights(stock, 0)
     drag_block = pm.DragDownBlock(copy.deepcopy(stock), ch, 6 * cfg["num_drags"],
                                   tuple(cfg["drag_embedder_out_channels"]), cfg["pos_embed_dim"], ctx_dim)
-    _randomise(drag_block, 0)  # same seed: the stock modules get the stock block's weights again
+    random_weights(drag_block, 1)  # the drag embedders' zero output convs too: the modulation is real
     for blk in (stock, drag_block):
         for m in blk.modules():
             if hasattr(m, "set_processor"):
@@ -123,7 +110,7 @@ def bench_block(args) -> None:
     print(f"Puppet-Master drag down block vs stock SVD down block: {ch} channels at {r}x{r}, "
           f"{b} videos x {f} frames, {torch.get_num_threads()} thread(s), CPU time; a {args.steps}-step "
           f"sampling = the first step + {args.steps - 1} x the median of {args.repeats} later steps")
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average before: {load_average()}")
     print(f"{'dtype':<6} {'stock s':>9} {'drag s':>9} {'ratio':>7} {'first step':>11} {'later steps':>12}")
     for name in args.dtypes:
         dt = DTYPES[name]
@@ -150,7 +137,7 @@ def bench_block(args) -> None:
         td = t_drag[0] + (args.steps - 1) * later
         print(f"{name:<6} {ts:>9.2f} {td:>9.2f} {td / ts:>7.3f} {t_drag[0] / stock_step:>11.3f} "
               f"{later / stock_step:>12.3f}")
-    print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after:  {load_average()}")
 
 
 def main(argv=None):

@@ -13,10 +13,9 @@ Prints median and best of ``--repeat`` runs and the load average.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from _pack import ROOT, load_pack as _load_pack
+from _pack import ROOT, load_average, load_pack as _load_pack
 
 
 
@@ -113,7 +112,7 @@ def main() -> None:
 
     width = max(len(r[0]) for r in rows)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, opencv {cv2.__version__}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {load_average()}")
     print(f"{'case'.ljust(width)}  median s   best s")
     for name, ts in rows:
         print(f"{name.ljust(width)}  {statistics.median(ts):8.3f}  {min(ts):7.3f}")

@@ -71,23 +71,9 @@ def test_stage2_frame0_and_static_region(models):
 def test_stage2_builds_each_splat_once_per_run(models, monkeypatch):
     """The flow's splat at each token grid is built by the first motion module of that grid
     and reused by the others and by every later step; a run keeps one cache, freed with it."""
-    from kinema.kernels import motion_attention as kma
     _, rm = models
-    runs, built, calls = [], [], []
-
-    class Recording(kma.FlowSplats):
-        def __init__(self):
-            super().__init__()
-            runs.append(self)
-
-    real = kma.FirstFrameSplat.__init__
-
-    def counting(self, flow_tokens, *args, **kwargs):
-        built.append(tuple(flow_tokens.shape[2:4]))
-        real(self, flow_tokens, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "FlowSplats", Recording)
-    monkeypatch.setattr(kma.FirstFrameSplat, "__init__", counting)
+    runs, built = tiny.record_splats(monkeypatch, pipeline)
+    calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in rm.unet.temporal_attentions()]
     field = MotionField(torch.randn(16, H, W, 2, generator=torch.Generator().manual_seed(1)) * 3)
     try:

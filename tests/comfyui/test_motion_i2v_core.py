@@ -8,6 +8,7 @@ import torch
 
 import nodes as comfy_nodes
 import tiny_models
+import tiny_motion_i2v
 from kinema import runtime
 from kinema.kernels.field import MotionField
 from kinema.nodes import motion_i2v as mnodes
@@ -92,25 +93,10 @@ def test_render_builds_each_splat_once_and_releases_it(sd15_core, conds, motion_
     """On ComfyUI's UNet the motion modules find the run's splat cache in the options: each
     token grid's splat is built once for all modules and steps, and the cache is emptied when
     the run ends."""
-    from kinema.kernels import motion_attention as kma
     model, _clip, vae = sd15_core
     positive, negative = conds
     image, motion, static = _scene()
-    runs, built = [], []
-
-    class Recording(kma.FlowSplats):
-        def __init__(self):
-            super().__init__()
-            runs.append(self)
-
-    real = kma.FirstFrameSplat.__init__
-
-    def counting(self, flow_tokens, *args, **kwargs):
-        built.append(tuple(flow_tokens.shape[2:4]))
-        real(self, flow_tokens, *args, **kwargs)
-
-    monkeypatch.setattr(native, "FlowSplats", Recording)
-    monkeypatch.setattr(kma.FirstFrameSplat, "__init__", counting)
+    runs, built = tiny_motion_i2v.record_splats(monkeypatch, native)
     (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
     native.render_video_comfy(render, vae, positive, negative, image, motion, static, steps=3, guidance=2.0, seed=1)
     assert len(runs) == 1 and len(runs[0]) == 0          # one cache for the run, empty afterwards
