@@ -19,10 +19,10 @@ in one call over the whole batch - exactly plain self-attention, which also give
 log-sum-exp - and then, a slice of queries at a time, to each extra key block (sampled reference
 tokens, a bank entry), merged into the output with the log-sum-exps (one softmax over all keys,
 as if the keys were concatenated). Nothing is concatenated, padded or masked, and the reference
-tokens are gathered once per call however many panels read them, so the working memory is plain
-attention's plus a few slices, whatever the number of panels. :func:`consistent_attention_dense`
-is the straightforward untiled form of the same maths (one joint attention over the whole batch
-with a block mask), kept as the reference for tests and benchmarks.
+tokens are gathered once per call however many panels read them (or read from the bank in place),
+so the working memory is plain attention's plus one block and one slice, whatever the number of
+panels. :func:`consistent_attention_dense` is the straightforward untiled form of the same maths
+(one joint attention over the whole batch with a block mask), kept as the reference for tests.
 
 :class:`ConsistentSelfAttention` holds the state of one story run (step, sampled token
 masks, gates, bank); nothing lives in module globals.
