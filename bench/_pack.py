@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: load the repository as the package ``kinema`` (by path,
-as ComfyUI loads a custom-node folder) and read the peak resident memory."""
+as ComfyUI loads a custom-node folder), read the peak resident memory and the machine's load."""
 import sys
 from pathlib import Path
 
@@ -34,3 +34,9 @@ def random_weights(module, seed: int = 0):
             else:
                 p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
     return module.eval()
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, for the line a benchmark prints with its figures."""
+    import os
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

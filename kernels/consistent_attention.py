@@ -14,11 +14,15 @@ Queries are always the image's own tokens. Everything works on already projected
 the projections, so sampling hidden states and projecting them equals projecting and
 then sampling.
 
-Memory: :func:`consistent_attention` attends ``window`` rows at a time, each against only
-its own key/value set, so peak memory is bounded by the window and not by the number of
-panels. :func:`consistent_attention_dense` is the straightforward untiled form of the same
-maths (one joint attention over the whole batch with a block mask), kept as the reference
-for tests and benchmarks.
+Time and memory (:func:`attention_with_extra_keys`): every row first attends to its own tokens
+in one call over the whole batch - exactly plain self-attention, which also gives each query's
+log-sum-exp - and then, a slice of queries at a time, to each extra key block (sampled reference
+tokens, a bank entry), merged into the output with the log-sum-exps (one softmax over all keys,
+as if the keys were concatenated). Nothing is concatenated, padded or masked, and the reference
+tokens are gathered once per call however many panels read them (or read from the bank in place),
+so the working memory is plain attention's plus one block and one slice, whatever the number of
+panels. :func:`consistent_attention_dense` is the straightforward untiled form of the same maths
+(one joint attention over the whole batch with a block mask), kept as the reference for tests.
 
 :class:`ConsistentSelfAttention` holds the state of one story run (step, sampled token
 masks, gates, bank); nothing lives in module globals.
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention",
+    "attention_with_extra_keys",
     "consistent_attention",
     "consistent_attention_dense",
     "StoryLayout",
@@ -68,23 +73,105 @@ def _check_qkv(q, k, v):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
+Block = tuple  # (K (M, D), V (M, D)): extra keys and values one row attends to
+
+
+def _with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    """``attention`` that also returns each query's log-sum-exp of its scores: q (B, Nq, D), k/v
+    (B, Nk, D) -> out (B, Nq, D), lse (B, Nq, heads) float32 (torch's CPU flash kernel)."""
+    b, nq, d = q.shape
+    hd = d // heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, hd).transpose(1, 2)  # noqa: E731
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, nq, d), lse.transpose(1, 2)
+
+
+def _merge_in_place(q: torch.Tensor) -> bool:
+    """Whether the log-sum-exp merge can run: torch's CPU flash kernel, no autograd."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                              extras: Sequence[Sequence], query_chunk: Optional[int] = None) -> torch.Tensor:
+    """Self-attention where row ``b`` also attends to extra key/value blocks.
+
+    q, k, v: (B, N, D); extras: length B, ``extras[b]`` a list of blocks, each ``(K (M, D),
+    V (M, D))`` on q's device and dtype, or a function making that pair (called once, when
+    the block is first needed, and dropped after its last row; rows share a block by listing
+    the same object). Row b's queries take one softmax over its own N keys and every block's
+    keys. Returns (B, N, D).
+
+    On the CPU: the own-token attention of all rows in one call (plain attention, plus its
+    log-sum-exp), then block by block, for each row listing it, ``query_chunk`` queries at a
+    time (default: 512, or more for narrow tokens: about 2^18 numbers of output), attention to
+    the block merged into the output with the log-sum-exps. No keys are concatenated: the memory
+    beyond plain attention is one block, one chunk and the (B, N, heads) log-sum-exps. Elsewhere
+    each row with blocks attends to its keys concatenated.
+    """
+    _check_qkv(q, k, v)
+    b_total, n, d = q.shape
+    if len(extras) != b_total:
+        raise ValueError(f"extras: {len(extras)} entries for a batch of {b_total} rows")
+    if d % heads:
+        raise ValueError(f"heads: inner dim {d} is not divisible by {heads} heads")
+    order: dict = {}  # id(block) -> (block, rows reading it), in first-use order
+    for r, blocks in enumerate(extras):
+        for block in blocks:
+            order.setdefault(id(block), (block, []))[1].append(r)
+
+    def made(block) -> Block:
+        return block() if callable(block) else block
+
+    if not _merge_in_place(q):
+        out = attention(q, k, v, heads)
+        built = {key: made(block) for key, (block, _rows) in order.items()}
+        for r, blocks in enumerate(extras):
+            pairs = [built[id(b)] for b in blocks]
+            if any(kx.shape[0] for kx, _ in pairs):
+                keys = torch.cat([kx for kx, _ in pairs] + [k[r]])[None]
+                values = torch.cat([vx for _, vx in pairs] + [v[r]])[None]
+                out[r] = attention(q[r:r + 1], keys, values, heads)[0]
+        return out
+    out, lse = _with_lse(q, k, v, heads)  # (B, N, D), (B, N, heads): plain attention
+    chunk = max(1, int(query_chunk or max(512, (1 << 18) // d)))
+    hd = d // heads
+    for block, rows in order.values():
+        kx, vx = made(block)
+        if not kx.shape[0]:
+            continue
+        for r in rows:
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                ox, lx = _with_lse(q[r:r + 1, start:stop], kx[None], vx[None], heads)
+                lo = lse[r, start:stop]                                   # (c, heads) float32
+                total = torch.logaddexp(lo, lx[0])
+                o = out[r, start:stop].view(stop - start, heads, hd)
+                # weights in the output's dtype: no float32 copies of the slice
+                o.mul_(torch.exp(lo - total).to(o.dtype)[..., None])
+                o.addcmul_(ox[0].view(stop - start, heads, hd), torch.exp(lx[0] - total).to(o.dtype)[..., None])
+                lo.copy_(total)
+        del kx, vx
+    return out
+
+
 def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                          sources: Sequence[Sequence[int]],
                          token_masks: Optional[torch.Tensor] = None,
-                         bank: Optional[Sequence[Optional[tuple]]] = None,
-                         window: int = 4) -> torch.Tensor:
-    """Consistent self-attention, tiled over the batch.
+                         bank: Optional[Sequence[Optional[tuple]]] = None) -> torch.Tensor:
+    """Consistent self-attention of a batch given who reads whom.
 
     q, k, v: (B, N, D) projected tokens of B images.
     sources: length B; ``sources[b]`` lists batch rows ``j != b`` whose shared tokens row
         ``b`` attends to besides its own.
     token_masks: (B, N) bool, the tokens row ``j`` shares when it is a source; None = all.
-    bank: None or length B of None / ``(K (M, D), V (M, D))``: extra tokens kept from an
-        earlier pass, attended by row ``b`` as well.
-    window: rows attended at once (peak memory ~ window * heads * N * (N + extra)).
+    bank: None or length B of None / ``(K (M, D), V (M, D))`` / a list of such pairs: extra
+        tokens kept from an earlier pass, attended by row ``b`` as well.
 
-    Row ``b`` attends to ``cat[bank_b, shared tokens of sources[b] (in order), own tokens]``.
-    Returns (B, N, D).
+    Row ``b`` attends to ``cat[bank_b, shared tokens of sources[b] (in order), own tokens]``
+    (one softmax; see :func:`attention_with_extra_keys`). A source's shared tokens are gathered
+    once, however many rows read them, and only while they are read. Returns (B, N, D).
     """
     _check_qkv(q, k, v)
     b_total, n, d = q.shape
@@ -94,53 +181,35 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
         raise ValueError(f"bank: {len(bank)} entries for a batch of {b_total} rows")
     if token_masks is not None and tuple(token_masks.shape) != (b_total, n):
         raise ValueError(f"token_masks: expected ({b_total}, {n}), got {tuple(token_masks.shape)}")
-    window = max(int(window), 1)
-    # row indices of shared tokens, computed once per source row
-    shared_idx: dict[int, torch.Tensor] = {}
+    shared: dict = {}
+    moved: dict[int, torch.Tensor] = {}
 
-    def shared(t: torch.Tensor, j: int) -> torch.Tensor:
+    def here(t: torch.Tensor) -> torch.Tensor:  # a bank tensor on q's device and dtype, moved once
+        if id(t) not in moved:
+            moved[id(t)] = t.to(q.device, q.dtype)
+        return moved[id(t)]
+
+    def source(j: int):
         if token_masks is None:
-            return t[j]
-        if j not in shared_idx:
-            shared_idx[j] = token_masks[j].nonzero().squeeze(1).to(t.device)
-        return t[j].index_select(0, shared_idx[j])
+            return k[j], v[j]
+        idx = token_masks[j].nonzero().squeeze(1).to(q.device)
+        return lambda: (k[j].index_select(0, idx), v[j].index_select(0, idx))  # gathered when needed
 
-    out = torch.empty_like(q)
-    for start in range(0, b_total, window):
-        stop = min(start + window, b_total)
-        plain = all(len(sources[r]) == 0 and (bank is None or bank[r] is None) for r in range(start, stop))
-        if plain:
-            out[start:stop] = attention(q[start:stop], k[start:stop], v[start:stop], heads)
-            continue
-        ks, vs = [], []
-        for r in range(start, stop):
-            pk, pv = [], []
-            if bank is not None and bank[r] is not None:
-                pk.append(bank[r][0].to(k.device, k.dtype))
-                pv.append(bank[r][1].to(v.device, v.dtype))
-            for j in sources[r]:
-                if j == r or not 0 <= j < b_total:
-                    raise ValueError(f"sources: row {r} lists invalid source row {j}")
-                pk.append(shared(k, j))
-                pv.append(shared(v, j))
-            pk.append(k[r])
-            pv.append(v[r])
-            ks.append(torch.cat(pk) if len(pk) > 1 else pk[0])
-            vs.append(torch.cat(pv) if len(pv) > 1 else pv[0])
-        lengths = [t.shape[0] for t in ks]
-        longest = max(lengths)
-        mask = None
-        if min(lengths) != longest:
-            # pad to one length; padded keys are masked out
-            mask = torch.zeros(len(ks), 1, 1, longest, dtype=torch.bool, device=q.device)
-            for i, length in enumerate(lengths):
-                mask[i, ..., :length] = True
-                if length < longest:
-                    pad = longest - length
-                    ks[i] = torch.cat([ks[i], ks[i].new_zeros(pad, d)])
-                    vs[i] = torch.cat([vs[i], vs[i].new_zeros(pad, d)])
-        out[start:stop] = attention(q[start:stop], torch.stack(ks), torch.stack(vs), heads, mask)
-    return out
+    extras = []
+    for r in range(b_total):
+        blocks = []
+        if bank is not None and bank[r] is not None:
+            entry = bank[r]
+            for kx, vx in ([entry] if isinstance(entry, tuple) else entry):
+                blocks.append((here(kx), here(vx)))
+        for j in sources[r]:
+            if j == r or not 0 <= j < b_total:
+                raise ValueError(f"sources: row {r} lists invalid source row {j}")
+            if j not in shared:
+                shared[j] = source(j)
+            blocks.append(shared[j])
+        extras.append(blocks)
+    return attention_with_extra_keys(q, k, v, heads, extras)
 
 
 def consistent_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -234,7 +303,7 @@ class ConsistentSelfAttention:
     """
 
     def __init__(self, layout: StoryLayout, *, sa32: float = 0.5, sa64: float = 0.5, seed: int = 0,
-                 schedule: str = "lowvram", window: int = 4, keep_bank: bool = False,
+                 schedule: str = "lowvram", keep_bank: bool = False,
                  bank_device: Optional[torch.device] = None,
                  mask_sampler: Optional[Callable] = None, gate_sampler: Optional[Callable] = None):
         for name, rate in (("sa32", sa32), ("sa64", sa64)):
@@ -247,7 +316,6 @@ class ConsistentSelfAttention:
         self.sa64 = float(sa64)
         self.seed = int(seed)
         self.schedule = schedule
-        self.window = max(int(window), 1)
         self.keep_bank = keep_bank
         self.bank_device = bank_device
         self.mask_sampler = mask_sampler
@@ -328,6 +396,10 @@ class ConsistentSelfAttention:
         order. layer: a stable key of the layer. chunks: what each group is (e.g. ComfyUI's
         ``cond_or_uncond``), the key under which its bank is kept; default 0, 1, ...
         Returns (groups * P, N, D).
+
+        The shared tokens of a character's references are gathered once per group into one
+        (K, V) pair (the bank entry); reference panels read slices of it, later panels all of
+        it (or the bank's), without copies per panel.
         """
         _check_qkv(q, k, v)
         panels = [int(p) for p in panels]
@@ -345,95 +417,101 @@ class ConsistentSelfAttention:
         pos = {p: i for i, p in enumerate(panels)}
         masks = self.token_masks(n)
         per_panel = len(panels)
-
-        present = {}
         for name, refs in layout.references.items():
             inside = [p for p in refs if p in pos]
             if inside and len(inside) != len(refs):
                 raise ValueError(f"batch: character '{name}' has reference panels {refs} but only "
                                  f"{inside} are in this batch; keep a character's references together")
-            present[name] = bool(inside)
+        # the "app" schedule's early steps share every reference token, later ones the sampled
+        everything = self.schedule == "app" and self.step < 5
+        gathered: dict = {}
 
-        # the sampled tokens each reference panel shares, and the full masks for early reads
-        shared = {p: masks[p] for p in panels if p in layout.reference_of}
-        token_masks = torch.ones(n_rows, n, dtype=torch.bool)
-        for p, m in shared.items():
-            for g in range(groups):
-                token_masks[g * per_panel + pos[p]] = m
-        full_rows = set()
+        def refs_of(name: str, g: int) -> tuple:
+            """(K, V, offsets): the shared tokens of ``name``'s reference panels in group g,
+            in reference order, gathered into one pair (the bank entry); offsets[i] is where
+            reference i starts (plus the total)."""
+            if (name, g) not in gathered:
+                rows = [g * per_panel + pos[r] for r in layout.references[name]]
+                idx = [None if everything else masks[r].nonzero().squeeze(1).to(k.device)
+                       for r in layout.references[name]]
+                sizes = [n if i is None else int(i.numel()) for i in idx]
+                offsets = [0]
+                for size in sizes:
+                    offsets.append(offsets[-1] + size)
+                kk = k.new_empty(offsets[-1], k.shape[-1])
+                vv = v.new_empty(offsets[-1], v.shape[-1])
+                for row, i, a, z in zip(rows, idx, offsets, offsets[1:]):
+                    if i is None:
+                        kk[a:z] = k[row]
+                        vv[a:z] = v[row]
+                    else:
+                        torch.index_select(k[row], 0, i, out=kk[a:z])
+                        torch.index_select(v[row], 0, i, out=vv[a:z])
+                gathered[(name, g)] = (kk, vv, offsets)
+            return gathered[(name, g)]
 
-        sources: list = [[] for _ in range(n_rows)]
-        bank_rows: list = [None] * n_rows
-        use_bank = False
+        blocks: dict = {}  # one object per distinct block: the rows reading it share it
+
+        def block(key, make):
+            if key not in blocks:
+                blocks[key] = make()
+            return blocks[key]
+
+        def reference(r: int, g: int):
+            """The shared tokens of reference panel r in group g: a slice of the bank entry when
+            the bank keeps them, else gathered only while read (or the panel's own tokens)."""
+            def make():
+                name = layout.reference_of[r]
+                if self.keep_bank:
+                    kk, vv, off = refs_of(name, g)
+                    i = layout.references[name].index(r)
+                    return kk[off[i]:off[i + 1]], vv[off[i]:off[i + 1]]
+                row = g * per_panel + pos[r]
+                if everything:
+                    return k[row], v[row]
+                idx = masks[r].nonzero().squeeze(1).to(k.device)
+                return lambda: (k[row].index_select(0, idx), v[row].index_select(0, idx))
+            return block(("reference", r, g), make)
+
+        def character(name: str, g: int, panel: int) -> list:
+            """The blocks of everything a later panel reads of ``name`` in group g."""
+            if layout.references[name][0] not in pos:
+                return [block(("bank", name, g), lambda: banked(name, g, panel))]
+            if self.keep_bank:
+                return [block(("character", name, g), lambda: refs_of(name, g)[:2])]
+            return [reference(r, g) for r in layout.references[name]]
+
+        def banked(name: str, g: int, panel: int) -> Block:
+            stored = self.bank.get((self.step, li, name, chunks[g]))
+            if stored is None:
+                raise ValueError(
+                    f"batch: panel {panel + 1} names '{name}' but neither its reference panels "
+                    f"nor their bank for step {self.step} (guidance half {chunks[g]}) are "
+                    f"available; run the reference panels first with keep_bank=True and the "
+                    f"same guidance")
+            return stored[0].to(q.device, q.dtype), stored[1].to(q.device, q.dtype)
+
+        extras: list = [[] for _ in range(n_rows)]
         for i, p in enumerate(panels):
             if p in layout.reference_of:
                 name = layout.reference_of[p]
                 on, _ = self._modes(li, ("ref", name), write=True)
                 if on:
                     for g in range(groups):
-                        sources[g * per_panel + i] = [g * per_panel + pos[r] for r in layout.references[name]
-                                                      if r != p]
+                        extras[g * per_panel + i] = [reference(r, g) for r in layout.references[name] if r != p]
                 continue
             chars = layout.panel_characters[p]
-            if not chars:
-                continue
-            on, everything = self._modes(li, ("panel", p), write=False)
-            if not on:
+            if not chars or not self._modes(li, ("panel", p), write=False)[0]:
                 continue
             for g in range(groups):
-                row = g * per_panel + i
-                bank_k, bank_v = [], []
-                for name in chars:
-                    if present[name]:
-                        for r in layout.references[name]:
-                            sources[row].append(g * per_panel + pos[r])
-                            if everything:
-                                full_rows.add(g * per_panel + pos[r])
-                    else:
-                        stored = self.bank.get((self.step, li, name, chunks[g]))
-                        if stored is None:
-                            raise ValueError(
-                                f"batch: panel {p + 1} names '{name}' but neither its reference panels "
-                                f"nor their bank for step {self.step} (guidance half {chunks[g]}) are "
-                                f"available; run the reference panels first with keep_bank=True and the "
-                                f"same guidance")
-                        bank_k.append(stored[0])
-                        bank_v.append(stored[1])
-                if bank_k:
-                    bank_rows[row] = (torch.cat(bank_k), torch.cat(bank_v))
-                    use_bank = True
-
-        # early reads of the "app" schedule see every reference token
-        if full_rows:
-            if any(sources[r] for r in full_rows):
-                # references writing consistently while being read in full cannot share one mask
-                raise ValueError("schedule: mixed full and sampled reference tokens in one batch")
-            for r in full_rows:
-                token_masks[r] = True
+                extras[g * per_panel + i] = [b for name in chars for b in character(name, g, p)]
 
         if self.keep_bank:
-            self._store_bank(k, v, li, panels, chunks, present, shared)
+            dev = self.bank_device or k.device
+            for name, refs in layout.references.items():
+                if refs[0] in pos:
+                    for g, chunk in enumerate(chunks):
+                        kk, vv, _ = refs_of(name, g)
+                        self.bank[(self.step, li, name, chunk)] = (kk.to(dev), vv.to(dev))
 
-        return consistent_attention(q, k, v, heads, sources, token_masks.to(q.device),
-                                    bank_rows if use_bank else None, self.window)
-
-    def _store_bank(self, k, v, li, panels, chunks, present, shared):
-        pos = {p: i for i, p in enumerate(panels)}
-        per_panel = len(panels)
-        everything = self.schedule == "app" and self.step < 5
-        dev = self.bank_device or k.device
-        for name, here in present.items():
-            if not here:
-                continue
-            for g, chunk in enumerate(chunks):
-                gk, gv = [], []
-                for r in self.layout.references[name]:
-                    row = g * per_panel + pos[r]
-                    if everything:
-                        gk.append(k[row])
-                        gv.append(v[row])
-                    else:
-                        idx = shared[r].nonzero().squeeze(1).to(k.device)
-                        gk.append(k[row].index_select(0, idx))
-                        gv.append(v[row].index_select(0, idx))
-                self.bank[(self.step, li, name, chunk)] = (torch.cat(gk).to(dev), torch.cat(gv).to(dev))
+        return attention_with_extra_keys(q, k, v, heads, extras)

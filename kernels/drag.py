@@ -107,6 +107,47 @@ def drag_modulate(hidden: torch.Tensor, scale_shift: torch.Tensor) -> torch.Tens
     return hidden * (1 + scale) + shift
 
 
+class DragModulation:
+    """One drag layer's modulation for a batch of videos, computed once and applied at every
+    denoising step (the drag image does not change between steps).
+
+    embedder: the layer's :class:`DragEmbedding`; image: (B*F, 6N, r, r) drag image, rows
+    video-major; has_drags: (B,) bool, False for a video without any drag on any frame (e.g. the
+    unconditional half of classifier-free guidance). Such a video's drag image is -1 everywhere
+    on every frame, so its (scale, shift) is computed from one frame and broadcast over its
+    frames. Held per video as ``(1 + scale, shift)``: (F or 1, C, r, r) each.
+    """
+
+    def __init__(self, embedder: nn.Module, image: torch.Tensor, has_drags: torch.Tensor):
+        b = int(has_drags.shape[0])
+        if image.ndim != 4 or image.shape[0] % max(b, 1):
+            raise ValueError(f"drag image: {tuple(image.shape)} rows are not {b} videos of whole frames")
+        self.frames = image.shape[0] // b
+        flags = [bool(x) for x in has_drags.tolist()]
+        if all(flags):
+            rows = image
+        else:  # frame 0 of each drag-free video (all -1) is enough for it
+            rows = torch.cat([image[i * self.frames:(i + 1) * self.frames] if flag else
+                              image[i * self.frames:i * self.frames + 1] for i, flag in enumerate(flags)])
+        scale, shift = embedder(rows).chunk(2, dim=1)
+        scale = 1 + scale
+        self.parts, at = [], 0
+        for flag in flags:
+            n = self.frames if flag else 1
+            self.parts.append((scale[at:at + n], shift[at:at + n]))
+            at += n
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B*F, C, r, r) -> ``hidden * (1 + scale) + shift`` (one pass per video)."""
+        f = self.frames
+        if hidden.shape[0] != f * len(self.parts):
+            raise ValueError(f"drag modulation: {hidden.shape[0]} rows for {len(self.parts)} videos of {f} frames")
+        out = torch.empty_like(hidden)
+        for i, (scale, shift) in enumerate(self.parts):
+            torch.addcmul(shift, hidden[i * f:(i + 1) * f], scale, out=out[i * f:(i + 1) * f])
+        return out
+
+
 def drag_token_mlp(feature_channels: int, pos_embed_dim: int, context_dim: int) -> nn.Sequential:
     """Linear(2C + 2P -> D), SiLU, Linear(D -> D): the drag-token MLP (keys ``0.*``, ``2.*``)."""
     return nn.Sequential(
@@ -190,6 +231,6 @@ def track_length(track: torch.Tensor) -> float:
 
 __all__ = [
     "CHANNELS_PER_DRAG", "drag_validity", "encode_drags", "sincos_pos_embed_2d", "DragEmbedding",
-    "drag_modulate", "drag_token_mlp", "sample_points", "drag_token_inputs", "drag_tokens",
+    "drag_modulate", "DragModulation", "drag_token_mlp", "sample_points", "drag_token_inputs", "drag_tokens",
     "drag_context", "interpolate_drag_frames", "resample_track", "track_length",
 ]

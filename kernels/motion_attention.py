@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .warp import soft_splat
+from .warp import soft_splat, splat_operator
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 
@@ -147,18 +147,101 @@ def temporal_self_attention(x: torch.Tensor, frames: int, to_q: Proj, to_k: Proj
     return out.reshape(b, n, frames, c).permute(0, 2, 1, 3).reshape(b * frames, n, c)
 
 
+class FirstFrameSplat:
+    """Frame 0 forward-splatted along frames 1..F-1 of a flow at one token grid, as a sparse
+    map built once (positions and bilinear weights depend on the flow only) and applied to any
+    per-token features of frame 0.
+
+    flow_tokens (B, F-1, h, w, 2) in token units. Applied to z0 (B, N, C) (N = h*w tokens of
+    frame 0 of each clip) it gives (B, N, F-1, C): token n of warped frame j, the same numbers
+    as :func:`splat_first_frame` (average normalisation, holes 0) in the attention's layout.
+    ``official_batch_tiling`` as in :func:`splat_first_frame`.
+    """
+
+    def __init__(self, flow_tokens: torch.Tensor, official_batch_tiling: bool = False, eps: float = 1e-7):
+        if flow_tokens.ndim != 5 or flow_tokens.shape[-1] != 2:
+            raise ValueError(f"flow tokens: expected (B, F-1, h, w, 2), got {tuple(flow_tokens.shape)}")
+        b, m, h, w, _ = flow_tokens.shape
+        n = h * w
+        op = splat_operator(flow_tokens.reshape(b * m, h, w, 2), eps)  # slot b*m + j, block diagonal
+        target, source = op.indices()
+        slot = target // n
+        clip, j = slot // m, slot % m
+        src_clip = slot % b if official_batch_tiling else clip
+        rows = (clip * n + target % n) * m + j
+        order = torch.argsort(rows, stable=True)
+        self.columns = (src_clip * n + source % n)[order].contiguous()
+        self.weights = op.values()[order].contiguous()
+        counts = torch.bincount(rows, minlength=b * n * m)
+        self.offsets = (torch.cumsum(counts, 0) - counts).contiguous()  # start of each output row
+        self.shape = (b, n, m)
+
+    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        b, n, m = self.shape
+        if z0.ndim != 3 or tuple(z0.shape[:2]) != (b, n):
+            raise ValueError(f"first-frame splat: features must be ({b}, {n}, C), got {tuple(z0.shape)}")
+        # a weighted sum of a few rows per output row: embedding_bag is the fast CSR x dense on every device
+        out = F.embedding_bag(self.columns, z0.reshape(b * n, -1), self.offsets, mode="sum",
+                              per_sample_weights=self.weights.to(z0.dtype))
+        return out.view(b, n, m, -1)
+
+
+class FlowSplats:
+    """The :class:`FirstFrameSplat` of one run's motion field at each token grid, built by the
+    first motion module that needs it and reused by every other module and denoising step.
+
+    Keyed by the flow tensor's identity and the grid (plus clip count, device and batch
+    mode); the flow is held with its splats, so a key stays unique while cached. One object
+    per run (the sampler makes it, or the model's forward makes one per call); :meth:`clear`
+    or dropping the object releases everything.
+    """
+
+    def __init__(self):
+        self._plans: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def get(self, flow: torch.Tensor, hw: tuple[int, int], clips: int, device,
+            official_batch_tiling: bool = False) -> FirstFrameSplat:
+        """flow (1 or clips, F, H0, W0, 2) pixels -> the splat of its frames 1..F-1 at grid ``hw``."""
+        key = (id(flow), tuple(flow.shape), (int(hw[0]), int(hw[1])), int(clips), torch.device(device),
+               bool(official_batch_tiling))
+        found = self._plans.get(key)
+        if found is None or found[0] is not flow:
+            ftok = resize_flow(flow.to(device), hw)[:, 1:]
+            if ftok.shape[0] != clips:
+                ftok = ftok.expand(clips, -1, -1, -1, -1)
+            found = (flow, FirstFrameSplat(ftok, official_batch_tiling))
+            self._plans[key] = found
+        return found[1]
+
+
 def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[int, int], frames: int,
                                to_q: Proj, to_k: Proj, to_v: Proj, to_out: Proj, heads: int,
                                pe: torch.Tensor | None = None, *, warped: torch.Tensor | None = None,
                                official_batch_tiling: bool = False, intermediates: dict | None = None,
-                               ) -> torch.Tensor:
+                               splats: FlowSplats | None = None) -> torch.Tensor:
     """Motion-I2V's temporal attention with frame 0 warped in between the frames.
 
     x (B*F, N, C) with N = h*w tokens of the grid ``hw = (h, w)``; flow (B or 1, F, H0, W0, 2)
     pixels at image resolution (frame 0's flow is ignored). Returns (B*F, N, C).
     ``pe`` (1, L >= 2F-1, C) is added after interleaving. ``warped`` (B, F-1, C, h, w) replaces
-    the splat (to test the attention alone). ``intermediates``, when a dict, receives
-    ``flow_tokens``, ``splat_src``, ``warped`` and ``seq_pe``.
+    the splat (to test the attention alone). ``splats`` caches the splat of ``flow`` per grid
+    across calls (see :class:`FlowSplats`; default: built for this call). ``intermediates``,
+    when a dict, receives ``flow_tokens``, ``splat_src``, ``warped`` and ``seq_pe`` (the
+    interleaved sequence, built for inspection only).
+
+    The projections must be affine (e.g. ``nn.Linear``): they are applied to the frames' own
+    tokens and to frame 0 only, and the splat, being linear and channel-wise, is applied after
+    them (``to_k(splat(z0)) = splat(to_k(z0) - to_k(0)) + to_k(0)``), as are the position
+    encodings (``to_k(x + p) = to_k(x) + to_k(p) - to_k(0)``). The keys of the warped frames
+    then cost a sparse weighted sum instead of projections of F-1 more frames, and the
+    attention needs no interleaved copy: keys and values are [frames, warped frames], an order
+    attention does not depend on.
     """
     b, n, c = _check_tokens(x, frames, "motion-augmented attention")
     h, w = int(hw[0]), int(hw[1])
@@ -171,33 +254,79 @@ def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[in
         raise ValueError(f"motion-augmented attention: flow must be (B, {frames}, H, W, 2), got {tuple(flow.shape)}")
     if flow.shape[0] not in (1, b):
         raise ValueError(f"motion-augmented attention: flow batch {flow.shape[0]} does not match {b} clips")
-    frames_tok = x.reshape(b, frames, n, c)
     seq_len = 2 * frames - 1
-    if frames > 1:
-        if warped is None:
-            ftok = resize_flow(flow, (h, w))[:, 1:]
-            if ftok.shape[0] != b:
-                ftok = ftok.expand(b, -1, -1, -1, -1)
-            z0 = frames_tok[:, 0].reshape(b, h, w, c).permute(0, 3, 1, 2)
-            warped = splat_first_frame(z0, ftok, official_batch_tiling=official_batch_tiling)
-            if intermediates is not None:
-                intermediates["flow_tokens"] = ftok
-                intermediates["splat_src"] = z0
-        warped_tok = warped.reshape(b, frames - 1, c, n).transpose(2, 3)
-        seq = interleave_warped(frames_tok, warped_tok)
-    else:
-        seq = frames_tok
-    seq = seq.permute(0, 2, 1, 3).reshape(b * n, seq_len, c)
-    if pe is not None:
-        if pe.shape[1] < seq_len:
-            raise ValueError(f"motion-augmented attention: {seq_len} positions exceed the position "
-                             f"encoding length {pe.shape[1]}")
-        seq = seq + pe[:, :seq_len].to(seq.dtype)
+    if pe is not None and pe.shape[1] < seq_len:
+        raise ValueError(f"motion-augmented attention: {seq_len} positions exceed the position "
+                         f"encoding length {pe.shape[1]}")
+    if heads < 1 or c % heads:
+        raise ValueError(f"motion-augmented attention: {c} channels do not split into {heads} heads")
+    warp = frames - 1
+    if warp and warped is None:
+        plan = (splats if splats is not None else FlowSplats()).get(flow, (h, w), b, x.device, official_batch_tiling)
+    zero = x.new_zeros(1, c)
+    # frame j sits at position 2j of the interleaved sequence, warped frame j at 2j - 1
+    pe_seq = pe[0, :seq_len].to(device=x.device, dtype=x.dtype) if pe is not None else None
+
+    def parts(proj, m):
+        """(B, N, F + m, C): the frames, then m warped frames (0 or F-1), each plus its position."""
+        at0 = proj(zero)
+        y = proj(x).view(b, frames, n, c).transpose(1, 2)
+        if not m:
+            pass
+        elif warped is not None:
+            wy = proj(warped.reshape(b, warp, c, n).transpose(2, 3).to(x.dtype)).transpose(1, 2)
+        else:
+            z0 = y[:, :, 0]
+            wy = plan(z0 - at0) + at0 if bool(at0.any()) else plan(z0)
+        buf = torch.empty(b, n, frames + m, c, dtype=y.dtype, device=y.device)
+        if pe_seq is None:
+            buf[:, :, :frames] = y
+            if m:
+                buf[:, :, frames:] = wy
+        else:
+            _add_into(buf[:, :, :frames], y, proj(pe_seq[0::2]) - at0)
+            if m:
+                _add_into(buf[:, :, frames:], wy, proj(pe_seq[1::2]) - at0)
+        return buf
+
+    q, k, v = parts(to_q, 0), parts(to_k, warp), parts(to_v, warp)
+    d = c // heads
+    out = F.scaled_dot_product_attention(q.view(b * n, frames, heads, d).transpose(1, 2),
+                                         k.view(b * n, seq_len, heads, d).transpose(1, 2),
+                                         v.view(b * n, seq_len, heads, d).transpose(1, 2))
+    out = out.transpose(1, 2).reshape(b, n, frames, c).transpose(1, 2).reshape(b * frames, n, c)
     if intermediates is not None:
-        intermediates["warped"] = warped
-        intermediates["seq_pe"] = seq
-    out = to_out(multihead_attention(to_q(seq[:, 0::2]), to_k(seq), to_v(seq), heads))
-    return out.reshape(b, n, frames, c).permute(0, 2, 1, 3).reshape(b * frames, n, c)
+        _inspect(intermediates, x, flow, (h, w), frames, pe, warped, official_batch_tiling,
+                 None if warped is not None or not warp else plan)
+    return to_out(out)
+
+
+def _add_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dst = a + b, in one pass where autograd allows it."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        dst.copy_(a + b)
+    else:
+        torch.add(a, b, out=dst)
+
+
+def _inspect(found: dict, x, flow, hw, frames, pe, warped, official_batch_tiling, plan) -> None:
+    """The intermediate tensors of the official formulation, for inspection and tests."""
+    b, n, c = x.shape[0] // frames, x.shape[1], x.shape[2]
+    h, w = hw
+    frames_tok = x.reshape(b, frames, n, c)
+    seq = frames_tok
+    if frames > 1:
+        ftok = resize_flow(flow.to(x.device), hw)[:, 1:]
+        found["flow_tokens"] = ftok.expand(b, -1, -1, -1, -1) if ftok.shape[0] != b else ftok
+        found["splat_src"] = frames_tok[:, 0].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if warped is None:
+            warped = plan(frames_tok[:, 0].float()).to(x.dtype).permute(0, 2, 3, 1).reshape(b, frames - 1, c, h, w)
+        seq = interleave_warped(frames_tok, warped.reshape(b, frames - 1, c, n).transpose(2, 3))
+    seq = seq.permute(0, 2, 1, 3).reshape(b * n, 2 * frames - 1, c)
+    if pe is not None:
+        seq = seq + pe[:, :2 * frames - 1].to(seq.dtype)
+    found["warped"] = warped
+    found["seq_pe"] = seq
 
 
 # ------------------------------------------------------------------ flow normalisation

@@ -125,6 +125,45 @@ def splat_points(values: torch.Tensor, pos: torch.Tensor, size: tuple[int, int],
     return acc
 
 
+def splat_operator(flow: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """The "avg" :func:`soft_splat` of ``flow`` as a sparse linear map, to build once and apply
+    to many sources (every channel and every call shares the flow's positions and weights).
+
+    flow (B, H, W, 2) pixels -> coalesced sparse COO (B*H*W, B*H*W), float32, block diagonal
+    over the batch: row b*H*W + target pixel, column b*H*W + source pixel, value the source's
+    bilinear weight at the target divided by the target's summed weight (+ ``eps``). For src
+    (B, C, H, W) read as tokens ``t = src.permute(0, 2, 3, 1).reshape(B*H*W, C)``,
+    ``S @ t`` equals ``soft_splat(src, flow, mode="avg")`` read the same way (holes 0, sources
+    leaving the image or with non-finite positions dropped).
+    """
+    if flow.ndim != 4 or flow.shape[-1] != 2:
+        raise ValueError(f"splat_operator: flow must be (B, H, W, 2), got {tuple(flow.shape)}")
+    b, h, w, _ = flow.shape
+    hw = h * w
+    pos = (base_grid(h, w, flow.device) + flow.float()).reshape(b, hw, 2)
+    x, y = pos[..., 0], pos[..., 1]
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    x = torch.where(finite, x, torch.full_like(x, -2.0))
+    y = torch.where(finite, y, torch.full_like(y, -2.0))
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    source = torch.arange(b * hw, device=flow.device).view(b, hw)
+    offset = (torch.arange(b, device=flow.device) * hw).view(b, 1)
+    rows, cols, vals = [], [], []
+    for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                       (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        ok = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1) & (wt > 0)
+        rows.append((yi * w + xi).long().add_(offset)[ok])
+        cols.append(source[ok])
+        vals.append(wt[ok])
+    rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    norm = torch.zeros(b * hw, dtype=vals.dtype, device=flow.device).index_add_(0, rows, vals)
+    vals = vals / (norm[rows] + eps)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (b * hw, b * hw),
+                                   check_invariants=False).coalesce()
+
+
 # ---------------------------------------------------------------- sharp resampling
 
 LANCZOS_SHIFT = 6  # lobes of the separable kernel for translations (12 taps)

@@ -119,8 +119,9 @@ class KinemaDynamiCrafterLoader:
                 "ckpt_name": (_model_files(), {"tooltip": "A DynamiCrafter checkpoint file."}),
                 "precision": (list(PRECISIONS), {
                     "default": "auto",
-                    "tooltip": "Weights precision. auto: ComfyUI's choice for the device (fp16 or bf16 on a "
-                               "GPU, fp32 on the CPU). The VAE stays fp32 when fp16 is chosen."}),
+                    "tooltip": "Weights precision. auto: fp16 or bf16 on a GPU, bf16 on a CPU with native bf16 "
+                               "(AMX or AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet "
+                               "wins). The VAE stays fp32 when fp16 is chosen."}),
             },
             "optional": {
                 "variant": (list(VARIANTS), {

@@ -18,8 +18,9 @@ CATEGORY = "Kinema/Motion-I2V"
 FOLDER = "kinema/motion_i2v"
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-_DTYPE_TIP = ("Precision of the networks: auto = ComfyUI's choice for the device (fp16 or bf16 on a GPU, fp32 on "
-              "the CPU); fp16 for NVIDIA GPUs, bf16 for recent CPUs/GPUs, fp32 everywhere (slowest).")
+_DTYPE_TIP = ("Precision of the networks: auto = fp16 or bf16 on a GPU, bf16 on a CPU with native bf16 (AMX or "
+              "AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet wins); fp16 for NVIDIA GPUs, "
+              "bf16 for recent CPUs/GPUs, fp32 everywhere (slowest).")
 
 
 def _first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:

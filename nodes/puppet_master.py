@@ -53,8 +53,9 @@ class KinemaPuppetMasterLoader:
                                "ckpts/model.safetensors)."}),
                 "dtype": (list(DTYPES), {
                     "default": "auto",
-                    "tooltip": "Precision of the UNet. auto: ComfyUI's choice for the device (fp16 or bf16 on a "
-                               "GPU, fp32 on the CPU)."}),
+                    "tooltip": "Precision of the UNet. auto: fp16 or bf16 on a GPU, bf16 on a CPU with native "
+                               "bf16 (AMX or AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet "
+                               "wins)."}),
             },
         }
 

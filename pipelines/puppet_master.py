@@ -46,7 +46,7 @@ from diffusers.models.unets.unet_3d_blocks import (
 
 from ..kernels.attention import all_to_first_attention
 from ..kernels.drag import (
-    DragEmbedding, drag_context, drag_modulate, drag_token_mlp, drag_tokens, drag_validity,
+    DragEmbedding, DragModulation, drag_context, drag_token_mlp, drag_tokens, drag_validity,
     encode_drags, interpolate_drag_frames, resample_track, sincos_pos_embed_2d, track_length,
 )
 from .. import runtime
@@ -76,12 +76,17 @@ class DragCondition:
 
     drags: (B, F, N, 4) in [0, 1]; valid: (B, F, N) bool (present at that frame). Drag images
     (BF, 6N, r, r) and pos-emb tables are built once per resolution and reused by all layers.
+    Build one per video batch and pass it to every denoising step: each drag layer's modulation
+    (its drag embedder's output) is then computed at the first step and reused
+    (:meth:`modulation`), for the device and dtype the layer runs in at that step. A drag-free
+    video (the unconditional half) is embedded from one frame. The cache goes with the object.
     """
     drags: torch.Tensor
     valid: torch.Tensor
     pos_embed_dim: int = 64
     _images: dict = field(default_factory=dict, repr=False)
     _pos: dict = field(default_factory=dict, repr=False)
+    _modulations: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, drags: torch.Tensor, valid: torch.Tensor | None = None, pos_embed_dim: int = 64):
@@ -109,6 +114,17 @@ class DragCondition:
             self._pos[r] = sincos_pos_embed_2d(self.pos_embed_dim, r, device=self.drags.device)
         return self._pos[r]
 
+    def modulation(self, embedder: nn.Module, r: int, dtype, device) -> DragModulation:
+        """The drag layer ``embedder``'s modulation at resolution r, computed on first use for
+        this device and dtype (a partly loaded model may change them between runs, not steps)."""
+        key = (id(embedder), r, dtype, torch.device(device))
+        found = self._modulations.get(key)
+        if found is None or found[0] is not embedder:
+            image = self.image(r, dtype).to(device)
+            found = (embedder, DragModulation(embedder, image, self.used.any(dim=1)))
+            self._modulations[key] = found
+        return found[1]
+
 
 class _DragLayers:
     """Shared drag step of the down and up blocks."""
@@ -119,7 +135,7 @@ class _DragLayers:
         r = hidden.shape[-1]
         if hidden.shape[-2] != r:
             raise ValueError(f"latents: drags need square latents, got {tuple(hidden.shape[-2:])}")
-        hidden = drag_modulate(hidden, self.flow_convs[j](drag.image(r, hidden.dtype)))
+        hidden = drag.modulation(self.flow_convs[j], r, hidden.dtype, hidden.device)(hidden)
         tokens = drag_tokens(self.drag_token_mlps[j], hidden, drag.flat.to(hidden.dtype), drag.pos(r), drag.used)
         return hidden, drag_context(encoder_hidden_states, tokens)
 
@@ -231,10 +247,11 @@ class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
     """SVD UNet with drag conditioning and all-to-first spatial attention.
 
     forward(sample (B, F, 4, h, w), timestep, image_latents (B, 4, h, w),
-            encoder_hidden_states (B, 1, D), drags (B, F, N, 4) | None, drag_valid (B, F, N) | None)
+            encoder_hidden_states (B, 1, D), drags (B, F, N, 4) | DragCondition | None, drag_valid (B, F, N) | None)
     -> (B, F, 4, h, w). ``added_time_ids`` is accepted and ignored; ``drags=None`` means no drags
     (every slot unused, the unconditional input). ``drag_valid`` marks drags present per frame
-    when a drag's four numbers may legitimately all be zero.
+    when a drag's four numbers may legitimately all be zero. A sampler passes one
+    :meth:`drag_condition` to all its steps, so the drag embeddings are computed once.
     """
 
     @register_to_config
@@ -288,6 +305,20 @@ class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
                     proc = AttnProcessor2_0()
                 module.set_processor(proc)
 
+    def drag_condition(self, drags, drag_valid=None, batch: int | None = None, frames: int | None = None,
+                       device=None) -> DragCondition:
+        """The :class:`DragCondition` of (B, F, N, 4) drags (None: no drags, all slots unused, as in
+        the unconditional branch; then ``batch`` and ``frames`` give its size). Pass it as
+        ``drags`` to every step of one sampling so the drag embeddings are computed once."""
+        if drags is None:
+            drags = torch.zeros(batch, frames, self.config.num_drags, 4, device=device)
+        if drags.ndim != 4 or drags.shape[-1] != 4 or (batch is not None and drags.shape[:2] != (batch, frames)):
+            raise ValueError(f"drags: expected ({batch or 'B'}, {frames or 'F'}, N, 4), got {tuple(drags.shape)}")
+        device = drags.device if device is None else device
+        if drag_valid is not None:
+            drag_valid = drag_valid.to(device)
+        return DragCondition.build(drags.to(device, torch.float32), drag_valid, self.config.pos_embed_dim)
+
     def forward(self, sample, timestep, image_latents, encoder_hidden_states, drags=None, drag_valid=None,
                 added_time_ids=None, return_dict=False):
         b, f = sample.shape[:2]
@@ -297,13 +328,12 @@ class PuppetMasterUNet(UNetSpatioTemporalConditionModel):
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         emb = emb.repeat_interleave(f, dim=0)
         ehs = encoder_hidden_states.to(sample.dtype).repeat_interleave(f, dim=0)
-        if drags is None:  # no drags: all slots unused, as in the unconditional branch
-            drags = torch.zeros(b, f, self.config.num_drags, 4, device=sample.device)
-        if drags.shape[:2] != (b, f) or drags.shape[-1] != 4:
-            raise ValueError(f"drags: expected ({b}, {f}, N, 4), got {tuple(drags.shape)}")
-        if drag_valid is not None:
-            drag_valid = drag_valid.to(sample.device)
-        drag = DragCondition.build(drags.to(sample.device, torch.float32), drag_valid, self.config.pos_embed_dim)
+        if isinstance(drags, DragCondition):  # built once per video batch: layers reuse their drag embeddings
+            drag = drags
+            if drag.drags.shape[:2] != (b, f):
+                raise ValueError(f"drags: expected ({b}, {f}, N, 4), got {tuple(drag.drags.shape)}")
+        else:
+            drag = self.drag_condition(drags, drag_valid, b, f, sample.device)
         for proc in self._a2f:
             proc.num_frames = f
         indicator = torch.zeros(b, f, dtype=sample.dtype, device=sample.device)
@@ -505,17 +535,18 @@ def denoise(unet: PuppetMasterUNet, image_latent, image_embed, drags, steps: int
     wts = guidance_weights(cfg, f).to(dev)[None, :, None, None, None]
     lat = torch.cat([image_latent, torch.zeros_like(image_latent)]).to(dev, dtype)
     emb = torch.cat([image_embed, torch.zeros_like(image_embed)]).to(dev, dtype)
-    drg = torch.cat([drags, torch.zeros_like(drags)]).to(dev)
     valid = None
     if drag_valid is not None:
-        valid = torch.cat([drag_valid, torch.zeros_like(drag_valid)]).to(dev)
+        valid = torch.cat([drag_valid, torch.zeros_like(drag_valid)])
+    # built once: every step reuses its drag embeddings (the unconditional half's from one frame)
+    drag = unet.drag_condition(torch.cat([drags, torch.zeros_like(drags)]), valid, 2, f, dev)
     bar = ProgressBar(steps, "Puppet-Master") if progress else None
     for i in range(steps):
         check_interrupt()
         s, s_next = sig[i], sig[i + 1]
         inp = sampler.model_input(x, s).to(dtype).expand(2, -1, -1, -1, -1)
         t = torch.tensor([sampler.timestep(s)], dtype=torch.float32, device=dev)
-        v = unet(inp, t, lat, emb, drg, drag_valid=valid).float()
+        v = unet(inp, t, lat, emb, drag).float()
         cond, uncond = v[:1], v[1:]
         v = uncond + wts * (cond - uncond)
         x = sampler.step(x, v, s, s_next)

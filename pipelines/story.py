@@ -408,7 +408,6 @@ class StorySettings:
     sa32: float = 0.5
     sa64: float = 0.5
     batch_size: int = 2  # later panels denoised at once (the sliding window)
-    attention_window: int = 4  # rows attended at once inside a layer
     freeu: bool = True
     schedule: str = "lowvram"
     negative: str = ""
@@ -442,7 +441,7 @@ def generate_story(models: StoryModels, story: Story, settings: StorySettings,
     layout = story.layout
     n_panels = layout.n_panels
     state = ConsistentSelfAttention(layout, sa32=s.sa32, sa64=s.sa64, seed=s.seed, schedule=s.schedule,
-                                    window=s.attention_window, keep_bank=True,
+                                    keep_bank=True,
                                     bank_device=torch.device(s.bank_device) if s.bank_device else None)
     lh, lw = s.height // models.vae_scale, s.width // models.vae_scale
     state.latent_hw = (lh, lw)
@@ -553,10 +552,10 @@ class NativeConsistentAttention:
     """
 
     def __init__(self, layout: StoryLayout, *, sa32: float = 0.5, sa64: float = 0.5, seed: int = 0,
-                 schedule: str = "lowvram", window: int = 4, state: Optional[ConsistentSelfAttention] = None,
+                 schedule: str = "lowvram", state: Optional[ConsistentSelfAttention] = None,
                  panels: Optional[list] = None):
         self.layout = layout
-        self.kwargs = dict(sa32=sa32, sa64=sa64, seed=seed, schedule=schedule, window=window)
+        self.kwargs = dict(sa32=sa32, sa64=sa64, seed=seed, schedule=schedule)
         self.shared = state is not None
         self.state = state if state is not None else None
         if state is None:
@@ -762,7 +761,7 @@ def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings
     s0 = float(sigmas[0])
     start = 1.0 if runtime.starts_from_max_noise(model, s0) else (1.0 + s0 * s0) ** 0.5 / s0
     state = ConsistentSelfAttention(layout, sa32=s.sa32, sa64=s.sa64, seed=s.seed, schedule=s.schedule,
-                                    window=s.attention_window, keep_bank=True,
+                                    keep_bank=True,
                                     bank_device=torch.device(s.bank_device) if s.bank_device else None)
     state.latent_hw = (lh, lw)
     base = patch_freeu(model) if s.freeu else model

@@ -173,13 +173,30 @@ def test_rate_zero_is_plain():
     assert torch.allclose(state.attend(qq, kk, vv, 2, "l", [0, 1, 2, 3]), attention(qq, kk, vv, 2), atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [1, 2, 3, 8])
-def test_tiled_equals_untiled(window):
+@pytest.mark.parametrize("merge", [True, False])
+def test_merged_equals_untiled(merge, monkeypatch):
+    """Own-token attention merged with each extra block by log-sum-exp (the CPU route), or keys
+    concatenated per row (elsewhere), equals one joint masked attention over the batch."""
+    import kinema.kernels.consistent_attention as ca
+    if not merge:
+        monkeypatch.setattr(ca, "_merge_in_place", lambda q: False)
     q, k, v, masks = random_case()
     sources = [[1, 2], [0, 2], [0, 1], [0, 1], []]
     dense = consistent_attention_dense(q, k, v, 2, sources, masks)
-    tiled = consistent_attention(q, k, v, 2, sources, masks, window=window)
-    assert torch.allclose(tiled, dense, atol=1e-5)
+    bank = [None, None, None, [(k[4, :5], v[4, :5]), (k[4, 5:9], v[4, 5:9])], None]
+    for chunk in (None, 1, 7):
+        extras = [[(k[j][masks[j]], v[j][masks[j]]) for j in src] for src in sources]
+        assert torch.allclose(ca.attention_with_extra_keys(q, k, v, 2, extras, chunk), dense, atol=1e-5)
+    assert torch.allclose(consistent_attention(q, k, v, 2, sources, masks), dense, atol=1e-5)
+    # a bank entry (two blocks) attended as well: the same as those tokens as one more source row
+    with_bank = consistent_attention(q, k, v, 2, sources, masks, bank)
+    m = masks.clone()
+    m[4] = False
+    m[4, :9] = True
+    src = [list(s) for s in sources]
+    src[3] = [4] + src[3]
+    assert torch.allclose(with_bank, consistent_attention_dense(q, k, v, 2, src, m), atol=1e-5)
+    assert torch.allclose(with_bank[[0, 1, 2, 4]], dense[[0, 1, 2, 4]], atol=1e-6)
 
 
 def test_one_panel_is_plain():

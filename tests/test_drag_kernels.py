@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from kinema.kernels.attention import all_to_first_attention
 from kinema.kernels.drag import (
-    DragEmbedding, drag_context, drag_modulate, drag_token_inputs, drag_token_mlp, drag_tokens,
+    DragEmbedding, DragModulation, drag_context, drag_modulate, drag_token_inputs, drag_token_mlp, drag_tokens,
     drag_validity, encode_drags, interpolate_drag_frames, resample_track, sample_points,
     sincos_pos_embed_2d, track_length,
 )
@@ -117,6 +117,35 @@ def test_modulation_and_embedding_start_as_identity():
     assert torch.equal(drag_modulate(h, ss), h)  # zero conv_out: no change at init
     ss = torch.cat([torch.full((2, 8, 4, 4), 1.0), torch.full((2, 8, 4, 4), 0.5)], dim=1)
     assert torch.allclose(drag_modulate(h, ss), 2 * h + 0.5)
+
+
+def test_modulation_once_per_video_equals_per_step_modulation():
+    """Two videos of 4 frames at r = 6: the first with a drag, the second drag-free (the
+    unconditional half). Computed once, the second from a single frame, the modulation equals
+    the embedder run on every row; the embedder sees 4 + 1 rows."""
+    torch.manual_seed(0)
+    emb = DragEmbedding(12, 2 * 8, (8, 8, 8))
+    with torch.no_grad():
+        emb.conv_out.weight.normal_(0, 0.1)
+        emb.conv_out.bias.normal_(0, 0.1)
+    drags = torch.zeros(2, 4, 2, 4)
+    drags[0, :, 0] = interpolate_drag_frames(torch.tensor([[0.3, 0.4]]), torch.tensor([[0.6, 0.5]]), 4)[:, 0]
+    image = encode_drags(drags, 6).flatten(0, 1)
+    seen = []
+    emb.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    h = torch.randn(8, 8, 6, 6)
+    with torch.no_grad():
+        want = drag_modulate(h, emb(image))
+        seen.clear()
+        mod = DragModulation(emb, image, torch.tensor([True, False]))
+        got = mod(h)
+        again = mod(h * 2)
+    assert seen == [5]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(again, drag_modulate(h * 2, emb(image)), atol=1e-6)
+    assert not torch.allclose(got[:4], h[:4])  # the drag changes the features
+    with pytest.raises(ValueError, match="7 rows for 2 videos of 4 frames"):
+        mod(h[:7])
 
 
 def test_interpolation_and_resampling():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kinema.kernels.motion_attention import (
-    apply_static, brush_to_static, denormalise_flow, frame_strides, interleave_warped,
+    FirstFrameSplat, FlowSplats, apply_static, brush_to_static, denormalise_flow, frame_strides, interleave_warped,
     motion_augmented_attention, normalise_flow, pchip_resample, rasterise_tracks_motion_i2v,
     resize_flow, sinusoidal_position_encoding, sparse_vae_input, splat_first_frame,
     temporal_self_attention, tracks_to_grid)
@@ -108,6 +108,68 @@ def test_batch_quirk_reproduced_only_on_request(att):
         solo = motion_augmented_attention(x[4 * b:4 * b + 4], _flow(att, c)[b:b + 1], (8, 8), 4, q, kk, v, o, 2, pe)
         assert _diff(ours[4 * b:4 * b + 4], solo) < 1e-5
     assert _diff(ours, official) > 1e-2  # the two behaviours really differ
+
+
+@pytest.mark.parametrize("tiling", (False, True))
+def test_first_frame_splat_is_built_once_and_matches(tiling):
+    """The precomputed splat of frame 0 equals splat_first_frame for any features (in the
+    attention's (B, N, F-1, C) layout), with either batch pairing."""
+    g = torch.Generator().manual_seed(2)
+    ftok = (torch.rand(2, 3, 5, 6, 2, generator=g) - 0.5) * 5
+    plan = FirstFrameSplat(ftok, official_batch_tiling=tiling)
+    for seed in (3, 4):
+        z0 = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(seed))
+        want = splat_first_frame(z0, ftok, official_batch_tiling=tiling)      # (B, F-1, C, h, w)
+        got = plan(z0.flatten(2).transpose(1, 2))                            # (B, N, F-1, C)
+        assert torch.allclose(got, want.flatten(3).permute(0, 3, 1, 2), atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \(2, 30, C\)"):
+        plan(torch.zeros(1, 30, 7))
+
+
+def test_flow_splats_keyed_by_flow_and_grid(att):
+    """One cache serves every call of a run: a splat per (flow, grid), reused, and the same
+    result as a call without the cache; another flow tensor gets its own; clear() frees them."""
+    c = "B_integer_flow"
+    x, flow = att[f"{c}.attn0.in"], _flow(att, c)
+    q, kk, v, o, pe = _projs(att, 0)
+    splats = FlowSplats()
+    first = motion_augmented_attention(x, flow, (8, 8), 4, q, kk, v, o, 2, pe, splats=splats)
+    plan = splats.get(flow, (8, 8), 1, x.device)
+    again = motion_augmented_attention(x, flow, (8, 8), 4, q, kk, v, o, 2, pe, splats=splats)
+    assert len(splats) == 1 and splats.get(flow, (8, 8), 1, x.device) is plan
+    assert torch.equal(first, again)
+    assert torch.allclose(first, motion_augmented_attention(x, flow, (8, 8), 4, q, kk, v, o, 2, pe), atol=1e-6)
+    small = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(4, 64, 8, 8), 2).flatten(2).transpose(1, 2)
+    motion_augmented_attention(small, flow, (4, 4), 4, q, kk, v, o, 2, pe, splats=splats)
+    assert len(splats) == 2
+    motion_augmented_attention(x, flow.clone(), (8, 8), 4, q, kk, v, o, 2, pe, splats=splats)
+    assert len(splats) == 3
+    splats.clear()
+    assert len(splats) == 0
+
+
+def test_affine_projections_with_bias_match_the_interleaved_form():
+    """Projections with a bias: splatting after projecting (and adding the projected position
+    codes) equals projecting the interleaved, position-coded sequence, holes included."""
+    g = torch.Generator().manual_seed(7)
+    b, f, h, w, c = 2, 3, 4, 5, 8
+    x = torch.randn(b * f, h * w, c, generator=g)
+    flow = (torch.rand(b, f, h, w, 2, generator=g) - 0.5) * 6
+    lin = [torch.nn.Linear(c, c) for _ in range(4)]
+    for m in lin:
+        torch.nn.init.normal_(m.bias, std=0.5, generator=g)
+    pe = sinusoidal_position_encoding(32, c)
+    with torch.no_grad():
+        got = motion_augmented_attention(x, flow, (h, w), f, *lin, 2, pe)
+        inter = {}
+        motion_augmented_attention(x, flow, (h, w), f, *lin, 2, pe, intermediates=inter)
+        seq = inter["seq_pe"]                                    # (B*N, 2F-1, C), official order
+        heads = [t.view(b * h * w, -1, 2, c // 2).transpose(1, 2)
+                 for t in (lin[0](seq[:, 0::2]), lin[1](seq), lin[2](seq))]
+        att = F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(b, h * w, f, c)
+        want = lin[3](att.transpose(1, 2).reshape(b * f, h * w, c))
+    assert (inter["warped"] == 0).any()  # some holes
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_interleave_order():

@@ -68,6 +68,25 @@ def test_stage2_frame0_and_static_region(models):
     assert not torch.equal(r3.latents, r1.latents)
 
 
+def test_stage2_builds_each_splat_once_per_run(models, monkeypatch):
+    """The flow's splat at each token grid is built by the first motion module of that grid
+    and reused by the others and by every later step; a run keeps one cache, freed with it."""
+    _, rm = models
+    runs, built = tiny.record_splats(monkeypatch, pipeline)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in rm.unet.temporal_attentions()]
+    field = MotionField(torch.randn(16, H, W, 2, generator=torch.Generator().manual_seed(1)) * 3)
+    try:
+        pipeline.render_video(rm, _image(), field, None, seed=5, **KW)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert len(runs) == 1
+    grids = {(H // 8 >> i, W // 8 >> i) for i in range(3)}
+    assert len(built) == len(set(built)) and set(built) <= grids and len(built) >= 2
+    assert len(calls) > 2 * len(built)  # many motion-module calls (2 steps x CFG batch) for few builds
+
+
 def test_weights_free_field_feeds_stage2_and_bf16(models):
     _, rm = models
     field = MotionField(torch.zeros(8, H, W, 2))

@@ -182,6 +182,58 @@ def test_zero_conditioning_equals_unconditional_branch(tiny):
     assert not torch.allclose(both[0], both[1], atol=1e-4)  # same inputs but the drag
 
 
+def test_drag_embeddings_are_computed_once_per_sampling(tiny):
+    """Three steps of the sampler run each drag embedder once (the [cond, uncond] batch: 14
+    frames plus one frame of the drag-free half), with the same result as building the drag
+    condition afresh at every step."""
+    lat, emb = _cond(2)
+    drags = torch.zeros(1, 14, 5, 4)
+    drags[0, :, 0] = torch.tensor([0.3, 0.3, 0.6, 0.4])
+    rows = []
+    convs = [c for b in list(tiny.unet.down_blocks) + list(tiny.unet.up_blocks) for c in getattr(b, "flow_convs", [])]
+    hooks = [c.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0])) for c in convs]
+    try:
+        cached = denoise(tiny.unet, lat, emb, drags, 3, 3.0, torch.Generator().manual_seed(9), tiny.sampler,
+                         progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(convs) > 0 and rows == [15] * len(convs)
+
+    class Fresh(torch.nn.Module):  # the UNet given raw drags: a new drag condition at every call
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def drag_condition(self, *args):
+            return self.unet.drag_condition(*args)
+
+        def forward(self, x, t, lat, emb, drag):
+            return self.unet(x, t, lat, emb, drag.drags, drag_valid=drag.valid)
+
+    fresh = denoise(Fresh(tiny.unet), lat, emb, drags, 3, 3.0, torch.Generator().manual_seed(9), tiny.sampler,
+                    progress=False)
+    assert torch.allclose(cached, fresh, atol=1e-4 * float(fresh.abs().max()))
+
+
+def test_drag_condition_follows_dtype(tiny):
+    """One drag condition used in float32 and then in float64 keeps an embedding per dtype."""
+    unet = tiny_puppet_master.unet(0)
+    g = torch.Generator().manual_seed(6)
+    x, (lat, emb) = torch.randn(1, 14, 4, 8, 8, generator=g), _cond(3)
+    drags = torch.zeros(1, 14, 5, 4)
+    drags[0, :, 1] = torch.tensor([0.6, 0.2, 0.4, 0.5])
+    t = torch.tensor([0.5])
+    drag = unet.drag_condition(drags)
+    with torch.no_grad():
+        a = unet(x, t, lat, emb, drag)
+        unet.double()
+        b = unet(x.double(), t, lat.double(), emb.double(), drag)
+    assert b.dtype == torch.float64
+    assert torch.allclose(a.double(), b, atol=1e-4)
+    assert {k[2] for k in drag._modulations} == {torch.float32, torch.float64}
+
+
 def test_bad_steps_is_a_clear_error(tiny, codec):
     img, mask, tracks = _inputs()
     with pytest.raises(ValueError, match="steps"):

@@ -109,7 +109,7 @@ def test_load_round_trip(tmp_path, sam_model, fmt):
         obj = {"model": sd} if fmt == "pth_nested_model" else {"state_dict": sd, "epoch": 3} \
             if fmt == "pth_nested_state_dict" else sd
         torch.save(obj, path)
-    loaded = segment.load_sam(path)
+    loaded = segment.load_sam(path, decoder_dtype=torch.float32)
     assert loaded.variant == "custom" and loaded.name == path.name
     got = loaded.model.state_dict()
     assert got.keys() == sd.keys()
@@ -121,7 +121,7 @@ def test_load_round_trip(tmp_path, sam_model, fmt):
 def test_half_precision_file_loads_as_float(tmp_path, sam_model):
     path = tmp_path / "sam_fp16.pth"
     torch.save({k: v.half() for k, v in sam_model.state_dict().items()}, path)
-    loaded = segment.load_sam(path)
+    loaded = segment.load_sam(path, decoder_dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
 
 
@@ -202,7 +202,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, sam_model):
 def test_prediction_matches_segment_anything_predictor(sam_model, sam_file):
     from segment_anything import SamPredictor
 
-    segmenter = segment.load_sam(sam_file)
+    segmenter = segment.load_sam(sam_file, decoder_dtype=torch.float32)
     image = small_image()
     ref = SamPredictor(sam_model)
     ref.set_image(segment.to_uint8(image))

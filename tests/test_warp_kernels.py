@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kinema.kernels.warp import backward_warp, soft_splat
+from kinema.kernels.warp import backward_warp, soft_splat, splat_operator
 
 
 def _img(b=2, c=3, h=9, w=11, seed=0):
@@ -109,3 +109,28 @@ def test_splat_points_matches_soft_splat_and_accumulates():
     with pytest.raises(ValueError, match="values must be"):
         splat_points(src.reshape(2, 3, -1), pos[:, :5], (8, 7))
 
+
+
+def test_splat_operator_is_the_avg_splat_as_a_matrix():
+    """Built once from the flow, the sparse map applied to any source equals soft_splat "avg":
+    sub-pixel, out-of-image and non-finite sources, pixels nothing lands on, two batch items."""
+    g = torch.Generator().manual_seed(5)
+    flow = (torch.rand(2, 7, 8, 2, generator=g) - 0.5) * 6
+    flow[0, 0, 0] = torch.tensor([float("inf"), 0.0])
+    flow[1, 3, 3] = torch.tensor([20.0, 0.0])  # leaves the image
+    op = splat_operator(flow)
+    assert op.shape == (112, 112) and op.is_coalesced()
+    rows = op.indices()[0]
+    assert ((rows // 56) == (op.indices()[1] // 56)).all()  # no mixing of batch items
+    for seed in (0, 1):
+        src = _img(2, 3, 7, 8, seed=seed)
+        tokens = src.permute(0, 2, 3, 1).reshape(112, 3)
+        got = (op @ tokens).reshape(2, 7, 8, 3).permute(0, 3, 1, 2)
+        assert torch.allclose(got, soft_splat(src, flow, mode="avg"), atol=1e-6)
+    # a pixel hit by exactly one integer-shifted source copies it; its row sums to 1 / (1 + eps)
+    shift = torch.zeros(1, 3, 3, 2)
+    shift[..., 0] = 1.0
+    one = splat_operator(shift).to_dense()
+    assert one[1, 0] == pytest.approx(1 / (1 + 1e-7)) and one[0].sum() == 0  # column 0 is a hole
+    with pytest.raises(ValueError, match="flow must be"):
+        splat_operator(torch.zeros(7, 8, 2))

@@ -64,3 +64,26 @@ def save_flow_files(fm: FlowModel, folder: Path) -> dict:
     torch.save({k: v for k, v in usd.items() if k.startswith("controlnet.")}, files["controlnet"])
     torch.save(fm.flow_vae.state_dict(), files["flow_vae"])
     return files
+
+
+def record_splats(monkeypatch, module) -> tuple[list, list]:
+    """For one test: ``(runs, built)``, the splat caches ``module`` (a module that makes one
+    ``FlowSplats`` per run, e.g. ``pipeline`` or ``native``) makes, and the token grids (h, w)
+    whose first-frame splat gets built, in order."""
+    from kinema.kernels import motion_attention as kma
+    runs, built = [], []
+
+    class Recording(kma.FlowSplats):
+        def __init__(self):
+            super().__init__()
+            runs.append(self)
+
+    real = kma.FirstFrameSplat.__init__
+
+    def counting(self, flow_tokens, *args, **kwargs):
+        built.append(tuple(flow_tokens.shape[2:4]))
+        real(self, flow_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(module, "FlowSplats", Recording)
+    monkeypatch.setattr(kma.FirstFrameSplat, "__init__", counting)
+    return runs, built

@@ -26,7 +26,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from ...kernels.motion_attention import (MAX_FRAMES, motion_augmented_attention,
+from ...kernels.motion_attention import (MAX_FRAMES, FlowSplats, motion_augmented_attention,
                                          sinusoidal_position_encoding, temporal_self_attention)
 
 TEMPORAL = "temporal"              # stock AnimateDiff temporal attention
@@ -64,14 +64,16 @@ class TemporalAttention(nn.Module):
     def _out(self, x):
         return self.to_out[1](self.to_out[0](x))
 
-    def forward(self, x: torch.Tensor, frames: int, hw: tuple[int, int], flow: torch.Tensor | None = None):
-        """x (B*F, h*w, C) -> (B*F, h*w, C); flow (B or 1, F, H0, W0, 2) pixels."""
+    def forward(self, x: torch.Tensor, frames: int, hw: tuple[int, int], flow: torch.Tensor | None = None,
+                splats: FlowSplats | None = None):
+        """x (B*F, h*w, C) -> (B*F, h*w, C); flow (B or 1, F, H0, W0, 2) pixels; splats: the run's
+        cache of the flow's splat per grid (see ``kernels.motion_attention.FlowSplats``)."""
         if self.processor == MOTION_AUGMENTED:
             if flow is None:
                 raise ValueError("motion-augmented attention needs a motion field (flow) for every step")
             return motion_augmented_attention(x, flow, hw, frames, self.to_q, self.to_k, self.to_v, self._out,
                                               self.heads, self.pos_encoder.pe,
-                                              official_batch_tiling=self.official_batch_tiling)
+                                              official_batch_tiling=self.official_batch_tiling, splats=splats)
         return temporal_self_attention(x, frames, self.to_q, self.to_k, self.to_v, self._out, self.heads,
                                        self.pos_encoder.pe)
 
@@ -85,9 +87,9 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x, frames, hw, flow=None):
+    def forward(self, x, frames, hw, flow=None, splats=None):
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = attn(norm(x), frames, hw, flow) + x
+            x = attn(norm(x), frames, hw, flow, splats) + x
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -100,14 +102,16 @@ class TemporalTransformer(nn.Module):
                                                  for _ in range(n_blocks)])
         self.proj_out = nn.Linear(channels, channels)
 
-    def forward(self, x, frames, flow=None):
+    def forward(self, x, frames, flow=None, splats=None):
         """x (B*F, C, H, W) -> same."""
         bf, c, h, w = x.shape
         res = x
         t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         t = self.proj_in(t)
+        if flow is not None and splats is None:
+            splats = FlowSplats()  # shared by this module's attention blocks
         for blk in self.transformer_blocks:
-            t = blk(t, frames, (h, w), flow)
+            t = blk(t, frames, (h, w), flow, splats)
         t = self.proj_out(t)
         return t.reshape(bf, h, w, c).permute(0, 3, 1, 2) + res
 
@@ -120,8 +124,10 @@ class MotionModule(nn.Module):
         super().__init__()
         self.temporal_transformer = TemporalTransformer(channels, heads, pe_len, n_blocks, processor)
 
-    def forward(self, x, frames, flow=None):
-        return self.temporal_transformer(x, frames, flow)
+    def forward(self, x, frames, flow=None, splats=None):
+        """x (B*F, C, H, W); flow (B or 1, F, H0, W0, 2) pixels; splats: a :class:`FlowSplats` kept
+        for the whole run (one sampling), so the flow's splat at each grid is built once."""
+        return self.temporal_transformer(x, frames, flow, splats)
 
 
 # ------------------------------------------------------------------------ UNet blocks
@@ -191,14 +197,14 @@ class DownBlock(nn.Module):
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(cout, use_conv=True, out_channels=cout, padding=1, name="op")])
 
-    def forward(self, x, temb, ctx, frames, flow):
+    def forward(self, x, temb, ctx, frames, flow, splats=None):
         outs = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb, frames)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, encoder_hidden_states=ctx, return_dict=False)[0]
             if hasattr(self, "motion_modules"):
-                x = self.motion_modules[i](x, frames, flow)
+                x = self.motion_modules[i](x, frames, flow, splats)
             outs.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
@@ -214,11 +220,11 @@ class MidBlock(nn.Module):
         if motion:
             self.motion_modules = nn.ModuleList([_motion(ch, cfg, processor)])
 
-    def forward(self, x, temb, ctx, frames, flow):
+    def forward(self, x, temb, ctx, frames, flow, splats=None):
         x = self.resnets[0](x, temb, frames)
         x = self.attentions[0](x, encoder_hidden_states=ctx, return_dict=False)[0]
         if hasattr(self, "motion_modules"):
-            x = self.motion_modules[0](x, frames, flow)
+            x = self.motion_modules[0](x, frames, flow, splats)
         return self.resnets[1](x, temb, frames)
 
 
@@ -235,13 +241,13 @@ class UpBlock(nn.Module):
         if upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(cout, use_conv=True, out_channels=cout)])
 
-    def forward(self, x, skips, temb, ctx, frames, flow, size=None):
+    def forward(self, x, skips, temb, ctx, frames, flow, size=None, splats=None):
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb, frames)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, encoder_hidden_states=ctx, return_dict=False)[0]
             if hasattr(self, "motion_modules"):
-                x = self.motion_modules[i](x, frames, flow)
+                x = self.motion_modules[i](x, frames, flow, splats)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, output_size=size)
         return x
@@ -403,9 +409,11 @@ class MotionUNet3D(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                 stride=None, control: torch.Tensor | None = None, control_scale: float = 1.0,
-                flow: torch.Tensor | None = None) -> torch.Tensor:
+                flow: torch.Tensor | None = None, splats: FlowSplats | None = None) -> torch.Tensor:
         """sample (B, C_in, F, h, w); encoder_hidden_states (B, L, D); stride (1 or B, F);
-        control (B, 5, F, h, w); flow (1 or B, F, H, W, 2) pixels at image size -> (B, C_out, F, h, w)."""
+        control (B, 5, F, h, w); flow (1 or B, F, H, W, 2) pixels at image size -> (B, C_out, F, h, w).
+        splats: a :class:`FlowSplats` the sampler keeps for the run (default: one per call), so the
+        flow's splat at each token grid is built once."""
         b, _, f, h, w = sample.shape
         if self.config.get("temporal_attention") == MOTION_AUGMENTED and f > MAX_FRAMES:
             raise ValueError(f"frames: {f} frames; Motion-I2V renders at most {MAX_FRAMES}")
@@ -416,24 +424,27 @@ class MotionUNet3D(nn.Module):
             down_res, mid_res = self.controlnet(sample, timestep, stride, ctx, control, control_scale)
         temb = _embed_frames(self, timestep, b, f, sample.device, dtype, stride)
         x = self.conv_in(_flat(sample).to(dtype))
-        return _unflat(self.body(x, temb, ctx, f, flow, down_res, mid_res), b)
+        return _unflat(self.body(x, temb, ctx, f, flow, down_res, mid_res, splats), b)
 
     def body(self, x: torch.Tensor, temb: torch.Tensor, ctx: torch.Tensor | None, frames: int,
-             flow: torch.Tensor | None = None, down_res=None, mid_res=None) -> torch.Tensor:
+             flow: torch.Tensor | None = None, down_res=None, mid_res=None,
+             splats: FlowSplats | None = None) -> torch.Tensor:
         """Everything after ``conv_in``: x (B*F, C0, h, w) features, temb (B*F, E) per-frame
-        embedding, ctx (B*F, L, D) -> (B*F, C_out, h, w) output."""
+        embedding, ctx (B*F, L, D) -> (B*F, C_out, h, w) output. ``splats``: as in :meth:`forward`."""
+        if flow is not None and splats is None:
+            splats = FlowSplats()
         skips = [x]
         for blk in self.down_blocks:
-            x, outs = blk(x, temb, ctx, frames, flow)
+            x, outs = blk(x, temb, ctx, frames, flow, splats)
             skips += outs
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
-        x = self.mid_block(x, temb, ctx, frames, flow)
+        x = self.mid_block(x, temb, ctx, frames, flow, splats)
         if mid_res is not None:
             x = x + mid_res
         for blk in self.up_blocks:
             size = skips[-len(blk.resnets) - 1].shape[-2:] if hasattr(blk, "upsamplers") else None
-            x = blk(x, skips, temb, ctx, frames, flow, size)
+            x = blk(x, skips, temb, ctx, frames, flow, size, splats)
         if self.config.get("joint_frame_norm"):
             x = joint_group_norm(self.conv_norm_out, x, frames)
         else:

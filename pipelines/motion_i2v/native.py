@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ... import runtime
 from ...kernels.field import MotionField
-from ...kernels.motion_attention import MAX_FRAMES
+from ...kernels.motion_attention import MAX_FRAMES, FlowSplats
 from ..ddim import ddim_sigmas
 from .loading import load_config, motion_block_state_dict
 from .modules import MOTION_AUGMENTED, MotionModule
@@ -186,7 +186,7 @@ def _run_motion_module(layer, x, emb, context, transformer_options, *_rest):
         raise runtime.KinemaError("Motion-I2V motion modules ran without a motion field: sample this model "
                                   "through 'Motion-I2V render video' (or 'Motion-I2V apply motion')")
     p = next(layer.parameters())
-    out = layer(x.to(p.dtype), info["frames"], info["flow"].to(x.device))
+    out = layer(x.to(p.dtype), info["frames"], info["flow"], info.get("splats"))
     return out.to(x.dtype)
 
 
@@ -270,7 +270,11 @@ def prepare_render(model, vae, image: torch.Tensor, motion: MotionField, static:
         mask[1:] = mask[1:] * (1.0 - s)
     clone = model.clone()
     to = clone.model_options.setdefault("transformer_options", {})
-    to[OPTIONS_KEY] = {"frames": frames, "flow": flow[None].float()}
+    # the flow's splat per token grid: built by the first motion module that needs it, reused by
+    # every module and step of a sampling, emptied when the sampling ends
+    splats = FlowSplats()
+    to[OPTIONS_KEY] = {"frames": frames, "flow": flow[None].float(), "splats": splats}
+    runtime.on_sampling_end(clone, splats.clear)
     z_model = model.get_model_object("latent_format").process_in(z)
     clone.set_model_unet_function_wrapper(_clean_first_frame(frames, z_model, float(ms.sigmas[1])))
     clone.set_model_denoise_mask_function(_first_step_mask(frame0_mask))

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 
 from ... import runtime
 from ...kernels.field import MotionField
-from ...kernels.motion_attention import (MAX_FRAMES, apply_static, denormalise_flow, frame_strides,
+from ...kernels.motion_attention import (MAX_FRAMES, FlowSplats, apply_static, denormalise_flow, frame_strides,
                                          normalise_flow, sparse_vae_input)
 from .loading import load_config
 from .modules import MotionUNet3D
@@ -289,6 +289,7 @@ def render_video(model: RenderModel, image: torch.Tensor, motion: MotionField, s
     if static is not None:
         s_lat = static.float()[::8, ::8][:h, :w].to(device, dtype)[None, None, None]
     flow_d = flow[None].to(device=device, dtype=torch.float32)
+    splats = FlowSplats()  # the flow's splat per token grid, built at the first step, freed with the run
     scheduler.set_timesteps(int(steps), device=device)
     ts = scheduler.timesteps
     cfg = guidance > 1.0
@@ -299,7 +300,7 @@ def render_video(model: RenderModel, image: torch.Tensor, motion: MotionField, s
         runtime.check_interrupt()
         latents[:, :, :1] = z_img
         x = torch.cat([latents, latents]) if cfg else latents
-        eps = model.unet(scheduler.scale_model_input(x, t), t, ctx, flow=flow_d)
+        eps = model.unet(scheduler.scale_model_input(x, t), t, ctx, flow=flow_d, splats=splats)
         if cfg:
             un, co = eps.chunk(2)
             eps = un + guidance * (co - un)

@@ -8,6 +8,7 @@ import torch
 
 import nodes as comfy_nodes
 import tiny_models
+import tiny_motion_i2v
 from kinema import runtime
 from kinema.kernels.field import MotionField
 from kinema.nodes import motion_i2v as mnodes
@@ -86,6 +87,21 @@ def test_render_matches_reference(sd15_core, conds, motion_file, models_dir, tin
     assert (latents[0] - z[0]).abs().max() < 1e-6
     assert (latents[:, :, :, 4:] - z[:, :, :, 4:]).abs().max() < 1e-6
     assert (latents[1:, :, :, :3] - z[:, :, :, :3]).abs().max() > 1e-2
+
+
+def test_render_builds_each_splat_once_and_releases_it(sd15_core, conds, motion_file, monkeypatch):
+    """On ComfyUI's UNet the motion modules find the run's splat cache in the options: each
+    token grid's splat is built once for all modules and steps, and the cache is emptied when
+    the run ends."""
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, static = _scene()
+    runs, built = tiny_motion_i2v.record_splats(monkeypatch, native)
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    native.render_video_comfy(render, vae, positive, negative, image, motion, static, steps=3, guidance=2.0, seed=1)
+    assert len(runs) == 1 and len(runs[0]) == 0          # one cache for the run, empty afterwards
+    assert len(built) == len(set(built)) == 2            # the tiny UNet's two grids, once each
+    assert set(built) == {(H // 8, W // 8), (H // 16, W // 16)}
 
 
 def test_render_node(sd15_core, conds, motion_file):
