@@ -24,7 +24,7 @@ import torch
 from ... import runtime
 from ...kernels.dual_attention import per_frame_context
 from ...kernels.regional import cover_crop, default_feather, fit_mask, latent_keep, paste, paste_alpha
-from .model import DynamiCrafter
+from .model import DynamiCrafter, variants
 from .sampler import DDIMSampler, DiffusionSchedule
 
 
@@ -77,7 +77,6 @@ def default_fs(model: DynamiCrafter, fs: int | None, interpolate: bool = False) 
     if fs is not None and int(fs) > 0:
         return int(fs)
     if interpolate:
-        from .convert import variants
         return int(variants()["variants"]["512_interp"]["defaults"]["fs"])
     return int(model.settings()["defaults"]["fs"])
 

@@ -51,6 +51,7 @@ import torch.nn as nn
 from ... import runtime
 from ...kernels.dual_attention import multihead_attention
 from ...runtime import KinemaError
+from ..checkpoint import load_strict, read_header, read_state_dict
 from ..dynamicrafter.unet import timestep_embedding
 
 FORMAT = "kinema.semantic_motion_predictor"
@@ -249,14 +250,9 @@ def read_metadata(path) -> tuple[dict, list[str]]:
     if path.suffix.lower() != ".safetensors":
         raise KinemaError(f"'{path.name}' is not a semantic motion predictor: predictors are .safetensors files "
                           "written by train_motion_predictor.py (pickled checkpoints are not read)")
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {}), list(fh.keys())
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        from ..checkpoint import unreadable
-        raise unreadable(path, e, "a semantic motion predictor (.safetensors written by "
-                                  "train_motion_predictor.py)") from None
+    meta, shapes = read_header(path, "a semantic motion predictor (.safetensors written by "
+                                     "train_motion_predictor.py)")
+    return meta, list(shapes)
 
 
 def _looks_like(keys: list[str]) -> str:
@@ -267,7 +263,6 @@ def _looks_like(keys: list[str]) -> str:
 
 def load_predictor(path, dtype: torch.dtype = torch.float32) -> SemanticMotionPredictor:
     """Read a predictor file (module doc). Wrong files give a KinemaError naming the file."""
-    from safetensors.torch import load_file
     path = Path(path)
     meta, keys = read_metadata(path)
     if meta.get("format") != FORMAT:
@@ -286,18 +281,10 @@ def load_predictor(path, dtype: torch.dtype = torch.float32) -> SemanticMotionPr
         raise KinemaError(str(e)) from None
     with torch.device("meta"):
         model = SemanticMotionPredictor(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = load_file(str(path))
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what} {ks[:4]}{' ...' if len(ks) > 4 else ''} ({len(ks)})"
-                           for what, ks in (("missing", missing), ("unexpected", unexpected),
-                                            ("wrong shape", [f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in wrong]))
-                           if ks)
-        raise KinemaError(f"'{path.name}': the weights do not fit the config in its header: {detail}")
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+    sd = read_state_dict(path, expected="a semantic motion predictor")
+    load_strict(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                f"'{path.name}' (weights against the config in its header)",
+                advice="The file is damaged or was edited; train it again with train_motion_predictor.py")
     return model.eval()
 
 
