@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
-from ..runtime import KinemaError, ProgressBar, check_interrupt
+from ..runtime import SEED_MAX, KinemaError, ProgressBar, check_interrupt
 from .ddim import ddim_sigmas
 from .text_encoding import clip_tokenizer
 from .checkpoint import load_strict, read_state_dict
@@ -414,7 +414,7 @@ def generate_story(models: StoryModels, story: Story, settings: StorySettings,
 
     noise = []
     for p in range(n_panels):
-        gen = torch.Generator().manual_seed(int(s.seed) + p)
+        gen = torch.Generator().manual_seed((int(s.seed) + p) & SEED_MAX)
         noise.append(torch.randn(1, unet.config.in_channels, lh, lw, generator=gen))
     noise = torch.cat(noise).to(dev, dtype)
 
@@ -731,7 +731,7 @@ def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings
     out = torch.empty(layout.n_panels, channels, lh, lw)
     for panels in phases:
         patched = patch_comfy_model(base, NativeConsistentAttention(layout, state=state, panels=panels))
-        noise = torch.cat([torch.randn(1, channels, lh, lw, generator=torch.Generator().manual_seed(int(s.seed) + p))
+        noise = torch.cat([torch.randn(1, channels, lh, lw, generator=torch.Generator().manual_seed((int(s.seed) + p) & SEED_MAX))
                            for p in panels]) * start
         latent = runtime.sample(patched, noise, _rows(positive, panels), negative, sigmas, s.cfg, seed=s.seed)
         out[panels] = latent.float().cpu() / (1.0 + last * last) ** 0.5

@@ -223,7 +223,7 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     height, width = _check_size(model, opts.height, opts.width)
     fs_value = default_fs(model, opts.fs, interpolate=len(keyframes) == 2)
     frames = int(opts.frames)
-    gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = torch.Generator("cpu").manual_seed(int(opts.seed) & runtime.SEED_MAX)
     imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
             for i, k in enumerate(keyframes)]
     parts = model.managed()

@@ -144,7 +144,7 @@ def sample(unet: FYCModel | runtime.ManagedModel, image_latent: torch.Tensor, co
     """
     part, dev, model = _parts(unet)
     check_options(opts, model.max_frames)
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(opts.seed) & runtime.SEED_MAX)
     dt = model.dtype
     h, w = image_latent.shape[-2:]
     shape = (1, model.latent_channels, int(opts.frames), h, w)
@@ -217,7 +217,7 @@ def animate(unet: FYCModel | runtime.ManagedModel, vae, image: torch.Tensor, con
     height, width = int(opts.height), int(opts.width)
     pixels = prepare_image(image, height, width)
     pix_mask = fit_mask(mask, height, width) if mask is not None else None
-    gen = torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = torch.Generator().manual_seed(int(opts.seed) & runtime.SEED_MAX)
     runtime.check_interrupt()
     z = vae.encode(pixels).float()
     if tuple(z.shape[-2:]) != (height // VAE_FACTOR, width // VAE_FACTOR) or z.shape[1] != network.latent_channels:

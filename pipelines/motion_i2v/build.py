@@ -9,22 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
-from ...runtime import KinemaError
+from ...runtime import KinemaError, dtype_named
 from .. import sd_checkpoint
 from ..checkpoint import load_strict
 from . import loading
-from .pipeline import DTYPES, FlowModel, RenderModel
+from .pipeline import FlowModel, RenderModel
 from .text import TextEncoder
-
-
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def load_flow_model(flow_unet, controlnet, flow_vae, dtype="fp32") -> FlowModel:
@@ -32,7 +23,7 @@ def load_flow_model(flow_unet, controlnet, flow_vae, dtype="fp32") -> FlowModel:
     loaders, see ``predict_motion``'s ``image_latent`` and ``cond``)."""
     unet = loading.load_flow_unet(flow_unet, controlnet)
     fvae = loading.load_flow_vae(flow_vae)
-    return FlowModel(unet, fvae, dtype=_dtype(dtype))
+    return FlowModel(unet, fvae, dtype=dtype_named(dtype, what="dtype"))
 
 
 def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") -> RenderModel:
@@ -55,7 +46,7 @@ def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") ->
     vae = load_strict(loading.build_vae(loading.vae_config(vae_sd, "image_vae", path.name)), vae_sd,
                             f"{path.name} (VAE)")
     text = TextEncoder(loading.load_config("text_encoder"), text_sd, path.name) if text_sd else None
-    return RenderModel(unet, vae.eval().requires_grad_(False), text, _dtype(dtype))
+    return RenderModel(unet, vae.eval().requires_grad_(False), text, dtype_named(dtype, what="dtype"))
 
 
 __all__ = ["load_flow_model", "load_reference_render_model"]

@@ -27,7 +27,6 @@ from .loading import load_config
 from .modules import MotionUNet3D
 from .text import TextEncoder
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _managed(model, parts: dict) -> dict:
