@@ -47,7 +47,7 @@ def test_loader_sizes_the_unet_by_the_file_and_names_wrong_files(folder):
     save_file({"first_stage_model.encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, str(folder / "vae.safetensors"))
     with pytest.raises(KinemaError, match="vae.safetensors: not a Puppet-Master UNet checkpoint"):
         load("vae.safetensors", "fp32")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="precision: .fp8. is not one of auto, fp32, fp16, bf16"):
         load("tiny_pm.safetensors", "fp8")
 
 
