@@ -29,6 +29,7 @@ import torch
 from ...runtime import KinemaError
 from .. import sd_checkpoint
 from ..checkpoint import check_keys, load_strict, read_state_dict
+from ..weights_init import default_init
 from .unet import SD_HEADS, FYCUNet, load_config
 
 LDM_UNET = sd_checkpoint.LDM_UNET
@@ -190,11 +191,15 @@ def build_from_sd15(sd15_path, motion_path, seed: int = 0, dtype: torch.dtype = 
     w = unet2d["conv_in.weight"]
     check_keys({k: s for k, s in expected.items() if MOTION in k}, motion, motion_path.name)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_unet(cfg, device="cpu")      # fresh layers: default init, zero last embedding layers
+    model = build_unet(cfg)      # on meta: every tensor comes from the files or from `generator` below
+    generator = torch.Generator().manual_seed(int(seed))
+    new = {}
+    for name in NEW_KEYS:        # fresh embeddings: PyTorch's default first layer, a zero output layer
+        emb = default_init(getattr(model, name.rstrip(".")), generator)
+        torch.nn.init.zeros_(emb.linear_2.weight)
+        torch.nn.init.zeros_(emb.linear_2.bias)
+        new.update({name + k: v for k, v in emb.state_dict().items()})
     conv_in = torch.zeros(expected["conv_in.weight"], dtype=w.dtype)
     conv_in[:, :4] = w
-    new = {k: v for k, v in model.state_dict().items() if k.startswith(NEW_KEYS)}
     full = {**unet2d, **motion, **new, "conv_in.weight": conv_in}
     return load_strict(model, full, f"{sd15_path.name} + {motion_path.name}").to(dtype).eval().requires_grad_(False)

@@ -208,6 +208,22 @@ class SemanticMotionPredictor(nn.Module):
 
 
 @torch.no_grad()
+def new_predictor(config: PredictorConfig, seed: int = 0) -> SemanticMotionPredictor:
+    """An untrained predictor whose weights are drawn from ``seed`` by a local generator (the
+    host's global RNG is neither read nor seeded): PyTorch's default initialisation of its layers,
+    position table N(0, 0.02), zero output layer."""
+    from ..weights_init import default_init
+    with torch.device("meta"):
+        model = SemanticMotionPredictor(config)
+    generator = torch.Generator().manual_seed(int(seed))
+    default_init(model, generator, leave=("token_pos",))
+    with torch.no_grad():
+        model.token_pos.normal_(0.0, 0.02, generator=generator)
+        nn.init.zeros_(model.proj_out.weight)
+        nn.init.zeros_(model.proj_out.bias)
+    return model
+
+
 def predict(start: torch.Tensor, end: torch.Tensor, frames: int,
             predictor: "runtime.ManagedModel | None" = None) -> torch.Tensor:
     """Per-frame tokens (frames, N, W) float32 on the CPU between keyframe tokens (N, W).

@@ -45,7 +45,7 @@ from ...runtime import KinemaError, ProgressBar
 from ..clips import find_clips, make_warp_clips, read_frames  # noqa: F401  (make_warp_clips: the practice set)
 from ..dynamicrafter.encoders import VisionEncoder
 from ..dynamicrafter.pipeline import prepare_image
-from .predictor import PredictorConfig, SemanticMotionPredictor, interpolate_tokens, save_predictor
+from .predictor import PredictorConfig, interpolate_tokens, new_predictor, save_predictor
 
 STATE = "trainer_state.pt"
 LOG = "loss_log.jsonl"
@@ -271,10 +271,7 @@ def train(opts: TrainOptions, log=print) -> dict:
     enc.to("cpu")
     del enc
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(opts.seed)
-        model = SemanticMotionPredictor(cfg)
-    model.to(device).train()
+    model = new_predictor(cfg, opts.seed).to(device).train()
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
     gen = torch.Generator().manual_seed(opts.seed)
     step = 0
