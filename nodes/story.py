@@ -83,9 +83,9 @@ class KinemaStoryBatch:
                  seed, sa32, sa64, batch_size, freeu, schedule="lowvram"):
         parsed = _parse(story, characters, id_length, style)
         settings = story_pipeline.StorySettings(width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
-                                    seed=int(seed), id_length=int(id_length), sa32=float(sa32),
-                                    sa64=float(sa64), batch_size=int(batch_size), freeu=bool(freeu),
-                                    schedule=schedule, negative=negative)
+                                                seed=int(seed), sa32=float(sa32), sa64=float(sa64),
+                                                batch_size=int(batch_size), freeu=bool(freeu), schedule=schedule,
+                                                negative=negative)
         images = story_pipeline.generate_story_comfy(model, clip, vae, parsed, settings, story_pipeline.comfy_arch(model))
         return (images, _captions(parsed))
 

@@ -362,7 +362,6 @@ class StorySettings:
     steps: int = 35
     cfg: float = 5.0
     seed: int = 0
-    id_length: int = 2
     sa32: float = 0.5
     sa64: float = 0.5
     batch_size: int = 2  # later panels denoised at once (the sliding window)

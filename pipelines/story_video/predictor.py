@@ -107,7 +107,7 @@ class PredictorConfig:
 
 
 def default_config(name: str = "semantic_motion_predictor") -> PredictorConfig:
-    """A config shipped in ``configs/story_diffusion`` (``semantic_motion_predictor``: ViT-H; ``tiny``: tests)."""
+    """A config shipped in ``configs/story_diffusion`` (``semantic_motion_predictor``: the ViT-H predictor)."""
     return PredictorConfig.from_file(CONFIG_DIR / f"{name}.json")
 
 
