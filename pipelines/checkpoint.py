@@ -110,6 +110,16 @@ def summarize_keys(keys, limit: int = 6) -> str:
     return text or "no keys"
 
 
+def _existing(path, expected: str) -> Path:
+    """``path`` as a Path, or a KinemaError if it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"{where(path)}: file not found. Expected {expected}.")
+    if path.stat().st_size == 0:
+        raise KinemaError(f"{where(path)} is empty (0 bytes). Expected {expected}; {FETCH_AGAIN}.")
+    return path
+
+
 def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: str = ANY_MODEL,
                     mmap: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.ckpt`` / ``.bin`` / ``.pt`` / ``.pth`` file.
@@ -122,11 +132,7 @@ def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: 
     it (for files of many gigabytes).
     Errors (``KinemaError``) name the file and its folder and say what was found.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"{where(path)}: file not found. Expected {expected}.")
-    if path.stat().st_size == 0:
-        raise KinemaError(f"{where(path)} is empty (0 bytes). Expected {expected}; {FETCH_AGAIN}.")
+    path = _existing(path, expected)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
@@ -160,11 +166,7 @@ def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: 
 def read_header(path, expected: str = ANY_MODEL) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """(metadata, tensor name -> shape) of a ``.safetensors`` file, from its header only (no
     tensor is read, so a large file can be checked before it is loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"{where(path)}: file not found. Expected {expected}.")
-    if path.stat().st_size == 0:
-        raise KinemaError(f"{where(path)} is empty (0 bytes). Expected {expected}; {FETCH_AGAIN}.")
+    path = _existing(path, expected)
     try:
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:

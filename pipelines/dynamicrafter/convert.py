@@ -73,31 +73,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint.read_state_dict(path, expected=EXPECTED, mmap=True)
 
 
+# What other model files look like: (every one of these key patterns is found, what it is), in
+# order; the first match names the file.
+LOOKALIKES = [
+    ([r"^model\.diffusion_model\..*temopral_conv"],
+     "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"),
+    ([r"^conditioner\.embedders\.", r"time_stack|time_mixer"], "a Stable Video Diffusion checkpoint"),
+    ([r"^conditioner\.embedders\."], "an SDXL-family checkpoint"),
+    ([r"^cond_stage_model\.transformer\.(text_model\.|embeddings\.token_embedding\.weight$)"],
+     "a Stable Diffusion 1.x checkpoint"),
+    ([r"^cond_stage_model\.model\.transformer\.", r"^model\.diffusion_model\."], "a Stable Diffusion 2.x checkpoint"),
+    ([r"motion_modules\."], "an AnimateDiff motion module"),
+    ([r"^((down_blocks|mid_block|up_blocks)\.|conv_in\.weight$)"],
+     "a diffusers-format model (not the released LDM-style DynamiCrafter checkpoint)"),
+    ([r"^(encoder\.down|decoder\.up)\."], "a standalone VAE"),
+    ([r"^model\.diffusion_model\."], "a latent-diffusion UNet without DynamiCrafter's image-injection layers"),
+]
+
+
 def identify(keys) -> str | None:
     """What a non-DynamiCrafter state dict looks like (None if it looks like DynamiCrafter)."""
     keys = list(keys)
-    ks = set(keys)
     has = lambda pat: any(re.search(pat, k) for k in keys)  # noqa: E731
     if has(r"^model\.diffusion_model\..*attn2\.to_k_ip\.weight$"):
         return None
-    if has(r"^model\.diffusion_model\..*temopral_conv"):
-        return "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"
-    if has(r"^conditioner\.embedders\.") and has(r"time_stack|time_mixer"):
-        return "a Stable Video Diffusion checkpoint"
-    if has(r"^conditioner\.embedders\."):
-        return "an SDXL-family checkpoint"
-    if has(r"^cond_stage_model\.transformer\.text_model\.") or "cond_stage_model.transformer.embeddings.token_embedding.weight" in ks:
-        return "a Stable Diffusion 1.x checkpoint"
-    if has(r"^cond_stage_model\.model\.transformer\.") and has(r"^model\.diffusion_model\."):
-        return "a Stable Diffusion 2.x checkpoint"
-    if has(r"motion_modules\."):
-        return "an AnimateDiff motion module"
-    if has(r"^(down_blocks|mid_block|up_blocks)\.") or "conv_in.weight" in ks:
-        return "a diffusers-format model (not the released LDM-style DynamiCrafter checkpoint)"
-    if has(r"^encoder\.down\.") or has(r"^decoder\.up\."):
-        return "a standalone VAE"
-    if any(k.startswith(UNET) for k in keys):
-        return "a latent-diffusion UNet without DynamiCrafter's image-injection layers"
+    for patterns, what in LOOKALIKES:
+        if all(has(p) for p in patterns):
+            return what
     sample = ", ".join(sorted(keys)[:3])
     return f"an unrecognised state dict ({len(keys)} keys, e.g. {sample})"
 
