@@ -61,11 +61,16 @@ def unet_state_dict(sd: dict, name: str = "checkpoint", config: dict | None = No
 
 def vae_state_dict(sd: dict, config: dict, name: str = "checkpoint") -> dict:
     """The ``first_stage_model.*`` VAE in diffusers ``AutoencoderKL`` names ({} if the file has
-    none). diffusers' converter also turns the 1x1-convolution attention weights into linears."""
+    none), with diffusers' converter; every ``first_stage_model.*`` tensor must be used."""
     if not any(k.startswith(LDM_VAE) for k in sd):
         return {}
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    return _all_used(sd, LDM_VAE, convert_ldm_vae_checkpoint(sd, config), "VAE", name)
+    out = convert_ldm_vae_checkpoint(sd, config)
+    # The released files keep the mid-block attention projections as 1x1 convolutions; current
+    # diffusers' converter turns them into linears itself, and this line does the same for the
+    # older releases the requirements still allow (a no-op otherwise).
+    out = {k: (v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k and "to_" in k else v) for k, v in out.items()}
+    return _all_used(sd, LDM_VAE, out, "VAE", name)
 
 
 def text_state_dict(sd: dict, module: torch.nn.Module | None = None) -> dict:
