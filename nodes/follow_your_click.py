@@ -62,6 +62,7 @@ class KinemaFYCAnimate:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..pipelines.follow_your_click.pipeline import MAX_STEPS
         return {"required": {
             "fyc_model": (MODEL_TYPE, {"tooltip": "From Load Follow-Your-Click Model."}),
             "vae": ("VAE", {"tooltip": "The VAE of the SD1.5 checkpoint the model was built from (Load Checkpoint)."}),
@@ -78,7 +79,7 @@ class KinemaFYCAnimate:
                                                                              "reach 24; trained on 16)."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Output width in pixels."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Output height in pixels."}),
-            "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "DDIM steps (the official configs "
+            "steps": ("INT", {"default": 25, "min": 1, "max": MAX_STEPS, "tooltip": "DDIM steps (the official configs "
                                                                              "use 25-100)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
                               "tooltip": "Classifier-free guidance (official 7.5-8; 1.0 turns it off and halves the time)."}),

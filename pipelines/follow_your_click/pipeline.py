@@ -33,6 +33,11 @@ from .unet import LATENT_SCALE, FYCUNet, conditioning_input, load_config, mask_c
 VAE_FACTOR = 8
 
 
+# "Leading" timesteps with offset 1 are 1 + k * (1000 // steps): at 1000 steps the first would be
+# timestep 1000, one past the schedule's last (999).
+MAX_STEPS = 999
+
+
 @dataclass
 class FYCOptions:
     frames: int = 16
@@ -94,8 +99,8 @@ def check_options(opts: FYCOptions, max_frames: int = 24) -> None:
         v = getattr(opts, name)
         if v < 64 or v % VAE_FACTOR:
             raise ValueError(f"{name}: {v} must be a multiple of {VAE_FACTOR} and at least 64")
-    if not 1 <= opts.steps <= 1000:
-        raise ValueError(f"steps: {opts.steps} must be between 1 and 1000")
+    if not 1 <= opts.steps <= MAX_STEPS:
+        raise ValueError(f"steps: {opts.steps} must be between 1 and {MAX_STEPS}")
     if opts.cfg < 1.0:
         raise ValueError(f"cfg: {opts.cfg} must be at least 1.0 (1.0 turns guidance off)")
     if not 0.0 <= opts.eta <= 1.0:

@@ -753,7 +753,7 @@ def test_interrupt_puppet_master_animate(server, models, pictures):
 
 
 def test_interrupt_follow_your_click(server, models, pictures):
-    api = graph_fyc("fyc_sd15.safetensors", steps=1000)
+    api = graph_fyc("fyc_sd15.safetensors", steps=999)
     assert_interrupted("follow_your_click_animate", interrupt_case(server, api, "anim"))
     alive(server)
 
