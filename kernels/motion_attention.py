@@ -32,7 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from .attention import check_heads, multihead_attention
 from .warp import soft_splat, splat_operator
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
@@ -106,19 +108,6 @@ def interleave_warped(frames: torch.Tensor, warped: torch.Tensor) -> torch.Tenso
     out[:, 0::2] = frames
     out[:, 1::2] = warped.to(frames.dtype)
     return out
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """q (N, Lq, C), k/v (N, Lk, C) -> (N, Lq, C); heads are contiguous channel chunks,
-    scale ``d_head ** -0.5``, no mask."""
-    n, lq, c = q.shape
-    lk = k.shape[1]
-    d = c // heads
-    qh = q.reshape(n, lq, heads, d).transpose(1, 2)
-    kh = k.reshape(n, lk, heads, d).transpose(1, 2)
-    vh = v.reshape(n, lk, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qh, kh, vh)
-    return out.transpose(1, 2).reshape(n, lq, c)
 
 
 def _check_tokens(x: torch.Tensor, frames: int, name: str) -> tuple[int, int, int]:
@@ -258,8 +247,7 @@ def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[in
     if pe is not None and pe.shape[1] < seq_len:
         raise ValueError(f"motion-augmented attention: {seq_len} positions exceed the position "
                          f"encoding length {pe.shape[1]}")
-    if heads < 1 or c % heads:
-        raise ValueError(f"motion-augmented attention: {c} channels do not split into {heads} heads")
+    check_heads(c, heads, "motion-augmented attention")
     warp = frames - 1
     if warp and warped is None:
         plan = (splats if splats is not None else FlowSplats()).get(flow, (h, w), b, x.device, official_batch_tiling)
@@ -290,11 +278,8 @@ def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[in
         return buf
 
     q, k, v = parts(to_q, 0), parts(to_k, warp), parts(to_v, warp)
-    d = c // heads
-    out = F.scaled_dot_product_attention(q.view(b * n, frames, heads, d).transpose(1, 2),
-                                         k.view(b * n, seq_len, heads, d).transpose(1, 2),
-                                         v.view(b * n, seq_len, heads, d).transpose(1, 2))
-    out = out.transpose(1, 2).reshape(b, n, frames, c).transpose(1, 2).reshape(b * frames, n, c)
+    out = multihead_attention(q.view(b * n, frames, c), k.view(b * n, seq_len, c), v.view(b * n, seq_len, c), heads)
+    out = rearrange(out, "(b n) f c -> (b f) n c", b=b)
     if intermediates is not None:
         _inspect(intermediates, x, flow, (h, w), frames, pe, warped, official_batch_tiling,
                  None if warped is not None or not warp else plan)

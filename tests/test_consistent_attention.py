@@ -3,8 +3,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kinema.kernels.attention import multihead_attention
 from kinema.kernels.consistent_attention import (
-    ConsistentSelfAttention, StoryLayout, attention, consistent_attention, consistent_attention_dense)
+    ConsistentSelfAttention, StoryLayout, consistent_attention, consistent_attention_dense)
 
 ATOL = 1e-5
 HEADS = 2
@@ -165,12 +166,12 @@ def test_rate_zero_is_plain():
     sources = [[j for j in range(5) if j != i] for i in range(5)]
     zero = torch.zeros(5, 24, dtype=torch.bool)
     out = consistent_attention(q, k, v, 2, sources, zero)
-    assert torch.allclose(out, attention(q, k, v, 2), atol=1e-6)
+    assert torch.allclose(out, multihead_attention(q, k, v, 2), atol=1e-6)
     layout = StoryLayout([("A",), ("A",), ("A",), ()], {"A": [0, 1]})
     state = ConsistentSelfAttention(layout, sa32=0.0, sa64=0.0, seed=3)
     state.set_step(7)
     qq, kk, vv = q[:4], k[:4], v[:4]
-    assert torch.allclose(state.attend(qq, kk, vv, 2, "l", [0, 1, 2, 3]), attention(qq, kk, vv, 2), atol=1e-6)
+    assert torch.allclose(state.attend(qq, kk, vv, 2, "l", [0, 1, 2, 3]), multihead_attention(qq, kk, vv, 2), atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", [True, False])
@@ -205,7 +206,7 @@ def test_one_panel_is_plain():
     state = ConsistentSelfAttention(layout, sa32=1.0, sa64=1.0, seed=1)
     for step in (0, 3, 30):
         state.set_step(step)
-        assert torch.allclose(state.attend(q, k, v, 2, "l", [0]), attention(q, k, v, 2), atol=1e-6)
+        assert torch.allclose(state.attend(q, k, v, 2, "l", [0]), multihead_attention(q, k, v, 2), atol=1e-6)
 
 
 def test_batch_order_independence():
