@@ -350,11 +350,11 @@ def test_bad_inputs_give_clear_errors():
         dense_motion([torch.tensor([[3.0, 3.0]])], (W, H), 4)
     with pytest.raises(ValueError, match=r"tracks\[0\] start: \(70, 10\) is outside the 64x48 image"):
         dense_motion([torch.tensor([[70.0, 10.0], [60.0, 10.0]])], (W, H), 4)
-    with pytest.raises(ValueError, match="region: mask is 32x32 but the image is 64x48"):
+    with pytest.raises(ValueError, match="region: the mask is 32x32 but the image is 64x48"):
         dense_motion([drag], (W, H), 4, region=torch.ones(32, 32))
     with pytest.raises(ValueError, match="region: the mask is empty"):
         dense_motion([drag], (W, H), 4, region=torch.zeros(H, W))
-    with pytest.raises(ValueError, match="region: mask has NaN"):
+    with pytest.raises(ValueError, match="region: the mask has NaN"):
         dense_motion([drag], (W, H), 4, region=torch.full((H, W), float("nan")))
     with pytest.raises(ValueError, match="size: expected"):
         dense_motion([drag], (W,), 4)
