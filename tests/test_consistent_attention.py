@@ -31,6 +31,13 @@ def run_phase(state, proj, hidden, panels, groups=2):
                                  panels, groups))
 
 
+def assert_phase(state, proj, d, hidden, panels, want):
+    """Run the fixture's hidden states ``hidden`` for ``panels`` and compare with its ``want``."""
+    out = run_phase(state, proj, d[hidden], panels)
+    assert (out - d[want]).abs().max() < ATOL, want
+    return out
+
+
 def story_state(masks, gate=True, schedule="lowvram", keep_bank=True):
     # panels 0, 1: references of A; panel 2: a later panel with A
     layout = StoryLayout([("A",), ("A",), ("A",)], {"A": [0, 1]})
@@ -56,8 +63,7 @@ def test_lowvram_parity(lowvram, rate):
     proj = Proj(d)
     state = story_state(d[f"{rate}.index_mask"])
     state.set_step(1)
-    write = run_phase(state, proj, d["in.write_hidden.A"], [0, 1])
-    assert (write - d[f"{rate}.write_out.A"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden.A", [0, 1], f"{rate}.write_out.A")
     # the bank holds the sampled reference tokens (projected): compare with the official bank
     bank_k = torch.stack([state.bank[(1, 0, "A", g)][0] for g in (0, 1)])  # one entry per CFG half
     bank_v = torch.stack([state.bank[(1, 0, "A", g)][1] for g in (0, 1)])
@@ -65,8 +71,7 @@ def test_lowvram_parity(lowvram, rate):
     assert bank_k.shape == (2, ref_hidden.shape[1], 64)
     assert torch.allclose(bank_k, ref_hidden @ proj.wk.T, atol=ATOL, rtol=0)
     assert torch.allclose(bank_v, ref_hidden @ proj.wv.T, atol=ATOL, rtol=0)
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d[f"{rate}.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.read_hidden", [2], f"{rate}.read_out")
 
 
 def test_lowvram_step0_and_gate_off(lowvram):
@@ -74,13 +79,12 @@ def test_lowvram_step0_and_gate_off(lowvram):
     proj = Proj(d)
     state = story_state(d["sa1p0.index_mask"])
     state.set_step(0)
-    write = run_phase(state, proj, d["in.write_hidden.A"], [0, 1])
-    assert (write - d["step0.write_out.A"]).abs().max() < ATOL
+    write = assert_phase(state, proj, d, "in.write_hidden.A", [0, 1], "step0.write_out.A")
     assert (write - d["ref.plain_write"]).abs().max() < ATOL
     off = story_state(d["sa1p0.index_mask"], gate=False)
     off.set_step(1)
-    assert (run_phase(off, proj, d["in.write_hidden.A"], [0, 1]) - d["gateoff.write_out.A"]).abs().max() < ATOL
-    assert (run_phase(off, proj, d["in.read_hidden"], [2]) - d["gateoff.read_out"]).abs().max() < ATOL
+    assert_phase(off, proj, d, "in.write_hidden.A", [0, 1], "gateoff.write_out.A")
+    assert_phase(off, proj, d, "in.read_hidden", [2], "gateoff.read_out")
 
 
 def app_masks(mask, n=256, ref=2):
@@ -102,10 +106,8 @@ def test_app_parity(app, rate):
     proj = Proj(d)
     state = story_state(app_masks(d[f"{rate}.attn_mask"]), schedule="app")
     state.set_step(5)
-    write = run_phase(state, proj, d["in.write_hidden"], [0, 1])
-    assert (write - d[f"{rate}.write_out"]).abs().max() < ATOL
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d[f"{rate}.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden", [0, 1], f"{rate}.write_out")
+    assert_phase(state, proj, d, "in.read_hidden", [2], f"{rate}.read_out")
 
 
 def test_app_early_and_gate_off(app):
@@ -114,16 +116,14 @@ def test_app_early_and_gate_off(app):
     masks = app_masks(d["sa0p5.attn_mask"])
     state = story_state(masks, schedule="app")
     state.set_step(2)
-    write = run_phase(state, proj, d["in.write_hidden"], [0, 1])
-    assert (write - d["early.write_out"]).abs().max() < ATOL
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d["early.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden", [0, 1], "early.write_out")
+    assert_phase(state, proj, d, "in.read_hidden", [2], "early.read_out")
     # the early read is not plain attention: it sees every reference token
     assert (d["early.read_out"] - d["ref.plain_read"]).abs().max() > 1e-3
     off = story_state(masks, schedule="app", gate=False)
     off.set_step(5)
-    assert (run_phase(off, proj, d["in.write_hidden"], [0, 1]) - d["gateoff.write_out"]).abs().max() < ATOL
-    assert (run_phase(off, proj, d["in.read_hidden"], [2]) - d["gateoff.read_out"]).abs().max() < ATOL
+    assert_phase(off, proj, d, "in.write_hidden", [0, 1], "gateoff.write_out")
+    assert_phase(off, proj, d, "in.read_hidden", [2], "gateoff.read_out")
 
 
 def test_in_batch_equals_write_then_read(lowvram):
