@@ -122,7 +122,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_pack()
-    from kinema.kernels.consistent_attention import ConsistentSelfAttention, StoryLayout, attention
+    from kinema.kernels.attention import multihead_attention as attention
+    from kinema.kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
     from kinema.pipelines.story import NativeConsistentAttention
 
     dt = DTYPES[args.dtype]

@@ -45,6 +45,7 @@ class ImageStreamTimer:
 
     def install(self):
         from kinema.kernels import dual_attention as K
+        from kinema.kernels.attention import multihead_attention
         from kinema.pipelines.dynamicrafter import unet as U
         timer = self
         orig = U.CrossAttention.forward
@@ -54,10 +55,10 @@ class ImageStreamTimer:
                 return orig(mod, x, context)
             q = mod.to_q(x)
             text, img = context[:, :mod.text_len], context[:, mod.text_len:]
-            out = K.multihead_attention(q, mod.to_k(text), mod.to_v(text), mod.heads)
+            out = multihead_attention(q, mod.to_k(text), mod.to_v(text), mod.heads)
             t0 = time.perf_counter()
             scale = K.image_scale(mod.image_scale, mod.alpha)
-            out = out + scale * K.multihead_attention(q, mod.to_k_ip(img), mod.to_v_ip(img), mod.heads)
+            out = out + scale * multihead_attention(q, mod.to_k_ip(img), mod.to_v_ip(img), mod.heads)
             timer.seconds += time.perf_counter() - t0
             timer.calls += 1
             return mod.to_out(out)

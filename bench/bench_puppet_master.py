@@ -84,6 +84,7 @@ def bench_block(args) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.models.unets.unet_3d_blocks import CrossAttnDownBlockSpatioTemporal
     from kinema.pipelines import puppet_master as pm
+    from kinema.kernels.drag import interpolate_drag_frames
 
     cfg = pm.load_json("puppet_master/unet.json")
     ch, heads, ctx_dim = cfg["block_out_channels"][0], cfg["num_attention_heads"][0], cfg["cross_attention_dim"]
@@ -103,7 +104,7 @@ def bench_block(args) -> None:
     drags = torch.zeros(b, f, cfg["num_drags"], 4)
     start = torch.tensor([[0.3, 0.4], [0.6, 0.5], [0.5, 0.7]])
     end = torch.tensor([[0.4, 0.3], [0.7, 0.6], [0.5, 0.9]])
-    drags[0, :, :3] = pm.interpolate_drag_frames(start, end, f)  # video 1 is the drag-free half
+    drags[0, :, :3] = interpolate_drag_frames(start, end, f)  # video 1 is the drag-free half
     h0 = torch.randn(b * f, ch, r, r, generator=g)
     temb0 = torch.randn(b * f, 4 * ch, generator=g)
     ehs0 = torch.randn(b * f, 1, ctx_dim, generator=g)
@@ -161,6 +162,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from kinema.pipelines import puppet_master as pm
+    from kinema.kernels.drag import interpolate_drag_frames
     from kinema.pipelines.puppet_master import DragDownBlock, DragUpBlock
 
     t0 = time.perf_counter()
@@ -188,7 +190,7 @@ def main(argv=None):
     drags = torch.zeros(b, f, 5, 4)
     start = torch.tensor([[0.3, 0.4], [0.6, 0.5], [0.5, 0.7]])
     end = torch.tensor([[0.4, 0.3], [0.7, 0.6], [0.5, 0.9]])
-    drags[0, :, :3] = pm.interpolate_drag_frames(start, end, f)
+    drags[0, :, :3] = interpolate_drag_frames(start, end, f)
     t = torch.tensor([0.25 * torch.log(torch.tensor(10.0)).item()])
 
     def call():

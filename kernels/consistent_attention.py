@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .attention import check_heads, merge_heads, multihead_attention, split_heads
 
 __all__ = [
-    "attention",
     "attention_with_extra_keys",
     "consistent_attention",
     "consistent_attention_dense",
@@ -47,24 +47,6 @@ __all__ = [
 ]
 
 SCHEDULES = ("lowvram", "app")
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on projected tokens.
-
-    q: (B, Nq, D); k, v: (B, Nk, D); mask: bool, broadcastable to (B, heads, Nq, Nk),
-    True = may attend. Returns (B, Nq, D). Scale ``1/sqrt(D/heads)``.
-    """
-    b, nq, d = q.shape
-    if d % heads:
-        raise ValueError(f"heads: inner dim {d} is not divisible by {heads} heads")
-    hd = d // heads
-    qh = q.view(b, nq, heads, hd).transpose(1, 2)
-    kh = k.reshape(b, k.shape[1], heads, hd).transpose(1, 2)
-    vh = v.reshape(b, v.shape[1], heads, hd).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return out.transpose(1, 2).reshape(b, nq, d)
 
 
 def _check_qkv(q, k, v):
@@ -77,13 +59,12 @@ Block = tuple  # (K (M, D), V (M, D)): extra keys and values one row attends to
 
 
 def _with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
-    """``attention`` that also returns each query's log-sum-exp of its scores: q (B, Nq, D), k/v
-    (B, Nk, D) -> out (B, Nq, D), lse (B, Nq, heads) float32 (torch's CPU flash kernel)."""
-    b, nq, d = q.shape
-    hd = d // heads
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, hd).transpose(1, 2)  # noqa: E731
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(split(q), split(k), split(v))
-    return out.transpose(1, 2).reshape(b, nq, d), lse.transpose(1, 2)
+    """Multi-head attention that also returns each query's log-sum-exp of its scores: q (B, Nq, D),
+    k/v (B, Nk, D) -> out (B, Nq, D), lse (B, Nq, heads) float32 (torch's CPU flash kernel, the
+    one that returns it)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+    return merge_heads(out), lse.transpose(1, 2)
 
 
 def _merge_in_place(q: torch.Tensor) -> bool:
@@ -114,8 +95,7 @@ def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b_total, n, d = q.shape
     if len(extras) != b_total:
         raise ValueError(f"extras: {len(extras)} entries for a batch of {b_total} rows")
-    if d % heads:
-        raise ValueError(f"heads: inner dim {d} is not divisible by {heads} heads")
+    check_heads(d, heads, "heads")
     order: dict = {}  # id(block) -> (block, rows reading it), in first-use order
     for r, blocks in enumerate(extras):
         for block in blocks:
@@ -125,14 +105,14 @@ def attention_with_extra_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return block() if callable(block) else block
 
     if not _merge_in_place(q):
-        out = attention(q, k, v, heads)
+        out = multihead_attention(q, k, v, heads)
         built = {key: made(block) for key, (block, _rows) in order.items()}
         for r, blocks in enumerate(extras):
             pairs = [built[id(b)] for b in blocks]
             if any(kx.shape[0] for kx, _ in pairs):
                 keys = torch.cat([kx for kx, _ in pairs] + [k[r]])[None]
                 values = torch.cat([vx for _, vx in pairs] + [v[r]])[None]
-                out[r] = attention(q[r:r + 1], keys, values, heads)[0]
+                out[r] = multihead_attention(q[r:r + 1], keys, values, heads)[0]
         return out
     out, lse = _with_lse(q, k, v, heads)  # (B, N, D), (B, N, heads): plain attention
     chunk = max(1, int(query_chunk or max(512, (1 << 18) // d)))
@@ -232,7 +212,7 @@ def consistent_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for j in sources[r]:
             rows[r, j * n:(j + 1) * n] = token_masks[j]
     mask = rows.repeat_interleave(n, dim=0)  # (B*N, B*N)
-    out = attention(q.reshape(1, b * n, d), k.reshape(1, b * n, d), v.reshape(1, b * n, d), heads, mask)
+    out = multihead_attention(q.reshape(1, b * n, d), k.reshape(1, b * n, d), v.reshape(1, b * n, d), heads, mask)
     return out.view(b, n, d)
 
 

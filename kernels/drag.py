@@ -211,17 +211,6 @@ def interpolate_drag_frames(start: torch.Tensor, end: torch.Tensor, frames: int)
     return torch.cat([start[None].expand(frames, -1, -1), cur], dim=-1)
 
 
-def resample_track(track: torch.Tensor, frames: int) -> torch.Tensor:
-    """(M, 2) polyline with point i at time i/(M-1) -> (frames, 2) positions at times k/(frames-1)."""
-    m = track.shape[0]
-    if m == 1:
-        return track.expand(frames, 2).clone()
-    t = torch.linspace(0.0, m - 1, frames, dtype=torch.float64)
-    i0 = t.floor().long().clamp(max=m - 2)
-    w = (t - i0).to(track.dtype)[:, None]
-    return track[i0] * (1 - w) + track[i0 + 1] * w
-
-
 def track_length(track: torch.Tensor) -> float:
     """Total path length of an (M, 2) track."""
     if track.shape[0] < 2:
@@ -232,5 +221,5 @@ def track_length(track: torch.Tensor) -> float:
 __all__ = [
     "CHANNELS_PER_DRAG", "drag_validity", "encode_drags", "sincos_pos_embed_2d", "DragEmbedding",
     "drag_modulate", "DragModulation", "drag_token_mlp", "sample_points", "drag_token_inputs", "drag_tokens",
-    "drag_context", "interpolate_drag_frames", "resample_track", "track_length",
+    "drag_context", "interpolate_drag_frames", "track_length",
 ]

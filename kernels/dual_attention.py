@@ -13,23 +13,8 @@ slice under exactly the condition the released models were trained with.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Scaled dot-product attention over ``heads`` heads, scale ``d_head ** -0.5``.
-
-    q: (N, Lq, heads*d), k/v: (N, Lk, heads*d) -> (N, Lq, heads*d).
-    """
-    n, lq, inner = q.shape
-    if inner % heads:
-        raise ValueError(f"attention width {inner} is not divisible by {heads} heads")
-    d = inner // heads
-    qh = q.view(n, lq, heads, d).transpose(1, 2)
-    kh = k.view(n, k.shape[1], heads, d).transpose(1, 2)
-    vh = v.view(n, v.shape[1], heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qh, kh, vh)
-    return out.transpose(1, 2).reshape(n, lq, inner)
+from .attention import multihead_attention
 
 
 def image_scale(scale: float, alpha: torch.Tensor | None) -> torch.Tensor | float:

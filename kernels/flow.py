@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import flow_to_image
 
+from .checks import finite_number, region_mask
+
 
 def flow_to_color(flow: torch.Tensor) -> torch.Tensor:
     """Colour-wheel picture of a flow (torchvision's ``flow_to_image``: the Middlebury wheel).
@@ -48,21 +50,8 @@ def _check_flow(flow, name: str = "flow") -> torch.Tensor:
 def _check_mask(mask, h: int, w: int, device) -> torch.Tensor | None:
     if mask is None:
         return None
-    m = torch.as_tensor(mask)
-    if m.ndim == 3 and m.shape[0] == 1:
-        m = m[0]
-    if tuple(m.shape) != (h, w):
-        raise ValueError(f"mask: shape {tuple(m.shape)} does not match the flow's {h}x{w} (H, W); "
-                         f"resize the mask to the flow size")
-    m = m.to(device)
-    if m.dtype != torch.bool:
-        m = m.to(torch.float32)
-        if not bool(torch.isfinite(m).all()):
-            raise ValueError("mask: has NaN or infinite values")
-        m = m > 0.5
-    if not bool(m.any()):
-        raise ValueError("mask: is empty (no pixel above 0.5); select the moving object or pass no mask")
-    return m
+    return region_mask(mask, (w, h), "mask", "select the moving object or pass no mask", against="flow",
+                       device=device)
 
 
 def _percentile(values: torch.Tensor, q: float) -> float:
@@ -158,12 +147,7 @@ def strength_bucket(mean_magnitude: float, size, frames: int) -> int:
     Steps are finer at low speeds, where a difference of half a pixel per frame is visible,
     and coarser at high speeds, where the model's output saturates.
     """
-    try:
-        m = float(mean_magnitude)
-    except (TypeError, ValueError):
-        raise ValueError(f"mean_magnitude: expected a number of pixels, got {mean_magnitude!r}") from None
-    if not math.isfinite(m) or m < 0:
-        raise ValueError(f"mean_magnitude: {mean_magnitude!r} must be a finite number of pixels >= 0")
+    m = finite_number(mean_magnitude, "mean_magnitude", "pixels", minimum=0)
     try:
         w, h = size
         w, h = int(w), int(h)

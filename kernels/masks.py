@@ -13,6 +13,8 @@ import kornia
 import torch
 import torch.nn.functional as F
 
+from .checks import finite_number
+
 RESIZE_MODES = ("nearest", "bilinear", "area")
 
 
@@ -32,16 +34,6 @@ def _restore(m: torch.Tensor, single: bool) -> torch.Tensor:
 
 def _float(m: torch.Tensor) -> torch.Tensor:
     return m if m.is_floating_point() else m.float()
-
-
-def _check_radius(radius, name: str) -> float:
-    try:
-        r = float(radius)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: radius must be a number, got {radius!r}") from None
-    if not math.isfinite(r) or r < 0:
-        raise ValueError(f"{name}: radius must be a finite number >= 0, got {radius!r}")
-    return r
 
 
 def resize(mask: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -78,7 +70,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def feather(mask: torch.Tensor, radius: float) -> torch.Tensor:
     """Soften the edge with a gaussian whose sigma is ``radius / 2`` (so the ramp is about
     ``2 * radius`` px wide). radius 0 returns a copy."""
-    r = _check_radius(radius, "mask feather")
+    r = finite_number(radius, "mask feather radius", "pixels", minimum=0)
     m, single = _as_batch(mask, "mask feather")
     m = _float(m)
     if r == 0:
@@ -149,7 +141,7 @@ def _max_filter_disc(x: torch.Tensor, r: int) -> torch.Tensor:
 
 def dilate(mask: torch.Tensor, radius: float) -> torch.Tensor:
     """Grey dilation by a disc of radius ``round(radius)`` px (exact digital disc)."""
-    r = int(round(_check_radius(radius, "mask dilate")))
+    r = int(round(finite_number(radius, "mask dilate radius", "pixels", minimum=0)))
     m, single = _as_batch(mask, "mask dilate")
     return _restore(_max_filter_disc(_float(m).unsqueeze(1), r)[:, 0], single)
 
@@ -157,7 +149,7 @@ def dilate(mask: torch.Tensor, radius: float) -> torch.Tensor:
 def erode(mask: torch.Tensor, radius: float) -> torch.Tensor:
     """Grey erosion by a disc of radius ``round(radius)`` px; outside the image counts as 1,
     so a full mask stays full."""
-    r = int(round(_check_radius(radius, "mask erode")))
+    r = int(round(finite_number(radius, "mask erode radius", "pixels", minimum=0)))
     m, single = _as_batch(mask, "mask erode")
     return _restore(-_max_filter_disc(-_float(m).unsqueeze(1), r)[:, 0], single)
 

@@ -51,6 +51,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import finite_number, region_mask
+
 MAX_FRAMES = 256
 """Largest number of frames :func:`dense_motion` and :func:`resample_track` produce."""
 
@@ -318,27 +320,6 @@ def distance_to_region(region: torch.Tensor, limit: float) -> torch.Tensor:
     return best.sqrt()
 
 
-def _prepare_region(region, w: int, h: int, device) -> torch.Tensor:
-    r = torch.as_tensor(region)
-    if r.ndim == 3 and r.shape[0] == 1:
-        r = r[0]
-    if r.ndim != 2:
-        raise ValueError(f"region: expected an (H, W) mask, got shape {tuple(r.shape)}")
-    if tuple(r.shape) != (h, w):
-        raise ValueError(f"region: mask is {r.shape[1]}x{r.shape[0]} but the image is {w}x{h}; "
-                         f"resize the mask to the image size")
-    r = r.to(device)
-    if r.dtype != torch.bool:
-        r = r.to(torch.float32)
-        if not bool(torch.isfinite(r).all()):
-            raise ValueError("region: mask has NaN or infinite values")
-        r = r > 0.5
-    if not bool(r.any()):
-        raise ValueError("region: the mask is empty (no pixel above 0.5); select the part of the image "
-                         "that should move, or leave the mask out")
-    return r
-
-
 def _dedupe(points: torch.Tensor) -> torch.Tensor:
     if points.shape[0] < 2:
         return points
@@ -496,19 +477,9 @@ def _unpack_tracks(tracks, anchors):
 
 
 def _check_strength_falloff(strength, falloff) -> tuple[float, float | None]:
-    try:
-        strength = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength: expected a number, got {strength!r}") from None
-    if not math.isfinite(strength):
-        raise ValueError(f"strength: {strength} is not a finite number")
+    strength = finite_number(strength, "strength")
     if falloff is not None:
-        try:
-            falloff = float(falloff)
-        except (TypeError, ValueError):
-            raise ValueError(f"falloff: expected a number of pixels, got {falloff!r}") from None
-        if not math.isfinite(falloff) or falloff < 0:
-            raise ValueError(f"falloff: {falloff} must be a finite number of pixels >= 0")
+        falloff = finite_number(falloff, "falloff", "pixels", minimum=0)
     return strength, falloff
 
 
@@ -543,7 +514,8 @@ def _drag_timing(tr: list[torch.Tensor], frames: int, easing: str, track_interpo
 def _region_envelope(region, w: int, h: int, falloff: float | None, device):
     """Envelope (H*W,) of a region: 1 on it, a smooth bump down to 0 at ``falloff`` px outside;
     ``near`` (H*W,) bool: where a drag start still means the region. Returns (env, near, width)."""
-    reg = _prepare_region(region, w, h, device)
+    reg = region_mask(region, (w, h), "region", "select the part of the image that should move, or leave "
+                      "the mask out", device=device)
     width = max(2.0, min(w, h) / 32.0) if falloff is None else falloff
     # only the region's bounding box grown by the falloff can be non-zero
     rows = torch.nonzero(reg.any(dim=1)).reshape(-1)

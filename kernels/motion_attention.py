@@ -19,8 +19,8 @@ The stock AnimateDiff temporal attention (:func:`temporal_self_attention`) is ke
 for the flow-free stage-1 network and for comparisons.
 
 Conditioning helpers reproduce the released demo's rules: tracks are resampled to 16 points
-with PCHIP (:func:`pchip_resample`) and rasterised as squares around their first point
-(:func:`rasterise_tracks_motion_i2v`); flows are normalised by the image size into [0, 1]
+with PCHIP (``motion.resample_track(track, 16, method="pchip")``) and rasterised as squares
+around their first point (:func:`rasterise_tracks_motion_i2v`); flows are normalised by the image size into [0, 1]
 for the flow VAE (:func:`normalise_flow`) and mapped back (:func:`denormalise_flow`).
 
 Conventions: flows in pixels, x then y, displacement from frame 0; shapes in docstrings.
@@ -32,7 +32,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from .attention import check_heads, multihead_attention
+from .motion import resample_track
 from .warp import soft_splat, splat_operator
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
@@ -106,19 +109,6 @@ def interleave_warped(frames: torch.Tensor, warped: torch.Tensor) -> torch.Tenso
     out[:, 0::2] = frames
     out[:, 1::2] = warped.to(frames.dtype)
     return out
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """q (N, Lq, C), k/v (N, Lk, C) -> (N, Lq, C); heads are contiguous channel chunks,
-    scale ``d_head ** -0.5``, no mask."""
-    n, lq, c = q.shape
-    lk = k.shape[1]
-    d = c // heads
-    qh = q.reshape(n, lq, heads, d).transpose(1, 2)
-    kh = k.reshape(n, lk, heads, d).transpose(1, 2)
-    vh = v.reshape(n, lk, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qh, kh, vh)
-    return out.transpose(1, 2).reshape(n, lq, c)
 
 
 def _check_tokens(x: torch.Tensor, frames: int, name: str) -> tuple[int, int, int]:
@@ -258,8 +248,7 @@ def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[in
     if pe is not None and pe.shape[1] < seq_len:
         raise ValueError(f"motion-augmented attention: {seq_len} positions exceed the position "
                          f"encoding length {pe.shape[1]}")
-    if heads < 1 or c % heads:
-        raise ValueError(f"motion-augmented attention: {c} channels do not split into {heads} heads")
+    check_heads(c, heads, "motion-augmented attention")
     warp = frames - 1
     if warp and warped is None:
         plan = (splats if splats is not None else FlowSplats()).get(flow, (h, w), b, x.device, official_batch_tiling)
@@ -290,11 +279,8 @@ def motion_augmented_attention(x: torch.Tensor, flow: torch.Tensor, hw: tuple[in
         return buf
 
     q, k, v = parts(to_q, 0), parts(to_k, warp), parts(to_v, warp)
-    d = c // heads
-    out = F.scaled_dot_product_attention(q.view(b * n, frames, heads, d).transpose(1, 2),
-                                         k.view(b * n, seq_len, heads, d).transpose(1, 2),
-                                         v.view(b * n, seq_len, heads, d).transpose(1, 2))
-    out = out.transpose(1, 2).reshape(b, n, frames, c).transpose(1, 2).reshape(b * frames, n, c)
+    out = multihead_attention(q.view(b * n, frames, c), k.view(b * n, seq_len, c), v.view(b * n, seq_len, c), heads)
+    out = rearrange(out, "(b n) f c -> (b f) n c", b=b)
     if intermediates is not None:
         _inspect(intermediates, x, flow, (h, w), frames, pe, warped, official_batch_tiling,
                  None if warped is not None or not warp else plan)
@@ -373,54 +359,6 @@ def frame_strides(frames: int = MAX_FRAMES, step: int = 8) -> torch.Tensor:
 
 # ------------------------------------------------------------- sparse-condition rasters
 
-def pchip_resample(points: torch.Tensor, n: int) -> torch.Tensor:
-    """Resample a track with a shape-preserving cubic (PCHIP, Fritsch-Carlson slopes with
-    one-sided three-point end slopes) over ``t = linspace(0, 1, N)``.
-
-    points (N, 2) -> (n, 2) float64; x and y are interpolated separately.
-    """
-    p = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
-    m = p.shape[0]
-    if m < 2:
-        raise ValueError(f"track: needs at least 2 points to resample, got {m}")
-    t = torch.linspace(0.0, 1.0, m, dtype=torch.float64)
-    tn = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    hk = t[1:] - t[:-1]                       # (m-1,)
-    mk = (p[1:] - p[:-1]) / hk[:, None]       # (m-1, 2)
-    d = torch.zeros_like(p)
-    if m == 2:
-        d[0] = mk[0]
-        d[1] = mk[0]
-    else:
-        w1 = (2 * hk[1:] + hk[:-1])[:, None]
-        w2 = (hk[1:] + 2 * hk[:-1])[:, None]
-        flat = (torch.sign(mk[1:]) != torch.sign(mk[:-1])) | (mk[1:] == 0) | (mk[:-1] == 0)
-        whmean = (w1 / mk[:-1] + w2 / mk[1:]) / (w1 + w2)  # inf/nan only where `flat`
-        d[1:-1] = torch.where(flat, torch.zeros_like(whmean), 1.0 / whmean)
-
-        def edge(h0, h1, m0, m1):
-            e = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
-            wrong_sign = torch.sign(e) != torch.sign(m0)
-            overshoot = (torch.sign(m0) != torch.sign(m1)) & (e.abs() > 3.0 * m0.abs())
-            e = torch.where(wrong_sign, torch.zeros_like(e), e)
-            return torch.where(~wrong_sign & overshoot, 3.0 * m0, e)
-
-        d[0] = edge(hk[0], hk[1], mk[0], mk[1])
-        d[-1] = edge(hk[-1], hk[-2], mk[-1], mk[-2])
-    idx = torch.clamp(torch.searchsorted(t, tn, right=True) - 1, 0, m - 2)
-    h = hk[idx][:, None]
-    s = ((tn - t[idx]) / hk[idx])[:, None]
-    y0, y1, d0, d1 = p[idx], p[idx + 1], d[idx], d[idx + 1]
-    h00 = 2 * s**3 - 3 * s**2 + 1
-    h10 = s**3 - 2 * s**2 + s
-    h01 = -2 * s**3 + 3 * s**2
-    h11 = s**3 - s**2
-    out = h00 * y0 + h10 * h * d0 + h01 * y1 + h11 * h * d1
-    out[tn == 1.0] = p[-1]
-    out[tn == 0.0] = p[0]
-    return out
-
-
 def tracks_to_grid(tracks: Sequence[torch.Tensor], source_size: tuple[int, int],
                    grid_size: tuple[int, int]) -> list[torch.Tensor]:
     """Map track points from a ``source_size`` = (width, height) image onto the model grid
@@ -464,7 +402,7 @@ def rasterise_tracks_motion_i2v(tracks: Sequence[torch.Tensor], height: int, wid
             continue
         if p.shape[0] == 1:
             p = torch.cat([p, p + 1.0])
-        pts = pchip_resample(p, frames)
+        pts = resample_track(p, frames, method="pchip")
         sx, sy = float(pts[0, 0]), float(pts[0, 1])
         rows, cols = square(sx, sy)
         for i in range(frames - 1):

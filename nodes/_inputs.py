@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import runtime
+from ..kernels.checks import mask_plane
 
 SEED_MAX = runtime.SEED_MAX
 
@@ -32,14 +33,10 @@ def first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
 
 
 def single_mask(mask: torch.Tensor | None, size: tuple[int, int], name: str = "mask") -> torch.Tensor | None:
-    """MASK (B, H, W) or (H, W) -> (H, W) float32 of the image's ``size`` = (W, H)."""
+    """MASK (B, H, W) or (H, W) -> (H, W) float32 of the image's ``size`` = (W, H) (the first mask)."""
     if mask is None:
         return None
-    m = mask[0] if mask.ndim == 3 else mask
-    if m.ndim != 2:
-        raise ValueError(f"{name}: expected a MASK (B, H, W), got {tuple(mask.shape)}")
-    w, h = size
-    if tuple(m.shape) != (h, w):
-        raise ValueError(f"{name}: the mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}; "
-                         f"resize one of them so they match")
-    return m.float().clamp(0, 1)
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a MASK (B, H, W), got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    return mask_plane(mask[0] if mask.ndim == 3 else mask, size, name).float().clamp(0, 1)

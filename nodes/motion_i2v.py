@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.motion_attention import MAX_FRAMES, brush_to_static, rasterise_tracks_motion_i2v, tracks_to_grid
+from ..kernels.regional import paste
 from ._inputs import first_image, precision_input, seed_input
 
 FLOW_MODEL = "KINEMA_MI2V_FLOW_MODEL"
@@ -246,10 +247,13 @@ class KinemaMotionI2VRender:
 
     def render(self, render_model, vae, positive, negative, image, motion, steps, guidance, seed,
                keep_still_outside_motion_mask, brush=None):
-        from ..pipelines.motion_i2v.native import render_video_comfy
+        from ..pipelines.motion_i2v.native import paste_inputs, render_video_comfy
         img, static = _render_inputs(image, motion, brush, keep_still_outside_motion_mask)
         frames, latents = render_video_comfy(render_model, vae, positive, negative, img, motion, static, steps=steps,
                                              guidance=guidance, seed=int(seed))
+        if static is not None:  # the still region is the picture itself, not its VAE round trip
+            picture, keep = paste_inputs(img, motion, static)
+            frames = paste(frames, picture[0], 1.0 - keep[0])
         return (frames, {"samples": latents})
 
 
@@ -260,10 +264,14 @@ class KinemaMotionI2VMotionConditioning:
                    "cfg 7) using CLIP Text Encode conditioning, then VAE Decode.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL", "LATENT")
-    RETURN_NAMES = ("model", "latent")
+    RETURN_TYPES = ("MODEL", "LATENT", "IMAGE", "MASK")
+    RETURN_NAMES = ("model", "latent", "picture", "keep")
     OUTPUT_TOOLTIPS = ("The render model following this motion field.",
-                       "The video latent (one frame latent per frame) with its noise mask.")
+                       "The video latent (one frame latent per frame) with its noise mask.",
+                       "The picture at the motion field's size.",
+                       "1 where the frames should be the picture (the still region, feathered into the moving "
+                       "region); all 0 when nothing is held still. Core ImageCompositeMasked (destination: the "
+                       "decoded frames, source: picture, mask: keep) pastes it back exactly, as the render node does.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -273,9 +281,10 @@ class KinemaMotionI2VMotionConditioning:
         return {"required": req, "optional": dict(spec["optional"])}
 
     def apply(self, render_model, vae, image, motion, keep_still_outside_motion_mask, brush=None):
-        from ..pipelines.motion_i2v.native import prepare_render
+        from ..pipelines.motion_i2v.native import paste_inputs, prepare_render
         img, static = _render_inputs(image, motion, brush, keep_still_outside_motion_mask)
-        return prepare_render(render_model, vae, img, motion, static)
+        model, latent = prepare_render(render_model, vae, img, motion, static)
+        return (model, latent, *paste_inputs(img, motion, static))
 
 
 NODE_CLASS_MAPPINGS = {

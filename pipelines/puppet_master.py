@@ -47,8 +47,9 @@ from diffusers.models.unets.unet_3d_blocks import (
 from ..kernels.attention import all_to_first_attention
 from ..kernels.drag import (
     DragEmbedding, DragModulation, drag_context, drag_token_mlp, drag_tokens, drag_validity,
-    encode_drags, interpolate_drag_frames, resample_track, sincos_pos_embed_2d, track_length,
+    encode_drags, sincos_pos_embed_2d, track_length,
 )
+from ..kernels.motion import resample_track
 from .. import runtime
 from ..runtime import KinemaError, ProgressBar, check_interrupt
 from .checkpoint import check_keys, read_header, read_state_dict
@@ -623,11 +624,7 @@ def tracks_to_drags(tracks, crop: Crop, frames: int = NUM_FRAMES, max_drags: int
             raise ValueError(f"tracks: drag {n} starts at ({t[0, 0]:g}, {t[0, 1]:g}), outside the subject crop; "
                              f"start drags on the object")
         u = u.clamp(0, 1)
-        if t.shape[0] == 2:
-            d = interpolate_drag_frames(u[0:1], u[1:2], frames)[:, 0]
-        else:
-            d = torch.cat([u[0].expand(frames, 2), resample_track(u, frames)], dim=-1)
-        drags[0, :, n] = d
+        drags[0, :, n] = torch.cat([u[0].expand(frames, 2), resample_track(u, frames)], dim=-1)
         valid[0, :, n] = True
     return drags, valid
 

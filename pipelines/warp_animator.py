@@ -51,6 +51,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kernels.checks import mask_plane
 from ..kernels.field import MotionField
 from ..kernels.inpaint import exemplar_fill, push_pull
 from ..kernels.masks import matte
@@ -123,17 +124,7 @@ def _validate(image, field, mask, fill):
     if fill not in FILL_MODES:
         raise ValueError(f"fill: must be one of {FILL_MODES}, got {fill!r}")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise ValueError(f"mask: expected a tensor (H, W), got {type(mask).__name__}")
-        if mask.ndim == 3 and mask.shape[0] == 1:
-            mask = mask[0]
-        if mask.ndim != 2:
-            raise ValueError(f"mask: must be (H, W), got shape {tuple(mask.shape)}")
-        if tuple(mask.shape) != (h, w):
-            raise ValueError(f"mask: the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {w}x{h} "
-                             f"(width x height); resize the mask to the image")
-        if not bool(torch.isfinite(mask.float()).all()):
-            raise ValueError("mask: has NaN or infinite values")
+        mask = mask_plane(mask, (w, h), "mask")
     fmask = getattr(field, "mask", None)
     if fmask is not None and tuple(fmask.shape) != (h, w):
         raise ValueError(f"field: its mask is {fmask.shape[1]}x{fmask.shape[0]} but the image is {w}x{h}")

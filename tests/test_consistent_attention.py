@@ -3,8 +3,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kinema.kernels.attention import multihead_attention
 from kinema.kernels.consistent_attention import (
-    ConsistentSelfAttention, StoryLayout, attention, consistent_attention, consistent_attention_dense)
+    ConsistentSelfAttention, StoryLayout, consistent_attention, consistent_attention_dense)
 
 ATOL = 1e-5
 HEADS = 2
@@ -28,6 +29,13 @@ def run_phase(state, proj, hidden, panels, groups=2):
     q, k, v = proj.qkv(hidden)
     return proj.out(state.attend(q, k, v, HEADS, "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
                                  panels, groups))
+
+
+def assert_phase(state, proj, d, hidden, panels, want):
+    """Run the fixture's hidden states ``hidden`` for ``panels`` and compare with its ``want``."""
+    out = run_phase(state, proj, d[hidden], panels)
+    assert (out - d[want]).abs().max() < ATOL, want
+    return out
 
 
 def story_state(masks, gate=True, schedule="lowvram", keep_bank=True):
@@ -55,8 +63,7 @@ def test_lowvram_parity(lowvram, rate):
     proj = Proj(d)
     state = story_state(d[f"{rate}.index_mask"])
     state.set_step(1)
-    write = run_phase(state, proj, d["in.write_hidden.A"], [0, 1])
-    assert (write - d[f"{rate}.write_out.A"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden.A", [0, 1], f"{rate}.write_out.A")
     # the bank holds the sampled reference tokens (projected): compare with the official bank
     bank_k = torch.stack([state.bank[(1, 0, "A", g)][0] for g in (0, 1)])  # one entry per CFG half
     bank_v = torch.stack([state.bank[(1, 0, "A", g)][1] for g in (0, 1)])
@@ -64,8 +71,7 @@ def test_lowvram_parity(lowvram, rate):
     assert bank_k.shape == (2, ref_hidden.shape[1], 64)
     assert torch.allclose(bank_k, ref_hidden @ proj.wk.T, atol=ATOL, rtol=0)
     assert torch.allclose(bank_v, ref_hidden @ proj.wv.T, atol=ATOL, rtol=0)
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d[f"{rate}.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.read_hidden", [2], f"{rate}.read_out")
 
 
 def test_lowvram_step0_and_gate_off(lowvram):
@@ -73,13 +79,12 @@ def test_lowvram_step0_and_gate_off(lowvram):
     proj = Proj(d)
     state = story_state(d["sa1p0.index_mask"])
     state.set_step(0)
-    write = run_phase(state, proj, d["in.write_hidden.A"], [0, 1])
-    assert (write - d["step0.write_out.A"]).abs().max() < ATOL
+    write = assert_phase(state, proj, d, "in.write_hidden.A", [0, 1], "step0.write_out.A")
     assert (write - d["ref.plain_write"]).abs().max() < ATOL
     off = story_state(d["sa1p0.index_mask"], gate=False)
     off.set_step(1)
-    assert (run_phase(off, proj, d["in.write_hidden.A"], [0, 1]) - d["gateoff.write_out.A"]).abs().max() < ATOL
-    assert (run_phase(off, proj, d["in.read_hidden"], [2]) - d["gateoff.read_out"]).abs().max() < ATOL
+    assert_phase(off, proj, d, "in.write_hidden.A", [0, 1], "gateoff.write_out.A")
+    assert_phase(off, proj, d, "in.read_hidden", [2], "gateoff.read_out")
 
 
 def app_masks(mask, n=256, ref=2):
@@ -101,10 +106,8 @@ def test_app_parity(app, rate):
     proj = Proj(d)
     state = story_state(app_masks(d[f"{rate}.attn_mask"]), schedule="app")
     state.set_step(5)
-    write = run_phase(state, proj, d["in.write_hidden"], [0, 1])
-    assert (write - d[f"{rate}.write_out"]).abs().max() < ATOL
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d[f"{rate}.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden", [0, 1], f"{rate}.write_out")
+    assert_phase(state, proj, d, "in.read_hidden", [2], f"{rate}.read_out")
 
 
 def test_app_early_and_gate_off(app):
@@ -113,16 +116,14 @@ def test_app_early_and_gate_off(app):
     masks = app_masks(d["sa0p5.attn_mask"])
     state = story_state(masks, schedule="app")
     state.set_step(2)
-    write = run_phase(state, proj, d["in.write_hidden"], [0, 1])
-    assert (write - d["early.write_out"]).abs().max() < ATOL
-    read = run_phase(state, proj, d["in.read_hidden"], [2])
-    assert (read - d["early.read_out"]).abs().max() < ATOL
+    assert_phase(state, proj, d, "in.write_hidden", [0, 1], "early.write_out")
+    assert_phase(state, proj, d, "in.read_hidden", [2], "early.read_out")
     # the early read is not plain attention: it sees every reference token
     assert (d["early.read_out"] - d["ref.plain_read"]).abs().max() > 1e-3
     off = story_state(masks, schedule="app", gate=False)
     off.set_step(5)
-    assert (run_phase(off, proj, d["in.write_hidden"], [0, 1]) - d["gateoff.write_out"]).abs().max() < ATOL
-    assert (run_phase(off, proj, d["in.read_hidden"], [2]) - d["gateoff.read_out"]).abs().max() < ATOL
+    assert_phase(off, proj, d, "in.write_hidden", [0, 1], "gateoff.write_out")
+    assert_phase(off, proj, d, "in.read_hidden", [2], "gateoff.read_out")
 
 
 def test_in_batch_equals_write_then_read(lowvram):
@@ -165,12 +166,12 @@ def test_rate_zero_is_plain():
     sources = [[j for j in range(5) if j != i] for i in range(5)]
     zero = torch.zeros(5, 24, dtype=torch.bool)
     out = consistent_attention(q, k, v, 2, sources, zero)
-    assert torch.allclose(out, attention(q, k, v, 2), atol=1e-6)
+    assert torch.allclose(out, multihead_attention(q, k, v, 2), atol=1e-6)
     layout = StoryLayout([("A",), ("A",), ("A",), ()], {"A": [0, 1]})
     state = ConsistentSelfAttention(layout, sa32=0.0, sa64=0.0, seed=3)
     state.set_step(7)
     qq, kk, vv = q[:4], k[:4], v[:4]
-    assert torch.allclose(state.attend(qq, kk, vv, 2, "l", [0, 1, 2, 3]), attention(qq, kk, vv, 2), atol=1e-6)
+    assert torch.allclose(state.attend(qq, kk, vv, 2, "l", [0, 1, 2, 3]), multihead_attention(qq, kk, vv, 2), atol=1e-6)
 
 
 @pytest.mark.parametrize("merge", [True, False])
@@ -205,7 +206,7 @@ def test_one_panel_is_plain():
     state = ConsistentSelfAttention(layout, sa32=1.0, sa64=1.0, seed=1)
     for step in (0, 3, 30):
         state.set_step(step)
-        assert torch.allclose(state.attend(q, k, v, 2, "l", [0]), attention(q, k, v, 2), atol=1e-6)
+        assert torch.allclose(state.attend(q, k, v, 2, "l", [0]), multihead_attention(q, k, v, 2), atol=1e-6)
 
 
 def test_batch_order_independence():

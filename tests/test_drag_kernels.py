@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from kinema.kernels.attention import all_to_first_attention
 from kinema.kernels.drag import (
     DragEmbedding, DragModulation, drag_context, drag_modulate, drag_token_inputs, drag_token_mlp, drag_tokens,
-    drag_validity, encode_drags, interpolate_drag_frames, resample_track, sample_points,
+    drag_validity, encode_drags, interpolate_drag_frames, sample_points,
     sincos_pos_embed_2d, track_length,
 )
 
@@ -148,15 +148,13 @@ def test_modulation_once_per_video_equals_per_step_modulation():
         mod(h[:7])
 
 
-def test_interpolation_and_resampling():
+def test_interpolation_and_track_length():
     d = interpolate_drag_frames(torch.tensor([[0.2, 0.3]]), torch.tensor([[0.8, 0.3]]), 14)
     assert d.shape == (14, 1, 4)
     assert torch.allclose(d[:, 0, :2], torch.tensor([0.2, 0.3]).expand(14, 2))
     assert torch.allclose(d[0, 0, 2:], torch.tensor([0.2, 0.3])) and torch.allclose(d[-1, 0, 2:], torch.tensor([0.8, 0.3]))
     assert torch.allclose(d[7, 0, 2], torch.tensor(0.2 + 0.6 * 7 / 13))
     tr = torch.tensor([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]])
-    rs = resample_track(tr, 5)
-    assert torch.allclose(rs, torch.tensor([[0.0, 0.0], [5.0, 0.0], [10.0, 0.0], [10.0, 5.0], [10.0, 10.0]]))
     assert track_length(tr) == 20.0
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kinema.kernels.dual_attention import dual_cross_attention, multihead_attention, per_frame_context
+from kinema.kernels.attention import multihead_attention
+from kinema.kernels.dual_attention import dual_cross_attention, per_frame_context
 from kinema.pipelines.dynamicrafter.unet import CrossAttention, DynamiCrafterUNet, UNetConfig
 
 

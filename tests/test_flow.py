@@ -74,9 +74,9 @@ def test_magnitude_stats_inside_mask():
     assert s90["percentile"] == pytest.approx(float(torch.quantile(torch.tensor([5.0, 1.0]), 0.9)))
     whole = flow_magnitude_stats(flow)
     assert whole["max"] == 50.0
-    with pytest.raises(ValueError, match="mask: is empty"):
+    with pytest.raises(ValueError, match="mask: the mask is empty"):
         flow_magnitude_stats(flow, torch.zeros(4, 4))
-    with pytest.raises(ValueError, match="mask: shape"):
+    with pytest.raises(ValueError, match="mask: the mask is 4x3 but the flow is 4x4"):
         flow_magnitude_stats(flow, torch.ones(3, 4))
     with pytest.raises(ValueError, match="percentile: 120"):
         flow_magnitude_stats(flow, None, percentile=120)

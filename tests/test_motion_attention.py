@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from kinema.kernels.motion_attention import (
     FirstFrameSplat, FlowSplats, apply_static, brush_to_static, denormalise_flow, frame_strides, interleave_warped,
-    motion_augmented_attention, normalise_flow, pchip_resample, rasterise_tracks_motion_i2v,
+    motion_augmented_attention, normalise_flow, rasterise_tracks_motion_i2v,
     resize_flow, sinusoidal_position_encoding, sparse_vae_input, splat_first_frame,
     temporal_self_attention, tracks_to_grid)
 
@@ -204,24 +204,6 @@ def test_too_many_frames_and_bad_grid_are_clear_errors():
 
 
 # --------------------------------------------------------------- normalisation / rasters
-
-def test_pchip_matches_reference_points(norm):
-    _, meta = norm
-    case = meta["cases"]["R1_two_tracks_no_brush"]
-    for grid, ref in zip(case["tracks_grid_int"], case["tracks_interpolated_16"]):
-        ours = pchip_resample(torch.tensor(grid, dtype=torch.float64), 16)
-        assert _diff(ours, torch.tensor(ref, dtype=torch.float64)) < 1e-9
-
-
-def test_pchip_against_scipy_on_a_wiggly_track():
-    scipy_interp = pytest.importorskip("scipy.interpolate")
-    import numpy as np
-    pts = np.array([[0, 0], [5, 9], [7, 2], [7, 2], [20, -4], [21, 30]], dtype=np.float64)
-    t = np.linspace(0, 1, len(pts))
-    nt = np.linspace(0, 1, 16)
-    ref = np.stack([scipy_interp.PchipInterpolator(t, pts[:, i])(nt) for i in range(2)], 1)
-    assert _diff(pchip_resample(torch.from_numpy(pts), 16), torch.from_numpy(ref)) < 1e-9
-
 
 @pytest.mark.parametrize("case", ("R1_two_tracks_no_brush", "R2_two_tracks_with_brush"))
 def test_rasterisation_and_normalisation_match(norm, case):

@@ -129,6 +129,17 @@ def test_pchip_equals_scipys_pchip_interpolator():
         assert np.allclose(out, [tr[0].numpy() - 0.25 * slope[0], tr[-1].numpy() + 0.5 * slope[1]], atol=1e-9), n
 
 
+def test_pchip_against_scipy_on_a_wiggly_track():
+    """Sign changes, a repeated point and a steep last piece: the end-slope limiter and the flat
+    pieces, resampled to Motion-I2V's 16 points."""
+    from scipy.interpolate import PchipInterpolator
+    pts = np.array([[0, 0], [5, 9], [7, 2], [7, 2], [20, -4], [21, 30]], dtype=np.float64)
+    t = np.linspace(0, 1, len(pts))
+    ref = np.stack([PchipInterpolator(t, pts[:, i])(np.linspace(0, 1, 16)) for i in range(2)], 1)
+    out = resample_track(torch.from_numpy(pts), 16, method="pchip").numpy()
+    assert np.abs(out - ref).max() < 1e-9
+
+
 def test_pchip_shape_preserving():
     tr = torch.tensor([[0.0, 0.0], [1.0, 5.0], [2.0, 5.0], [3.0, 9.0]], dtype=torch.float64)
     t = torch.linspace(0, 1, 301, dtype=torch.float64)
@@ -339,11 +350,11 @@ def test_bad_inputs_give_clear_errors():
         dense_motion([torch.tensor([[3.0, 3.0]])], (W, H), 4)
     with pytest.raises(ValueError, match=r"tracks\[0\] start: \(70, 10\) is outside the 64x48 image"):
         dense_motion([torch.tensor([[70.0, 10.0], [60.0, 10.0]])], (W, H), 4)
-    with pytest.raises(ValueError, match="region: mask is 32x32 but the image is 64x48"):
+    with pytest.raises(ValueError, match="region: the mask is 32x32 but the image is 64x48"):
         dense_motion([drag], (W, H), 4, region=torch.ones(32, 32))
     with pytest.raises(ValueError, match="region: the mask is empty"):
         dense_motion([drag], (W, H), 4, region=torch.zeros(H, W))
-    with pytest.raises(ValueError, match="region: mask has NaN"):
+    with pytest.raises(ValueError, match="region: the mask has NaN"):
         dense_motion([drag], (W, H), 4, region=torch.full((H, W), float("nan")))
     with pytest.raises(ValueError, match="size: expected"):
         dense_motion([drag], (W,), 4)

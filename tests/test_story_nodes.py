@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kinema.kernels.consistent_attention import attention
+from kinema.kernels.attention import multihead_attention
 from kinema.nodes import story as story_nodes
 from kinema.pipelines import story as story_pipeline
 
@@ -139,7 +139,7 @@ def test_patch_follows_comfy_batches():
     got = _call(patch, q, k, v, 2, sigmas)
     assert patch.state.step == 2
     # the NC panel is plain attention, the others are not
-    plain = attention(q, k, v, 2)
+    plain = multihead_attention(q, k, v, 2)
     assert torch.allclose(got[[2, 6]], plain[[2, 6]], atol=1e-6)
     # cond and uncond run as separate chunks give the same rows
     cond_only = _call(patch, q[4:], k[4:], v[4:], 2, sigmas, cond_or_uncond=(0,))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ...kernels.attention import merge_heads, split_heads
 
 
 class PerceiverAttention(nn.Module):
@@ -29,20 +30,14 @@ class PerceiverAttention(nn.Module):
         """x: (B, N, dim), latents: (B, L, dim) -> (B, L, dim)."""
         x = self.norm1(x)
         latents = self.norm2(latents)
-        b, length, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
-
-        def heads(t):
-            return t.reshape(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2)
-
-        q, k, v = heads(q), heads(k), heads(v)
-        # softmax((q d^-1/4)(k d^-1/4)^T) computed in float32, as the released model does.
+        q = split_heads(self.to_q(latents), self.heads)
+        k, v = (split_heads(t, self.heads) for t in self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1))
+        # softmax((q d^-1/4)(k d^-1/4)^T) computed in float32, as the released model does (written
+        # out rather than scaled_dot_product_attention, whose half-precision softmax differs).
         s = self.dim_head ** -0.25
         w = torch.matmul(q * s, (k * s).transpose(-1, -2))
         w = torch.softmax(w.float(), dim=-1).to(w.dtype)
-        out = torch.matmul(w, v).transpose(1, 2).reshape(b, length, -1)
-        return self.to_out(out)
+        return self.to_out(merge_heads(torch.matmul(w, v)))
 
 
 class FeedForward(nn.Sequential):

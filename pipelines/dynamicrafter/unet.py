@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.dual_attention import dual_cross_attention, image_scale, multihead_attention, per_frame_context
+from ...kernels.attention import multihead_attention
+from ...kernels.dual_attention import dual_cross_attention, image_scale, per_frame_context
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch.nn as nn
 from ... import runtime
 from ...kernels.field import MotionField
 from ...kernels.motion_attention import MAX_FRAMES, FlowSplats
+from ...kernels.regional import default_feather, paste_alpha
 from ..ddim import ddim_sigmas
 from .loading import load_config, motion_block_state_dict
 from .modules import MOTION_AUGMENTED, MotionModule
@@ -278,6 +279,21 @@ def prepare_render(model, vae, image: torch.Tensor, motion: MotionField, static:
     clone.set_model_unet_function_wrapper(_clean_first_frame(frames, z_model, float(ms.sigmas[1])))
     clone.set_model_denoise_mask_function(_first_step_mask(frame0_mask))
     return clone, {"samples": z.expand(frames, -1, -1, -1).contiguous(), "noise_mask": mask}
+
+
+def paste_inputs(image: torch.Tensor, motion: MotionField, static: torch.Tensor | None = None):
+    """(picture (1, H, W, 3) in [0, 1] at the motion field's size, keep (1, H, W)) to paste the
+    picture back over the decoded frames: ``keep`` is exactly 1 in the still region and falls to 0
+    over a feather (1/64 of the short side) into the moving region; all 0 when nothing is held
+    still. Core ImageCompositeMasked (destination: frames, source: picture, mask: keep) then gives
+    the picture bit for bit where the video must not move, as the render node does."""
+    from .pipeline import _check_image
+    _, height, width, _ = motion.flow.shape
+    picture = _check_image(image, width, height).permute(0, 2, 3, 1).cpu()
+    if static is None:
+        return picture, torch.zeros(1, height, width)
+    alpha = paste_alpha(1.0 - static.float().cpu(), default_feather(height, width))
+    return picture, (1.0 - alpha)[None]
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from ... import runtime
-from ...kernels.dual_attention import multihead_attention
+from ...kernels.attention import multihead_attention
 from ...runtime import KinemaError
 from ..checkpoint import load_strict, read_header, read_state_dict
 from ..dynamicrafter.unet import timestep_embedding

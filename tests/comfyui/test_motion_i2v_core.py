@@ -117,6 +117,50 @@ def test_render_node(sd15_core, conds, motion_file):
                     True)
 
 
+def test_render_node_keeps_the_still_region_the_picture(sd15_core, conds, motion_file):
+    """With a brush, the render node's frames are the picture itself (not its VAE round trip)
+    wherever the brush leaves the picture still, every frame; inside the brushed region they move."""
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, static = _scene()
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    node = mnodes.KinemaMotionI2VRender()
+    brush = (1 - static)[None]
+    frames, _ = node.render(render, vae, positive, negative, image[None], motion, 2, 2.0, 3, True, brush=brush)
+    still = static == 1
+    assert torch.equal(frames[:, still], image[still].expand(F, -1, -1))
+    # the VAE alone is far from the picture there (what the paste corrects), and the moving half moves
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(image[None]).float()).float().reshape(H, W, 3)
+    assert float((decoded[still] - image[still]).abs().max()) > 1 / 255
+    assert float((frames[1:, :, :24] - frames[:1, :, :24]).abs().max()) > 1e-3
+    # a 4-pixel feather (1/64 of 32 px, at least 1) inside the brushed edge: column 31 is blended
+    assert float((frames[:, :, :31] - image[None, :, :31]).abs().max()) > 0
+
+
+def test_ksampler_route_pastes_with_core_image_composite(sd15_core, conds, motion_file):
+    """KSampler + VAE Decode + core ImageCompositeMasked with the conditioning's picture and keep:
+    the still region is the picture bit for bit; nothing held still gives an all-0 keep."""
+    from comfy_extras.nodes_mask import ImageCompositeMasked
+
+    model, _clip, vae = sd15_core
+    positive, negative = conds
+    image, motion, static = _scene()
+    (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
+    cond = mnodes.KinemaMotionI2VMotionConditioning()
+    m, latent, picture, keep = cond.apply(render, vae, image[None], motion, True, (1 - static)[None])
+    assert picture.shape == (1, H, W, 3) and keep.shape == (1, H, W)
+    assert torch.equal(keep[0][static == 1], torch.ones(int(static.sum())))
+    assert float(keep[0][static == 0].max()) < 1 and float(keep[0, :, :20].max()) < 1e-6  # deep inside: moves
+    (out,) = comfy_nodes.common_ksampler(m, 4, 2, 2.0, "euler", "ddim_uniform", positive, negative, latent)
+    (frames,) = comfy_nodes.VAEDecode().decode(vae, out)
+    (pasted,) = ImageCompositeMasked().composite(frames.clone(), picture, 0, 0, False, keep)
+    still = static == 1
+    assert torch.equal(pasted[:, still], picture[0, still].expand(F, -1, -1))
+    _m, _l, _p, none_kept = cond.apply(render, vae, image[None], motion, False, None)
+    assert torch.equal(none_kept, torch.zeros(1, H, W))
+
+
 def test_predict_node_with_comfy_vae_and_conditioning(sd15_core, conds, tmp_path):
     import tiny_motion_i2v as tiny
     from kinema.pipelines.motion_i2v import pipeline
@@ -158,7 +202,8 @@ def test_ksampler_route_agrees_with_the_reference(sd15_core, conds, motion_file,
     image, motion, static = _scene()
     (render,) = mnodes.KinemaMotionI2VRenderLoader().load(model, motion_file.name, "none")
     brush = (1 - static)[None]
-    m, latent = mnodes.KinemaMotionI2VMotionConditioning().apply(render, vae, image[None], motion, True, brush)
+    m, latent, _picture, _keep = mnodes.KinemaMotionI2VMotionConditioning().apply(render, vae, image[None], motion,
+                                                                                  True, brush)
     assert latent["samples"].shape == (F, 4, H // 8, W // 8) and latent["noise_mask"][0].max() == 0
     (out,) = comfy_nodes.common_ksampler(m, 9, 4, 3.0, "euler", "ddim_uniform", positive, negative, latent)
     got = out["samples"]

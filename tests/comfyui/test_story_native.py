@@ -1,7 +1,7 @@
 """The consistent-attention patch inside ComfyUI's own UNetModel (ComfyUI in this process)."""
 import torch
 
-from kinema.kernels.consistent_attention import attention
+from kinema.kernels.attention import multihead_attention
 from kinema.nodes import story as story_nodes
 
 STORY = "[A] a knight in red armour\n[A] the knight on a horse\n[NC] a castle\n[A] the knight sleeping"
@@ -31,7 +31,7 @@ def test_patch_in_real_comfyui():
     def recorder(inner):
         def call(q, k, v, extra_options):
             out = inner(q, k, v, extra_options)
-            plain = attention(q, k, v, extra_options["n_heads"])
+            plain = multihead_attention(q, k, v, extra_options["n_heads"])
             seen.append((extra_options["block"], extra_options["block_index"], inner.state.step,
                          (out - plain).flatten(1).abs().max(1).values))
             return out
