@@ -686,6 +686,24 @@ def _comfyui_precision_forced() -> bool:
     return args is not None and any(bool(getattr(args, n, False)) for n in names)
 
 
+SEED_MAX = 0xFFFFFFFFFFFFFFFF  # ComfyUI's own seed maximum (KSampler's noise_seed); seeds wrap at it
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", *DTYPES)
+
+
+def dtype_named(name, params: int = 0, what: str = "precision") -> torch.dtype:
+    """The one map from a precision name to a dtype, for every loader: ``auto`` is
+    :func:`default_dtype` for a model of ``params`` parameters; a ``torch.dtype`` passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return default_dtype(params=params)
+    if name not in DTYPES:
+        raise ValueError(f"{what}: {name!r} is not one of {', '.join(PRECISIONS)}")
+    return DTYPES[name]
+
+
 def default_dtype(load_device=None, supported=(torch.float16, torch.bfloat16, torch.float32),
                   params: int = 0) -> torch.dtype:
     """The weight dtype a loader's "auto" picks for a model of ``params`` parameters on

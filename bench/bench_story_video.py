@@ -90,15 +90,13 @@ def predictor_speed(frames: int) -> dict:
 
 def trainer_speed() -> dict:
     from safetensors.torch import save_file
-    from kinema.pipelines.dynamicrafter import convert as C
-    from kinema.pipelines.story_video import predictor as SP
     from kinema.pipelines.story_video import train as TR
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         TR.make_warp_clips(d / "clips", count=8, size=64, frames=12)
         save_file(_tiny().checkpoint("512"), str(d / "dc.safetensors"))
         opts = TR.TrainOptions(data=[str(d / "clips")], encoder=str(d / "dc.safetensors"), out=str(d / "p.safetensors"),
-                               work_dir=str(d / "run"), config=SP.default_config("tiny").to_dict(), frames=6,
+                               work_dir=str(d / "run"), config=json.loads((ROOT / "tests" / "configs" / "story_diffusion" / "tiny.json").read_text()), frames=6,
                                height=64, width=64, steps=1500, batch=8, lr=3e-3, warmup=10, log_every=100,
                                save_every=10000, device="cpu")
         t0 = time.perf_counter()

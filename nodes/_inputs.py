@@ -3,7 +3,25 @@ from __future__ import annotations
 
 import torch
 
+from .. import runtime
 from ..kernels.checks import mask_plane
+
+SEED_MAX = runtime.SEED_MAX
+
+PRECISION_TOOLTIP = ("Precision of the weights. auto: fp16 or bf16 on a GPU, bf16 on a CPU with native bf16 (AMX or "
+                     "AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet wins). fp16 suits NVIDIA "
+                     "GPUs, bf16 recent CPUs and GPUs, fp32 runs everywhere (slowest).")
+
+
+def seed_input(tooltip: str = "Seed of the noise (the same seed gives the same result).") -> tuple:
+    """The ``seed`` input of every sampling node (ComfyUI's range)."""
+    return ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": tooltip})
+
+
+def precision_input(note: str = "") -> tuple:
+    """The ``precision`` input of every loader: the same choices and tooltip (``note``: what is
+    particular to this loader)."""
+    return (list(runtime.PRECISIONS), {"default": "auto", "tooltip": PRECISION_TOOLTIP + (" " + note if note else "")})
 
 
 def first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:

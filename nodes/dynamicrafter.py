@@ -4,13 +4,12 @@ own samplers sample the model (to MODEL, Conditioning, the released DDIM as a SA
 timesteps as SIGMAS)."""
 from __future__ import annotations
 
-import torch
 
 from .. import runtime
+from ._inputs import precision_input, seed_input
 
 MODEL_TYPE = "KINEMA_DYNAMICRAFTER"
 FOLDERS = ("kinema/dynamicrafter", "checkpoints")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 VARIANTS = ("auto", "256", "512", "1024", "512_interp")
 
 
@@ -31,14 +30,6 @@ def _resolve(name: str):
             continue
     raise runtime.KinemaError(f"DynamiCrafter checkpoint '{name}' not found in models/kinema/dynamicrafter/ "
                               f"or models/checkpoints/")
-
-
-def _dtype(precision: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return runtime.default_dtype(params=1_400_000_000)
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _check_model(model):
@@ -74,7 +65,7 @@ def _common_inputs(frames_default=16) -> dict:
         "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": h["steps"]}),
         "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": h["cfg"]}),
         "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": h["eta"]}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": h["seed"]}),
+        "seed": seed_input(h["seed"]),
     }
 
 
@@ -117,11 +108,7 @@ class KinemaDynamiCrafterLoader:
         return {
             "required": {
                 "ckpt_name": (_model_files(), {"tooltip": "A DynamiCrafter checkpoint file."}),
-                "precision": (list(PRECISIONS), {
-                    "default": "auto",
-                    "tooltip": "Weights precision. auto: fp16 or bf16 on a GPU, bf16 on a CPU with native bf16 "
-                               "(AMX or AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet "
-                               "wins). The VAE stays fp32 when fp16 is chosen."}),
+                "precision": precision_input("The VAE stays fp32 when fp16 is chosen."),
             },
             "optional": {
                 "variant": (list(VARIANTS), {
@@ -135,7 +122,7 @@ class KinemaDynamiCrafterLoader:
         from ..pipelines.dynamicrafter.convert import load_dynamicrafter
         if variant not in VARIANTS:
             raise ValueError(f"variant: {variant!r} is not one of {', '.join(VARIANTS)}")
-        dtype = _dtype(precision)
+        dtype = runtime.dtype_named(precision, params=1_400_000_000)
         path = _resolve(ckpt_name)
         model = load_dynamicrafter(path, dtype=dtype, variant=variant)
         model.managed()  # under ComfyUI's model management from now on

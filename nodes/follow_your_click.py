@@ -3,19 +3,18 @@ strength; and one motion strength for every backend (FYC's bucket, DynamiCrafter
 motion field's scale). Thin: validate, call ``pipelines.follow_your_click`` / ``kernels.strength``."""
 from __future__ import annotations
 
-import torch
 
 from .. import runtime
 from ..kernels.field import MotionField
 from ..kernels.strength import BUCKETS, DYNAMICRAFTER_VARIANTS, bucket_speed, dynamicrafter_fs, warp_strength
 from ._ui import save_temp_webp
+from ._inputs import precision_input, seed_input
 from .motion_i2v import _conditioning  # CONDITIONING -> (1, tokens, D); one reader for both
 
 MODEL_TYPE = "KINEMA_FYC"
 MOTION = "KINEMA_MOTION"
 FOLDER = "kinema/follow_your_click"
 CATEGORY = "Kinema/Follow-Your-Click"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 _STRENGTH_TIP = ("Motion strength 0-10 (4 = the official default): how far the region moves. Connect the "
                  "'bucket' of Motion strength to copy the motion of a drag or a reference video (see "
@@ -39,18 +38,13 @@ class KinemaFYCLoader:
         return {"required": {
             "unet_name": (runtime.model_choices(FOLDER), {"tooltip": "An FYC-format checkpoint in "
                                                                     "models/kinema/follow_your_click."}),
-            "precision": (list(PRECISIONS), {"default": "auto", "tooltip": "Weights precision. auto: ComfyUI's choice "
-                                                                             "for the device (fp16/bf16 on a GPU, fp32 "
-                                                                             "on the CPU)."}),
+            "precision": precision_input(),
         }}
 
     def load(self, unet_name, precision="auto"):
         from ..pipelines.follow_your_click.convert import load_unet
         from ..pipelines.follow_your_click.pipeline import FYCModel
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-        dtype = runtime.default_dtype(params=1_300_000_000) if precision == "auto" else \
-            {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        dtype = runtime.dtype_named(precision, params=1_300_000_000)
         unet = load_unet(runtime.model_path(FOLDER, unet_name), dtype)
         return (FYCModel(unet, f"Follow-Your-Click UNet ({unet_name})"),)
 
@@ -68,6 +62,7 @@ class KinemaFYCAnimate:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..pipelines.follow_your_click.pipeline import MAX_STEPS
         return {"required": {
             "fyc_model": (MODEL_TYPE, {"tooltip": "From Load Follow-Your-Click Model."}),
             "vae": ("VAE", {"tooltip": "The VAE of the SD1.5 checkpoint the model was built from (Load Checkpoint)."}),
@@ -84,11 +79,11 @@ class KinemaFYCAnimate:
                                                                              "reach 24; trained on 16)."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Output width in pixels."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Output height in pixels."}),
-            "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "DDIM steps (the official configs "
+            "steps": ("INT", {"default": 25, "min": 1, "max": MAX_STEPS, "tooltip": "DDIM steps (the official configs "
                                                                              "use 25-100)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
                               "tooltip": "Classifier-free guidance (official 7.5-8; 1.0 turns it off and halves the time)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the noise."}),
+            "seed": seed_input("Seed of the noise."),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "The region that moves (1), e.g. from Click to Mask. Without it the whole "
                                          "picture may move."}),

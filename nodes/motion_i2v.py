@@ -12,23 +12,12 @@ from .. import formats, runtime
 from ..kernels.field import MotionField
 from ..kernels.motion_attention import MAX_FRAMES, brush_to_static, rasterise_tracks_motion_i2v, tracks_to_grid
 from ..kernels.regional import paste
+from ._inputs import first_image, precision_input, seed_input
 
 FLOW_MODEL = "KINEMA_MI2V_FLOW_MODEL"
 MOTION = "KINEMA_MOTION"
 CATEGORY = "Kinema/Motion-I2V"
 FOLDER = "kinema/motion_i2v"
-DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-_DTYPE_TIP = ("Precision of the networks: auto = fp16 or bf16 on a GPU, bf16 on a CPU with native bf16 (AMX or "
-              "AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet wins); fp16 for NVIDIA GPUs, "
-              "bf16 for recent CPUs/GPUs, fp32 everywhere (slowest).")
-
-
-def _first_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-        raise ValueError(f"{name}: expected an IMAGE batch (B, H, W, 3), got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    return image[0, ..., :3].float()
 
 
 def _conditioning(c, name: str) -> torch.Tensor:
@@ -49,12 +38,6 @@ def _conditioning(c, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[0] != 1:
         raise ValueError(f"{name}: expected CONDITIONING holding one (1, tokens, 768) tensor")
     return t.float()
-
-
-def _dtype(name: str, params: int) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name] or runtime.default_dtype(params=params)
 
 
 def _brush(mask, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor | None:
@@ -84,7 +67,7 @@ def _render_inputs(image, motion, brush, keep_still):
     problem named by its input."""
     if not isinstance(motion, MotionField):
         raise ValueError(f"motion: expected a Kinema motion field, got {type(motion).__name__}")
-    img = _first_image(image)
+    img = first_image(image)
     ih, iw = img.shape[:2]
     fw, fh = motion.size
     if motion.frames > MAX_FRAMES:
@@ -118,13 +101,14 @@ class KinemaMotionI2VFlowLoader:
                                              "in models/kinema/motion_i2v."}),
             "controlnet": (files, {"tooltip": "stage1 controlnet/controlnet.bin of the release."}),
             "flow_vae": (files, {"tooltip": "stage1 vae_flow/diffusion_pytorch_model.bin (the 2-channel flow VAE)."}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": _DTYPE_TIP}),
+            "precision": precision_input(),
         }}
 
-    def load(self, flow_unet, controlnet, flow_vae, dtype="auto"):
+    def load(self, flow_unet, controlnet, flow_vae, precision="auto"):
         from ..pipelines.motion_i2v.build import load_flow_model
         model = load_flow_model(runtime.model_path(FOLDER, flow_unet), runtime.model_path(FOLDER, controlnet),
-                                runtime.model_path(FOLDER, flow_vae), _dtype(dtype, 1_400_000_000))
+                                runtime.model_path(FOLDER, flow_vae),
+                                runtime.dtype_named(precision, params=1_400_000_000))
         model.managed()  # under ComfyUI's model management from now on
         return (model,)
 
@@ -203,7 +187,7 @@ class KinemaMotionI2VPredictMotion:
                                    "tooltip": "Classifier-free guidance scale (1 = off)."}),
             "control_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
                                         "tooltip": "Strength of the trajectory / brush ControlNet."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+            "seed": seed_input("Seed of the noise."),
         }, "optional": {
             "brush": ("MASK", {"tooltip": "Motion brush: painted (1) areas may move, the rest stays still. Empty = "
                                "everything may move."}),
@@ -213,7 +197,7 @@ class KinemaMotionI2VPredictMotion:
                 control_scale, seed, brush=None):
         from ..pipelines.motion_i2v.pipeline import _check_image, predict_motion
         _check_size(width, height)
-        img = _first_image(image)
+        img = first_image(image)
         ih, iw = img.shape[:2]
         parsed = formats.parse_tracks(tracks, (iw, ih), name="tracks")
         grid = tracks_to_grid(parsed.tracks, (iw, ih), (width, height))
@@ -226,7 +210,7 @@ class KinemaMotionI2VPredictMotion:
         x = _check_image(img, width, height).permute(0, 2, 3, 1)
         image_latent = vae.encode((x + 1.0) / 2.0).float()
         field = predict_motion(flow_model, img, sparse, mask, static, cond=cond, uncond=uncond,
-                               image_latent=image_latent, steps=steps, guidance=guidance, seed=seed % (1 << 63),
+                               image_latent=image_latent, steps=steps, guidance=guidance, seed=int(seed),
                                control_scale=control_scale)
         return (field,)
 
@@ -254,7 +238,7 @@ class KinemaMotionI2VRender:
             "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "DDIM steps."}),
             "guidance": ("FLOAT", {"default": 7.0, "min": 1.0, "max": 30.0, "step": 0.1,
                                    "tooltip": "Classifier-free guidance scale (1 = off)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+            "seed": seed_input("Seed of the noise."),
             "keep_still_outside_motion_mask": ("BOOLEAN", {"default": True, "tooltip": "If the motion field carries "
                                                "a region (e.g. from the motion brush), keep everything outside it still."}),
         }, "optional": {
@@ -266,7 +250,7 @@ class KinemaMotionI2VRender:
         from ..pipelines.motion_i2v.native import paste_inputs, render_video_comfy
         img, static = _render_inputs(image, motion, brush, keep_still_outside_motion_mask)
         frames, latents = render_video_comfy(render_model, vae, positive, negative, img, motion, static, steps=steps,
-                                             guidance=guidance, seed=seed % (1 << 63))
+                                             guidance=guidance, seed=int(seed))
         if static is not None:  # the still region is the picture itself, not its VAE round trip
             picture, keep = paste_inputs(img, motion, static)
             frames = paste(frames, picture[0], 1.0 - keep[0])

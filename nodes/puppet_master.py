@@ -6,11 +6,11 @@ import torch
 
 from .. import formats, runtime
 from ._ui import save_temp_png
+from ._inputs import precision_input, seed_input
 
 MODEL = "KINEMA_PUPPET_MASTER"
 CATEGORY = "Kinema/Puppet-Master"
 FOLDER = "kinema/puppet_master"
-DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _checked_inputs(image, tracks, mask, crop_size):
@@ -51,21 +51,15 @@ class KinemaPuppetMasterLoader:
                 "unet_name": (runtime.model_choices(FOLDER), {
                     "tooltip": "The Puppet-Master UNet in models/kinema/puppet_master (the released "
                                "ckpts/model.safetensors)."}),
-                "dtype": (list(DTYPES), {
-                    "default": "auto",
-                    "tooltip": "Precision of the UNet. auto: fp16 or bf16 on a GPU, bf16 on a CPU with native "
-                               "bf16 (AMX or AVX512-BF16), else fp32 (a ComfyUI precision flag such as --fp32-unet "
-                               "wins)."}),
+                "precision": precision_input(),
             },
         }
 
-    def load(self, unet_name, dtype="auto"):
+    def load(self, unet_name, precision="auto"):
         from ..pipelines.puppet_master import load_puppet_master
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-        dt = DTYPES[dtype] or runtime.default_dtype(params=1_700_000_000)
-        return (load_puppet_master(runtime.model_path(FOLDER, unet_name), dtype=dt),)
+        dtype = runtime.dtype_named(precision, params=1_700_000_000)
+        return (load_puppet_master(runtime.model_path(FOLDER, unet_name), dtype=dtype),)
 
 
 class KinemaPuppetMasterAnimate:
@@ -98,8 +92,7 @@ class KinemaPuppetMasterAnimate:
                                   "tooltip": "Euler steps (the official demo uses 50)."}),
                 "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1,
                                   "tooltip": "Guidance at the last frame; it rises linearly from 1 at frame 0."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed of the starting noise."}),
+                "seed": seed_input("Seed of the starting noise."),
                 "paste_back": ("BOOLEAN", {"default": False,
                                            "tooltip": "On: put the animated crop back into the full image (its "
                                                       "white background keyed out). Off: the 256x256 crop."}),
@@ -126,7 +119,7 @@ class KinemaPuppetMasterAnimate:
         if not isinstance(puppet_master, PuppetMaster):
             raise ValueError("puppet_master: connect the output of 'Puppet-Master loader'")
         frames = puppet_master.animate(img, tr.tracks, codec, m, steps=int(steps),
-                                       cfg=float(cfg), seed=int(seed) % (1 << 63), paste=bool(paste_back),
+                                       cfg=float(cfg), seed=int(seed), paste=bool(paste_back),
                                        anchors=tr.anchors, size=int(crop_size))
         return {"ui": {"kinema_bg": [save_temp_png(img, "kinema_bg")]}, "result": (frames.float(),)}
 

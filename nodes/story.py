@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..pipelines import story as story_pipeline
+from ._inputs import seed_input
 
 CATEGORY = "Kinema/StoryDiffusion"
 
@@ -68,8 +69,7 @@ class KinemaStoryBatch:
             "height": ("INT", {"default": 768, "min": 64, "max": 2048, "step": 8, "tooltip": "Panel height in pixels."}),
             "steps": ("INT", {"default": 35, "min": 1, "max": 200, "tooltip": "DDIM steps (StoryDiffusion uses 35)."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free guidance scale."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "Seeds the noise of every panel (panel p uses seed + p) and the token sampling."}),
+            "seed": seed_input("Seeds the noise of every panel (panel p uses seed + p) and the token sampling."),
             "sa32": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA32_TIP}),
             "sa64": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA64_TIP}),
             "batch_size": ("INT", {"default": 2, "min": 1, "max": 16,
@@ -83,9 +83,9 @@ class KinemaStoryBatch:
                  seed, sa32, sa64, batch_size, freeu, schedule="lowvram"):
         parsed = _parse(story, characters, id_length, style)
         settings = story_pipeline.StorySettings(width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
-                                    seed=int(seed) % (1 << 63), id_length=int(id_length), sa32=float(sa32),
-                                    sa64=float(sa64), batch_size=int(batch_size), freeu=bool(freeu),
-                                    schedule=schedule, negative=negative)
+                                                seed=int(seed), sa32=float(sa32), sa64=float(sa64),
+                                                batch_size=int(batch_size), freeu=bool(freeu), schedule=schedule,
+                                                negative=negative)
         images = story_pipeline.generate_story_comfy(model, clip, vae, parsed, settings, story_pipeline.comfy_arch(model))
         return (images, _captions(parsed))
 
@@ -135,8 +135,7 @@ class KinemaConsistentAttentionPatch:
         req.update({
             "sa32": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA32_TIP}),
             "sa64": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _SA64_TIP}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "Seeds the token sampling and the step gate."}),
+            "seed": seed_input("Seeds the token sampling and the step gate."),
             "schedule": (["lowvram", "app"], {"default": "lowvram", "tooltip": _SCHEDULE_TIP}),
         })
         return {"required": req}
@@ -144,7 +143,7 @@ class KinemaConsistentAttentionPatch:
     def patch(self, model, story, characters, id_length, sa32, sa64, seed, schedule):
         parsed = _parse(story, characters, id_length)
         patch = story_pipeline.NativeConsistentAttention(parsed.layout, sa32=float(sa32), sa64=float(sa64),
-                                             seed=int(seed) % (1 << 63), schedule=schedule)
+                                             seed=int(seed), schedule=schedule)
         return (story_pipeline.patch_comfy_model(model, patch),)
 
 

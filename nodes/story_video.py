@@ -8,6 +8,7 @@ import torch
 from .. import runtime
 from .dynamicrafter import MODEL_TYPE as DC_TYPE
 from .dynamicrafter import _check_model, _common_inputs, _options
+from ._inputs import seed_input
 
 PREDICTOR_TYPE = "KINEMA_MOTION_PREDICTOR"
 MOTION_TYPE = "KINEMA_SEMANTIC_MOTION"
@@ -136,8 +137,7 @@ class KinemaStoryTransitions:
         common["fs"] = ("INT", {"default": 0, "min": 0, "max": 100,
                                 "tooltip": "Frames per second condition; 0 uses 5 as the official interpolation "
                                            "script does."})
-        common["seed"] = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                  "tooltip": "Seed of the noise; transition i uses seed + i."})
+        common["seed"] = seed_input("Seed of the noise; transition i uses seed + i.")
         del common["frames"]
         req.update(common)
         req["hold_frames"] = ("INT", {"default": 4, "min": 0, "max": 120,

@@ -110,6 +110,16 @@ def summarize_keys(keys, limit: int = 6) -> str:
     return text or "no keys"
 
 
+def _existing(path, expected: str) -> Path:
+    """``path`` as a Path, or a KinemaError if it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinemaError(f"{where(path)}: file not found. Expected {expected}.")
+    if path.stat().st_size == 0:
+        raise KinemaError(f"{where(path)} is empty (0 bytes). Expected {expected}; {FETCH_AGAIN}.")
+    return path
+
+
 def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: str = ANY_MODEL,
                     mmap: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.ckpt`` / ``.bin`` / ``.pt`` / ``.pth`` file.
@@ -122,11 +132,7 @@ def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: 
     it (for files of many gigabytes).
     Errors (``KinemaError``) name the file and its folder and say what was found.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise KinemaError(f"{where(path)}: file not found. Expected {expected}.")
-    if path.stat().st_size == 0:
-        raise KinemaError(f"{where(path)} is empty (0 bytes). Expected {expected}; {FETCH_AGAIN}.")
+    path = _existing(path, expected)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
@@ -155,3 +161,71 @@ def read_state_dict(path, prefixes: tuple[str, ...] | None = None, *, expected: 
     if prefixes is not None:
         sd = {k: v for k, v in sd.items() if k.startswith(prefixes)}
     return sd
+
+
+def read_header(path, expected: str = ANY_MODEL) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(metadata, tensor name -> shape) of a ``.safetensors`` file, from its header only (no
+    tensor is read, so a large file can be checked before it is loaded)."""
+    path = _existing(path, expected)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {}), {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise unreadable(path, e, expected) from None
+
+
+# ----------------------------------------------------------------------------- strict key checks
+
+CHECK_ADVICE = ("Use the file as released for this model: a file of another model, another model size or a "
+                "partial copy does not fit")
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def key_mismatch(expected: dict, found: dict, allow_missing: tuple[str, ...] = ()) -> str:
+    """What differs between two layouts (name -> tensor, ``torch.Size`` or shape tuple): missing
+    keys (except those starting with ``allow_missing``), unexpected keys and keys of other shapes,
+    each counted with a few examples in ``expected``'s order; "" when they match."""
+    missing = [k for k in expected if k not in found and not k.startswith(allow_missing)]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: found {_shape(found[k])}, expected {_shape(expected[k])}"
+              for k in expected if k in found and _shape(found[k]) != _shape(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
+    return "; ".join(parts)
+
+
+def check_keys(expected: dict, found: dict, what: str, *, allow_missing: tuple[str, ...] = (),
+               advice: str = CHECK_ADVICE) -> None:
+    """The one strict key check of every loader: a :class:`KinemaError` unless ``found`` has
+    exactly ``expected``'s keys and shapes. ``what`` names the file (and the part of it, e.g.
+    ``"'model.ckpt' (VAE)"``); ``advice`` says what to do."""
+    detail = key_mismatch(expected, found, allow_missing)
+    if detail:
+        raise KinemaError(f"{what}: does not match the expected layout: {detail}. {advice}.")
+
+
+def load_strict(module: torch.nn.Module, sd: dict, what: str, *, advice: str = CHECK_ADVICE) -> torch.nn.Module:
+    """Check ``sd`` against ``module``'s state dict (:func:`check_keys`; the module is usually
+    built on the meta device, so nothing is allocated before the file is known to fit), then load
+    it strictly, taking over the tensors. Non-persistent CLIP ``position_ids`` buffers, which no
+    file needs to carry, are rebuilt; any other tensor left on the meta device is an error."""
+    check_keys(module.state_dict(), sd, what, advice=advice)
+    module.load_state_dict(sd, strict=True, assign=True)
+    for mod_name, mod in module.named_modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_meta and name == "position_ids":
+                mod._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_meta and n not in sd]
+    if left:
+        raise KinemaError(f"{what}: left {len(left)} tensors unset (e.g. {left[0]})")
+    return module

@@ -52,7 +52,7 @@ from ..kernels.drag import (
 from ..kernels.motion import resample_track
 from .. import runtime
 from ..runtime import KinemaError, ProgressBar, check_interrupt
-from .checkpoint import read_state_dict, unreadable
+from .checkpoint import check_keys, read_header, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -374,24 +374,6 @@ def _describe(keys, n=4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def check_keys(name: str, expected: dict, found: dict, what: str) -> None:
-    """KinemaError unless ``found`` has exactly the keys (and shapes) of ``expected``."""
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    if missing or unexpected:
-        hint = ""
-        if any(".flow_convs." in k for k in missing) and not any(".flow_convs." in k for k in found):
-            hint = " This looks like a stock SVD UNet, not the Puppet-Master UNet."
-        raise KinemaError(
-            f"{name}: not a {what}: {len(missing)} missing keys ({_describe(missing)}), "
-            f"{len(unexpected)} unexpected keys ({_describe(unexpected)}).{hint}")
-    bad = [k for k in expected if tuple(expected[k].shape) != tuple(found[k].shape)]
-    if bad:
-        k = bad[0]
-        raise KinemaError(f"{name}: not a {what}: {len(bad)} tensors have other shapes, e.g. {k} is "
-                          f"{tuple(found[k].shape)}, expected {tuple(expected[k].shape)} (wrong model size?)")
-
-
 def unet_config(shapes: dict, name: str = "checkpoint") -> dict:
     """The UNet config a Puppet-Master checkpoint's tensor shapes describe: the released config
     with every size the tensors show (levels and channels, blocks per level, cross-attention
@@ -442,30 +424,31 @@ def _shapes(path) -> dict:
     """Tensor name -> shape of a checkpoint: from a safetensors header without reading the
     tensors, else from the loaded state dict."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size:
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-            raise unreadable(path, e, EXPECTED) from None
+    if path.suffix.lower() == ".safetensors":
+        return read_header(path, EXPECTED)[1]
     return {k: tuple(v.shape) for k, v in read_state_dict(path, expected=EXPECTED).items()}
+
+
+def _check_unet(name: str, expected: dict, found: dict) -> None:
+    """The strict key check, saying when the file is a stock SVD UNet (no drag layers)."""
+    advice = "Use the Puppet-Master UNet (ckpts/model.safetensors of the release)"
+    if any(".flow_convs." in k for k in expected) and not any(".flow_convs." in k for k in found):
+        advice = "This looks like a stock SVD UNet, not the Puppet-Master UNet. " + advice
+    check_keys(expected, found, f"{name} (Puppet-Master UNet)", advice=advice)
 
 
 def load_unet(path, dtype=torch.float32, device="cpu", config: dict | None = None) -> PuppetMasterUNet:
     """The Puppet-Master UNet from its released flat-key checkpoint, sized by the file (or by
     ``config``); strict key and shape check (from the safetensors header before reading
     gigabytes)."""
-    from types import SimpleNamespace
     name = Path(path).name
     shapes = _shapes(path)
     cfg = config or unet_config(shapes, name)
     unet = build_unet(cfg, device="meta")
     expected = unet.state_dict()
-    check_keys(name, expected, {k: SimpleNamespace(shape=s) for k, s in shapes.items()},
-               "Puppet-Master UNet checkpoint")
+    _check_unet(name, expected, shapes)
     sd = read_state_dict(path, expected=EXPECTED)
-    check_keys(name, expected, sd, "Puppet-Master UNet checkpoint")
+    _check_unet(name, expected, sd)
     unet.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return unet.eval()
 

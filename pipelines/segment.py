@@ -33,6 +33,7 @@ import torch
 from .. import runtime
 from ..formats import Points
 from ..runtime import KinemaError, check_interrupt
+from .checkpoint import load_strict, read_state_dict as read_model_file, summarize_keys
 from .classical_segment import _check_prompt, classical_segment, to_uint8
 
 EXPECTED_SAM = ("a segment-anything ViT-B/L/H checkpoint with keys image_encoder.*, "
@@ -105,7 +106,6 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     """A SAM checkpoint's tensors, read by the pack's one model-file reader
     (:func:`.checkpoint.read_state_dict`: nothing from the file runs; unreadable files raise
     :class:`KinemaError` saying what a SAM file should be)."""
-    from .checkpoint import read_state_dict as read_model_file
     return read_model_file(path, expected=EXPECTED_SAM)
 
 
@@ -116,7 +116,6 @@ def config_from_state_dict(sd: dict, name: str = "checkpoint") -> SamConfig:
     relative-position tables (their width is the head size), global-attention blocks from
     the tables that span the whole token grid, decoder sizes from its layers.
     """
-    from .checkpoint import summarize_keys
     missing_parts = [p for p in ("image_encoder.", "prompt_encoder.", "mask_decoder.")
                      if not any(k.startswith(p) for k in sd)]
     if missing_parts:
@@ -223,31 +222,13 @@ def load_sam(path, device=None, cache_size: int = 4, decoder_dtype: torch.dtype 
     except Exception as e:  # noqa: BLE001
         raise KinemaError(f"SAM checkpoint '{path.name}': its shapes describe an encoder that cannot be "
                           f"built ({e}); expected {EXPECTED_SAM}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: {tuple(sd[k].shape)}, "
-                         f"expected {tuple(expected[k].shape)})")
-        raise KinemaError(f"SAM checkpoint '{path.name}' does not match the {cfg.variant} architecture its "
-                          f"shapes describe: {'; '.join(parts)}. Expected {EXPECTED_SAM} as released by "
-                          f"segment-anything (HQ-SAM, SAM 2 and MobileSAM files are different models).")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                          strict=True, assign=True)
     # the normalisation constants are not stored in checkpoints; make them real tensors
     model.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1), False)
     model.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1), False)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise KinemaError(f"SAM checkpoint '{path.name}': no weights for {', '.join(left[:3])}")
+    load_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                f"SAM checkpoint '{path.name}' ({cfg.variant} architecture, read off its shapes)",
+                advice=f"Expected {EXPECTED_SAM} as released by segment-anything (HQ-SAM, SAM 2 and MobileSAM "
+                       f"files are different models)")
     return SamSegmenter(model, name=path.name, variant=cfg.variant, cache_size=cache_size, device=device,
                         decoder_dtype=decoder_dtype)
 

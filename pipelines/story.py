@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ..kernels.consistent_attention import ConsistentSelfAttention, StoryLayout
-from ..runtime import KinemaError, ProgressBar, check_interrupt
+from ..runtime import SEED_MAX, KinemaError, ProgressBar, check_interrupt
 from .ddim import ddim_sigmas
 from .text_encoding import clip_tokenizer
-from .checkpoint import read_state_dict
+from .checkpoint import load_strict, read_state_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHS = ("sd15", "sdxl")
@@ -237,66 +237,24 @@ _IGNORED = re.compile(
     r"sqrt_|denoiser\.)")
 
 
-def _assign(module: torch.nn.Module, sd: dict, what: str, name: str) -> None:
-    """Strict load (assigning tensors); non-persistent position ids are rebuilt."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise KinemaError(f"{name}: the {what} weights do not match the expected layout: "
-                          f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                          f"(e.g. {unexpected[:3]})")
-    for k, v in sd.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise KinemaError(f"{name}: {what} weight '{k}' has shape {tuple(v.shape)}, "
-                              f"expected {tuple(own[k].shape)}")
-    module.load_state_dict(sd, strict=True, assign=True)
-    for mod in module.modules():
-        for bname, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_meta:
-                if bname == "position_ids":
-                    mod._buffers[bname] = torch.arange(buf.shape[-1]).expand(buf.shape)
-                else:
-                    raise KinemaError(f"{name}: {what} buffer '{bname}' was not in the checkpoint")
-
-
-def _text_layout(sd: dict, module: torch.nn.Module) -> dict:
-    """Converted CLIP keys carry a ``text_model.`` prefix; some transformers versions build
-    ``CLIPTextModel`` without that wrapper. Follow the module's own layout."""
-    own = module.state_dict()
-    wrapped = any(k.startswith("text_model.") for k in own)
-    if wrapped:
-        return sd
-    return {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
-
-
 def convert_checkpoint(sd: dict, models: StoryModels, name: str = "checkpoint") -> None:
     """Map original LDM/SGM keys to the diffusers components (diffusers' own converters)
     and load them strictly. Every checkpoint key must be used or be a known unused key."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-        convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    unet_sd = convert_ldm_unet_checkpoint(sd, dict(models.unet.config))
-    vae_sd = convert_ldm_vae_checkpoint(sd, dict(models.vae.config))
+    from . import sd_checkpoint
+
+    unet_sd = sd_checkpoint.unet_state_dict(sd, name, config=dict(models.unet.config))
+    vae_sd = sd_checkpoint.vae_state_dict(sd, dict(models.vae.config), name)
+    te_sd = sd_checkpoint.text_state_dict(sd, models.text_encoder)
     if models.arch == "sd15":
-        te_sd = convert_ldm_clip_checkpoint(sd)
         te_prefix = ("cond_stage_model.",)
         te2_sd = None
     else:
-        te_sd = convert_ldm_clip_checkpoint(sd)
-        te2_sd = convert_open_clip_checkpoint(models.text_encoder_2, sd, prefix="conditioner.embedders.1.model.")
+        te2_sd = sd_checkpoint.clip_text_layout(
+            convert_open_clip_checkpoint(models.text_encoder_2, sd, prefix="conditioner.embedders.1.model."),
+            models.text_encoder_2)
         te_prefix = ("conditioner.embedders.",)
-    te_sd = _text_layout({k: v for k, v in te_sd.items() if not k.endswith("position_ids")}, models.text_encoder)
-    if te2_sd is not None:
-        te2_sd = _text_layout(te2_sd, models.text_encoder_2)
-    # diffusers' UNet / VAE converters map keys one to one and drop what they do not know:
-    # a count mismatch means the checkpoint has keys that would be silently ignored
-    for what, prefix, converted in (("UNet", "model.diffusion_model.", unet_sd), ("VAE", "first_stage_model.", vae_sd)):
-        source = [k for k in sd if k.startswith(prefix)]
-        if len(source) != len(converted):
-            raise KinemaError(f"{name}: the {what} weights do not match the expected layout: {len(source)} "
-                              f"'{prefix}*' keys, of which only {len(converted)} map to the diffusers {what}")
     if te2_sd is not None:
         known2 = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
                   "text_projection", "logit_scale", "attn_mask"}
@@ -309,11 +267,11 @@ def convert_checkpoint(sd: dict, models: StoryModels, name: str = "checkpoint") 
     stray = sorted(k for k in sd if not k.startswith(used_prefixes) and not _IGNORED.match(k))
     if stray:
         raise KinemaError(f"{name}: {len(stray)} keys belong to no known component (e.g. {stray[:3]})")
-    _assign(models.unet, unet_sd, "UNet", name)
-    _assign(models.vae, vae_sd, "VAE", name)
-    _assign(models.text_encoder, te_sd, "text encoder", name)
+    load_strict(models.unet, unet_sd, f"{name} (UNet)")
+    load_strict(models.vae, vae_sd, f"{name} (VAE)")
+    load_strict(models.text_encoder, te_sd, f"{name} (text encoder)")
     if te2_sd is not None:
-        _assign(models.text_encoder_2, te2_sd, "second text encoder", name)
+        load_strict(models.text_encoder_2, te2_sd, f"{name} (second text encoder)")
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float16, device=None,
@@ -404,7 +362,6 @@ class StorySettings:
     steps: int = 35
     cfg: float = 5.0
     seed: int = 0
-    id_length: int = 2
     sa32: float = 0.5
     sa64: float = 0.5
     batch_size: int = 2  # later panels denoised at once (the sliding window)
@@ -456,7 +413,7 @@ def generate_story(models: StoryModels, story: Story, settings: StorySettings,
 
     noise = []
     for p in range(n_panels):
-        gen = torch.Generator().manual_seed(int(s.seed) + p)
+        gen = torch.Generator().manual_seed((int(s.seed) + p) & SEED_MAX)
         noise.append(torch.randn(1, unet.config.in_channels, lh, lw, generator=gen))
     noise = torch.cat(noise).to(dev, dtype)
 
@@ -773,7 +730,7 @@ def generate_story_comfy(model, clip, vae, story: Story, settings: StorySettings
     out = torch.empty(layout.n_panels, channels, lh, lw)
     for panels in phases:
         patched = patch_comfy_model(base, NativeConsistentAttention(layout, state=state, panels=panels))
-        noise = torch.cat([torch.randn(1, channels, lh, lw, generator=torch.Generator().manual_seed(int(s.seed) + p))
+        noise = torch.cat([torch.randn(1, channels, lh, lw, generator=torch.Generator().manual_seed((int(s.seed) + p) & SEED_MAX))
                            for p in panels]) * start
         latent = runtime.sample(patched, noise, _rows(positive, panels), negative, sigmas, s.cfg, seed=s.seed)
         out[panels] = latent.float().cpu() / (1.0 + last * last) ** 0.5

@@ -107,3 +107,59 @@ def test_prefixes_and_memory_map(tmp_path):
     save_file({}, str(tmp_path / "none.safetensors"))
     with pytest.raises(KinemaError, match="'none.safetensors' in .* holds no tensors"):
         ck.read_state_dict(tmp_path / "none.safetensors")
+
+
+# ----------------------------------------------------------------------------- strict key checks
+
+def test_key_check_names_the_file_each_kind_of_mismatch_and_what_to_do():
+    expected = {"a.weight": torch.Size([2, 3]), "b.weight": (4,), "c.bias": torch.zeros(5)}
+    ck.check_keys(expected, {"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4), "c.bias": torch.zeros(5)},
+                  "'f.ckpt' (UNet)")  # an exact match passes (tensors, sizes and tuples alike)
+    found = {"a.weight": torch.zeros(3, 2), "x.weight": torch.zeros(1)}
+    with pytest.raises(KinemaError) as e:
+        ck.check_keys(expected, found, "'f.ckpt' (UNet)", advice="Use the UNet file")
+    assert str(e.value) == ("'f.ckpt' (UNet): does not match the expected layout: 2 missing (e.g. b.weight, c.bias); "
+                            "1 unexpected (e.g. x.weight); 1 with other shapes (e.g. a.weight: found (3, 2), "
+                            "expected (2, 3)). Use the UNet file.")
+    # keys under allow_missing may be absent, nothing else
+    ck.check_keys(expected, {"a.weight": torch.zeros(2, 3)}, "f", allow_missing=("b.", "c."))
+    # examples: at most three, in the expected order, with the total counted
+    many = {f"k{i}": (1,) for i in range(7)}
+    with pytest.raises(KinemaError, match=r"^g: does not match the expected layout: 7 missing \(e.g. k0, k1, k2\)\. "):
+        ck.check_keys(many, {}, "g")
+
+
+def test_strict_load_assigns_rebuilds_position_ids_and_refuses_unset_tensors():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 3)
+            self.register_buffer("position_ids", torch.arange(4).expand(1, -1), persistent=False)
+            self.register_buffer("scale", torch.ones(2), persistent=False)
+
+    with torch.device("meta"):
+        net = Net()
+    w, b = torch.randn(3, 2), torch.randn(3)
+    net.scale = torch.full((2,), 2.0)
+    ck.load_strict(net, {"lin.weight": w, "lin.bias": b}, "n.pt")
+    assert net.lin.weight.data_ptr() == w.data_ptr()  # the file's tensor is taken over, not copied
+    assert torch.equal(net.position_ids, torch.arange(4)[None])
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(KinemaError, match=r"^n.pt: left 1 tensors unset \(e.g. scale\)"):
+        ck.load_strict(net, {"lin.weight": w, "lin.bias": b}, "n.pt")
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(KinemaError, match=r"^n.pt: does not match the expected layout: 1 missing \(e.g. lin.bias\)"):
+        ck.load_strict(net, {"lin.weight": w}, "n.pt")
+
+
+def test_header_shapes_without_reading_tensors(tmp_path):
+    p = tmp_path / "h.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(0)}, str(p), metadata={"format": "x"})
+    assert ck.read_header(p) == ({"format": "x"}, {"a": (2, 3), "b": (0,)})
+    (tmp_path / "cut.safetensors").write_bytes(p.read_bytes()[:20])
+    with pytest.raises(KinemaError, match="'cut.safetensors' .* is not a valid safetensors file"):
+        ck.read_header(tmp_path / "cut.safetensors", "a thing")
+    with pytest.raises(KinemaError, match="'none.safetensors' in .*: file not found. Expected a thing"):
+        ck.read_header(tmp_path / "none.safetensors", "a thing")

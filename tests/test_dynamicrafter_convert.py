@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import tiny_dynamicrafter
+from ldm_layout import vae_to_ldm
+from kinema.pipelines import sd_checkpoint
 from kinema.pipelines.dynamicrafter import convert
 from kinema.pipelines.dynamicrafter.sampler import DiffusionSchedule, ScheduleConfig
 from kinema.runtime import KinemaError
@@ -162,12 +164,14 @@ def test_vae_of_the_released_layout_converts_with_diffusers(fixtures_dir):
     ldm = {k[len(convert.VAE):]: torch.zeros(s) for k, s in man["keys"].items() if k.startswith(convert.VAE)}
     cfg = convert.vae_config(ldm)
     assert cfg["block_out_channels"] == [128, 256, 512, 512]
-    got = convert.vae_ldm_to_diffusers(ldm, cfg)
+    prefixed = {convert.VAE + k: v for k, v in ldm.items()}
+    got = sd_checkpoint.vae_state_dict(prefixed, cfg)
     with torch.device("meta"):
         want = AutoencoderKL(**cfg).state_dict()
     assert sorted(got) == sorted(want) and all(got[k].shape == want[k].shape for k in want)
-    with pytest.raises(KinemaError, match="only"):
-        convert.vae_ldm_to_diffusers(dict(ldm, **{"encoder.extra.weight": torch.zeros(1)}), cfg, "x.ckpt")
+    with pytest.raises(KinemaError, match=r"x.ckpt \(VAE\).*of which only"):
+        sd_checkpoint.vae_state_dict(dict(prefixed, **{convert.VAE + "encoder.extra.weight": torch.zeros(1)}), cfg,
+                                     "x.ckpt")
 
 
 def test_vae_written_independently_reads_back_equal():
@@ -177,8 +181,8 @@ def test_vae_written_independently_reads_back_equal():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=32)
-    ldm = tiny_dynamicrafter.vae_to_ldm(vae.state_dict())
-    got = convert.vae_ldm_to_diffusers(ldm, convert.vae_config(ldm))
+    ldm = vae_to_ldm(vae.state_dict(), "")
+    got = sd_checkpoint.vae_state_dict({convert.VAE + k: v for k, v in ldm.items()}, convert.vae_config(ldm))
     want = vae.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 

@@ -229,3 +229,17 @@ def test_interrupt_and_progress(parts, monkeypatch):
     with pytest.raises(runtime.Interrupted):
         fyc_pipeline.animate(unet, vae, _image(), cond, uncond, _opts(steps=5))
     assert len(calls) == 3
+
+
+def test_the_largest_step_count_stays_on_the_schedule():
+    """"Leading" DDIM timesteps with offset 1 at the node's largest step count start at the
+    schedule's last timestep (999); one more step would start past it, and is refused."""
+    import dataclasses
+
+    from kinema.nodes.follow_your_click import KinemaFYCAnimate
+    biggest = KinemaFYCAnimate.INPUT_TYPES()["required"]["steps"][1]["max"]
+    sched = fyc_pipeline.scheduler()
+    sched.set_timesteps(biggest)
+    assert int(sched.timesteps.max()) == sched.config.num_train_timesteps - 1 == 999
+    with pytest.raises(ValueError, match=f"steps: {biggest + 1} must be between 1 and {biggest}"):
+        fyc_pipeline.check_options(dataclasses.replace(fyc_pipeline.FYCOptions(), steps=biggest + 1))

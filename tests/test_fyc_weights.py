@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import tiny_follow_your_click as tiny
+from ldm_layout import text_to_ldm, unet_to_ldm, vae_to_ldm
 from kinema.pipelines.follow_your_click import convert, sd15
 from kinema.pipelines.follow_your_click.unet import FYCUNet
 from kinema.runtime import KinemaError
@@ -111,7 +112,7 @@ def test_wrong_files_are_named_and_explained(files):
     bad("extra.safetensors", {**good, "image_proj_model.proj.weight": torch.zeros(2, 2)},
         r"extra.safetensors: does not match .*1 unexpected \(e.g. image_proj_model")
     bad("shape.safetensors", {**good, "motion_embedding.linear_2.bias": torch.zeros(7)},
-        r"1 with other shapes \(e.g. motion_embedding.linear_2.bias: expected \(128,\), found \(7,\)")
+        r"1 with other shapes \(e.g. motion_embedding.linear_2.bias: found \(7,\), expected \(128,\)")
     bad("mid.safetensors", {**good, **{k.replace("down_blocks.1", "mid_block"): v for k, v in good.items()
                                        if k.startswith("down_blocks.1.motion_modules.")}}, "mid-block motion module")
     (d / "junk.ckpt").write_bytes(b"not a checkpoint")
@@ -133,7 +134,7 @@ def test_build_rejects_wrong_inputs(files):
     inpaint = dict(files["sd"])
     inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
     p = tiny.save(inpaint, d / "inpainting.safetensors")
-    with pytest.raises(KinemaError, match=r"inpainting.safetensors \(UNet\): .*conv_in.weight: expected \(32, 4, 3, 3\)"):
+    with pytest.raises(KinemaError, match=r"inpainting.safetensors \(UNet\): .*conv_in.weight: found \(32, 9, 3, 3\), expected \(32, 4, 3, 3\)"):
         convert.build_from_sd15(p, files["mm1"])
 
 
@@ -148,9 +149,7 @@ def test_original_layout_round_trips_through_diffusers_converters(tmp_path):
     vae = tiny.randomise(AutoencoderKL(**vcfg), g)
     text = tiny.randomise(CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                         num_attention_heads=1, projection_dim=64)), g)
-    sd = {**tiny.unet_to_ldm(unet.state_dict(), 2, 3), **tiny.vae_to_ldm(vae.state_dict(), 3, 2),
-          **{"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()
-             if not k.endswith("position_ids")}}
+    sd = {**unet_to_ldm(unet.state_dict(), ucfg), **vae_to_ldm(vae.state_dict()), **text_to_ldm(text.state_dict())}
     path = tiny.save(sd, tmp_path / "roundtrip.safetensors")
     assert convert.sd15_unet_state_dict(path).keys() == unet.state_dict().keys()
     assert all(torch.equal(convert.sd15_unet_state_dict(path)[k], v) for k, v in unet.state_dict().items())

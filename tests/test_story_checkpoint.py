@@ -10,64 +10,8 @@ from safetensors.torch import save_file
 from kinema.pipelines import story as story_pipeline
 from kinema.pipelines.text_encoding import clip_tokenizer
 from kinema.runtime import KinemaError
+from ldm_layout import text_to_ldm, unet_to_ldm, vae_to_ldm
 from test_story_pipeline import TINY, tiny_models
-
-_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-           ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-
-
-def unet_to_ldm(sd, cfg):
-    """diffusers UNet keys -> 'model.diffusion_model.*' keys of the original layout."""
-    n = cfg["layers_per_block"]
-    levels = len(cfg["block_out_channels"])
-    prefix = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-              "mid_block.resnets.1": "middle_block.2"}
-    for i in range(levels):
-        for j in range(n):
-            prefix[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{(n + 1) * i + j + 1}.0"
-            prefix[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{(n + 1) * i + j + 1}.1"
-        prefix[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(n + 1) * (i + 1)}.0.op"
-        has_attn = cfg["up_block_types"][i].startswith("CrossAttn")
-        for j in range(n + 1):
-            prefix[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{(n + 1) * i + j}.0"
-            prefix[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{(n + 1) * i + j}.1"
-        prefix[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{(n + 1) * i + n}.{2 if has_attn else 1}.conv"
-    out = {}
-    for key, value in sd.items():
-        best = max((p for p in prefix if key.startswith(p + ".")), key=len)
-        rest = key[len(best):]
-        if ".resnets." in best or best.startswith("mid_block.resnets"):
-            for ldm, dif in _RESNET:
-                rest = rest.replace("." + dif + ".", "." + ldm + ".")
-        out["model.diffusion_model." + prefix[best] + rest] = value
-    return out
-
-
-def vae_to_ldm(sd, cfg):
-    levels = len(cfg["block_out_channels"])
-    out = {}
-    for key, value in sd.items():
-        k = key
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", k)
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
-                   lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
-                   lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample", k)
-        k = k.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
-        k = k.replace("mid_block.attentions.0", "mid.attn_1").replace("conv_norm_out", "norm_out")
-        k = k.replace("conv_shortcut", "nin_shortcut")
-        if "mid.attn_1" in k:
-            k = (k.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
-                 .replace("to_out.0", "proj_out"))
-            if k.endswith("weight") and value.dim() == 2:
-                value = value[:, :, None, None]
-        out["first_stage_model." + k] = value
-    return out
-
 
 def open_clip_to_ldm(sd, prefix="conditioner.embedders.1.model."):
     out = {prefix + "logit_scale": torch.tensor(4.6)}
@@ -100,14 +44,11 @@ def open_clip_to_ldm(sd, prefix="conditioner.embedders.1.model."):
 
 
 def to_single_file(models, arch):
-    cfg = TINY[arch]
     sd = {}
     sd.update(unet_to_ldm(models.unet.state_dict(), dict(models.unet.config)))
-    sd.update(vae_to_ldm(models.vae.state_dict(), cfg["vae"]))
-    te = {(k if k.startswith("text_model.") else "text_model." + k): v
-          for k, v in models.text_encoder.state_dict().items()}
+    sd.update(vae_to_ldm(models.vae.state_dict()))
     pre = "cond_stage_model.transformer." if arch == "sd15" else "conditioner.embedders.0.transformer."
-    sd.update({pre + k: v for k, v in te.items()})
+    sd.update(text_to_ldm(models.text_encoder.state_dict(), pre))
     if arch == "sdxl":
         sd.update(open_clip_to_ldm(models.text_encoder_2.state_dict()))
     return {k: v.contiguous() for k, v in sd.items()}
@@ -135,12 +76,12 @@ def test_single_file_round_trip(arch, tmp_path):
     sd = to_single_file(models, arch)
     sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(sd, str(path))
-    with pytest.raises(KinemaError, match="UNet weights do not match"):
+    with pytest.raises(KinemaError, match=r"\(UNet\): does not match the expected layout: .* of which only"):
         story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
     sd.pop("model.diffusion_model.extra.weight")
     sd.pop(next(k for k in sd if k.startswith("first_stage_model.decoder")))
     save_file(sd, str(path))
-    with pytest.raises(KinemaError, match="VAE weights do not match.*1 missing"):
+    with pytest.raises(KinemaError, match=r"\(VAE\): does not match the expected layout: 1 missing"):
         story_pipeline.load_checkpoint(path, dtype=torch.float32, configs=TINY[arch])
 
 

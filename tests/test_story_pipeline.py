@@ -58,7 +58,7 @@ def sdxl():
 
 
 def settings(**kw):
-    base = dict(width=16, height=16, steps=2, cfg=5.0, seed=7, id_length=2, batch_size=2)
+    base = dict(width=16, height=16, steps=2, cfg=5.0, seed=7, batch_size=2)
     base.update(kw)
     return story_pipeline.StorySettings(**base)
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_dynamicrafter
+import tiny_story_video
 from kinema import runtime
 from kinema.kernels.dual_attention import per_frame_context
 from kinema.pipelines.dynamicrafter import convert
@@ -40,7 +41,7 @@ def _opts(**kw):
 def _learned(seed=0):
     """A tiny predictor with random (non-zero) output weights: a stand-in for a trained one."""
     torch.manual_seed(seed)
-    m = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
+    m = story_predictor.SemanticMotionPredictor(tiny_story_video.predictor_config())
     torch.nn.init.normal_(m.proj_out.weight, std=0.5)
     return m.eval()
 
@@ -191,7 +192,7 @@ def test_frame_token_errors():
 
 def test_untrained_predictor_is_the_interpolation_and_keyframes_stay():
     torch.manual_seed(0)
-    m = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
+    m = story_predictor.SemanticMotionPredictor(tiny_story_video.predictor_config())
     g = torch.Generator().manual_seed(1)
     s, e = torch.randn(2, 5, 64, generator=g), torch.randn(2, 5, 64, generator=g)
     with torch.no_grad():
@@ -264,10 +265,10 @@ def test_loader_errors(tmp_path):
     part = dict(sd)
     part.pop("proj_out.bias")
     part["extra.weight"] = torch.zeros(2)
-    with pytest.raises(KinemaError, match=r"missing \['proj_out.bias'\].*unexpected \['extra.weight'\]"):
+    with pytest.raises(KinemaError, match=r"1 missing \(e.g. proj_out.bias\); 1 unexpected \(e.g. extra.weight\)"):
         story_predictor.load_predictor(write("k.safetensors", part, good_meta))
     wrong = dict(good_meta, config=json.dumps(dict(m.config.to_dict(), width=16)))
-    with pytest.raises(KinemaError, match="wrong shape"):
+    with pytest.raises(KinemaError, match=r"with other shapes \(e.g. token_pos: found \(5, 32\), expected \(5, 16\)"):
         story_predictor.load_predictor(write("s.safetensors", sd, wrong))
 
 

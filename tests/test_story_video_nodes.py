@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_dynamicrafter
+import tiny_story_video
 from kinema import runner, runtime
 from kinema.nodes import dynamicrafter as dynamicrafter_nodes
 from kinema.nodes import story_video as story_video_nodes
@@ -26,7 +27,7 @@ def models_dir(tmp_path_factory):
     (root / "kinema" / "dynamicrafter").mkdir(parents=True)
     save_file(tiny_dynamicrafter.checkpoint("512"), str(root / "kinema" / "dynamicrafter" / "tiny_interp.safetensors"))
     torch.manual_seed(0)
-    pred = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
+    pred = story_predictor.SemanticMotionPredictor(tiny_story_video.predictor_config())
     torch.nn.init.normal_(pred.proj_out.weight, std=0.5)
     story_predictor.save_predictor(pred, root / "kinema" / "story_diffusion" / "tiny_predictor.safetensors")
     save_file({"x": torch.zeros(2)}, str(root / "kinema" / "story_diffusion" / "other.safetensors"))

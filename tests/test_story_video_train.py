@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_dynamicrafter
+import tiny_story_video
 from kinema.pipelines.dynamicrafter import convert
 from kinema.pipelines.dynamicrafter import pipeline
 from kinema.pipelines.story_video import predictor as story_predictor
@@ -33,7 +34,7 @@ def tiny_set(tmp_path_factory):
 def _opts(tiny_set, run, **kw):
     base = dict(data=[str(tiny_set["root"] / "clips"), str(tiny_set["root"] / "videos")],
                 encoder=str(tiny_set["encoder"]), out=str(run / "predictor.safetensors"), work_dir=str(run),
-                config=story_predictor.default_config("tiny").to_dict(), frames=6, height=64, width=64, steps=6, batch=8,
+                config=tiny_story_video.predictor_config().to_dict(), frames=6, height=64, width=64, steps=6, batch=8,
                 lr=3e-3, warmup=10, log_every=2, save_every=3, device="cpu")
     base.update(kw)
     return train.TrainOptions(**base)
@@ -134,7 +135,7 @@ def test_trainer_refuses_what_would_lose_work_or_cannot_work(tiny_set, tmp_path)
 
 def test_command_line(tiny_set, tmp_path):
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(story_predictor.default_config("tiny").to_dict()))
+    cfg.write_text(json.dumps(tiny_story_video.predictor_config().to_dict()))
     args = [sys.executable, str(ROOT / "train_motion_predictor.py"), "--data", str(tiny_set["root"] / "clips"),
             "--encoder", str(tiny_set["encoder"]), "--out", str(tmp_path / "cli.safetensors"),
             "--work-dir", str(tmp_path / "run"), "--config", str(cfg), "--frames", "6", "--height", "64",

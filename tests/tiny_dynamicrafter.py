@@ -11,40 +11,13 @@ from kinema.pipelines.dynamicrafter.encoders import TextEncoder, VisionEncoder
 from kinema.pipelines.dynamicrafter.resampler import Resampler
 from kinema.pipelines.dynamicrafter.sampler import DiffusionSchedule, ScheduleConfig
 from kinema.pipelines.dynamicrafter.unet import DynamiCrafterUNet, UNetConfig
+from ldm_layout import vae_to_ldm
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "dynamicrafter"
 
 
 def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd for m in [re.match(pattern, k)] if m})
-
-
-def vae_to_ldm(sd: dict) -> dict:
-    """diffusers AutoencoderKL keys -> the LDM layout released checkpoints use (attention weights
-    as 1x1 convolutions); written independently of the loader, which reads LDM keys with
-    diffusers' own converter."""
-    n_up = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
-    out = {}
-    for k, v in sd.items():
-        nk = k
-        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", nk)
-        nk = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", nk)
-        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", nk)
-        if m:
-            i = n_up - 1 - int(m.group(1))
-            nk = f"decoder.up.{i}.block.{m.group(3)}" if m.group(2) == "resnets" else f"decoder.up.{i}.upsample.{m.group(3)}"
-        nk = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
-                    lambda mm: f"{mm.group(1)}.mid.block_{int(mm.group(2)) + 1}.", nk)
-        mm = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", nk)
-        if mm:
-            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[mm.group(2)]
-            nk = f"{mm.group(1)}.mid.attn_1.{name}.{mm.group(3)}"
-            if name != "norm" and v.dim() == 2:
-                v = v[:, :, None, None]
-        nk = nk.replace(".conv_shortcut.", ".nin_shortcut.")
-        nk = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", nk)
-        out[nk] = v
-    return out
 
 
 def checkpoint(variant: str = "512", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -91,8 +64,7 @@ def checkpoint(variant: str = "512", seed: int = 0) -> dict[str, torch.Tensor]:
     n = len(vc["block_out_channels"])
     vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
                         norm_num_groups=32, **vc)
-    for k, v in vae_to_ldm(vae.state_dict()).items():
-        sd[VAE + k] = v
+    sd.update(vae_to_ldm(vae.state_dict(), VAE))
     sch = DiffusionSchedule(ScheduleConfig.from_dict(settings["schedule"]))
     sd["betas"], sd["alphas_cumprod"] = sch.betas, sch.alphas_cumprod
     sd["alphas_cumprod_prev"] = sch.alphas_cumprod_prev

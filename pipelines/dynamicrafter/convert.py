@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from ...runtime import KinemaError
-from .. import checkpoint
+from .. import checkpoint, sd_checkpoint
 from .encoders import TextEncoder, VisionEncoder
+from .model import CONFIG_DIR, DynamiCrafter, variants
 from .resampler import Resampler
 from .unet import DynamiCrafterUNet, UNetConfig
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "dynamicrafter"
 
 UNET = "model.diffusion_model."
 PROJ = "image_proj_model."
@@ -62,11 +61,6 @@ UNUSED = [
 RENAMES = {UNET + "framestride_embed.": UNET + "fps_embedding."}
 
 
-def variants() -> dict:
-    with open(CONFIG_DIR / "variants.json") as f:
-        return json.load(f)
-
-
 # ----------------------------------------------------------------------------- reading
 
 EXPECTED = ("a DynamiCrafter checkpoint: model.ckpt of the 256, 512, 1024 or 512-interp release, or a pruned "
@@ -79,31 +73,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return checkpoint.read_state_dict(path, expected=EXPECTED, mmap=True)
 
 
+# What other model files look like: (every one of these key patterns is found, what it is), in
+# order; the first match names the file.
+LOOKALIKES = [
+    ([r"^model\.diffusion_model\..*temopral_conv"],
+     "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"),
+    ([r"^conditioner\.embedders\.", r"time_stack|time_mixer"], "a Stable Video Diffusion checkpoint"),
+    ([r"^conditioner\.embedders\."], "an SDXL-family checkpoint"),
+    ([r"^cond_stage_model\.transformer\.(text_model\.|embeddings\.token_embedding\.weight$)"],
+     "a Stable Diffusion 1.x checkpoint"),
+    ([r"^cond_stage_model\.model\.transformer\.", r"^model\.diffusion_model\."], "a Stable Diffusion 2.x checkpoint"),
+    ([r"motion_modules\."], "an AnimateDiff motion module"),
+    ([r"^((down_blocks|mid_block|up_blocks)\.|conv_in\.weight$)"],
+     "a diffusers-format model (not the released LDM-style DynamiCrafter checkpoint)"),
+    ([r"^(encoder\.down|decoder\.up)\."], "a standalone VAE"),
+    ([r"^model\.diffusion_model\."], "a latent-diffusion UNet without DynamiCrafter's image-injection layers"),
+]
+
+
 def identify(keys) -> str | None:
     """What a non-DynamiCrafter state dict looks like (None if it looks like DynamiCrafter)."""
     keys = list(keys)
-    ks = set(keys)
     has = lambda pat: any(re.search(pat, k) for k in keys)  # noqa: E731
     if has(r"^model\.diffusion_model\..*attn2\.to_k_ip\.weight$"):
         return None
-    if has(r"^model\.diffusion_model\..*temopral_conv"):
-        return "an LVDM/VideoCrafter video UNet without DynamiCrafter's image-injection layers"
-    if has(r"^conditioner\.embedders\.") and has(r"time_stack|time_mixer"):
-        return "a Stable Video Diffusion checkpoint"
-    if has(r"^conditioner\.embedders\."):
-        return "an SDXL-family checkpoint"
-    if has(r"^cond_stage_model\.transformer\.text_model\.") or "cond_stage_model.transformer.embeddings.token_embedding.weight" in ks:
-        return "a Stable Diffusion 1.x checkpoint"
-    if has(r"^cond_stage_model\.model\.transformer\.") and has(r"^model\.diffusion_model\."):
-        return "a Stable Diffusion 2.x checkpoint"
-    if has(r"motion_modules\."):
-        return "an AnimateDiff motion module"
-    if has(r"^(down_blocks|mid_block|up_blocks)\.") or "conv_in.weight" in ks:
-        return "a diffusers-format model (not the released LDM-style DynamiCrafter checkpoint)"
-    if has(r"^encoder\.down\.") or has(r"^decoder\.up\."):
-        return "a standalone VAE"
-    if any(k.startswith(UNET) for k in keys):
-        return "a latent-diffusion UNet without DynamiCrafter's image-injection layers"
+    for patterns, what in LOOKALIKES:
+        if all(has(p) for p in patterns):
+            return what
     sample = ", ".join(sorted(keys)[:3])
     return f"an unrecognised state dict ({len(keys)} keys, e.g. {sample})"
 
@@ -161,7 +157,7 @@ def unet_config(sd: dict, variant: str) -> UNetConfig:
     d["transformer_depth"] = _count(sd, r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.") or 1
     # Level structure: input block i>0 is a ResBlock (has in_layers) or a Downsample (op).
     n_in = _count(sd, r"input_blocks\.(\d+)\.")
-    levels, cur, att_levels = [], [], []
+    levels, cur = [], []
     for i in range(1, n_in):
         if f"input_blocks.{i}.0.op.weight" in sd:
             levels.append(cur)
@@ -240,19 +236,6 @@ def vae_config(sd: dict) -> dict:
     return cfg
 
 
-def vae_ldm_to_diffusers(sd: dict, config: dict, fname: str = "checkpoint") -> dict:
-    """LDM VAE keys (``encoder.down.i.block.j`` ...) -> diffusers AutoencoderKL keys, with
-    diffusers' own converter; its 1x1-convolution attention weights become linear ones. Every
-    tensor must be used (the converter drops what it does not know)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    out = convert_ldm_vae_checkpoint(sd, config)
-    out = {k: (v[:, :, 0, 0] if v.dim() == 4 and ".attentions." in k and "to_" in k else v) for k, v in out.items()}
-    if len(out) != len(sd):
-        raise KinemaError(f"'{fname}': the VAE (first_stage_model.*) has {len(sd)} tensors, of which only {len(out)} "
-                          f"belong to a KL VAE; not the DynamiCrafter (SD) VAE")
-    return out
-
-
 # ----------------------------------------------------------------------------- loading
 
 def _split(sd: dict, prefix: str) -> dict:
@@ -264,20 +247,10 @@ def _unused_patterns(sd: dict) -> list[re.Pattern]:
     return [re.compile("^" + p.replace("LAST", str(last)) + "$") for p in UNUSED]
 
 
-def _load_into(module: torch.nn.Module, sd: dict, what: str, fname: str) -> None:
-    res = module.load_state_dict(sd, strict=False, assign=True)
-    if res.missing_keys or res.unexpected_keys:
-        raise KinemaError(f"'{fname}': the {what} weights do not fit the architecture read from the file: "
-                          f"missing {res.missing_keys[:5]} ({len(res.missing_keys)}), "
-                          f"unexpected {res.unexpected_keys[:5]} ({len(res.unexpected_keys)})")
-
-
 def convert(sd: dict[str, torch.Tensor], fname: str = "checkpoint", dtype: torch.dtype = torch.float32,
             variant: str = "auto", load_vae: bool = True):
     """Build a :class:`~.model.DynamiCrafter` from a released state dict (tensors may be on meta)."""
     from diffusers import AutoencoderKL
-
-    from .model import DynamiCrafter
 
     what = identify(sd.keys())
     if what is not None:
@@ -322,17 +295,21 @@ def convert(sd: dict[str, torch.Tensor], fname: str = "checkpoint", dtype: torch
         proj = Resampler(**pcfg)
         text = TextEncoder(**tcfg)
         vision = VisionEncoder(**vcfg)
-    _load_into(unet, unet_sd, "video UNet (model.diffusion_model.*)", fname)
-    _load_into(proj, proj_sd, "resampler (image_proj_model.*)", fname)
-    _load_into(text, text_sd, "text encoder (cond_stage_model.*)", fname)
-    _load_into(vision, vis_sd, "image encoder (embedder.*)", fname)
+    advice = ("Use the released DynamiCrafter model.ckpt (or a pruned copy of it); the weights must fit the "
+              "architecture its shapes describe")
+    for module, part_sd, what in ((unet, unet_sd, "video UNet, model.diffusion_model.*"),
+                                  (proj, proj_sd, "resampler, image_proj_model.*"),
+                                  (text, text_sd, "text encoder, cond_stage_model.*"),
+                                  (vision, vis_sd, "image encoder, embedder.*")):
+        checkpoint.load_strict(module, part_sd, f"'{fname}' ({what})", advice=advice)
     vae = None
     if load_vae:
         vae_sd = _split(sd, VAE)
         vae_cfg = vae_config(vae_sd)
         with torch.device("meta"):
             vae = AutoencoderKL(**vae_cfg)
-        _load_into(vae, vae_ldm_to_diffusers(vae_sd, vae_cfg, fname), "VAE (first_stage_model.*)", fname)
+        checkpoint.load_strict(vae, sd_checkpoint.vae_state_dict(sd, vae_cfg, f"'{fname}'"),
+                               f"'{fname}' (VAE, first_stage_model.*)", advice=advice)
     info = {"variant": variant, "detected": detected, "reason": reason, "unet": asdict(ucfg), "resampler": pcfg,
             "text": tcfg, "vision": vcfg}
     model = DynamiCrafter(unet, proj, text, vision, vae, variant, info)

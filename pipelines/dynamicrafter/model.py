@@ -3,6 +3,9 @@ decode helpers. Each part is a :class:`~...runtime.ManagedModel` (ComfyUI loads 
 use and may unload it to make room for others)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -10,6 +13,13 @@ from ... import runtime
 from .sampler import ScheduleConfig
 
 LATENT_SCALE = 0.18215
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "dynamicrafter"
+
+
+def variants() -> dict:
+    """The released variants' UNet settings, schedules and defaults (``configs/dynamicrafter``)."""
+    with open(CONFIG_DIR / "variants.json") as f:
+        return json.load(f)
 
 
 class DynamiCrafter(nn.Module):
@@ -48,7 +58,6 @@ class DynamiCrafter(nn.Module):
 
     # -- settings ----------------------------------------------------------------------
     def settings(self) -> dict:
-        from .convert import variants
         return variants()["variants"][self.variant]
 
     def schedule_config(self) -> ScheduleConfig:

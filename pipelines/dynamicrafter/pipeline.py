@@ -24,7 +24,7 @@ import torch
 from ... import runtime
 from ...kernels.dual_attention import per_frame_context
 from ...kernels.regional import cover_crop, default_feather, fit_mask, latent_keep, paste, paste_alpha
-from .model import DynamiCrafter
+from .model import DynamiCrafter, variants
 from .sampler import DDIMSampler, DiffusionSchedule
 
 
@@ -77,7 +77,6 @@ def default_fs(model: DynamiCrafter, fs: int | None, interpolate: bool = False) 
     if fs is not None and int(fs) > 0:
         return int(fs)
     if interpolate:
-        from .convert import variants
         return int(variants()["variants"]["512_interp"]["defaults"]["fs"])
     return int(model.settings()["defaults"]["fs"])
 
@@ -224,7 +223,7 @@ def generate(model: DynamiCrafter, keyframes: list[torch.Tensor], opts: AnimateO
     height, width = _check_size(model, opts.height, opts.width)
     fs_value = default_fs(model, opts.fs, interpolate=len(keyframes) == 2)
     frames = int(opts.frames)
-    gen = torch.Generator("cpu").manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = torch.Generator("cpu").manual_seed(int(opts.seed) & runtime.SEED_MAX)
     imgs = [prepare_image(k, height, width, name="image" if i == 0 else "image_end")
             for i, k in enumerate(keyframes)]
     parts = model.managed()

@@ -25,14 +25,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from ...runtime import KinemaError
-from ..checkpoint import read_state_dict
-from ..motion_i2v.loading import check_keys, load_into
+from .. import sd_checkpoint
+from ..checkpoint import check_keys, load_strict, read_state_dict
+from ..weights_init import default_init
 from .unet import SD_HEADS, FYCUNet, load_config
 
-LDM_UNET = "model.diffusion_model."
+LDM_UNET = sd_checkpoint.LDM_UNET
 MOTION = ".motion_modules."
 NEW_KEYS = ("fps_embedding.", "motion_embedding.")   # what neither SD1.5 nor AnimateDiff provides
 FORMAT = "follow-your-click-unet"
@@ -118,7 +118,7 @@ def load_unet(path, dtype: torch.dtype = torch.float32) -> FYCUNet:
     if any(k.startswith("mid_block" + MOTION) for k in sd):
         raise KinemaError(f"{path.name}: has a mid-block motion module; Follow-Your-Click's layout (AnimateDiff v1) "
                           f"has none")
-    model = load_into(build_unet(cfg), sd, path.name)
+    model = load_strict(build_unet(cfg), sd, path.name)
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -137,32 +137,16 @@ def save_unet(model: FYCUNet, path, metadata: dict | None = None) -> Path:
 
 # -------------------------------------------------------------------- SD1.5 + AnimateDiff -> FYC
 
-def _ldm_layers_per_block(sd: dict) -> int:
-    """Resnets per down level of an LDM UNet: input blocks = levels * L + (levels - 1) downsamplers."""
-    blocks = {int(k[len(LDM_UNET):].split(".")[1]) for k in sd if k.startswith(LDM_UNET + "input_blocks.")}
-    downs = {int(k[len(LDM_UNET):].split(".")[1]) for k in sd if k.startswith(LDM_UNET + "input_blocks.")
-             and ".op." in k}
-    levels = len(downs) + 1
-    return (max(blocks) - len(downs)) // levels
-
-
 def sd15_unet_state_dict(path) -> dict:
     """The 2-D UNet of an SD1.5 checkpoint in diffusers names: a single file in the original layout
     (``model.diffusion_model.*``, converted with diffusers' converter) or a diffusers UNet file."""
     path = Path(path)
     sd = read_state_dict(path, prefixes=(LDM_UNET,)) if path.suffix.lower() == ".safetensors" else read_state_dict(path)
-    if any(k.startswith(LDM_UNET) for k in sd):
-        cfg = {"layers_per_block": _ldm_layers_per_block(sd), "class_embed_type": None, "num_class_embeds": None,
-               "addition_embed_type": None}
-        return convert_ldm_unet_checkpoint(sd, cfg)
-    if path.suffix.lower() == ".safetensors":
+    if not sd and path.suffix.lower() == ".safetensors":
         sd = read_state_dict(path)
-    if "conv_in.weight" in sd:
-        if any(MOTION in k for k in sd):
-            raise KinemaError(f"{path.name}: already holds motion modules; expected an SD1.5 image checkpoint")
-        return sd
-    raise KinemaError(f"{path.name}: not an SD1.5 checkpoint (no 'model.diffusion_model.*' and no 'conv_in.weight' "
-                      f"keys); expected e.g. v1-5-pruned-emaonly.safetensors")
+    if "conv_in.weight" in sd and any(MOTION in k for k in sd):
+        raise KinemaError(f"{path.name}: already holds motion modules; expected an SD1.5 image checkpoint")
+    return sd_checkpoint.unet_state_dict(sd, path.name)
 
 
 def motion_module_state_dict(path, pe_len: int) -> dict:
@@ -207,11 +191,15 @@ def build_from_sd15(sd15_path, motion_path, seed: int = 0, dtype: torch.dtype = 
     w = unet2d["conv_in.weight"]
     check_keys({k: s for k, s in expected.items() if MOTION in k}, motion, motion_path.name)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_unet(cfg, device="cpu")      # fresh layers: default init, zero last embedding layers
+    model = build_unet(cfg)      # on meta: every tensor comes from the files or from `generator` below
+    generator = torch.Generator().manual_seed(int(seed))
+    new = {}
+    for name in NEW_KEYS:        # fresh embeddings: PyTorch's default first layer, a zero output layer
+        emb = default_init(getattr(model, name.rstrip(".")), generator)
+        torch.nn.init.zeros_(emb.linear_2.weight)
+        torch.nn.init.zeros_(emb.linear_2.bias)
+        new.update({name + k: v for k, v in emb.state_dict().items()})
     conv_in = torch.zeros(expected["conv_in.weight"], dtype=w.dtype)
     conv_in[:, :4] = w
-    new = {k: v for k, v in model.state_dict().items() if k.startswith(NEW_KEYS)}
     full = {**unet2d, **motion, **new, "conv_in.weight": conv_in}
-    return load_into(model, full, f"{sd15_path.name} + {motion_path.name}").to(dtype).eval().requires_grad_(False)
+    return load_strict(model, full, f"{sd15_path.name} + {motion_path.name}").to(dtype).eval().requires_grad_(False)

@@ -33,6 +33,11 @@ from .unet import LATENT_SCALE, FYCUNet, conditioning_input, load_config, mask_c
 VAE_FACTOR = 8
 
 
+# "Leading" timesteps with offset 1 are 1 + k * (1000 // steps): at 1000 steps the first would be
+# timestep 1000, one past the schedule's last (999).
+MAX_STEPS = 999
+
+
 @dataclass
 class FYCOptions:
     frames: int = 16
@@ -94,8 +99,8 @@ def check_options(opts: FYCOptions, max_frames: int = 24) -> None:
         v = getattr(opts, name)
         if v < 64 or v % VAE_FACTOR:
             raise ValueError(f"{name}: {v} must be a multiple of {VAE_FACTOR} and at least 64")
-    if not 1 <= opts.steps <= 1000:
-        raise ValueError(f"steps: {opts.steps} must be between 1 and 1000")
+    if not 1 <= opts.steps <= MAX_STEPS:
+        raise ValueError(f"steps: {opts.steps} must be between 1 and {MAX_STEPS}")
     if opts.cfg < 1.0:
         raise ValueError(f"cfg: {opts.cfg} must be at least 1.0 (1.0 turns guidance off)")
     if not 0.0 <= opts.eta <= 1.0:
@@ -144,7 +149,7 @@ def sample(unet: FYCModel | runtime.ManagedModel, image_latent: torch.Tensor, co
     """
     part, dev, model = _parts(unet)
     check_options(opts, model.max_frames)
-    gen = generator if generator is not None else torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(opts.seed) & runtime.SEED_MAX)
     dt = model.dtype
     h, w = image_latent.shape[-2:]
     shape = (1, model.latent_channels, int(opts.frames), h, w)
@@ -217,7 +222,7 @@ def animate(unet: FYCModel | runtime.ManagedModel, vae, image: torch.Tensor, con
     height, width = int(opts.height), int(opts.width)
     pixels = prepare_image(image, height, width)
     pix_mask = fit_mask(mask, height, width) if mask is not None else None
-    gen = torch.Generator().manual_seed(int(opts.seed) & 0xFFFFFFFFFFFFFFFF)
+    gen = torch.Generator().manual_seed(int(opts.seed) & runtime.SEED_MAX)
     runtime.check_interrupt()
     z = vae.encode(pixels).float()
     if tuple(z.shape[-2:]) != (height // VAE_FACTOR, width // VAE_FACTOR) or z.shape[1] != network.latent_channels:

@@ -15,18 +15,17 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ... import runtime
 from ...runtime import KinemaError
-from ..checkpoint import read_state_dict
-from ..motion_i2v.loading import load_into
+from .. import sd_checkpoint
+from ..checkpoint import load_strict, read_state_dict
 from ..text_encoding import clip_tokenizer
 
 SD15_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sd15"
-LDM_VAE = "first_stage_model."
-LDM_TEXT = "cond_stage_model.transformer."
+LDM_VAE = sd_checkpoint.LDM_VAE
+LDM_TEXT = sd_checkpoint.LDM_TEXT
 
 
 def _sd15_config(name: str) -> dict:
@@ -87,40 +86,24 @@ def text_config(sd: dict) -> dict:
 def load_vae(path) -> AutoencoderKL:
     """The VAE of an SD1.5 single-file checkpoint (original layout)."""
     path = Path(path)
-    ldm = {k[len(LDM_VAE):]: v for k, v in _read(path, LDM_VAE, "VAE").items()}
-    cfg = vae_config(ldm)
-    sd = convert_ldm_vae_checkpoint(ldm, cfg)
-    # the converter keeps the mid-block attention projections as 1x1 convolutions; diffusers uses linears
-    sd = {k: (v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k and "to_" in k else v) for k, v in sd.items()}
+    ldm = _read(path, LDM_VAE, "VAE")
+    cfg = vae_config({k[len(LDM_VAE):]: v for k, v in ldm.items()})
     with torch.device("meta"):
         vae = AutoencoderKL(**cfg)
-    return load_into(vae, sd, f"{path.name} (VAE)").eval().requires_grad_(False)
+    return load_strict(vae, sd_checkpoint.vae_state_dict(ldm, cfg, path.name), f"{path.name} (VAE)").eval().requires_grad_(False)
 
 
 def load_text_encoder(path) -> CLIPTextModel:
     """The CLIP text encoder of an SD1.5 single-file checkpoint (original layout)."""
     path = Path(path)
-    sd = convert_ldm_clip_checkpoint(_read(path, LDM_TEXT, "text encoder"))
-    sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}  # a buffer only some files carry
+    sd = sd_checkpoint.text_state_dict(_read(path, LDM_TEXT, "text encoder"))
     if "text_model.embeddings.token_embedding.weight" not in sd:
         raise KinemaError(f"{path.name}: the text encoder has no 'text_model.embeddings.token_embedding.weight'; "
                           f"expected SD1.5's CLIP text model")
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**text_config(sd)))
-    if not any(k.startswith("text_model.") for k in model.state_dict()):   # transformers >= 5 drops the prefix
-        sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
-    expected = {k for k in model.state_dict() if not k.endswith("embeddings.position_ids")}
-    unexpected = sorted(set(sd) - expected)
-    missing = sorted(expected - set(sd))
-    if missing or unexpected:
-        raise KinemaError(f"{path.name} (text encoder): {len(missing)} missing (e.g. {missing[:2]}), "
-                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) keys")
-    model.load_state_dict(sd, strict=False, assign=True)
-    for m in model.modules():          # the one buffer not in the file: rebuild it off the meta device
-        if hasattr(m, "position_ids") and m.position_ids.is_meta:
-            m.register_buffer("position_ids", torch.arange(model.config.max_position_embeddings)[None],
-                              persistent=False)
-    return model.eval().requires_grad_(False)
+    return load_strict(model, sd_checkpoint.clip_text_layout(sd, model),
+                       f"{path.name} (text encoder)").eval().requires_grad_(False)
 
 
 class TextEncoder:

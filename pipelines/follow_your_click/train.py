@@ -41,7 +41,7 @@ from .pipeline import scheduler
 from .unet import LATENT_SCALE, FYCUNet, conditioning_input, mask_condition
 
 TRAINABLE = {"motion": ("motion_modules.", "conv_in", "motion_embedding", "fps_embedding"), "all": ("",)}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(runtime.DTYPES)  # fp32: no autocast; bf16 / fp16: autocast on CUDA
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Trainer:
         self.log = log or (lambda s: print(s, file=sys.stderr))
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device) if cfg.device else runtime.device()
-        self.amp = PRECISIONS[cfg.precision]
+        self.amp = None if cfg.precision == "fp32" else runtime.DTYPES[cfg.precision]
         if self.amp is not None and self.device.type != "cuda":
             raise ValueError(f"precision: {cfg.precision} mixed precision needs a CUDA device (got {self.device}); "
                              f"use fp32 on the CPU")

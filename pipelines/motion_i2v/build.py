@@ -7,23 +7,15 @@
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
 
-from ...runtime import KinemaError
+from ...runtime import KinemaError, dtype_named
+from .. import sd_checkpoint
+from ..checkpoint import load_strict
 from . import loading
-from .pipeline import DTYPES, FlowModel, RenderModel
+from .pipeline import FlowModel, RenderModel
 from .text import TextEncoder
-
-
-def _dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype: must be one of {tuple(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def load_flow_model(flow_unet, controlnet, flow_vae, dtype="fp32") -> FlowModel:
@@ -31,15 +23,7 @@ def load_flow_model(flow_unet, controlnet, flow_vae, dtype="fp32") -> FlowModel:
     loaders, see ``predict_motion``'s ``image_latent`` and ``cond``)."""
     unet = loading.load_flow_unet(flow_unet, controlnet)
     fvae = loading.load_flow_vae(flow_vae)
-    return FlowModel(unet, fvae, dtype=_dtype(dtype))
-
-
-def _ldm_layers_per_block(sd: dict) -> int:
-    """Res blocks per level of an LDM-layout UNet (``model.diffusion_model.input_blocks.*``)."""
-    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.", k)] if m}
-    downs = {int(m.group(1)) for k in sd for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.", k)] if m}
-    levels = len(downs) + 1
-    return (len(blocks) - 1 - len(downs)) // levels
+    return FlowModel(unet, fvae, dtype=dtype_named(dtype, what="dtype"))
 
 
 def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") -> RenderModel:
@@ -48,11 +32,9 @@ def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") ->
     AnimateDiff v2, then Motion-I2V's motion block; later ones override)."""
     path = Path(checkpoint)
     sd = loading.read_state_dict(path)
-    if not any(k.startswith("model.diffusion_model.") for k in sd):
+    if not sd_checkpoint.is_ldm(sd):
         raise KinemaError(f"{path.name}: not an SD1.5 single-file checkpoint (no 'model.diffusion_model.*' keys)")
-    vae_cfg = loading.load_config("image_vae")
-    unet_sd, vae_sd, text_sd = loading.split_sd_checkpoint(sd, {"layers_per_block": _ldm_layers_per_block(sd)},
-                                                           vae_cfg, path.name)
+    unet_sd, vae_sd, text_sd = sd_checkpoint.split(sd, loading.load_config("image_vae"), path.name)
     if not vae_sd:
         raise KinemaError(f"{path.name}: holds no VAE weights ('first_stage_model.*'); use a full SD1.5 checkpoint")
     motion = [(Path(p).name, loading.read_state_dict(p)) for p in motion_files]
@@ -61,10 +43,10 @@ def load_reference_render_model(checkpoint, motion_files: list, dtype="fp32") ->
         merged.update(loading.motion_block_state_dict(msd, name))
     unet_cfg = loading.unet_config(merged, "stage2_unet", path.name)
     unet = loading.load_render_unet(unet_sd, motion, unet_cfg, path.name)
-    vae = loading.load_into(loading.build_vae(loading.vae_config(vae_sd, "image_vae", path.name)), vae_sd,
+    vae = load_strict(loading.build_vae(loading.vae_config(vae_sd, "image_vae", path.name)), vae_sd,
                             f"{path.name} (VAE)")
     text = TextEncoder(loading.load_config("text_encoder"), text_sd, path.name) if text_sd else None
-    return RenderModel(unet, vae.eval().requires_grad_(False), text, _dtype(dtype))
+    return RenderModel(unet, vae.eval().requires_grad_(False), text, dtype_named(dtype, what="dtype"))
 
 
 __all__ = ["load_flow_model", "load_reference_render_model"]

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
 
 from ...runtime import KinemaError
 from .modules import MotionUNet3D
-from ..checkpoint import read_state_dict
+from ..checkpoint import check_keys, load_strict, read_state_dict
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "motion_i2v"
 
@@ -31,37 +29,6 @@ def load_config(name: str) -> dict:
     if not path.is_file():
         raise KinemaError(f"config '{path}' is missing from the pack; reinstall it")
     return json.loads(path.read_text())
-
-
-def check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Tensor], what: str,
-               allow_missing: tuple[str, ...] = ()) -> None:
-    """Raise unless ``given`` has exactly the expected keys (up to ``allow_missing`` prefixes)
-    with the expected shapes."""
-    missing = [k for k in expected if k not in given and not k.startswith(allow_missing)]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k}: expected {tuple(expected[k])}, found {tuple(given[k].shape)}"
-              for k in given if k in expected and tuple(given[k].shape) != tuple(expected[k])]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[0]})")
-        raise KinemaError(f"{what}: does not match the expected layout: " + "; ".join(parts))
-
-
-def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Check keys/shapes against ``module`` (usually built on the meta device, so nothing is
-    allocated before the file is known to fit), then load strictly, taking over the tensors."""
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_keys(expected, sd, what)
-    module.load_state_dict(sd, strict=True, assign=True)
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if left:
-        raise KinemaError(f"{what}: left {len(left)} tensors unset (e.g. {left[0]})")
-    return module
 
 
 # --------------------------------------------------------------------------- configs from files
@@ -203,7 +170,7 @@ def load_flow_unet(unet_path, controlnet_path=None) -> MotionUNet3D:
                           f"{'' if cfg['stride_embedding'] else ', no stride embedding'}"
                           f"{'' if cfg['controlnet'] else ', no ControlNet'})")
     model = build_flow_unet(cfg)
-    load_into(model, sd, label)
+    load_strict(model, sd, label)
     return model.eval().requires_grad_(False)
 
 
@@ -217,7 +184,7 @@ def load_flow_vae(path) -> AutoencoderKL:
         raise KinemaError(f"{path.name}: a VAE for {cfg['in_channels']}-channel pictures; Motion-I2V's flow VAE "
                           f"(vae_flow) encodes 2-channel flows")
     vae = build_vae(cfg)
-    load_into(vae, sd, path.name)
+    load_strict(vae, sd, path.name)
     return vae.eval().requires_grad_(False)
 
 
@@ -233,23 +200,6 @@ def motion_block_state_dict(sd: dict, name: str = "motion block") -> dict:
             raise KinemaError(f"{name}: position encoding {k} has length {v.shape[1]}, expected 32 "
                               f"(AnimateDiff v2 layout; v1 motion modules have 24 and do not fit)")
     return dict(sd)
-
-
-def split_sd_checkpoint(sd: dict, unet_config: dict, vae_config: dict, name: str = "checkpoint"):
-    """An SD1.5 single-file checkpoint -> (unet 2D keys, vae keys, text-encoder keys) in diffusers
-    names. Accepts the original LDM layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.transformer.*``) or a diffusers-layout UNet file (``conv_in.weight`` ...)."""
-    if any(k.startswith("model.diffusion_model.") for k in sd):
-        cfg = {"layers_per_block": unet_config["layers_per_block"], "class_embed_type": None,
-               "num_class_embeds": None, "addition_embed_type": None}
-        unet = convert_ldm_unet_checkpoint(sd, cfg)
-        vae = convert_ldm_vae_checkpoint(sd, vae_config) if any(k.startswith("first_stage_model.") for k in sd) else {}
-        text = convert_ldm_clip_checkpoint(sd) if any(k.startswith("cond_stage_model.transformer.") for k in sd) else {}
-        vae = {k: (v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k and "to_" in k else v) for k, v in vae.items()}
-        return unet, vae, text
-    if "conv_in.weight" in sd:
-        return {k: v for k, v in sd.items() if ".motion_modules." not in k}, {}, {}
-    raise KinemaError(f"{name}: not an SD1.5 checkpoint (no 'model.diffusion_model.*' and no 'conv_in.weight' keys)")
 
 
 def build_render_unet(config="stage2_unet", device="meta") -> MotionUNet3D:
@@ -273,5 +223,5 @@ def load_render_unet(unet_sd: dict, motion_sds: list[tuple[str, dict]], config="
         motion.update(sd)
     names = " + ".join(n for n, _ in motion_sds) or "motion block"
     check_keys({k: s for k, s in expected.items() if ".motion_modules." in k}, motion, names)
-    load_into(model, {**unet_sd, **motion}, f"{unet_name} + {names}")
+    load_strict(model, {**unet_sd, **motion}, f"{unet_name} + {names}")
     return model.eval().requires_grad_(False)

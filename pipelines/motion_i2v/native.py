@@ -104,7 +104,7 @@ def build_motion_modules(unet, motion_files: list, dtype=torch.float32) -> Motio
     """The motion modules for ``unet`` (a ComfyUI UNetModel) from motion files applied in order
     (``[(name, state_dict)]``, e.g. AnimateDiff v2 then Motion-I2V's motion block; later ones
     override). Every module the UNet takes must be covered, with its channel count."""
-    from .loading import check_keys, load_into
+    from ..checkpoint import load_strict
     if not motion_files:
         raise runtime.KinemaError("motion files: none given; pick Motion-I2V's motion_block.bin")
     merged, names = {}, []
@@ -131,8 +131,7 @@ def build_motion_modules(unet, motion_files: list, dtype=torch.float32) -> Motio
                        for m in [re.search(r"temporal_transformer\.transformer_blocks\.(\d+)\.", k)] if m)
     with torch.device("meta"):
         mods = MotionModuleSet(want, MOTION_HEADS, int(pe.shape[1]), n_blocks)
-    check_keys({k: v.shape for k, v in mods.state_dict().items()}, merged, label)
-    load_into(mods, {k: v.to(dtype) for k, v in merged.items()}, label)
+    load_strict(mods, {k: v.to(dtype) for k, v in merged.items()}, label)
     return mods.eval().requires_grad_(False)
 
 

@@ -27,13 +27,22 @@ from .loading import load_config
 from .modules import MotionUNet3D
 from .text import TextEncoder
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _managed(model, parts: dict) -> dict:
     if model._managed is None:
         model._managed = {k: runtime.ManagedModel(m, f"Motion-I2V {k}") for k, m in parts.items() if m is not None}
     return model._managed
+
+
+def _place(dtype: torch.dtype, unet, text, *vaes) -> None:
+    """The UNet and text encoder in ``dtype``, the VAEs in float32."""
+    unet.to(dtype)
+    for vae in vaes:
+        if vae is not None:
+            vae.to(torch.float32)
+    if text is not None:
+        text.model.to(dtype)
 
 
 @dataclass
@@ -51,12 +60,7 @@ class FlowModel:
     _managed: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.unet.to(self.dtype)
-        for vae in (self.flow_vae, self.image_vae):
-            if vae is not None:
-                vae.to(torch.float32)
-        if self.text is not None:
-            self.text.model.to(self.dtype)
+        _place(self.dtype, self.unet, self.text, self.flow_vae, self.image_vae)
 
     def managed(self) -> dict:
         """The parts under model management (made once)."""
@@ -77,10 +81,7 @@ class RenderModel:
     _managed: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.unet.to(self.dtype)
-        self.vae.to(torch.float32)
-        if self.text is not None:
-            self.text.model.to(self.dtype)
+        _place(self.dtype, self.unet, self.text, self.vae)
 
     def managed(self) -> dict:
         return _managed(self, {"render UNet": self.unet, "VAE": self.vae,

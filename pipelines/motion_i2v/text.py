@@ -26,16 +26,12 @@ class TextEncoder:
 
     def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], name: str = "checkpoint"):
         from transformers import CLIPTextConfig, CLIPTextModel
-        from .loading import check_keys
-        with torch.device("cpu"):
-            self.model = CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
-        # position_ids: an index buffer some checkpoints carry and current models rebuild
-        sd = {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
-        expected = {k: v.shape for k, v in self.model.state_dict().items() if not k.endswith("position_ids")}
-        if not any(k.startswith("text_model.") for k in expected):  # newer transformers drop the prefix
-            sd = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
-        check_keys(expected, sd, f"{name} (text encoder)")
-        self.model.load_state_dict(sd, strict=False)
+        from ..checkpoint import load_strict
+        from ..sd_checkpoint import clip_text_layout
+        with torch.device("meta"):
+            model = CLIPTextModel(CLIPTextConfig(**config))
+        self.model = load_strict(model, clip_text_layout(state_dict, model),
+                                 f"{name} (text encoder)").float().eval().requires_grad_(False)
 
     def to(self, device=None, dtype=None):
         self.model.to(device=device, dtype=dtype)

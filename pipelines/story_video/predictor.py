@@ -51,6 +51,7 @@ import torch.nn as nn
 from ... import runtime
 from ...kernels.attention import multihead_attention
 from ...runtime import KinemaError
+from ..checkpoint import load_strict, read_header, read_state_dict
 from ..dynamicrafter.unet import timestep_embedding
 
 FORMAT = "kinema.semantic_motion_predictor"
@@ -106,7 +107,7 @@ class PredictorConfig:
 
 
 def default_config(name: str = "semantic_motion_predictor") -> PredictorConfig:
-    """A config shipped in ``configs/story_diffusion`` (``semantic_motion_predictor``: ViT-H; ``tiny``: tests)."""
+    """A config shipped in ``configs/story_diffusion`` (``semantic_motion_predictor``: the ViT-H predictor)."""
     return PredictorConfig.from_file(CONFIG_DIR / f"{name}.json")
 
 
@@ -207,6 +208,22 @@ class SemanticMotionPredictor(nn.Module):
 
 
 @torch.no_grad()
+def new_predictor(config: PredictorConfig, seed: int = 0) -> SemanticMotionPredictor:
+    """An untrained predictor whose weights are drawn from ``seed`` by a local generator (the
+    host's global RNG is neither read nor seeded): PyTorch's default initialisation of its layers,
+    position table N(0, 0.02), zero output layer."""
+    from ..weights_init import default_init
+    with torch.device("meta"):
+        model = SemanticMotionPredictor(config)
+    generator = torch.Generator().manual_seed(int(seed))
+    default_init(model, generator, leave=("token_pos",))
+    with torch.no_grad():
+        model.token_pos.normal_(0.0, 0.02, generator=generator)
+        nn.init.zeros_(model.proj_out.weight)
+        nn.init.zeros_(model.proj_out.bias)
+    return model
+
+
 def predict(start: torch.Tensor, end: torch.Tensor, frames: int,
             predictor: "runtime.ManagedModel | None" = None) -> torch.Tensor:
     """Per-frame tokens (frames, N, W) float32 on the CPU between keyframe tokens (N, W).
@@ -249,14 +266,9 @@ def read_metadata(path) -> tuple[dict, list[str]]:
     if path.suffix.lower() != ".safetensors":
         raise KinemaError(f"'{path.name}' is not a semantic motion predictor: predictors are .safetensors files "
                           "written by train_motion_predictor.py (pickled checkpoints are not read)")
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {}), list(fh.keys())
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        from ..checkpoint import unreadable
-        raise unreadable(path, e, "a semantic motion predictor (.safetensors written by "
-                                  "train_motion_predictor.py)") from None
+    meta, shapes = read_header(path, "a semantic motion predictor (.safetensors written by "
+                                     "train_motion_predictor.py)")
+    return meta, list(shapes)
 
 
 def _looks_like(keys: list[str]) -> str:
@@ -267,7 +279,6 @@ def _looks_like(keys: list[str]) -> str:
 
 def load_predictor(path, dtype: torch.dtype = torch.float32) -> SemanticMotionPredictor:
     """Read a predictor file (module doc). Wrong files give a KinemaError naming the file."""
-    from safetensors.torch import load_file
     path = Path(path)
     meta, keys = read_metadata(path)
     if meta.get("format") != FORMAT:
@@ -286,18 +297,10 @@ def load_predictor(path, dtype: torch.dtype = torch.float32) -> SemanticMotionPr
         raise KinemaError(str(e)) from None
     with torch.device("meta"):
         model = SemanticMotionPredictor(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = load_file(str(path))
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what} {ks[:4]}{' ...' if len(ks) > 4 else ''} ({len(ks)})"
-                           for what, ks in (("missing", missing), ("unexpected", unexpected),
-                                            ("wrong shape", [f"{k} {tuple(sd[k].shape)} != {want[k]}" for k in wrong]))
-                           if ks)
-        raise KinemaError(f"'{path.name}': the weights do not fit the config in its header: {detail}")
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+    sd = read_state_dict(path, expected="a semantic motion predictor")
+    load_strict(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                f"'{path.name}' (weights against the config in its header)",
+                advice="The file is damaged or was edited; train it again with train_motion_predictor.py")
     return model.eval()
 
 

@@ -45,7 +45,7 @@ from ...runtime import KinemaError, ProgressBar
 from ..clips import find_clips, make_warp_clips, read_frames  # noqa: F401  (make_warp_clips: the practice set)
 from ..dynamicrafter.encoders import VisionEncoder
 from ..dynamicrafter.pipeline import prepare_image
-from .predictor import PredictorConfig, SemanticMotionPredictor, interpolate_tokens, save_predictor
+from .predictor import PredictorConfig, interpolate_tokens, new_predictor, save_predictor
 
 STATE = "trainer_state.pt"
 LOG = "loss_log.jsonl"
@@ -98,7 +98,7 @@ def _check(opts: TrainOptions) -> None:
 def load_image_encoder(path, dtype: torch.dtype = torch.float32) -> VisionEncoder:
     """The frozen CLIP image encoder from a DynamiCrafter checkpoint (``embedder.model.visual.*``)
     or an OpenCLIP ViT-H file (``visual.*``); only those tensors are read."""
-    from ..checkpoint import read_state_dict
+    from ..checkpoint import load_strict, read_state_dict
     from ..dynamicrafter import convert as dc
     path = Path(path)
     prefixes = (dc.VISION + "visual.", "visual.")
@@ -114,10 +114,8 @@ def load_image_encoder(path, dtype: torch.dtype = torch.float32) -> VisionEncode
     cfg = dc.vision_config({"visual." + k: v for k, v in vis.items()})
     with torch.device("meta"):
         enc = VisionEncoder(**cfg)
-    res = enc.load_state_dict(vis, strict=False, assign=True)
-    if res.missing_keys or res.unexpected_keys:
-        raise KinemaError(f"'{path.name}': the image encoder weights do not fit: missing {res.missing_keys[:4]}, "
-                          f"unexpected {res.unexpected_keys[:4]}")
+    load_strict(enc, vis, f"'{path.name}' (image encoder)",
+                advice="Use a DynamiCrafter checkpoint or an OpenCLIP ViT-H/14 file")
     return enc.to(dtype).eval().requires_grad_(False)
 
 
@@ -273,10 +271,7 @@ def train(opts: TrainOptions, log=print) -> dict:
     enc.to("cpu")
     del enc
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(opts.seed)
-        model = SemanticMotionPredictor(cfg)
-    model.to(device).train()
+    model = new_predictor(cfg, opts.seed).to(device).train()
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
     gen = torch.Generator().manual_seed(opts.seed)
     step = 0

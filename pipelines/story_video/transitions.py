@@ -112,7 +112,7 @@ def story_transitions(model: DynamiCrafter, panels: torch.Tensor, motion: Semant
     video = [still[0]] * (1 + hold)
     for i in range(motion.pairs):
         o = replace(opts, prompt=prompts[i], frames=motion.frames, height=h, width=w,
-                    seed=(int(opts.seed) + i) & 0xFFFFFFFFFFFFFFFF)
+                    seed=(int(opts.seed) + i) & runtime.SEED_MAX)
         frames = generate(model, [panels[i:i + 1], panels[i + 1:i + 2]], o, frame_tokens=motion.tokens[i])
         video.extend(frames[1:-1])
         video.extend([still[i + 1]] * (1 + hold))

@@ -266,7 +266,7 @@ def graph_dc(bad):
 def graph_flow(bad, controlnet=None, flow_vae=None, steps=2):
     return {**load(), **sd15_nodes(),
             "flow": {"class_type": "KinemaMotionI2VFlowLoader", "inputs": {
-                "flow_unet": bad, "controlnet": controlnet or bad, "flow_vae": flow_vae or bad, "dtype": "fp32"}},
+                "flow_unet": bad, "controlnet": controlnet or bad, "flow_vae": flow_vae or bad, "precision": "fp32"}},
             "predict": {"class_type": "KinemaMotionI2VPredictMotion", "inputs": {
                 "flow_model": ["flow", 0], "vae": ["ck", 2], "positive": ["pos", 0], "negative": ["neg", 0],
                 "image": ["img", 0], "tracks": "[[[30, 10], [40, 20]]]", "width": 64, "height": 64,
@@ -288,7 +288,7 @@ def graph_render(block, animatediff="none", frames=4, steps=2):
 
 def graph_pm(bad, steps=2):
     return {**load(), "svd": {"class_type": "ImageOnlyCheckpointLoader", "inputs": {"ckpt_name": SVD}},
-            "pm": {"class_type": "KinemaPuppetMasterLoader", "inputs": {"unet_name": bad, "dtype": "fp32"}},
+            "pm": {"class_type": "KinemaPuppetMasterLoader", "inputs": {"unet_name": bad, "precision": "fp32"}},
             "anim": {"class_type": "KinemaPuppetMasterAnimate", "inputs": {
                 "puppet_master": ["pm", 0], "vae": ["svd", 2], "clip_vision": ["svd", 1], "image": ["img", 0],
                 "tracks": DRAG, "steps": steps, "cfg": 3.0, "seed": 0, "paste_back": True, "crop_size": 64}},
@@ -753,7 +753,7 @@ def test_interrupt_puppet_master_animate(server, models, pictures):
 
 
 def test_interrupt_follow_your_click(server, models, pictures):
-    api = graph_fyc("fyc_sd15.safetensors", steps=1000)
+    api = graph_fyc("fyc_sd15.safetensors", steps=999)
     assert_interrupted("follow_your_click_animate", interrupt_case(server, api, "anim"))
     alive(server)
 

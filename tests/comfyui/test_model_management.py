@@ -41,7 +41,7 @@ def _prompt(ckpt):
                negative="", width=48, height=32, steps=2, cfg=3.0, seed=1, sa32=0.5, sa64=0.5, batch_size=1,
                freeu=True, schedule="lowvram"),
         "5": n("KinemaMotionI2VFlowLoader", flow_unet="flow_unet.bin", controlnet="controlnet.bin",
-               flow_vae="vae_flow.bin", dtype="fp32"),
+               flow_vae="vae_flow.bin", precision="fp32"),
         "6": n("KinemaMotionI2VPredictMotion", flow_model=["5", 0], vae=["1", 2], positive=["2", 0],
                negative=["3", 0], image=["4", 0], tracks=TRACKS, width=48, height=32, flow_unit=4, steps=2,
                guidance=2.0, control_scale=1.0, seed=2),

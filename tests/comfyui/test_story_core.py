@@ -21,7 +21,7 @@ def reference(models_dir, tiny_sd15):
 def test_core_route_matches_reference(sd15_core, reference, freeu, cfg, schedule):
     model, clip, vae = sd15_core
     story = story_pipeline.parse_story(STORY, id_length=2)
-    settings = story_pipeline.StorySettings(width=32, height=48, steps=6, cfg=cfg, seed=11, id_length=2, batch_size=1,
+    settings = story_pipeline.StorySettings(width=32, height=48, steps=6, cfg=cfg, seed=11, batch_size=1,
                                 freeu=freeu, schedule=schedule, negative="blurry")
     got = story_pipeline.generate_story_comfy(model, clip, vae, story, settings, story_pipeline.comfy_arch(model))
     want = story_pipeline.generate_story(reference, story, settings)
@@ -55,7 +55,7 @@ def test_ksampler_patch_route_agrees_with_the_story_batch(sd15_core):
 
     model, clip, vae = sd15_core
     story = story_pipeline.parse_story(STORY, id_length=2)
-    settings = story_pipeline.StorySettings(width=32, height=32, steps=3, cfg=4.0, seed=5, id_length=2, batch_size=1,
+    settings = story_pipeline.StorySettings(width=32, height=32, steps=3, cfg=4.0, seed=5, batch_size=1,
                                 freeu=False, negative="blurry")
     phased = story_pipeline.generate_story_comfy(model, clip, vae, story, settings, "sd15")
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import harness
 import tiny_models
 import tiny_dynamicrafter
+import tiny_story_video
 from kinema import runner
 from kinema.pipelines.story_video import predictor as story_predictor
 
@@ -33,7 +34,7 @@ def _tiny_files(models: Path) -> None:
     if not pred.exists():
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            m = story_predictor.SemanticMotionPredictor(story_predictor.default_config("tiny"))
+            m = story_predictor.SemanticMotionPredictor(tiny_story_video.predictor_config())
             torch.nn.init.normal_(m.proj_out.weight, std=0.5)
         story_predictor.save_predictor(m, pred)
 
