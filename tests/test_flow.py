@@ -68,17 +68,18 @@ def test_wheel_matches_torchvision_flow_to_image():
         assert torch.equal(flow_to_color(flow), want)
 
 
-def test_importing_the_pack_does_not_import_torchvision():
-    # torchvision's package import pulls in torch._dynamo (about 1.5 s of every start)
+def test_importing_the_pack_does_not_import_torchvision_or_kornia():
+    # torchvision's package import pulls in torch._dynamo (about 1.5 s of every start), kornia's
+    # all of kornia (a few tenths of a second); the weights-free demo needs neither
     import subprocess
     import sys
     root = Path(__file__).resolve().parent.parent
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from run_workflow import load_pack; load_pack(); "
             "import kinema.nodes, kinema.runner; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'kornia')))")
     out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", \
-        "the pack imports torchvision at start-up; import it inside the function that needs it"
+        "the pack imports torchvision or kornia at start-up; import it inside the function that needs it"
 
 
 # ---------------------------------------------------------------- statistics
