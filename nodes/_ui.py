@@ -42,7 +42,7 @@ def save_temp_webp(frames, fps: float = 8.0, prefix: str = "kinema", max_side: i
     longer side is at most ``max_side``) in the temp folder; return the UI file reference."""
     if not _PREFIX.match(prefix):
         raise ValueError(f"prefix: {prefix!r} must be 1-64 letters, digits, '_' or '-'")
-    pil = [Image.fromarray(f) for f in to_uint8(frames)]  # one conversion for the batch
+    pil = [Image.fromarray(to_uint8(f)) for f in frames]
     w, h = pil[0].size
     scale = min(1.0, max_side / max(w, h))
     if scale < 1.0:

@@ -132,7 +132,7 @@ class SaveAnimatedWEBP:
     def save_images(self, images, fps, filename_prefix, lossless, quality, method, prompt=None, extra_pnginfo=None):
         folder, stem = _save_dir(filename_prefix)
         path = _next_path(folder, stem, "webp")
-        pil = [Image.fromarray(img) for img in to_uint8(images)]  # one conversion for the batch
+        pil = [Image.fromarray(to_uint8(img)) for img in images]
         exif = pil[0].getexif()
         if prompt is not None:
             exif[0x0110] = "prompt:" + json.dumps(prompt)
