@@ -10,13 +10,46 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import flow_to_image
+
+# The Middlebury colour wheel (Baker et al., "A Database and Evaluation Methodology for Optical
+# Flow", 2007): six hue ramps round the circle, each (steps, channel held at full, channel that
+# ramps, rising): red -> yellow 15, yellow -> green 6, green -> cyan 4, cyan -> blue 11,
+# blue -> magenta 13, magenta -> red 6; 55 colours in all.
+WHEEL_RAMPS = ((15, 0, 1, True), (6, 1, 0, False), (4, 1, 2, True),
+               (11, 2, 1, False), (13, 2, 0, True), (6, 0, 2, False))
+
+
+def colour_wheel(device=None) -> torch.Tensor:
+    """The wheel's colours (55, 3) float32, 0-255, starting at red (+x) and turning towards +y."""
+    ramps = []
+    for steps, full, ramp, rising in WHEEL_RAMPS:
+        part = torch.zeros(steps, 3, device=device)
+        part[:, full] = 255
+        level = torch.floor(255 * torch.arange(steps, device=device) / steps)
+        part[:, ramp] = level if rising else 255 - level
+        ramps.append(part)
+    return torch.cat(ramps)
+
+
+def _wheel_picture(flow: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 2) float flow, at most 1 long -> (N, H, W, 3) float32 multiples of 1/255: the
+    direction picks the hue between two neighbouring wheel colours (linearly), the length blends
+    it from white."""
+    wheel = colour_wheel(flow.device) / 255.0
+    u, v = flow[..., 0], flow[..., 1]
+    length = torch.sqrt(torch.sum(flow ** 2, dim=-1))
+    turn = (torch.atan2(-v, -u) / torch.pi + 1) / 2 * (wheel.shape[0] - 1)  # 0 .. 54
+    k0 = torch.floor(turn).long()
+    k1 = torch.where(k0 + 1 == wheel.shape[0], torch.zeros_like(k0), k0 + 1)
+    f = (turn - k0)[..., None]
+    hue = (1 - f) * wheel[k0] + f * wheel[k1]
+    return torch.floor(255 * (1 - length[..., None] * (1 - hue))) / 255.0
 
 from .checks import finite_number, region_mask
 
 
 def flow_to_color(flow: torch.Tensor) -> torch.Tensor:
-    """Colour-wheel picture of a flow (torchvision's ``flow_to_image``: the Middlebury wheel).
+    """Colour-wheel picture of a flow (the Middlebury wheel, as torchvision's ``flow_to_image``).
 
     flow: (..., H, W, 2) pixels. Hue = direction: rightwards (+x) is red, downwards (+y, image
     rows) is orange-yellow, leftwards is cyan-blue, upwards is blue-violet. Saturation =
@@ -31,8 +64,9 @@ def flow_to_color(flow: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(flow).all()):
         raise ValueError("flow: has NaN or infinite values")
     lead, (h, w) = flow.shape[:-3], flow.shape[-3:-1]
-    batch = flow.reshape(-1, h, w, 2).permute(0, 3, 1, 2).to(torch.float32)
-    picture = flow_to_image(batch).permute(0, 2, 3, 1).to(torch.float32) / 255.0
+    batch = flow.reshape(-1, h, w, 2).to(torch.float32)
+    longest = torch.sqrt(torch.sum(batch ** 2, dim=-1)).max()
+    picture = _wheel_picture(batch / (longest + torch.finfo(torch.float32).eps))
     return picture.reshape(*lead, h, w, 3)
 
 

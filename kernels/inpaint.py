@@ -152,13 +152,22 @@ def _descriptors(pm: torch.Tensor, basis) -> torch.Tensor:
     return ((pm - mean).t() @ vecs).contiguous()
 
 
-def _dist(pm: torch.Tensor, t: torch.Tensor, s: torch.Tensor, block: int = 16384) -> torch.Tensor:
-    """Squared patch distances between targets ``t`` (T,) and sources ``s`` (T, K), flat indices."""
+def _patch_view(img: torch.Tensor, r: int) -> torch.Tensor:
+    """(C, h, w) -> a view (h, w, C * (2r+1)^2 as (C, 2r+1, 2r+1)) of every pixel's patch over
+    the edge-replicated image, in the order of :func:`_patches`' rows; indexing it by pixels
+    copies just those patches."""
+    k = 2 * r + 1
+    padded = F.pad(img[None], (r, r, r, r), mode="replicate")[0]
+    return padded.unfold(1, k, 1).unfold(2, k, 1).permute(1, 2, 0, 3, 4)
+
+
+def _dist(pm: torch.Tensor, pt: torch.Tensor, s: torch.Tensor, block: int = 16384) -> torch.Tensor:
+    """Squared patch distances between targets of descriptors ``pt`` (T, D) and sources ``s``
+    (T, K), flat indices into ``pm``."""
     out = torch.empty(s.shape, dtype=pm.dtype, device=pm.device)
-    for a in range(0, t.shape[0], block):
-        pt = pm[t[a:a + block]]
+    for a in range(0, pt.shape[0], block):
         ps = pm[s[a:a + block]]
-        out[a:a + block] = ((ps - pt[:, None]) ** 2).sum(-1)
+        out[a:a + block] = ((ps - pt[a:a + block, None]) ** 2).sum(-1)
     return out
 
 
@@ -193,6 +202,8 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, basis=None,
     if basis is None:
         basis = _basis(patches, gen)
     pm = _descriptors(patches, basis)  # sources are wholly known: their patches never change
+    del patches
+    source_patches = _patch_view(img, r)  # (h, w, C, k, k) view of the same patches
     by0, by1 = max(int(ty.min()) - r, 0), min(int(ty.max()) + r + 1, h)
     bx0, bx1 = max(int(tx.min()) - r, 0), min(int(tx.max()) + r + 1, w)
     bh, bw = by1 - by0, bx1 - bx0
@@ -203,7 +214,8 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, basis=None,
         if it:
             sub_pm = _descriptors(_patches(sub, r), basis)
             pm[t] = sub_pm[sub_t]
-        best = _dist(pm, t, (sy * w + sx)[:, None])[:, 0]
+        pt = pm[t]  # (T, D): the targets' descriptors, fixed during this iteration
+        best = _dist(pm, pt, (sy * w + sx)[:, None])[:, 0]
         for _ in range(pm_iters):
             # propagation (all targets at once): a neighbour's source, shifted back
             cur = torch.full((h, w, 2), -1, dtype=torch.long, device=dev)
@@ -221,7 +233,7 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, basis=None,
                 rad //= 2
             cy, cx = torch.stack(cands_y, 1), torch.stack(cands_x, 1)
             cy, cx, ok = fix(cy, cx)
-            d = _dist(pm, t, cy * w + cx)
+            d = _dist(pm, pt, cy * w + cx)
             d = torch.where(ok, d, torch.full_like(d, float("inf")))
             dmin, arg = d.min(1)
             better = dmin < best
@@ -234,10 +246,12 @@ def _level(img, hole, nnf, valid, r, em_iters, pm_iters, gen, check, basis=None,
             else best.clamp_min(1e-6).max()
         wt = torch.exp(-best / (2 * sigma2))
         k2 = (2 * r + 1) ** 2
-        cols = torch.zeros((c + 1) * k2, bh * bw, dtype=img.dtype, device=dev)
-        cols[:c * k2, sub_t] = patches[:, sy * w + sx] * wt
-        cols[c * k2:, sub_t] = wt
-        summed = F.fold(cols.unsqueeze(0), (bh, bw), 2 * r + 1, padding=r)[0]
+        # one row per target place: its match's patch and weight (rows gather and scatter whole
+        # patches; fold reads the columns)
+        rows = torch.zeros(bh * bw, (c + 1) * k2, dtype=img.dtype, device=dev)
+        rows[sub_t, :c * k2] = source_patches[sy, sx].reshape(-1, c * k2) * wt[:, None]
+        rows[sub_t, c * k2:] = wt[:, None]
+        summed = F.fold(rows.t().contiguous().unsqueeze(0), (bh, bw), 2 * r + 1, padding=r)[0]
         vals, norm = summed[:c], summed[c:c + 1]
         new = vals / norm.clamp_min(1e-12)
         region = img[:, by0:by1, bx0:bx1]

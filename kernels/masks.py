@@ -9,7 +9,6 @@ import math
 from typing import Sequence
 
 import cv2
-import kornia
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +62,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     (kornia's ``gaussian_blur2d``)."""
     if sigma <= 0:
         return x
+    import kornia  # here, not at the top: importing kornia costs a few tenths of a second at every start
     size = 2 * max(1, int(math.ceil(3.0 * sigma))) + 1
     return kornia.filters.gaussian_blur2d(x, (size, size), (sigma, sigma), border_type="replicate")
 

@@ -116,7 +116,8 @@ def _validate(image, field, mask, fill):
                          f"{w}x{h} (width x height); build the field at the image size or resize the image")
     if flow.shape[0] < 2:
         raise ValueError(f"field: needs at least 2 frames to animate, got {flow.shape[0]}")
-    bad = ~torch.isfinite(flow).flatten(1).all(dim=1)
+    lo, hi = flow.flatten(1).aminmax(dim=1)  # NaN propagates: one pass finds NaN and infinities
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
     if bool(bad.any()):
         k = int(torch.nonzero(bad)[0])
         raise ValueError(f"field: flow has NaN or infinite values (first in frame {k}); "
@@ -196,14 +197,14 @@ def animate(image: torch.Tensor, field: MotionField, mask: torch.Tensor | None =
     holes = torch.zeros(n_frames, h, w, dtype=torch.float32, device=image.device) if return_holes else None
     pbar = ProgressBar(n_frames, "warp animate") if progress else None
 
-    moving = (flow != 0).any(dim=-1).any(dim=0)  # (H, W): the sources to splat
+    moving = _moving(flow)  # (H, W): the sources to splat
     if not bool(moving.any()):
         if pbar is not None:
             pbar.update(n_frames)
         return (frames, holes) if return_holes else frames
-    fmask = _object_mask(field, flow, restrict)
+    fmask = _object_mask(field, moving, restrict)
     if fmask is not None:
-        _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
+        _animate_layered(image, flow, moving, fmask, restrict, fill, frames, holes, pbar, check_interrupt)
         return (frames, holes) if return_holes else frames
 
     src = _Sources(image, field, flow, moving, restrict, fill)
@@ -237,17 +238,25 @@ def _effective_flow(image: torch.Tensor, field: MotionField, mask, loop: bool):
     return flow, restrict
 
 
-def _object_mask(field: MotionField, flow: torch.Tensor, restrict):
+def _moving(flow: torch.Tensor) -> torch.Tensor:
+    """(H, W) bool: the pixels that move in some frame of ``flow`` (F, H, W, 2). One pass over
+    the frames, reducing along the contiguous frame axis."""
+    n, h, w = flow.shape[:3]
+    return flow.reshape(n, h * w * 2).ne(0).any(dim=0).view(h, w, 2).any(dim=-1)
+
+
+def _object_mask(field: MotionField, moving: torch.Tensor, restrict):
     """The field's object mask when only the object moves (then it is rendered as a cut-out
     layer), else None: a field that also moves what is around the mask (a falloff band, a
-    brushed region meant to deform) is warped smoothly."""
+    brushed region meant to deform) is warped smoothly. ``moving`` (H, W) bool: the pixels
+    that move in some frame."""
     fmask = getattr(field, "mask", None)
     if fmask is None:
         return None
     if restrict is not None:
-        fmask = fmask.to(device=flow.device, dtype=torch.float32) * (restrict > 0)
-    hard = fmask > 0.5
-    if bool(hard.any()) and not bool((flow[:, ~hard.to(flow.device)] != 0).any()):
+        fmask = fmask.to(device=moving.device, dtype=torch.float32) * (restrict > 0)
+    hard = (fmask > 0.5).to(moving.device)
+    if bool(hard.any()) and not bool((moving & ~hard).any()):
         return fmask
     return None
 
@@ -428,9 +437,9 @@ def _background_plate(image: torch.Tensor, hole: torch.Tensor, fill: str, box, c
     return crop * (~hc)
 
 
-def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, check):
-    """Object layer over a still background (see the module doc). Writes ``frames`` (and
-    ``holes``) in place."""
+def _animate_layered(image, flow, moving, fmask, restrict, fill, frames, holes, pbar, check):
+    """Object layer over a still background (see the module doc); ``moving`` (H, W) bool: the
+    pixels that move in some frame. Writes ``frames`` (and ``holes``) in place."""
     h, w = image.shape[:2]
     n_frames = flow.shape[0]
     dev = image.device
@@ -442,7 +451,6 @@ def _animate_layered(image, flow, fmask, restrict, fill, frames, holes, pbar, ch
         support = m > 0
     else:  # the matte's band reaches r px beyond the mask
         support = F.max_pool2d(hard[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0
-    moving = (flow != 0).any(dim=-1).any(dim=0)
     margin = LANCZOS_SHIFT + r + 2
     box = _crop_box(support, flow, moving | support, margin)
     y0, y1, x0, x1 = box

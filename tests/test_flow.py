@@ -56,6 +56,32 @@ def test_wheel_colours_and_layout():
         flow_to_color(torch.full((2, 2, 2), float("nan")))
 
 
+def test_wheel_matches_torchvision_flow_to_image():
+    # torchvision's flow_to_image draws the same Middlebury wheel: an independent implementation
+    from torchvision.utils import flow_to_image
+    g = torch.Generator().manual_seed(0)
+    ang = torch.linspace(-math.pi, math.pi, 2001)
+    cases = [torch.randn(3, 40, 50, 2, generator=g) * 5, torch.randn(1, 16, 16, 2, generator=g) * 1e-3,
+             torch.stack([torch.cos(ang), torch.sin(ang)], -1).view(1, 1, -1, 2) * torch.rand(2001, 1, generator=g)]
+    for flow in cases:
+        want = flow_to_image(flow.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).to(torch.float32) / 255
+        assert torch.equal(flow_to_color(flow), want)
+
+
+def test_importing_the_pack_does_not_import_torchvision_or_kornia():
+    # torchvision's package import pulls in torch._dynamo (about 1.5 s of every start), kornia's
+    # all of kornia (a few tenths of a second); the weights-free demo needs neither
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from run_workflow import load_pack; load_pack(); "
+            "import kinema.nodes, kinema.runner; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'kornia')))")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", \
+        "the pack imports torchvision or kornia at start-up; import it inside the function that needs it"
+
+
 # ---------------------------------------------------------------- statistics
 
 

@@ -250,6 +250,11 @@ def test_input_validation(chelsea):
     bad[2, 5, 5, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN .*frame 2"):
         animate(chelsea, MotionField(bad), progress=False)
+    for v in (float("inf"), -float("inf")):  # an infinity among finite values, whatever its sign
+        bad = flow.clone()
+        bad[3, h - 1, w - 1, 1] = v
+        with pytest.raises(ValueError, match="infinite .*frame 3"):
+            animate(chelsea, MotionField(bad), progress=False)
     with pytest.raises(ValueError, match="fill"):
         animate(chelsea, MotionField(flow), fill="blur", progress=False)
     with pytest.raises(ValueError, match="image: must be"):
