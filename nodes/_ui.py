@@ -26,15 +26,8 @@ def save_temp_png(image, prefix: str = "kinema") -> dict:
     if rgb.ndim != 3:
         raise ValueError(f"image: expected one (H, W, 3) picture, got shape {tuple(rgb.shape)}")
     digest = hashlib.blake2b(repr(rgb.shape).encode() + rgb.tobytes(), digest_size=10).hexdigest()
-    folder = runtime.temp_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    filename = f"{prefix}_{digest}.png"
-    path = folder / filename
-    if not path.is_file():
-        part = folder / f".{filename}.{os.getpid()}.part"
-        Image.fromarray(rgb).save(part, format="PNG", compress_level=1)
-        os.replace(part, path)
-    return {"filename": filename, "subfolder": "", "type": "temp"}
+    return _write_temp(f"{prefix}_{digest}.png",
+                       lambda part: Image.fromarray(rgb).save(part, format="PNG", compress_level=1))
 
 
 def save_temp_webp(frames, fps: float = 8.0, prefix: str = "kinema", max_side: int = 512) -> dict:
@@ -48,13 +41,19 @@ def save_temp_webp(frames, fps: float = 8.0, prefix: str = "kinema", max_side: i
     if scale < 1.0:
         pil = [p.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR) for p in pil]
     digest = hashlib.blake2b(b"".join(p.tobytes() for p in pil) + repr(fps).encode(), digest_size=10).hexdigest()
+    return _write_temp(f"{prefix}_{digest}.webp",
+                       lambda part: pil[0].save(part, format="WEBP", save_all=True, append_images=pil[1:],
+                                                duration=round(1000 / max(fps, 0.01)), loop=0, quality=80, method=0))
+
+
+def _write_temp(filename: str, write) -> dict:
+    """Write a content-named file into the temp folder once (``write(path)`` to a part file, then
+    renamed, so a reader never sees half a file); return the UI file reference."""
     folder = runtime.temp_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    filename = f"{prefix}_{digest}.webp"
     path = folder / filename
     if not path.is_file():
         part = folder / f".{filename}.{os.getpid()}.part"
-        pil[0].save(part, format="WEBP", save_all=True, append_images=pil[1:],
-                    duration=round(1000 / max(fps, 0.01)), loop=0, quality=80, method=0)
+        write(part)
         os.replace(part, path)
     return {"filename": filename, "subfolder": "", "type": "temp"}
