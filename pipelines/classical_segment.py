@@ -22,7 +22,8 @@ by an objectness score.
    inside a cup's rim). A later positive click that the mask does not cover yet adds the
    candidate under it whose union with the mask is the best object, with a cost for the area
    added. A negative click on the mask cuts away the superpixels reached from it through colours
-   nearer to its own than to those under the positive clicks (at most half of the mask).
+   nearer to its own than to those under the positive clicks, on its side of the positive
+   clicks (nearer to it than to any of them; at most half of the mask).
 5. **Pixels.** The chosen superpixels are scaled back to the picture and their edge is snapped
    to the picture's edges by a guided filter.
 
@@ -602,15 +603,25 @@ def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np
 def _cut_at_negatives(g: Graph, chosen: np.ndarray, pos_leaf: list, neg_leaf_list: list) -> np.ndarray:
     """A negative click on the mask cuts away the part under it: the superpixels of the mask
     reached from the clicked one through superpixels whose colours are nearer to the clicked
-    one's than to those under the positive clicks (at most ``CARVE_INSIDE`` of the mask)."""
+    one's than to those under the positive clicks, and which lie nearer to the negative click
+    than to every positive one (a click on the neck does not take the face with it; at most
+    ``CARVE_INSIDE`` of the mask)."""
     liked = g.colour[pos_leaf] if pos_leaf else np.zeros((0, g.colour.shape[1]))
+    flat = g.labels.ravel()
+    ys, xs = np.divmod(np.arange(flat.size), g.labels.shape[1])
+    centre = np.stack([np.bincount(flat, xs, g.n), np.bincount(flat, ys, g.n)], 1) / g.area[:, None]
+
+    def distance(leaf: int) -> np.ndarray:
+        return np.hypot(*(centre - centre[leaf]).T)
+
+    nearest_pos = np.min([distance(p) for p in pos_leaf], axis=0) if pos_leaf else np.full(g.n, np.inf)
     for leaf in neg_leaf_list:
         if not chosen[leaf] or leaf in pos_leaf:  # a superpixel under both kinds of click stays
             continue
         disliked = g.colour[leaf]
         near_neg = np.minimum(g.colour, disliked).sum(1)
         near_pos = np.minimum(g.colour[:, None], liked[None]).sum(2).max(1) if len(liked) else np.zeros(g.n)
-        cuttable = chosen & (near_neg > near_pos)
+        cuttable = chosen & (near_neg > near_pos) & (distance(leaf) < nearest_pos)
         cuttable[pos_leaf] = False
         cut = np.zeros(g.n, bool)
         cut[leaf] = True
