@@ -24,6 +24,13 @@ its working memory. Every consistent unit runs (gates on): the costliest step. O
 35-step "lowvram" schedule about 77 % of units run, so a run's attention costs about
 ``1 + 0.77 * (ratio - 1)`` times plain; that figure is printed too.
 
+The least work: attention's work is proportional to the keys each query attends to, and every
+row of consistent attention attends to its own N tokens plus the sampled reference tokens
+(a later panel: every reference's, about N more with 2 references at rate 0.5). ``keys x`` is
+that count over plain attention's, from the batch's own sampled tokens; ``one call x`` times
+one ``scaled_dot_product_attention`` call over that many keys (the fastest any exact form can
+be on this kernel, the form the official code takes), against the same plain reference.
+
     python bench/bench_consistent_attention.py [--panels 16] [--id-length 2] [--batch-size 2]
         [--flat 4 8 16] [--heads-frac 1.0] [--dtype bf16] [--threads 1] [--repeats 3]
 
@@ -83,24 +90,25 @@ class Route:
         self.name = name
         self.rows = []
 
-    def add(self, what, rows, plain, consistent, bank_mib=0.0):
-        self.rows.append((what, rows, plain, consistent, bank_mib))
+    def add(self, what, rows, plain, consistent, bank_mib=0.0, floor=1.0, fused=float("nan")):
+        self.rows.append((what, rows, plain, consistent, bank_mib, floor, fused))
 
     def print(self):
         print(f"-- {self.name}")
         print(f"   {'batch':<22} {'rows':>4} | {'plain s':>8} {'MiB':>6} | {'consistent s':>12} {'MiB':>6} "
-              f"{'bank MiB':>8} | {'time x':>6} {'mem x':>6}")
-        tp = tc = 0.0
+              f"{'bank MiB':>8} | {'time x':>6} {'keys x':>6} {'one call x':>10} {'mem x':>6}")
+        tp = tc = tf = tu = 0.0
         worst = 0.0
-        for what, rows, (t_p, m_p), (t_c, m_c), bank in self.rows:
-            tp, tc = tp + t_p, tc + t_c
+        for what, rows, (t_p, m_p), (t_c, m_c), bank, floor, fused in self.rows:
+            tp, tc, tf, tu = tp + t_p, tc + t_c, tf + t_p * floor, tu + fused
             mem = (m_c - bank) / max(m_p, 1e-9)
             worst = max(worst, mem)
             print(f"   {what:<22} {rows:>4} | {t_p:>8.2f} {m_p:>6.0f} | {t_c:>12.2f} {m_c:>6.0f} {bank:>8.1f} | "
-                  f"{t_c / t_p:>6.2f} {mem:>6.2f}")
-        ratio = tc / tp
-        print(f"   all batches: time {ratio:.2f}x plain with every unit on, about {1 + 0.77 * (ratio - 1):.2f}x "
-              f"over a 35-step lowvram run; working memory at most {worst:.2f}x plain (bank left out)")
+                  f"{t_c / t_p:>6.2f} {floor:>6.2f} {fused / t_p:>10.2f} {mem:>6.2f}")
+        ratio, floor, fused = tc / tp, tf / tp, tu / tp
+        print(f"   all batches: time {ratio:.2f}x plain with every unit on (keys attended {floor:.2f}x plain's; "
+              f"one call over them {fused:.2f}x), about {1 + 0.77 * (ratio - 1):.2f}x over a 35-step lowvram run "
+              f"(keys {1 + 0.77 * (floor - 1):.2f}x); working memory at most {worst:.2f}x plain (bank left out)")
         return ratio, worst
 
 
@@ -147,17 +155,34 @@ def main() -> None:
     def compare(route, what, patch, q, k, v, bank_before=None):
         """Plain and consistent attention on one batch, interleaved ``--repeats`` times: the median
         time and the largest working memory of each (a repeat rewrites the same bank entries)."""
-        runs = {"plain": [], "consistent": []}
+        runs = {"plain": [], "consistent": [], "one call": []}
+        wide = None
         for _ in range(args.repeats):
             runs["plain"].append(_measure(lambda: attention(q, k, v, heads)))
             runs["consistent"].append(_measure(lambda: patch(q, k, v, options(q.shape[0]))))
+            if wide is None:  # as many keys as the rows attend to (known once the patch has drawn them)
+                m = round(keys_ratio(patch, q.shape[0]) * N_TOKENS)
+                reps = -(-m // N_TOKENS)
+                wide = (torch.cat([k] * reps, 1)[:, :m], torch.cat([v] * reps, 1)[:, :m])
+            runs["one call"].append(_measure(lambda: attention(q, wide[0], wide[1], heads)))
+        del wide
         bank = 0.0
         if bank_before is not None:
             bank = _bank_mib(patch.state) - bank_before
         err = float((runs["consistent"][0][0].float() - runs["plain"][0][0].float()).abs().max())
         assert err > 0, "consistent attention changed nothing"
         summary = {key: (statistics.median(r[1] for r in rs), max(r[2] for r in rs)) for key, rs in runs.items()}
-        route.add(what, q.shape[0], summary["plain"], summary["consistent"], bank)
+        route.add(what, q.shape[0], summary["plain"], summary["consistent"], bank, keys_ratio(patch, q.shape[0]),
+                  summary["one call"][0])
+
+    def keys_ratio(patch, rows):
+        """Keys the batch's rows attend to over plain attention's (rows x N): a reference panel
+        reads the other references' sampled tokens, a later panel all of them. Attention's work
+        is proportional to the keys, so no exact method can take less time than this ratio."""
+        shared = {r: int(m.sum()) for r, m in patch.state.token_masks(N_TOKENS).items()}  # this step's draw
+        refs = patch.layout.references["A"]
+        keys = sum(N_TOKENS + sum(shared[r] for r in refs if r != p) for p in patch.panels)
+        return keys / (len(patch.panels) * N_TOKENS)
 
     print(f"consistent attention vs plain attention: {N_TOKENS} tokens, {d} channels, {heads} heads, "
           f"{args.dtype}, {torch.get_num_threads()} thread(s), {args.id_length} reference panels, rate 0.5, "
@@ -194,7 +219,7 @@ def main() -> None:
             q, k, v = qkv(2 * p)
             compare(flat, f"{p} panels", patch, q, k, v)
         flat.print()
-        extra = [(m_c - m_p) for _, _, (_, m_p), (_, m_c), _ in flat.rows]
+        extra = [(m_c - m_p) for _, _, (_, m_p), (_, m_c), *_ in flat.rows]
         print(f"   memory beyond plain attention's at {', '.join(map(str, args.flat))} panels: "
               f"{', '.join(f'{e:.0f}' for e in extra)} MiB")
     print(f"load average after:  {load_average()}")
