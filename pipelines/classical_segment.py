@@ -24,7 +24,9 @@ by an objectness score.
    outside and is at most its size; on the mask benchmark the helmet and the cat's nose gain
    0.04-0.05 IoU). A later positive click that the mask does not cover yet adds the
    candidate under it whose union with the mask is the best object, with a cost for the area
-   added. A negative click on the mask cuts away the superpixels reached from it through colours
+   added and half the score when the addition does not touch the mask (a click next to the
+   object usually means a missed part of it; a click on another object still adds that object
+   when it is clearly the better one). A negative click on the mask cuts away the superpixels reached from it through colours
    nearer to its own than to those under the positive clicks, on its side of the positive
    clicks (nearer to it than to any of them; at most half of the mask).
 5. **Pixels.** The chosen superpixels are scaled back to the picture and their edge is snapped
@@ -57,6 +59,7 @@ EXTEND_COST = 1.0  # how strongly a later click prefers small additions to the m
 ENCLOSED_KEEP = 0.8  # a region inside a closed contour gives way to it at this share of its score
 GROW_STEPS = 3  # neighbouring parts the first click's object may take on, one at a time
 GROW_AREA = 1.0  # the largest such part, as a share of the object so far
+DETACHED = 0.5  # a later click's addition that stays apart from the mask keeps this share of its score
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
 
 # Similarity mixes of the hierarchies: (colour, texture, size, fill, boundary weakness). On the
@@ -287,6 +290,22 @@ def hierarchy(g: Graph, weights, check=_noop) -> np.ndarray:
                 heapq.heappush(heap, (-sim, m, k))
         k += 1
     return parent[:k]
+
+
+def _piece(g: Graph, side: np.ndarray, leaf: int) -> np.ndarray:
+    """The superpixels (n,) bool of ``side`` connected to ``leaf`` through neighbours in ``side``."""
+    piece = np.zeros(g.n, bool)
+    piece[leaf] = True
+    front = [leaf]
+    while front:
+        nxt = []
+        for a in front:
+            for b in g.neighbours[a]:
+                if side[b] and not piece[b]:
+                    piece[b] = True
+                    nxt.append(b)
+        front = nxt
+    return piece
 
 
 class Tree:
@@ -592,6 +611,8 @@ def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np
                 # a correction adds what was missed, not a larger object around it
                 union = m | chosen
                 sc = value(union) * (g.area[chosen].sum() / g.area[union].sum()) ** EXTEND_COST
+                if not _piece(g, union, leaf)[chosen].all():  # the click's part stays apart from the mask
+                    sc *= DETACHED
             if best is None or sc > best[0]:
                 best = (sc, m)
         if best is None:

@@ -106,6 +106,18 @@ def test_the_object_takes_on_neighbouring_parts_that_belong_to_it(monkeypatch):
     assert iou(grown, gt) > iou(alone, gt) + 0.03
 
 
+def test_a_click_beside_the_mask_adds_the_part_it_lands_on():
+    # one click in the coffee gives the rim and the coffee; a second click on the cup's handle
+    # brings in the handle (before: the 15 pixels around the click)
+    img, gt = ground_truth("cup")
+    h, w = gt.shape
+    one, _ = segmentation.segment(img, parse_points({"positive": [[288, 131]]}, (w, h)))
+    two, _ = segmentation.segment(img, parse_points({"positive": [[288, 131], [247, 242]]}, (w, h)))
+    added = (two.numpy() > 0.5) & ~(one.numpy() > 0.5)
+    assert added.sum() > 2000 and (added & gt).sum() >= 0.9 * added.sum()
+    assert iou(two, gt) > iou(one, gt) + 0.03
+
+
 def test_negative_click_on_a_like_coloured_neighbour_keeps_the_far_side():
     # the face and the neck share their colour: a negative click on the neck cuts what lies on
     # the neck's side; before, it took the whole face with it (IoU 0.84 -> 0.59)
