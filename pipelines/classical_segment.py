@@ -26,9 +26,10 @@ by an objectness score.
    candidate under it whose union with the mask is the best object, with a cost for the area
    added and half the score when the addition does not touch the mask (a click next to the
    object usually means a missed part of it; a click on another object still adds that object
-   when it is clearly the better one). A negative click on the mask cuts away the superpixels reached from it through colours
-   nearer to its own than to those under the positive clicks, on its side of the positive
-   clicks (nearer to it than to any of them; at most half of the mask).
+   when it is clearly the better one). A negative click on the mask cuts away the superpixels
+   reached from it through colours nearer to its own than to those under the positive clicks,
+   on its side of the positive clicks (nearer to it than to any of them; at most half of the
+   mask).
 5. **Pixels.** The chosen superpixels are scaled back to the picture and their edge is snapped
    to the picture's edges by a guided filter.
 
