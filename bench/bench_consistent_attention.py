@@ -90,25 +90,26 @@ class Route:
         self.name = name
         self.rows = []
 
-    def add(self, what, rows, plain, consistent, bank_mib=0.0, floor=1.0, fused=float("nan")):
-        self.rows.append((what, rows, plain, consistent, bank_mib, floor, fused))
+    def add(self, what, rows, plain, consistent, bank_mib, keys, one_call):
+        """plain / consistent: (seconds, MiB); keys: keys attended over plain's; one_call: seconds."""
+        self.rows.append((what, rows, plain, consistent, bank_mib, keys, one_call))
 
     def print(self):
         print(f"-- {self.name}")
         print(f"   {'batch':<22} {'rows':>4} | {'plain s':>8} {'MiB':>6} | {'consistent s':>12} {'MiB':>6} "
               f"{'bank MiB':>8} | {'time x':>6} {'keys x':>6} {'one call x':>10} {'mem x':>6}")
-        tp = tc = tf = tu = 0.0
+        tp = tc = tk = t1 = 0.0
         worst = 0.0
-        for what, rows, (t_p, m_p), (t_c, m_c), bank, floor, fused in self.rows:
-            tp, tc, tf, tu = tp + t_p, tc + t_c, tf + t_p * floor, tu + fused
+        for what, rows, (t_p, m_p), (t_c, m_c), bank, keys, one_call in self.rows:
+            tp, tc, tk, t1 = tp + t_p, tc + t_c, tk + t_p * keys, t1 + one_call
             mem = (m_c - bank) / max(m_p, 1e-9)
             worst = max(worst, mem)
             print(f"   {what:<22} {rows:>4} | {t_p:>8.2f} {m_p:>6.0f} | {t_c:>12.2f} {m_c:>6.0f} {bank:>8.1f} | "
-                  f"{t_c / t_p:>6.2f} {floor:>6.2f} {fused / t_p:>10.2f} {mem:>6.2f}")
-        ratio, floor, fused = tc / tp, tf / tp, tu / tp
-        print(f"   all batches: time {ratio:.2f}x plain with every unit on (keys attended {floor:.2f}x plain's; "
-              f"one call over them {fused:.2f}x), about {1 + 0.77 * (ratio - 1):.2f}x over a 35-step lowvram run "
-              f"(keys {1 + 0.77 * (floor - 1):.2f}x); working memory at most {worst:.2f}x plain (bank left out)")
+                  f"{t_c / t_p:>6.2f} {keys:>6.2f} {one_call / t_p:>10.2f} {mem:>6.2f}")
+        ratio, keys, one_call = tc / tp, tk / tp, t1 / tp
+        print(f"   all batches: time {ratio:.2f}x plain with every unit on (keys attended {keys:.2f}x plain's; "
+              f"one call over them {one_call:.2f}x), about {1 + 0.77 * (ratio - 1):.2f}x over a 35-step lowvram run "
+              f"(keys {1 + 0.77 * (keys - 1):.2f}x); working memory at most {worst:.2f}x plain (bank left out)")
         return ratio, worst
 
 
@@ -156,12 +157,13 @@ def main() -> None:
         """Plain and consistent attention on one batch, interleaved ``--repeats`` times: the median
         time and the largest working memory of each (a repeat rewrites the same bank entries)."""
         runs = {"plain": [], "consistent": [], "one call": []}
-        wide = None
+        wide = keys = None
         for _ in range(args.repeats):
             runs["plain"].append(_measure(lambda: attention(q, k, v, heads)))
             runs["consistent"].append(_measure(lambda: patch(q, k, v, options(q.shape[0]))))
             if wide is None:  # as many keys as the rows attend to (known once the patch has drawn them)
-                m = round(keys_ratio(patch, q.shape[0]) * N_TOKENS)
+                keys = keys_ratio(patch)
+                m = round(keys * N_TOKENS)
                 reps = -(-m // N_TOKENS)
                 wide = (torch.cat([k] * reps, 1)[:, :m], torch.cat([v] * reps, 1)[:, :m])
             runs["one call"].append(_measure(lambda: attention(q, wide[0], wide[1], heads)))
@@ -172,10 +174,9 @@ def main() -> None:
         err = float((runs["consistent"][0][0].float() - runs["plain"][0][0].float()).abs().max())
         assert err > 0, "consistent attention changed nothing"
         summary = {key: (statistics.median(r[1] for r in rs), max(r[2] for r in rs)) for key, rs in runs.items()}
-        route.add(what, q.shape[0], summary["plain"], summary["consistent"], bank, keys_ratio(patch, q.shape[0]),
-                  summary["one call"][0])
+        route.add(what, q.shape[0], summary["plain"], summary["consistent"], bank, keys, summary["one call"][0])
 
-    def keys_ratio(patch, rows):
+    def keys_ratio(patch):
         """Keys the batch's rows attend to over plain attention's (rows x N): a reference panel
         reads the other references' sampled tokens, a later panel all of them. Attention's work
         is proportional to the keys, so no exact method can take less time than this ratio."""

@@ -320,11 +320,12 @@ class Tree:
             if p >= 0:
                 self.children.setdefault(p, []).append(c)
 
-    def path(self, leaf: int) -> list[np.ndarray]:
-        """Membership (n,) bool of every node on the path from ``leaf`` to its root."""
+    def path(self, leaf: int):
+        """Membership (n,) bool of every node on the path from ``leaf`` to its root, yielded from
+        the leaf up (a caller that stops early does not pay for the rest)."""
         member = np.zeros(self.n, bool)
         member[leaf] = True
-        out = [member.copy()]
+        yield member.copy()
         node = leaf
         while self.parent[node] >= 0:
             prev, node = node, self.parent[node]
@@ -337,8 +338,7 @@ class Tree:
                             member[x] = True
                         else:
                             stack.extend(self.children[x])
-            out.append(member.copy())
-        return out
+            yield member.copy()
 
 
 # ----------------------------------------------------------------------------------------------
