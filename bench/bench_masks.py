@@ -1,13 +1,15 @@
 """Mask quality of click -> mask on photos with hand-traced ground truth.
 
-    python bench/bench_masks.py [--clicks 3] [--sam PATH] [--out DIR]
+    python bench/bench_masks.py [--clicks 3] [--box] [--sam PATH] [--out DIR]
 
 Ground truth: ``bench/data/mask_ground_truth.json`` (outlines traced by hand on scikit-image's
 bundled sample photos and the photos in ``assets/``). Clicks follow the usual interactive
 protocol: the first click is the object's innermost pixel (largest distance to its outline);
 each further click goes to the innermost pixel of the largest error region of the current mask,
-positive where the object was missed, negative where the mask spills over. Prints the IoU per
-object after 1, 2, ... clicks and the mean. The classical backend always runs; SAM's predictor
+positive where the object was missed, negative where the mask spills over. ``--box`` adds a box
+drawn around the object (its traced outline's bounding box grown by 5 % of its longer side) to
+every prompt, and also measures the box alone. Prints the IoU per object after 1, 2, ... clicks
+and the mean. The classical backend always runs; SAM's predictor
 runs only with ``--sam`` pointing at a checkpoint (none ships with the pack). ``--out`` writes
 each result as a PNG (photo, clicks, mask outline in blue, ground truth in yellow).
 """
@@ -79,15 +81,26 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def run_clicks(segment_fn, img, gt, clicks: int):
-    """IoU after each of ``clicks`` clicks, the clicks and the last mask."""
+def drawn_box(gt: np.ndarray, margin: float = 0.05) -> list[float]:
+    """A box drawn around the object: the bounding box of ``gt`` grown by ``margin`` of its longer
+    side, inside the picture (x0, y0, x1, y1)."""
+    ys, xs = np.nonzero(gt)
+    pad = margin * max(int(xs.max() - xs.min()), int(ys.max() - ys.min()))
+    h, w = gt.shape
+    return [max(xs.min() - pad, 0.0), max(ys.min() - pad, 0.0), min(xs.max() + pad, w - 1.0), min(ys.max() + pad, h - 1.0)]
+
+
+def run_clicks(segment_fn, img, gt, clicks: int, box=None):
+    """IoU after each of ``clicks`` clicks (with ``box`` in every prompt when given), the clicks
+    and the last mask."""
     from kinema.formats import Points
     import torch
     pos, neg, ious = [innermost(gt)], [], []
     pred = None
+    box_t = None if box is None else torch.tensor(box, dtype=torch.float32)
     for k in range(clicks):
         pts = Points(torch.tensor(pos, dtype=torch.float32).reshape(-1, 2),
-                     torch.tensor(neg, dtype=torch.float32).reshape(-1, 2), None)
+                     torch.tensor(neg, dtype=torch.float32).reshape(-1, 2), box_t)
         pred = segment_fn(torch.from_numpy(img).float() / 255, pts).numpy() > 0.5
         ious.append(iou(pred, gt))
         if k + 1 < clicks:
@@ -117,6 +130,7 @@ def picture(img, gt, pred, pos, neg) -> np.ndarray:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clicks", type=int, default=3)
+    ap.add_argument("--box", action="store_true", help="a box around the object in every prompt")
     ap.add_argument("--sam", default="", help="a SAM checkpoint file to compare (optional)")
     ap.add_argument("--out", default="", help="folder for result pictures")
     args = ap.parse_args()
@@ -133,20 +147,32 @@ def main():
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    from kinema.formats import Points
+    import torch
     for label, fn in backends:
-        print(f"\n{label}: IoU after 1..{args.clicks} clicks")
-        print(f"{'object':12s} " + " ".join(f"{k + 1:>6d}" for k in range(args.clicks)) + "   seconds/click")
+        print(f"\n{label}: IoU after 1..{args.clicks} clicks" + (", a box around the object in every prompt" if args.box else ""))
+        print(f"{'object':12s} " + " ".join(f"{k + 1:>6d}" for k in range(args.clicks)) + "   seconds/click"
+              + ("   box alone" if args.box else ""))
         table = []
         for name, img, gt in cases:
+            box = drawn_box(gt) if args.box else None
             t = time.perf_counter()
-            ious, pos, neg, pred = run_clicks(fn, img, gt, args.clicks)
+            ious, pos, neg, pred = run_clicks(fn, img, gt, args.clicks, box)
             dt = (time.perf_counter() - t) / args.clicks
-            table.append(ious)
-            print(f"{name:12s} " + " ".join(f"{v:6.3f}" for v in ious) + f"   {dt:.2f}")
+            row = list(ious)
+            tail = ""
+            if box is not None:
+                alone = fn(torch.from_numpy(img).float() / 255,
+                           Points(torch.zeros(0, 2), torch.zeros(0, 2), torch.tensor(box, dtype=torch.float32)))
+                row.append(iou(alone.numpy() > 0.5, gt))
+                tail = f"   {row[-1]:9.3f}"
+            table.append(row)
+            print(f"{name:12s} " + " ".join(f"{v:6.3f}" for v in ious) + f"   {dt:13.2f}" + tail)
             if out:
                 cv2.imwrite(str(out / f"{label.split()[0]}_{name}.png"), picture(img, gt, pred, pos, neg))
         mean = np.mean(np.asarray(table), axis=0)
-        print(f"{'mean':12s} " + " ".join(f"{v:6.3f}" for v in mean))
+        print(f"{'mean':12s} " + " ".join(f"{v:6.3f}" for v in mean[:args.clicks])
+              + (f"   {'':13s}   {mean[-1]:9.3f}" if args.box else ""))
 
 
 if __name__ == "__main__":
