@@ -68,7 +68,9 @@ class KinemaClickToMask:
                     "multiline": True, "default": DEFAULT_POINTS,
                     "tooltip": 'Clicks in pixels: {"positive": [[x, y], ...], "negative": [[x, y], ...], '
                                '"box": [x0, y0, x1, y1] or null}, or a plain list of positive points '
-                               '([{"x": .., "y": ..}] as KJNodes\' Points Editor writes).'}),
+                               '([{"x": .., "y": ..}] as KJNodes\' Points Editor writes). A box drawn '
+                               'around the object keeps the mask inside it; without SAM it also lets parts '
+                               'the clicks miss join by colour (when the box holds at most half the picture).'}),
                 "multimask": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "SAM only: ask for three candidate masks and keep the best-scoring one (best for "

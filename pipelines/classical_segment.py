@@ -30,8 +30,15 @@ by an objectness score.
    reached from it through colours nearer to its own than to those under the positive clicks,
    on its side of the positive clicks (nearer to it than to any of them; at most half of the
    mask).
-5. **Pixels.** The chosen superpixels are scaled back to the picture and their edge is snapped
-   to the picture's edges by a guided filter.
+5. **Pixels.** The chosen superpixels' edge is snapped to the picture's edges by a guided
+   filter. With a box that holds at most half the picture (the rest teaches the background's
+   colours), the pixels inside it are then settled by GrabCut (colour models of the
+   object and of its surroundings and a graph cut along the picture's edges, in turn; OpenCV's
+   ``grabCut``): everything outside the box is background, the chosen region is the first guess
+   (the whole box for a box alone), what later clicks added stays in, and small discs around
+   the clicks are fixed to their side. A box says where the object ends, which the superpixels
+   cannot know: a helmet whose white shell does not join from one click joins inside a box
+   (0.57 -> 0.79 IoU on the mask benchmark). The result is scaled back to the picture.
 
 Everything runs at most at ``max_side`` pixels on the long side; every loop is bounded by the
 superpixel count and checks for interrupts. A picture without any contrast has nothing to
@@ -61,6 +68,9 @@ ENCLOSED_KEEP = 0.8  # a region inside a closed contour gives way to it at this 
 GROW_STEPS = 3  # neighbouring parts the first click's object may take on, one at a time
 GROW_AREA = 1.0  # the largest such part, as a share of the object so far
 DETACHED = 0.5  # a later click's addition that stays apart from the mask keeps this share of its score
+GRABCUT_ITERS = 3  # with a box: colour-model / graph-cut rounds that settle the pixels inside it (5 measured the same)
+GRABCUT_BOX_SHARE = 0.5  # ... when the box holds at most this share of the picture (the rest
+# teaches the background's colours; a box over most of the picture only bounds the mask)
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
 
 # Similarity mixes of the hierarchies: (colour, texture, size, fill, boundary weakness). On the
@@ -500,11 +510,23 @@ def classical_segment(image, points: Points, *, max_side: int = 512, check=_noop
     g = build_graph(work)
     check()
     pos_leaf = [int(g.labels[y, x]) for x, y in pos]
-    chosen, best_scores = _choose_regions(g, pos_leaf, pos, box, check)
+    chosen, best_scores, first = _choose_regions(g, pos_leaf, pos, box, check)
     chosen = _cut_at_negatives(g, chosen, pos_leaf, [int(g.labels[y, x]) for x, y in neg])
     if not chosen.any():
         return torch.zeros(H, W), 0.0
-    mask = _pixel_mask(g, chosen, work, points, positive, (W, H))
+    soft = refine_pixels(g, chosen, work)
+    if box is not None and _box_share(box, soft.shape) <= GRABCUT_BOX_SHARE:
+        check()
+        # what later clicks added stays in (what negative clicks cut is not fixed: the cut may
+        # take more than the click meant, the mouth with the neck, and the colour models mend it)
+        sure_in = (chosen & ~first)[g.labels] & (soft >= 0.5)
+        # with clicks the chosen region is the first guess; a box alone starts from the whole
+        # box (the classic GrabCut start: 0.70 mean IoU on the benchmark against 0.63 from the region)
+        start = soft >= 0.5 if pos else np.ones(soft.shape, bool)
+        settled = _grabcut(work, start, box, pos, neg, max(2, int(round(g.step / 3))), sure_in)
+        if settled is not None and settled.any():  # nothing settled in: keep the region
+            soft = settled.astype(np.float32)
+    mask = _pixel_mask(soft, points, positive, (W, H))
     quality = float(np.clip(np.mean(best_scores) / 2.0, 0.0, 1.0)) if best_scores else 0.0
     return torch.from_numpy(mask.astype(np.float32)), quality
 
@@ -542,8 +564,9 @@ def _check_not_flat(work: np.ndarray) -> None:
                          "motion brush instead")
 
 
-def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np.ndarray, list]:
-    """Superpixels (n,) bool of the object and the scores of the regions chosen.
+def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np.ndarray, list, np.ndarray]:
+    """Superpixels (n,) bool of the object, the scores of the regions chosen and the superpixels
+    (n,) bool of the first click's object (all of it for a box alone).
 
     Positive clicks in order: the first picks the best object under it; a later click that the
     mask does not cover yet extends it by the candidate under that click whose union with the
@@ -594,6 +617,7 @@ def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np
         return list(found.values())
 
     chosen = np.zeros(g.n, bool)
+    first = chosen
     best_scores = []
     seeds = list(zip(pos_leaf, pos))
     if not seeds:  # a box alone: the largest superpixels inside the box start the paths
@@ -622,11 +646,13 @@ def _choose_regions(g: Graph, pos_leaf: list, pos: list, box, check) -> tuple[np
             if not best_scores or best[0] > best_scores[0]:
                 chosen, best_scores = best[1].copy(), [best[0]]
             continue
-        if not chosen.any() and GROW_STEPS:
-            best = _grow(g, trees, best[1], best[0], value, inside)
+        if not chosen.any():
+            if GROW_STEPS:
+                best = _grow(g, trees, best[1], best[0], value, inside)
+            first = best[1].copy()
         chosen |= best[1]
         best_scores.append(best[0])
-    return chosen, best_scores
+    return chosen, best_scores, (first if pos else chosen.copy())
 
 
 def _grow(g: Graph, trees: list, chosen: np.ndarray, score: float, value, inside: np.ndarray):
@@ -695,17 +721,43 @@ def _cut_at_negatives(g: Graph, chosen: np.ndarray, pos_leaf: list, neg_leaf_lis
     return chosen
 
 
-def _pixel_mask(g: Graph, chosen: np.ndarray, work: np.ndarray, points: Points, positive: list,
-                full: tuple[int, int]) -> np.ndarray:
-    """The chosen superpixels as an (H, W) bool mask of the full picture.
+def _box_share(box, shape) -> float:
+    """The share of a picture of ``shape`` (h, w) that ``box`` (x0, y0, x1, y1, inclusive) holds."""
+    x0, y0, x1, y1 = box
+    return (x1 - x0 + 1) * (y1 - y0 + 1) / float(shape[0] * shape[1])
 
-    Near the region's outline each pixel is reassigned by how much more often its colour occurs
-    in the region than in the ring of superpixels around it, then the edge is snapped to the
-    picture's edges by a guided filter; the mask is cut to the box, only the pieces under the
-    positive clicks are kept (the largest piece for a box alone), and every click lies on its
-    own side."""
+
+def _grabcut(work: np.ndarray, start: np.ndarray, box, pos: list, neg: list, radius: int,
+             sure_in: np.ndarray) -> np.ndarray | None:
+    """With a box: every pixel inside it is settled by GrabCut (colour models of the object and
+    of its surroundings, and a graph cut along the picture's edges, in turn). Outside the box is
+    background; inside, ``start`` (h, w) bool is the first guess of the object; ``sure_in`` (h, w)
+    bool and discs of ``radius`` around the clicks are fixed to their side.
+    Returns the object (h, w) bool, or None when one side has too few pixels to model."""
+    h, w = start.shape
+    bx0, by0, bx1, by1 = box
+    labels = np.full((h, w), cv2.GC_BGD, np.uint8)
+    inner = start[by0:by1 + 1, bx0:bx1 + 1]
+    labels[by0:by1 + 1, bx0:bx1 + 1] = np.where(inner, cv2.GC_PR_FGD, cv2.GC_PR_BGD)
+    labels[sure_in] = cv2.GC_FGD
+    for x, y in neg:
+        cv2.circle(labels, (int(x), int(y)), radius, int(cv2.GC_BGD), -1)
+    for x, y in pos:
+        cv2.circle(labels, (int(x), int(y)), radius, int(cv2.GC_FGD), -1)
+    fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    if int(fg.sum()) < 32 or int((~fg).sum()) < 32:
+        return None
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)
+    cv2.grabCut(np.ascontiguousarray(work), labels, None, bgd, fgd, GRABCUT_ITERS, cv2.GC_INIT_WITH_MASK)
+    return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+
+
+def _pixel_mask(soft: np.ndarray, points: Points, positive: list, full: tuple[int, int]) -> np.ndarray:
+    """The object's soft mask on the working picture (h, w) as an (H, W) bool mask of the full
+    picture: cut to the box, only the pieces under the positive clicks kept (the largest piece
+    for a box alone), and every click on its own side."""
     W, H = full
-    soft = refine_pixels(g, chosen, work)
     if soft.shape != (H, W):
         soft = cv2.resize(soft, (W, H), interpolation=cv2.INTER_LINEAR)
     mask = soft >= 0.5

@@ -2,6 +2,7 @@
 one click, negative clicks and the box refine, degenerate pictures get an answer or a clear
 error in bounded work, interrupts stop it."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +146,52 @@ def test_box_bounds_the_mask_and_a_box_alone_finds_the_object():
     outside = torch.ones(512, 512, dtype=torch.bool)
     outside[60:201, 140:311] = False
     assert boxed[outside].sum() == 0 and boxed[120, 225] == 1
+    # a box alone around the helmet: the whole helmet, white shell and black visor (before the
+    # box settled the pixels: 0.52, the visor alone)
     _, gt = ground_truth("helmet")
     alone, _ = segmentation.segment(img, parse_points({"box": [270, 330, 511, 511]}, (512, 512)))
-    assert iou(alone, gt) > 0.5 and pieces(alone) == 1
+    assert iou(alone, gt) > 0.8 and pieces(alone) == 1
+
+
+def drawn_box(gt: np.ndarray) -> list[float]:
+    """A box a person draws around the traced object: its bounding box with a margin of 5 % of
+    the longer side, inside the picture."""
+    ys, xs = np.nonzero(gt)
+    pad = 0.05 * max(xs.max() - xs.min(), ys.max() - ys.min())
+    h, w = gt.shape
+    return [float(max(xs.min() - pad, 0)), float(max(ys.min() - pad, 0)),
+            float(min(xs.max() + pad, w - 1)), float(min(ys.max() + pad, h - 1))]
+
+
+def test_a_box_around_the_object_settles_its_pixels():
+    # one click on the helmet's visor gives the visor and its lower band; the white shell shares
+    # no colour with them and never joins. A box around the helmet says where it ends: inside
+    # it the shell joins (before, the box only steered the choice of region: IoU stayed 0.57)
+    img, gt = ground_truth("helmet")
+    h, w = gt.shape
+    click = innermost(gt)
+    one, _ = segmentation.segment(img, parse_points({"positive": [click]}, (w, h)))
+    box = drawn_box(gt)
+    boxed, _ = segmentation.segment(img, parse_points({"positive": [click], "box": box}, (w, h)))
+    shell = gt & ~(one.numpy() > 0.5)  # what one click misses
+    assert shell.sum() > 10000 and (boxed.numpy()[shell] > 0.5).mean() > 0.6
+    assert iou(boxed, gt) > 0.75 and iou(boxed, gt) > iou(one, gt) + 0.15
+    outside = np.ones(gt.shape, bool)
+    outside[math.ceil(box[1]):math.floor(box[3]) + 1, math.ceil(box[0]):math.floor(box[2]) + 1] = False
+    assert boxed.numpy()[outside].sum() == 0
+
+
+def test_later_clicks_inside_a_box_keep_what_they_add():
+    # a box around the cup, a click in the coffee, then one on the handle and one on the red
+    # body: each click adds its part and the settling inside the box keeps it, though the red
+    # body and handle share their colour with the saucer around them (before: 0.65, 0.70, 0.74)
+    img, gt = ground_truth("cup")
+    h, w = gt.shape
+    clicks, box, scores = [[288, 131], [247, 242], [290, 244]], drawn_box(gt), []
+    for k in range(1, 4):
+        mask, _ = segmentation.segment(img, parse_points({"positive": clicks[:k], "box": box}, (w, h)))
+        scores.append(iou(mask, gt))
+    assert scores[1] > scores[0] + 0.05 and scores[2] > scores[1] + 0.05 and scores[2] > 0.85, scores
 
 
 def test_deterministic_and_worked_at_a_smaller_size():
