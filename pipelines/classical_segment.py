@@ -69,6 +69,7 @@ GROW_STEPS = 3  # neighbouring parts the first click's object may take on, one a
 GROW_AREA = 1.0  # the largest such part, as a share of the object so far
 DETACHED = 0.5  # a later click's addition that stays apart from the mask keeps this share of its score
 GRABCUT_ITERS = 3  # with a box: colour-model / graph-cut rounds that settle the pixels inside it (5 measured the same)
+BOX_SIDE = 2  # px: the rim of a box's sides (inside the picture) is background
 GRABCUT_BOX_SHARE = 0.5  # ... when the box holds at most this share of the picture (the rest
 # teaches the background's colours; a box over most of the picture only bounds the mask)
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
@@ -731,14 +732,28 @@ def _grabcut(work: np.ndarray, start: np.ndarray, box, pos: list, neg: list, rad
              sure_in: np.ndarray) -> np.ndarray | None:
     """With a box: every pixel inside it is settled by GrabCut (colour models of the object and
     of its surroundings, and a graph cut along the picture's edges, in turn). Outside the box is
-    background; inside, ``start`` (h, w) bool is the first guess of the object; ``sure_in`` (h, w)
-    bool and discs of ``radius`` around the clicks are fixed to their side.
+    background, and so is a ``BOX_SIDE`` px rim along its sides (those inside the picture); inside,
+    ``start`` (h, w) bool is the first guess of the object; ``sure_in`` (h, w) bool and discs of
+    ``radius`` around the clicks are fixed to their side.
     Returns the object (h, w) bool, or None when one side has too few pixels to model."""
     h, w = start.shape
     bx0, by0, bx1, by1 = box
     labels = np.full((h, w), cv2.GC_BGD, np.uint8)
     inner = start[by0:by1 + 1, bx0:bx1 + 1]
     labels[by0:by1 + 1, bx0:bx1 + 1] = np.where(inner, cv2.GC_PR_FGD, cv2.GC_PR_BGD)
+    # a box is drawn with a margin around the object: the rim of its sides inside the picture is
+    # background (on the benchmark 0.74 -> 0.75 / 0.75 -> 0.78 / 0.80 -> 0.82 mean IoU over 1-3 clicks)
+    e = BOX_SIDE
+    side = np.zeros((h, w), bool)
+    if by0 > 0:
+        side[by0:by0 + e, bx0:bx1 + 1] = True
+    if by1 < h - 1:
+        side[by1 - e + 1:by1 + 1, bx0:bx1 + 1] = True
+    if bx0 > 0:
+        side[by0:by1 + 1, bx0:bx0 + e] = True
+    if bx1 < w - 1:
+        side[by0:by1 + 1, bx1 - e + 1:bx1 + 1] = True
+    labels[side] = cv2.GC_BGD
     labels[sure_in] = cv2.GC_FGD
     for x, y in neg:
         cv2.circle(labels, (int(x), int(y)), radius, int(cv2.GC_BGD), -1)
