@@ -32,6 +32,11 @@ CASES = [
     ("spoon", "skimage:coffee", (367, 286), (400, 300)),
     ("rocket", "skimage:rocket", (322, 250), (322, 190)),
     ("motorcycle_tank", "skimage:stereo_motorcycle", (450, 205), (450, 175)),
+    # what a user does next where one click misses parts: a box around the object, more clicks
+    ("helmet_box", "assets:astronaut.jpg", (400, 430), (370, 400),
+     {"positive": [[400, 430]], "box": [265, 331, 511, 511]}),
+    ("cup_box_3_clicks", "skimage:coffee", (290, 150), (250, 120),
+     {"positive": [[290, 150], [247, 242], [290, 244]], "box": [160, 4, 422, 320]}),
 ]
 
 
