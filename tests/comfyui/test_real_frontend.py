@@ -298,6 +298,9 @@ def test_editor_in_real_frontend(front, object_info, type_):
                 return e.maskImage || e.error; }""", arg=nid, timeout=120000)
             err = page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.error", nid)
             assert not err, err
+            # no SAM is connected: without a box the status line says what a box would do
+            hint = page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.statusEl.textContent", nid)
+            assert ("drag a box around the object" in hint) == (f.editor_value(nid).get("box") is None), hint
             f.shot(f"{type_}_mask_preview.png")
 
     # run it

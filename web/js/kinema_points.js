@@ -27,6 +27,7 @@ export class PointsEditor extends KinemaCanvas {
     this.maskEnabled = true;
     this.maskImage = null;
     this.maskScore = null;
+    this.maskBackend = null;
     this.maskBusy = false;            // a mask request is on its way (shown as "working")
     this._maskSeq = 0;
 
@@ -84,7 +85,11 @@ export class PointsEditor extends KinemaCanvas {
     const n = this.positive.length, m = this.negative.length;
     let mask = "";
     if (this.maskBusy) mask = "  ·  mask: working…";
-    else if (this.maskScore != null && this.maskImage) mask = `  ·  mask score ${this.maskScore.toFixed(3)}`;
+    else if (this.maskScore != null && this.maskImage) {
+      mask = `  ·  mask score ${this.maskScore.toFixed(3)}`;
+      // without SAM a box lets parts that a click misses join (and keeps the mask inside it)
+      if (this.maskBackend === "classical" && !this.box) mask += "  ·  part missing? drag a box around the object";
+    }
     return `${n} positive, ${m} negative${this.box ? ", box" : ""}  ·  click +, right click −, drag = box${mask}`;
   }
 
@@ -287,6 +292,7 @@ export class PointsEditor extends KinemaCanvas {
         this._setMaskBusy(false);
         this.maskImage = img;
         this.maskScore = typeof res.score === "number" ? res.score : null;
+        this.maskBackend = typeof res.backend === "string" ? res.backend : null;
         this.setError("");
         this.redraw();
         if (this.onMask) this.onMask(res);
