@@ -518,6 +518,14 @@ def test_live_mask_error_clears_at_once_and_shows_work(front, object_info):
     page.wait_for_function("(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor; return e.maskImage && !e.maskBusy; }",
                            arg=nid, timeout=120000)
     assert "mask score" in _status(f, nid)
+    # the weights-free segmentation answered and there is no box: the status line suggests one
+    assert "drag a box around the object" in _status(f, nid)
+    f.shot("KinemaClickToMask_box_hint.png")
+    f.drag(nid, [(200, 190), (330, 290)])
+    page.wait_for_function("""(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor;
+        return e.box && e.maskImage && !e.maskBusy && e.statusEl.textContent.includes("mask score"); }""",
+                           arg=nid, timeout=120000)
+    assert "drag a box" not in _status(f, nid), _status(f, nid)
     assert not f.our_errors(), f.our_errors()
 
 
