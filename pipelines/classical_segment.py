@@ -71,11 +71,11 @@ GROW_STEPS = 3  # neighbouring parts the first click's object may take on, one a
 GROW_AREA = 1.0  # the largest such part, as a share of the object so far
 DETACHED = 0.5  # a later click's addition that stays apart from the mask keeps this share of its score
 GRABCUT_ITERS = 3  # with a box: colour-model / graph-cut rounds that settle the pixels inside it (5 measured the same)
-BOX_SIDE = 2  # px: the rim of a box's sides (inside the picture) is background
-GRABCUT_KEEP = 0.5  # ... and is kept when it keeps at least this share of the clicked region (on
-# the mask benchmark it keeps 0.66-0.98; a box on a cat's fur kept 0.13)
 GRABCUT_BOX_SHARE = 0.5  # ... when the box holds at most this share of the picture (the rest
 # teaches the background's colours; a box over most of the picture only bounds the mask)
+GRABCUT_KEEP = 0.5  # ... and the result is kept when it keeps at least this share of the clicked
+# region (on the mask benchmark it keeps 0.66-0.98; a box on a cat's fur kept 0.13)
+BOX_SIDE = 2  # px: the rim of a box's sides (inside the picture) is background
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
 
 # Similarity mixes of the hierarchies: (colour, texture, size, fill, boundary weakness). On the
@@ -474,6 +474,12 @@ def refine_pixels(g: Graph, chosen: np.ndarray, rgb: np.ndarray) -> np.ndarray:
         band = (cv2.dilate(m8, k) > 0) & (cv2.erode(m8, k) == 0)
         band &= (chosen | ring)[g.labels]
         soft = np.where(band, 0.5 * soft + 0.5 * prob, soft).astype(np.float32)
+    return _snap_to_edges(soft, rgb)
+
+
+def _snap_to_edges(soft: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """A mask (h, w) float32 with its edge snapped to the picture's edges by a guided filter (a
+    soft edge, so that scaling it up to the full picture gives a smooth outline)."""
     # the guided filter only changes pixels near the edge: run it over the region's box
     r = max(2, int(round(max(rgb.shape[:2]) / 128)))
     ys, xs = np.nonzero(soft > 0)
@@ -741,7 +747,7 @@ def _settle_in_box(g: Graph, soft: np.ndarray, later: np.ndarray, work: np.ndarr
         # the colours inside the box do not tell the object from its surroundings (fur on fur):
         # the settling would drop most of the clicked region, so the region stays
         return soft
-    return settled.astype(np.float32)
+    return _snap_to_edges(settled.astype(np.float32), work)
 
 
 def _grabcut(work: np.ndarray, start: np.ndarray, box, pos: list, neg: list, radius: int,
