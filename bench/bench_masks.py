@@ -1,6 +1,6 @@
 """Mask quality of click -> mask on photos with hand-traced ground truth.
 
-    python bench/bench_masks.py [--clicks 3] [--box] [--sam PATH] [--out DIR]
+    python bench/bench_masks.py [--clicks 3] [--box [--box-scale F]] [--sam PATH] [--out DIR]
 
 Ground truth: ``bench/data/mask_ground_truth.json`` (outlines traced by hand on scikit-image's
 bundled sample photos and the photos in ``assets/``). Clicks follow the usual interactive
@@ -8,7 +8,8 @@ protocol: the first click is the object's innermost pixel (largest distance to i
 each further click goes to the innermost pixel of the largest error region of the current mask,
 positive where the object was missed, negative where the mask spills over. ``--box`` adds a box
 drawn around the object (its traced outline's bounding box grown by 5 % of its longer side) to
-every prompt, and also measures the box alone. Prints the IoU per object after 1, 2, ... clicks
+every prompt, and also measures the box alone; ``--box-scale F`` grows that box F times about its
+centre (inside the picture), a box drawn loosely. Prints the IoU per object after 1, 2, ... clicks
 and the mean. The classical backend always runs; SAM's predictor
 runs only with ``--sam`` pointing at a checkpoint (none ships with the pack). ``--out`` writes
 each result as a PNG (photo, clicks, mask outline in blue, ground truth in yellow).
@@ -81,13 +82,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def drawn_box(gt: np.ndarray, margin: float = 0.05) -> list[float]:
+def drawn_box(gt: np.ndarray, margin: float = 0.05, scale: float = 1.0) -> list[float]:
     """A box drawn around the object: the bounding box of ``gt`` grown by ``margin`` of its longer
-    side, inside the picture (x0, y0, x1, y1)."""
+    side, then ``scale`` times about its centre, inside the picture (x0, y0, x1, y1)."""
     ys, xs = np.nonzero(gt)
     pad = margin * max(int(xs.max() - xs.min()), int(ys.max() - ys.min()))
+    x0, y0, x1, y1 = xs.min() - pad, ys.min() - pad, xs.max() + pad, ys.max() + pad
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2 * scale, (y1 - y0) / 2 * scale
     h, w = gt.shape
-    return [max(xs.min() - pad, 0.0), max(ys.min() - pad, 0.0), min(xs.max() + pad, w - 1.0), min(ys.max() + pad, h - 1.0)]
+    return [max(cx - hw, 0.0), max(cy - hh, 0.0), min(cx + hw, w - 1.0), min(cy + hh, h - 1.0)]
 
 
 def run_clicks(segment_fn, img, gt, clicks: int, box=None):
@@ -131,6 +134,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clicks", type=int, default=3)
     ap.add_argument("--box", action="store_true", help="a box around the object in every prompt")
+    ap.add_argument("--box-scale", type=float, default=1.0,
+                    help="with --box: grow the box this many times about its centre (a loose box)")
     ap.add_argument("--sam", default="", help="a SAM checkpoint file to compare (optional)")
     ap.add_argument("--out", default="", help="folder for result pictures")
     args = ap.parse_args()
@@ -150,12 +155,13 @@ def main():
     from kinema.formats import Points
     import torch
     for label, fn in backends:
-        print(f"\n{label}: IoU after 1..{args.clicks} clicks" + (", a box around the object in every prompt" if args.box else ""))
+        print(f"\n{label}: IoU after 1..{args.clicks} clicks" + (", a box around the object in every prompt" if args.box else "")
+              + (f" (grown {args.box_scale:g}x)" if args.box and args.box_scale != 1.0 else ""))
         print(f"{'object':12s} " + " ".join(f"{k + 1:>6d}" for k in range(args.clicks)) + "   seconds/click"
               + ("   box alone" if args.box else ""))
         table = []
         for name, img, gt in cases:
-            box = drawn_box(gt) if args.box else None
+            box = drawn_box(gt, scale=args.box_scale) if args.box else None
             t = time.perf_counter()
             ious, pos, neg, pred = run_clicks(fn, img, gt, args.clicks, box)
             dt = (time.perf_counter() - t) / args.clicks
