@@ -49,7 +49,8 @@ class KinemaSAMLoader:
 class KinemaClickToMask:
     DESCRIPTION = ("Clicks -> object mask. With a SAM connected, segment-anything predicts the mask; without "
                    "one a classical segmentation does (superpixels grouped into whole objects, the one under the "
-                   "click chosen by how object-like it is: a closed outline, colours unlike its surroundings). "
+                   "click chosen by how object-like it is: a closed outline, colours unlike its surroundings; "
+                   "then its edge and the pixels next to it settled by colour). "
                    "Positive clicks mark the object, negative clicks what is not the object, an optional box "
                    "bounds it. For a batch of images the first frame is segmented.")
     CATEGORY = "Kinema/Segment"

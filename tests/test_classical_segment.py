@@ -99,6 +99,7 @@ def test_the_object_takes_on_neighbouring_parts_that_belong_to_it(monkeypatch):
     # inside the traced outline
     img, gt = ground_truth("helmet")
     points = parse_points({"positive": [innermost(gt)]}, (512, 512))
+    monkeypatch.setattr(classical, "NEAR_SHARE", 0.0)  # the regions alone, before the pixels settle
     grown = segmentation.segment(img, points)[0].numpy() > 0.5
     monkeypatch.setattr(classical, "GROW_STEPS", 0)
     alone = segmentation.segment(img, points)[0].numpy() > 0.5
@@ -129,6 +130,38 @@ def test_negative_click_on_a_like_coloured_neighbour_keeps_the_far_side():
     assert both[172, 199] == 0
     assert both[110:125, 205:250].float().mean() > 0.95  # the eyes stay
     assert iou(both, gt) >= iou(one, gt) - 0.02 and iou(both, gt) > 0.8
+
+
+def test_one_click_settles_the_pixels_next_to_the_object(monkeypatch):
+    # the superpixel regions give the helmet's visor and its lower band (IoU 0.57); GrabCut in a
+    # band around them adds the rest of the visor and the shell's edge next to it. What it adds
+    # lies in the traced outline and within the band; the region's inside stays
+    img, gt = ground_truth("helmet")
+    points = parse_points({"positive": [innermost(gt)]}, (512, 512))
+    settled = segmentation.segment(img, points)[0].numpy() > 0.5
+    monkeypatch.setattr(classical, "NEAR_SHARE", 0.0)  # no settling: the regions alone
+    region = segmentation.segment(img, points)[0].numpy() > 0.5
+    added, lost = settled & ~region, region & ~settled
+    assert iou(settled, gt) > 0.68 and iou(settled, gt) > iou(region, gt) + 0.1
+    assert added.sum() > 3000 and (added & gt).sum() >= 0.9 * added.sum()
+    assert lost.sum() < 0.02 * region.sum()
+    ys, xs = np.nonzero(region)
+    far = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, 5)[added].max()
+    assert far <= 0.12 * max(np.ptp(xs), np.ptp(ys))
+
+
+def test_a_like_coloured_object_far_away_stays_out():
+    # two red discs on grey: the colour models learnt around the clicked one also describe the
+    # other, but only the pixels near the clicked object are settled
+    rng = np.random.default_rng(0)
+    img = np.full((256, 512, 3), 0.55, np.float32) + rng.normal(0, 0.02, (256, 512, 3)).astype(np.float32)
+    yy, xx = np.mgrid[:256, :512]
+    for cx in (110, 400):
+        img[(yy - 128) ** 2 + (xx - cx) ** 2 < 40 ** 2] = [0.8, 0.15, 0.1]
+    mask, _ = segmentation.segment(torch.from_numpy(np.clip(img, 0, 1)), parse_points({"positive": [[110, 128]]},
+                                                                                       (512, 256)))
+    disc = (yy - 128) ** 2 + (xx - 110) ** 2 < 40 ** 2
+    assert mask[:, 256:].sum() == 0 and iou(mask, disc) > 0.97
 
 
 def test_two_clicks_on_two_objects_give_two_pieces():
@@ -164,9 +197,9 @@ def drawn_box(gt: np.ndarray) -> list[float]:
 
 
 def test_a_box_around_the_object_settles_its_pixels():
-    # one click on the helmet's visor gives the visor and its lower band; the white shell shares
-    # no colour with them and never joins. A box around the helmet says where it ends: inside
-    # it the shell joins (before, the box only steered the choice of region: IoU stayed 0.57)
+    # one click on the helmet's visor gives the visor, its lower band and what settles next to
+    # them, but most of the white shell stays out. A box around the helmet says where it ends:
+    # inside it the shell joins (before, the box only steered the choice of region: IoU 0.57)
     img, gt = ground_truth("helmet")
     h, w = gt.shape
     click = innermost(gt)
@@ -174,8 +207,8 @@ def test_a_box_around_the_object_settles_its_pixels():
     box = drawn_box(gt)
     boxed, _ = segmentation.segment(img, parse_points({"positive": [click], "box": box}, (w, h)))
     shell = gt & ~(one.numpy() > 0.5)  # what one click misses
-    assert shell.sum() > 10000 and (boxed.numpy()[shell] > 0.5).mean() > 0.6
-    assert iou(boxed, gt) > 0.75 and iou(boxed, gt) > iou(one, gt) + 0.15
+    assert shell.sum() > 5000 and (boxed.numpy()[shell] > 0.5).mean() > 0.45
+    assert iou(boxed, gt) > 0.75 and iou(boxed, gt) > iou(one, gt) + 0.05
     outside = np.ones(gt.shape, bool)
     outside[math.ceil(box[1]):math.floor(box[3]) + 1, math.ceil(box[0]):math.floor(box[2]) + 1] = False
     assert boxed.numpy()[outside].sum() == 0
