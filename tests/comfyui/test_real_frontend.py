@@ -300,7 +300,7 @@ def test_editor_in_real_frontend(front, object_info, type_):
             assert not err, err
             # no SAM is connected: without a box the status line says what a box would do
             hint = page.evaluate("(id) => window.app.graph.getNodeById(id).__kinema.editor.statusEl.textContent", nid)
-            assert ("drag a box around the object" in hint) == (f.editor_value(nid).get("box") is None), hint
+            assert ("drag a box close around the object" in hint) == (f.editor_value(nid).get("box") is None), hint
             f.shot(f"{type_}_mask_preview.png")
 
     # run it
@@ -519,7 +519,7 @@ def test_live_mask_error_clears_at_once_and_shows_work(front, object_info):
                            arg=nid, timeout=120000)
     assert "mask score" in _status(f, nid)
     # the weights-free segmentation answered and there is no box: the status line suggests one
-    assert "drag a box around the object" in _status(f, nid)
+    assert "drag a box close around the object" in _status(f, nid)
     f.shot("KinemaClickToMask_box_hint.png")
     f.drag(nid, [(200, 190), (330, 290)])
     page.wait_for_function("""(id) => { const e = window.app.graph.getNodeById(id).__kinema.editor;

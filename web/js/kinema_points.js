@@ -88,7 +88,7 @@ export class PointsEditor extends KinemaCanvas {
     else if (this.maskScore != null && this.maskImage) {
       mask = `  ·  mask score ${this.maskScore.toFixed(3)}`;
       // without SAM a box lets parts that a click misses join (and keeps the mask inside it)
-      if (this.maskBackend === "classical" && !this.box) mask += "  ·  part missing? drag a box around the object";
+      if (this.maskBackend === "classical" && !this.box) mask += "  ·  part missing? drag a box close around the object";
     }
     return `${n} positive, ${m} negative${this.box ? ", box" : ""}  ·  click +, right click −, drag = box${mask}`;
   }
