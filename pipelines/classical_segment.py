@@ -39,7 +39,7 @@ by an objectness score.
      colours), every pixel inside the box: everything outside it is background, the chosen
      region is the first guess (the whole box for a box alone) and what later clicks added
      stays in. A box says where the object ends, which the superpixels cannot know: a helmet
-     whose white shell does not join from one click joins inside a box (0.70 -> 0.79 IoU on the
+     whose white shell does not join from one click joins inside a box (0.73 -> 0.82 IoU on the
      mask benchmark). Where the colours inside the box do not tell the object from its
      surroundings (fur on fur) and the settling would drop most of the clicked region, the
      region stays.
@@ -50,7 +50,10 @@ by an objectness score.
      0.57 -> 0.70 IoU; mean over the benchmark 0.71 / 0.73 / 0.76 -> 0.73 / 0.77 / 0.80 after
      1 / 2 / 3 clicks). Nothing far away joins, however like the object its colours are.
 
-   The result is scaled back to the picture.
+   The result is scaled back to the picture, and the holes it encloses that are smaller than
+   ``HOLE_SHARE`` of it are filled: a highlight on a helmet's visor (2 % of it) is part of the
+   helmet and would otherwise stay behind when the helmet moves (0.70 -> 0.73 IoU). A hole with
+   a negative click in it stays.
 
 Everything runs at most at ``max_side`` pixels on the long side; every loop is bounded by the
 superpixel count and checks for interrupts. A picture without any contrast has nothing to
@@ -91,6 +94,8 @@ NEAR_BAND = 0.1  # without a box: GrabCut settles the pixels within this share o
 # away; on the mask benchmark 0.08-0.12 measure alike, 0.15 lets the shuttle's mask spill)
 NEAR_SHARE = 0.5  # ... when the object and that band hold at most this share of the picture
 FLAT_RANGE = 3.0 / 255  # a picture whose colours all lie within this is one flat region
+HOLE_SHARE = 0.05  # a hole the mask encloses is filled when smaller than this share of the mask (a
+# highlight on a helmet's visor, 2 % of it, would stay behind as the helmet moves)
 
 # Similarity mixes of the hierarchies: (colour, texture, size, fill, boundary weakness). On the
 # mask benchmark (bench/bench_masks.py) a colour + texture mix and a heavier "fill" mix added
@@ -841,7 +846,7 @@ def _grabcut(work: np.ndarray, start: np.ndarray, unknown: np.ndarray, pos: list
 def _pixel_mask(soft: np.ndarray, points: Points, positive: list, full: tuple[int, int]) -> np.ndarray:
     """The object's soft mask on the working picture (h, w) as an (H, W) bool mask of the full
     picture: cut to the box, only the pieces under the positive clicks kept (the largest piece
-    for a box alone), and every click on its own side."""
+    for a box alone), small enclosed holes filled, and every click on its own side."""
     W, H = full
     if soft.shape != (H, W):
         soft = cv2.resize(soft, (W, H), interpolation=cv2.INTER_LINEAR)
@@ -861,6 +866,7 @@ def _pixel_mask(soft: np.ndarray, points: Points, positive: list, full: tuple[in
         if not keep:
             keep.add(int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1)
         mask = np.isin(cc, sorted(keep))
+    mask = _fill_holes(mask, [_pixel(p, W, H) for p in points.negative.tolist()])
     for p in positive:  # a click always lies on its own mask
         x, y = _pixel(p, W, H)
         mask[y, x] = True
@@ -868,3 +874,20 @@ def _pixel_mask(soft: np.ndarray, points: Points, positive: list, full: tuple[in
         x, y = _pixel(p, W, H)
         mask[y, x] = False
     return mask
+
+
+def _fill_holes(mask: np.ndarray, negative: list) -> np.ndarray:
+    """``mask`` (H, W) bool with the holes it encloses filled: pieces of the rest that do not
+    touch the picture's border, smaller than ``HOLE_SHARE`` of the mask and holding no negative
+    click (x, y). A highlight or a spot of another colour on an object belongs to it; a larger
+    hole (the inside of a ring) is left."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    if n <= 2:
+        return mask
+    keep = np.zeros(n, bool)  # background pieces that stay background
+    keep[0] = True  # label 0 is the mask itself
+    keep[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = True
+    keep[stats[:, cv2.CC_STAT_AREA] >= HOLE_SHARE * mask.sum()] = True
+    for x, y in negative:
+        keep[lab[y, x]] = True
+    return mask | ~keep[lab]

@@ -144,7 +144,7 @@ def test_one_click_settles_the_pixels_next_to_the_object(monkeypatch):
     added, lost = settled & ~region, region & ~settled
     assert iou(settled, gt) > 0.68 and iou(settled, gt) > iou(region, gt) + 0.1
     assert added.sum() > 3000 and (added & gt).sum() >= 0.9 * added.sum()
-    assert lost.sum() < 0.02 * region.sum()
+    assert (lost & gt).sum() < 0.01 * region.sum()  # what it takes away lies outside the helmet
     ys, xs = np.nonzero(region)
     far = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, 5)[added].max()
     assert far <= 0.12 * max(np.ptp(xs), np.ptp(ys))
@@ -162,6 +162,41 @@ def test_a_like_coloured_object_far_away_stays_out():
                                                                                        (512, 256)))
     disc = (yy - 128) ** 2 + (xx - 110) ** 2 < 40 ** 2
     assert mask[:, 256:].sum() == 0 and iou(mask, disc) > 0.97
+
+
+def test_a_spot_inside_the_object_belongs_to_it():
+    # a red disc on noisy grey with a white square spot in it: the spot is enclosed by the mask
+    # and fills in (else it stays behind when the object moves; before, it was a hole); a
+    # negative click on it keeps it out
+    rng = np.random.default_rng(1)
+    img = np.full((240, 320, 3), 0.55, np.float32) + rng.normal(0, 0.02, (240, 320, 3)).astype(np.float32)
+    yy, xx = np.mgrid[:240, :320]
+    disc = (yy - 120) ** 2 + (xx - 160) ** 2 < 80 ** 2
+    img[disc] = [0.8, 0.15, 0.1]
+    square = np.zeros(disc.shape, bool)
+    square[134:146, 184:196] = True
+    img[square] = [0.97, 0.97, 0.97]
+    img = torch.from_numpy(np.clip(img, 0, 1))
+    mask, _ = segmentation.segment(img, parse_points({"positive": [[130, 100]]}, (320, 240)))
+    assert mask.numpy()[square].all() and iou(mask, disc | square) > 0.97
+    mask, _ = segmentation.segment(img, parse_points({"positive": [[130, 100]], "negative": [[190, 140]]},
+                                                     (320, 240)))
+    assert mask.numpy()[square].mean() < 0.2 and mask.numpy()[disc & ~square].mean() > 0.95
+
+
+def test_only_small_enclosed_holes_are_filled():
+    # a 40x40 frame of mask: inside it a 3x3 hole (fills), a 10x10 hole (6 % of the mask: stays),
+    # a 2x2 hole with a negative click (stays); a notch open to the picture's border stays
+    mask = np.zeros((60, 60), bool)
+    mask[10:50, 0:50] = True
+    mask[15:18, 15:18] = False
+    mask[30:40, 30:40] = False
+    mask[20:22, 40:42] = False
+    mask[25:28, 0:3] = False  # touches the border
+    out = classical._fill_holes(mask.copy(), [(40, 20)])
+    expected = mask.copy()
+    expected[15:18, 15:18] = True
+    assert np.array_equal(out, expected)
 
 
 def test_two_clicks_on_two_objects_give_two_pieces():
