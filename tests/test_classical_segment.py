@@ -185,12 +185,12 @@ def test_a_spot_inside_the_object_belongs_to_it():
 
 
 def test_only_small_enclosed_holes_are_filled():
-    # a 40x40 frame of mask: inside it a 3x3 hole (fills), a 10x10 hole (6 % of the mask: stays),
+    # a 40x50 block of mask: inside it a 3x3 hole (fills), a 14x14 hole (11 % of the mask: stays),
     # a 2x2 hole with a negative click (stays); a notch open to the picture's border stays
     mask = np.zeros((60, 60), bool)
     mask[10:50, 0:50] = True
     mask[15:18, 15:18] = False
-    mask[30:40, 30:40] = False
+    mask[30:44, 30:44] = False
     mask[20:22, 40:42] = False
     mask[25:28, 0:3] = False  # touches the border
     out = classical._fill_holes(mask.copy(), [(40, 20)])
