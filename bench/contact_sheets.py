@@ -22,6 +22,9 @@ from bench_masks import load_photo
 # name, photo, click (x, y), drag end (x, y); optionally the clicks as the Click to Mask node takes them
 DEMO = {"positive": [[405, 40], [400, 150], [440, 120], [436, 60]], "negative": [[330, 100], [405, 262]],
         "box": [350, 0, 470, 285]}
+# the cat's head, as the Follow-Your-Click, DynamiCrafter-region and Puppet-Master workflows click it
+CAT_HEAD = {"positive": [[200, 150], [310, 110], [150, 240], [262, 240], [200, 50], [80, 150]],
+            "negative": [[435, 150], [430, 250]], "box": [0, 0, 410, 299]}
 CASES = [
     ("shuttle_demo_clicks", "assets:astronaut.jpg", (405, 150), (405, 70), DEMO),
     ("shuttle", "assets:astronaut.jpg", (405, 150), (405, 70)),
@@ -32,6 +35,7 @@ CASES = [
     ("spoon", "skimage:coffee", (367, 286), (400, 300)),
     ("rocket", "skimage:rocket", (322, 250), (322, 190)),
     ("motorcycle_tank", "skimage:stereo_motorcycle", (450, 205), (450, 175)),
+    ("cat_head_workflow_clicks", "assets:chelsea.jpg", (230, 140), (243, 133), CAT_HEAD),
     # what a user does next where one click misses parts: a box around the object, more clicks
     ("helmet_box", "assets:astronaut.jpg", (400, 430), (370, 400),
      {"positive": [[400, 430]], "box": [265, 331, 511, 511]}),
