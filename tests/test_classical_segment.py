@@ -133,9 +133,9 @@ def test_negative_click_on_a_like_coloured_neighbour_keeps_the_far_side():
 
 
 def test_one_click_settles_the_pixels_next_to_the_object(monkeypatch):
-    # the superpixel regions give the helmet's visor and its lower band (IoU 0.57); GrabCut in a
+    # the superpixel regions give the helmet's visor and its lower band (IoU 0.59); GrabCut in a
     # band around them adds the rest of the visor and the shell's edge next to it. What it adds
-    # lies in the traced outline and within the band; the region's inside stays
+    # lies in the traced outline and within the band; what it takes away lies outside it
     img, gt = ground_truth("helmet")
     points = parse_points({"positive": [innermost(gt)]}, (512, 512))
     settled = segmentation.segment(img, points)[0].numpy() > 0.5
