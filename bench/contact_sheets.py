@@ -19,7 +19,8 @@ import numpy as np
 from _pack import load_pack
 from bench_masks import load_photo
 
-# name, photo, click (x, y), drag end (x, y); optionally the clicks as the Click to Mask node takes them
+# name, photo, click (x, y), drag end (x, y); optionally the clicks as the Click to Mask node takes
+# them, and Motion from drags' falloff (px; 0: only the masked object moves)
 DEMO = {"positive": [[405, 40], [400, 150], [440, 120], [436, 60]], "negative": [[330, 100], [405, 262]],
         "box": [350, 0, 470, 285]}
 # the cat's head, as the Follow-Your-Click, DynamiCrafter-region and Puppet-Master workflows click it
@@ -36,6 +37,9 @@ CASES = [
     ("rocket", "skimage:rocket", (322, 250), (322, 190)),
     ("motorcycle_tank", "skimage:stereo_motorcycle", (450, 205), (450, 175)),
     ("cat_head_workflow_clicks", "assets:chelsea.jpg", (230, 140), (243, 133), CAT_HEAD),
+    # ... and as the two-backends workflow animates it without a model: the fur around the head
+    # bends with it
+    ("cat_head_workflow_falloff", "assets:chelsea.jpg", (230, 140), (243, 133), CAT_HEAD, 40),
     # what a user does next where one click misses parts: a box around the object, more clicks
     ("helmet_box", "assets:astronaut.jpg", (400, 430), (370, 400),
      {"positive": [[400, 430]], "box": [265, 331, 511, 511]}),
@@ -67,15 +71,16 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, photo, click, end, *points in CASES:
+    for name, photo, click, end, *extra in CASES:
         rgb = load_photo(photo)
         img = torch.from_numpy(rgb).float()[None] / 255
         t0 = time.perf_counter()
-        clicks = points[0] if points else {"positive": [list(click)]}
+        clicks = extra[0] if extra else {"positive": [list(click)]}
+        falloff = extra[1] if len(extra) > 1 else 0
         mask = KinemaClickToMask().run(img, json.dumps(clicks))["result"][0]
         t1 = time.perf_counter()
         field = KinemaMotionFromDrags().build(img, json.dumps({"tracks": [[list(click), list(end)]]}), 16, 1.0,
-                                              "ease_in_out", 0, mask=mask)["result"][0]
+                                              "ease_in_out", falloff, mask=mask)["result"][0]
         frames = KinemaAnimateWarp().render(img, field, args.fill, False)["result"][0]
         t2 = time.perf_counter()
         bgr = [np.ascontiguousarray((f.numpy() * 255).round().astype(np.uint8)[..., ::-1]) for f in frames]
