@@ -13,7 +13,8 @@ by an objectness score.
    *inner* edges (the coffee and the white rim of a cup) still meet in some hierarchy once a
    region surrounds them. Each merge is a candidate object. (Parts that share their colour
    with the surroundings more than with the rest of the object, a red cup body on a red saucer,
-   may never meet the rest: one more click does not fix that either; the benchmark shows it.)
+   may never meet the rest from one click; a click on each missing part adds it: the mask
+   benchmark's cup 0.65 -> 0.85 IoU after three clicks.)
 4. **Objectness.** Among the candidates that contain the first positive click (and lie inside
    the box), the one with the best score is kept: a strong, closed outer contour (edge strength
    on the boundary against the surroundings), colour and texture that differ from the ring of
@@ -49,6 +50,11 @@ by an objectness score.
      missed next to the object (the rest of a helmet's visor and the shell's edge beside it:
      0.57 -> 0.70 IoU; mean over the benchmark 0.71 / 0.73 / 0.76 -> 0.73 / 0.77 / 0.80 after
      1 / 2 / 3 clicks). Nothing far away joins, however like the object its colours are.
+
+   Last, the patch of one colour under every click (in the clicked superpixel, connected to the
+   clicked pixel) goes to the click's side: a cat's dark nostril, which the pixel edge gave to
+   the dark muzzle below, stays with a click on it, and a negative click on a spill takes the
+   spill's patch out rather than one pixel.
 
    The result is scaled back to the picture, and the holes it encloses that are smaller than
    ``HOLE_SHARE`` of it are filled: a highlight on a helmet's visor (2 % of it) or a cat's eye
