@@ -821,9 +821,11 @@ def _click_blobs(g: Graph, soft: np.ndarray, pos: list, neg: list) -> np.ndarray
     out = soft.copy()
     for clicks, value in ((pos, 1.0), (neg, 0.0)):
         for x, y in clicks:
-            same = (g.labels == g.labels[y, x]) & (g.words == g.words[y, x])
+            x0, y0, x1, y1 = (int(v) for v in g.bbox[g.labels[y, x]])  # the superpixel's box
+            box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+            same = (g.labels[box] == g.labels[y, x]) & (g.words[box] == g.words[y, x])
             _, comp = cv2.connectedComponents(same.astype(np.uint8), connectivity=4)
-            out[comp == comp[y, x]] = value
+            out[box][comp == comp[y - y0, x - x0]] = value
     return out
 
 
